@@ -1,0 +1,26 @@
+// Lint rules, including the layering of lib/: vhost-user -> virtqueue -> memory, devices on top.
+const js = require('@eslint/js');
+const tseslint = require('typescript-eslint');
+
+const layer = (files, forbidden, why) => ({
+  files,
+  rules: {
+    'no-restricted-imports': ['error', { patterns: forbidden.map((group) => ({ group: [group], message: why })) }],
+  },
+});
+
+module.exports = tseslint.config(
+  { ignores: ['build/**', 'node_modules/**', 'native/build/**', 'eslint.config.js'] },
+  js.configs.recommended,
+  ...tseslint.configs.recommended,
+  {
+    rules: {
+      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_' }],
+      '@typescript-eslint/no-non-null-assertion': 'off',
+      eqeqeq: 'error',
+    },
+  },
+  layer(['lib/**/*.ts'], ['**/daemons/**'], 'lib/ knows nothing of any device'),
+  layer(['lib/virtqueue/**/*.ts', 'lib/memory/**/*.ts'], ['**/vhost-user/**', '**/runtime/**'], 'rings and memory know nothing of vhost-user'),
+  layer(['native/**/*.ts'], ['**/lib/**', '**/daemons/**'], 'native/ is syscalls only'),
+);

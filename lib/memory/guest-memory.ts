@@ -1,0 +1,191 @@
+/**
+ * Guest memory as the backend sees it: the regions the front-end sent with SET_MEM_TABLE or
+ * ADD_MEM_REG, each mmap'ed once from its fd.
+ *
+ * Ownership: a {@link MemoryRegion} owns its fd and its mapping and is reference counted, because an
+ * ADD_MEM_REG builds a new {@link GuestMemory} that shares the regions of the old one. A GuestMemory
+ * holds one reference on each of its regions; {@link GuestMemory.close} drops them, but not before
+ * every {@link GuestMemory.hold} has been released, so I/O in flight (io_uring reading into guest
+ * pages) never sees its pages unmapped. Views are detached by the native helper before munmap, so a
+ * stale view reads as empty instead of faulting.
+ *
+ * Addresses are JS numbers. The protocol layer rejects any region that ends past 2^53
+ * (see `validate.ts`), so every address and offset computed here is exact.
+ */
+import { MAP_VIEW_SLACK, MAP_VIEW_STRIDE, native, type Mapping } from '../../native';
+import { MemoryError } from '../errors';
+
+/** One region as described by VhostUserMemoryRegion, already validated. */
+export interface MemoryRegionSpec {
+  guestPhysAddr: number;
+  size: number;
+  userAddr: number;
+  mmapOffset: number;
+}
+
+/** A mapped region of guest memory. */
+export class MemoryRegion {
+  readonly guestPhysAddr: number;
+  readonly size: number;
+  readonly userAddr: number;
+  readonly mmapOffset: number;
+  /** The memory fd, kept open: workers and the balloon device need it. */
+  readonly fd: number;
+  private readonly mapping: Mapping;
+  private refs = 1;
+
+  /** Maps `fd` and takes ownership of it (closed when the last reference goes, or here on failure). */
+  constructor(spec: MemoryRegionSpec, fd: number) {
+    this.guestPhysAddr = spec.guestPhysAddr;
+    this.size = spec.size;
+    this.userAddr = spec.userAddr;
+    this.mmapOffset = spec.mmapOffset;
+    this.fd = fd;
+    try {
+      // mmap offsets must be page aligned and QEMU's mmap_offset need not be: map from 0 (libvhost-user does too).
+      this.mapping = native.mmap(fd, spec.mmapOffset + spec.size, 0, true);
+    } catch (err) {
+      native.close(fd);
+      throw err;
+    }
+  }
+
+  /** Views of the mapping; see {@link Mapping.views}. */
+  get views(): readonly Uint8Array[] {
+    return this.mapping.views;
+  }
+
+  /** Host virtual address of the first byte of the region (not of the mapping). */
+  get hostAddress(): number {
+    return this.mapping.address + this.mmapOffset;
+  }
+
+  retain(): this {
+    this.refs++;
+    return this;
+  }
+
+  release(): void {
+    if (--this.refs === 0) {
+      native.munmap(this.mapping.id);
+      native.close(this.fd);
+    }
+  }
+}
+
+/**
+ * Where a guest address landed: `view[offset .. offset+length)` holds the bytes, `address` is the
+ * host virtual address of `view[offset]`. `length` is clipped at the end of the view's stride or the
+ * region, so callers loop to cover a range (as libvhost-user's vu_gpa_to_va does).
+ */
+export class Translation {
+  view: Uint8Array = new Uint8Array(0);
+  /** Index of `view` in {@link GuestMemory.views}. */
+  viewId = 0;
+  offset = 0;
+  length = 0;
+  address = 0;
+}
+
+/** The guest's memory map: an immutable set of regions. */
+export class GuestMemory {
+  /** Every view of every region, so a segment can name its bytes with one small integer. */
+  readonly views: Uint8Array[] = [];
+  /** Host address of `views[i][0]`. */
+  readonly viewAddress: number[] = [];
+  /** Guest address of `views[i][0]` (below the region start for a first view when mmapOffset > 0). */
+  private readonly viewGuestBase: number[] = [];
+  /** First and past-the-end guest address that `views[i]` serves (its stride, clipped to the region). */
+  private readonly viewGuestStart: number[] = [];
+  private readonly viewGuestEnd: number[] = [];
+  private holds = 0;
+  private closing = false;
+
+  /** Takes one reference on each region (the caller keeps its own). */
+  constructor(readonly regions: readonly MemoryRegion[]) {
+    for (const region of regions) {
+      region.retain();
+      region.views.forEach((view, i) => {
+        // The region starts mmapOffset bytes into its mapping; views index the mapping.
+        const mapStart = i * MAP_VIEW_STRIDE;
+        const strideEnd = Math.min(mapStart + MAP_VIEW_STRIDE, region.mmapOffset + region.size);
+        if (strideEnd <= region.mmapOffset) return;
+        const start = Math.max(mapStart, region.mmapOffset);
+        this.views.push(view);
+        this.viewAddress.push(region.hostAddress - region.mmapOffset + mapStart);
+        this.viewGuestBase.push(region.guestPhysAddr + (mapStart - region.mmapOffset));
+        this.viewGuestStart.push(region.guestPhysAddr + (start - region.mmapOffset));
+        this.viewGuestEnd.push(region.guestPhysAddr + (strideEnd - region.mmapOffset));
+      });
+    }
+  }
+
+  /** An empty memory map (before the first SET_MEM_TABLE). */
+  static empty(): GuestMemory {
+    return new GuestMemory([]);
+  }
+
+  /** Total bytes of guest memory mapped. */
+  get totalSize(): number {
+    return this.regions.reduce((sum, r) => sum + r.size, 0);
+  }
+
+  /**
+   * Resolve the guest physical range starting at `gpa` into `out`, clipped as described on
+   * {@link Translation}. Returns false when `gpa` is not inside any region.
+   */
+  translate(gpa: number, len: number, out: Translation): boolean {
+    const starts = this.viewGuestStart;
+    const ends = this.viewGuestEnd;
+    for (let i = 0; i < starts.length; i++) {
+      const start = starts[i]!;
+      if (gpa >= start && gpa < ends[i]!) {
+        out.viewId = i;
+        out.view = this.views[i]!;
+        out.offset = gpa - this.viewGuestBase[i]!;
+        out.length = Math.min(len, ends[i]! - gpa);
+        out.address = this.viewAddress[i]! + out.offset;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /**
+   * A contiguous view of `len` bytes at front-end virtual address `userAddr` (vring addresses are
+   * front-end addresses, vhost-user.rst SET_VRING_ADDR). `len` must be at most MAP_VIEW_SLACK.
+   */
+  userAddrView(userAddr: number, len: number): Uint8Array {
+    for (const region of this.regions) {
+      if (userAddr >= region.userAddr && userAddr - region.userAddr + len <= region.size) {
+        const mapOffset = region.mmapOffset + (userAddr - region.userAddr);
+        const index = Math.floor(mapOffset / MAP_VIEW_STRIDE);
+        const view = region.views[index]!;
+        const start = mapOffset - index * MAP_VIEW_STRIDE;
+        if (len > MAP_VIEW_SLACK || start + len > view.length) break;
+        return view.subarray(start, start + len);
+      }
+    }
+    throw new MemoryError('GUEST_ADDR_UNMAPPED', `front-end address 0x${userAddr.toString(16)}+${len} is not in guest memory`);
+  }
+
+  /** Keep the mappings alive across asynchronous I/O into them; pair with {@link release}. */
+  hold(): void {
+    this.holds++;
+  }
+
+  release(): void {
+    if (--this.holds === 0 && this.closing) this.unref();
+  }
+
+  /** Drop this map's references once nothing holds it. Idempotent. */
+  close(): void {
+    if (this.closing) return;
+    this.closing = true;
+    if (this.holds === 0) this.unref();
+  }
+
+  private unref(): void {
+    for (const region of this.regions) region.release();
+  }
+}

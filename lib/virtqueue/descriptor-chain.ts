@@ -1,0 +1,117 @@
+/**
+ * A descriptor chain the device popped, as a list of guest memory segments.
+ *
+ * The chain's buffers are already translated: segment `i` is `memory.views[viewId[i]]` from
+ * `offset[i]` for `length[i]` bytes, at host address `memory.viewAddress[viewId[i]] + offset[i]`.
+ * A descriptor that spans two regions (or two view strides) becomes two segments. Device-readable
+ * segments come first (`0 .. readableSegments-1`), then device-writable ones (virtio 1.2 §2.7.4.2:
+ * the driver MUST place writable descriptors after readable ones; the walker enforces it).
+ *
+ * Chains are pooled by their queue and reused: the typed arrays grow when a longer chain arrives and
+ * never shrink, so the steady state allocates nothing.
+ */
+import type { GuestMemory } from '../memory/guest-memory';
+
+const INITIAL_SEGMENTS = 8;
+
+export class DescriptorChain {
+  /** The id to return in the used element (split: head index; packed: buffer id). */
+  head = 0;
+  /** Packed rings: descriptors the chain occupied in the ring (used index advances by this). */
+  ringDescriptors = 0;
+  /** The memory map the segments point into. */
+  memory!: GuestMemory;
+  segments = 0;
+  readableSegments = 0;
+  /** Total device-readable bytes. */
+  readableLength = 0;
+  /** Total device-writable bytes. */
+  writableLength = 0;
+  viewId = new Uint32Array(INITIAL_SEGMENTS);
+  offset = new Float64Array(INITIAL_SEGMENTS);
+  length = new Uint32Array(INITIAL_SEGMENTS);
+
+  /** Reset before a new walk. */
+  clear(memory: GuestMemory): void {
+    this.memory = memory;
+    this.segments = 0;
+    this.readableSegments = 0;
+    this.readableLength = 0;
+    this.writableLength = 0;
+    this.ringDescriptors = 0;
+  }
+
+  /** Append a segment (the walker calls this; readable ones first). */
+  addSegment(viewId: number, offset: number, length: number, writable: boolean): void {
+    if (this.segments === this.viewId.length) this.grow();
+    const i = this.segments++;
+    this.viewId[i] = viewId;
+    this.offset[i] = offset;
+    this.length[i] = length;
+    if (writable) {
+      this.writableLength += length;
+    } else {
+      this.readableSegments++;
+      this.readableLength += length;
+    }
+  }
+
+  /** Host virtual address of segment `i` (for io_uring iovecs). */
+  address(i: number): number {
+    return this.memory.viewAddress[this.viewId[i]!]! + this.offset[i]!;
+  }
+
+  /** The bytes of segment `i` as a view (allocates a view object: not for per-byte loops). */
+  segment(i: number): Uint8Array {
+    const off = this.offset[i]!;
+    return this.memory.views[this.viewId[i]!]!.subarray(off, off + this.length[i]!);
+  }
+
+  /**
+   * Copy device-readable bytes starting `from` bytes into the readable part into `dst`.
+   * Returns the number of bytes copied (less than dst.length when the readable part is shorter).
+   */
+  read(from: number, dst: Uint8Array): number {
+    return this.copy(0, this.readableSegments, from, dst, false);
+  }
+
+  /**
+   * Copy `src` into the device-writable part starting `at` bytes into it.
+   * Returns the number of bytes copied (less than src.length when the writable part is shorter).
+   */
+  write(at: number, src: Uint8Array): number {
+    return this.copy(this.readableSegments, this.segments, at, src, true);
+  }
+
+  private copy(first: number, end: number, skip: number, bytes: Uint8Array, toGuest: boolean): number {
+    let done = 0;
+    for (let i = first; i < end && done < bytes.length; i++) {
+      const len = this.length[i]!;
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      const view = this.memory.views[this.viewId[i]!]!;
+      const start = this.offset[i]! + skip;
+      const n = Math.min(len - skip, bytes.length - done);
+      if (toGuest) view.set(bytes.subarray(done, done + n), start);
+      else bytes.set(view.subarray(start, start + n), done);
+      done += n;
+      skip = 0;
+    }
+    return done;
+  }
+
+  private grow(): void {
+    const n = this.viewId.length * 2;
+    const viewId = new Uint32Array(n);
+    const offset = new Float64Array(n);
+    const length = new Uint32Array(n);
+    viewId.set(this.viewId);
+    offset.set(this.offset);
+    length.set(this.length);
+    this.viewId = viewId;
+    this.offset = offset;
+    this.length = length;
+  }
+}

@@ -1,0 +1,101 @@
+/**
+ * The device side of one virtqueue, independent of ring layout (split or packed), of vhost-user and
+ * of the notification mechanism (a callback). Devices pop {@link DescriptorChain}s, complete them
+ * (possibly later and out of order), and flush once per batch.
+ *
+ * Usage, per kick (virtio 1.2 §2.7.10 / rust-vmm vhu_rng.rs):
+ * ```ts
+ * do {
+ *   queue.disableNotification();
+ *   for (let chain; (chain = queue.pop()) !== null; ) { ...; queue.pushUsed(chain, written); }
+ *   queue.flush();
+ * } while (queue.enableNotification());
+ * ```
+ * Any ring rule the driver breaks throws a {@link RingError} from `pop`; the owner then marks the
+ * queue broken and stops using it.
+ */
+import type { GuestMemory } from '../memory/guest-memory';
+import type { DescriptorChain } from './descriptor-chain';
+
+/** Where the three ring areas are, as front-end virtual addresses (vhost-user SET_VRING_ADDR). */
+export interface RingAddresses {
+  /** Split: descriptor table. Packed: descriptor ring. */
+  descUserAddr: number;
+  /** Split: available ring. Packed: driver event suppression area. */
+  availUserAddr: number;
+  /** Split: used ring. Packed: device event suppression area. */
+  usedUserAddr: number;
+}
+
+/** Everything needed to construct a queue. */
+export interface VirtqueueOptions {
+  /** Queue size (validated by the caller: power of two for split, ≤ 32768). */
+  size: number;
+  addresses: RingAddresses;
+  memory: GuestMemory;
+  /** Negotiated VIRTIO_RING_F_EVENT_IDX. */
+  eventIdx: boolean;
+  /** Negotiated VIRTIO_RING_F_INDIRECT_DESC. */
+  indirect: boolean;
+  /**
+   * Where to resume (vhost-user SET_VRING_BASE). Split: the next avail index (16 bits).
+   * Packed: bits 0-14 next avail index, bit 15 avail wrap counter, bits 16-30 next used index,
+   * bit 31 used wrap counter (QEMU's layout).
+   */
+  base: number;
+  /** Called from `flush` when the driver must be notified (the owner writes the call eventfd). */
+  notify: () => void;
+  /** Most chains popped per `pop` batch before the device should flush; defaults to the size. */
+  burst?: number;
+}
+
+/** Counters a queue keeps as plain numbers; metrics read them at scrape time. */
+export interface QueueCounters {
+  /** Chains popped. */
+  requests: number;
+  /** Bytes reported as written to the driver in used elements. */
+  bytesWritten: number;
+  /** Bytes the driver offered to the device (readable descriptors) in popped chains. */
+  bytesRead: number;
+  /** Times `notify` was invoked. */
+  notifications: number;
+  /** Times `flush` ran with at least one used element (batches). */
+  batches: number;
+}
+
+export interface Virtqueue {
+  readonly size: number;
+  readonly counters: QueueCounters;
+  /** Chains popped and not yet pushed back. */
+  readonly inFlight: number;
+
+  /**
+   * Pop the next available chain, or null when the ring is empty. The chain is owned by the queue's
+   * pool: use it until `pushUsed`, then forget it. Throws RingError on a driver violation.
+   */
+  pop(): DescriptorChain | null;
+
+  /** Complete `chain` with `written` bytes written into its device-writable part (not yet visible). */
+  pushUsed(chain: DescriptorChain, written: number): void;
+
+  /**
+   * Publish every pushed element with one index update and call `notify` at most once, if the driver
+   * asked for it (EVENT_IDX used_event, or the NO_INTERRUPT flag). Returns the number published.
+   */
+  flush(): number;
+
+  /** Ask the driver not to kick (used.flags NO_NOTIFY, or packed DISABLE). */
+  disableNotification(): void;
+
+  /**
+   * Ask the driver to kick again (with EVENT_IDX: avail_event = next avail index). Returns true when
+   * new chains arrived meanwhile, so the caller must drain again (the race of virtio 1.2 §2.7.10).
+   */
+  enableNotification(): boolean;
+
+  /** The value to return for GET_VRING_BASE (same layout as {@link VirtqueueOptions.base}). */
+  base(): number;
+
+  /** Re-resolve ring addresses after a memory table change. Throws MemoryError if they vanished. */
+  setMemory(memory: GuestMemory): void;
+}

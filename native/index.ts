@@ -1,0 +1,187 @@
+/**
+ * The typed surface of the native helper (`native/src/*.cc`).
+ *
+ * The helper is a thin set of Linux syscalls: no vhost-user or virtio knowledge, no policy. Argument
+ * checks that matter for safety happen in TypeScript before these are called; C++ only asserts.
+ * Every failure is thrown as a {@link NativeError} carrying `code` (the errno name, e.g. `EBADF`),
+ * `errno` (the positive number) and `syscall`.
+ *
+ * File descriptors are plain numbers owned by the caller: whoever receives one from a function here
+ * must `close()` it.
+ */
+import path from 'node:path';
+
+/** An error from a syscall made by the native helper. */
+export class NativeError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+    readonly errno: number,
+    readonly syscall: string,
+  ) {
+    super(message);
+    this.name = 'NativeError';
+  }
+}
+
+/** Result of {@link Native.recvMsg}. `bytes === 0` means the peer closed; `-1` means EAGAIN. */
+export interface RecvResult {
+  bytes: number;
+  /** Descriptors received with SCM_RIGHTS (MSG_CMSG_CLOEXEC); the caller owns them. */
+  fds: number[];
+}
+
+/** One mmap'ed region, exposed as views of at most {@link MAP_VIEW_STRIDE} + slack bytes each. */
+export interface Mapping {
+  /** Handle for {@link Native.munmap}. */
+  id: number;
+  /** Host virtual address of byte 0 of the mapping (for io_uring iovecs). Exact: below 2^53. */
+  address: number;
+  /** Length of the mapping in bytes. */
+  length: number;
+  /**
+   * `views[i]` starts at byte `i * MAP_VIEW_STRIDE` of the mapping and is
+   * `min(MAP_VIEW_STRIDE + MAP_VIEW_SLACK, length - i * MAP_VIEW_STRIDE)` bytes long, so every object of
+   * at most MAP_VIEW_SLACK bytes lies entirely inside the view of the stride it starts in. After
+   * `munmap` the views are detached (length 0), never dangling.
+   */
+  views: Uint8Array[];
+}
+
+/** Readiness events for {@link Native.watch}. Values are libuv's UV_READABLE / UV_WRITABLE. */
+export const POLL_READABLE = 1;
+export const POLL_WRITABLE = 2;
+
+/** Views cover 1 GiB strides (typed arrays are limited in size; a 64 GiB guest needs many views). */
+export const MAP_VIEW_STRIDE = 1 << 30;
+/** Extra bytes each view extends past its stride, so that rings never straddle two views. */
+export const MAP_VIEW_SLACK = 2 << 20;
+
+/** A libuv poll handle; the callback runs on the event loop once per readiness wakeup. */
+export interface Watcher {
+  /** Stop watching and release the handle. Idempotent. Does not close the fd. */
+  stop(): void;
+}
+
+/** io_uring opcodes accepted by {@link IoUring.submit}. */
+export const IORING_OP = {
+  READV: 1,
+  WRITEV: 2,
+  FSYNC: 3,
+  FALLOCATE: 17,
+} as const;
+
+/**
+ * A batch of I/O requests, in parallel typed arrays (DPDK burst style), built once and reused.
+ * Request `i` uses iovecs `iovStart[i] .. iovStart[i] + iovCount[i] - 1` of `iovBase`/`iovLen`.
+ * FALLOCATE: `offset` is the file offset, `iovLen[iovStart[i]]` is the length and `arg` the mode.
+ */
+export interface IoBatch {
+  opcode: Uint8Array;
+  fd: Int32Array;
+  offset: Float64Array;
+  /** FSYNC flags or FALLOCATE mode. */
+  arg: Uint32Array;
+  iovStart: Uint32Array;
+  iovCount: Uint32Array;
+  userData: Uint32Array;
+  /** Host virtual addresses (from {@link Mapping.address} + offset) and lengths. */
+  iovBase: Float64Array;
+  iovLen: Float64Array;
+}
+
+/** A native io_uring instance whose completions signal an eventfd. */
+export interface IoUring {
+  /** eventfd that becomes readable when completions are posted; watch it and call `reap`. */
+  readonly eventFd: number;
+  /** Queue `count` requests of `batch` and submit them with one io_uring_enter. Returns how many were queued. */
+  submit(batch: IoBatch, count: number): number;
+  /** Move up to `userData.length` completions into `userData`/`result` (result is -errno on failure). */
+  reap(userData: Uint32Array, result: Int32Array): number;
+  /** Tear down the ring and close its eventfd. In-flight requests complete in the kernel first. */
+  close(): void;
+}
+
+/** The raw native module. */
+export interface Native {
+  /** Bind + listen a SOCK_STREAM unix socket (nonblocking, cloexec). Unlinks a stale socket file first. */
+  listenUnix(path: string, backlog: number): number;
+  /** accept4 (nonblocking, cloexec). Returns -1 when no connection is pending. */
+  accept(listenFd: number): number;
+  /** Connect a SOCK_STREAM unix socket (blocking connect, then nonblocking). */
+  connectUnix(path: string): number;
+  /** socketpair(AF_UNIX, SOCK_STREAM), both ends nonblocking and cloexec. */
+  socketPair(): [number, number];
+  /** recvmsg into `buf[offset..offset+length)` with room for `maxFds` descriptors. */
+  recvMsg(fd: number, buf: Uint8Array, offset: number, length: number, maxFds: number): RecvResult;
+  /** sendmsg of `buf[offset..offset+length)` with `fds` attached. Returns bytes sent, -1 on EAGAIN. */
+  sendMsg(fd: number, buf: Uint8Array, offset: number, length: number, fds: number[]): number;
+  /** Whether `fd` is a listening unix stream socket (for LISTEN_FDS / --fd checks). */
+  isListeningUnixSocket(fd: number): boolean;
+  setNonBlocking(fd: number, on: boolean): void;
+  close(fd: number): void;
+  /** fstat size of an fd in bytes (for memfds and regular files). */
+  fdSize(fd: number): number;
+
+  /** mmap(fd, length, offset, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED). */
+  mmap(fd: number, length: number, offset: number, writable: boolean): Mapping;
+  /** Detach every view of the mapping, then munmap it. Idempotent. */
+  munmap(id: number): void;
+
+  /** eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC). */
+  eventfd(initval: number): number;
+  /** Read and reset the counter. Returns 0 when it was 0 (EAGAIN). */
+  eventfdRead(fd: number): number;
+  /** Add `value` to the counter. */
+  eventfdWrite(fd: number, value: number): void;
+
+  /** memfd_create(name, MFD_CLOEXEC) sized with ftruncate (test front-ends and benchmarks). */
+  memfdCreate(name: string, size: number): number;
+
+  /** Watch `fd` for `events` (POLL_READABLE | POLL_WRITABLE) with uv_poll. */
+  watch(fd: number, events: number, callback: (events: number) => void): Watcher;
+
+  /** Send `message` as one datagram to the AF_UNIX socket `path` ('@' prefix = abstract namespace). */
+  sdNotify(path: string, message: string): void;
+
+  /** io_uring_queue_init(entries) with an eventfd registered for completions. */
+  createIoUring(entries: number): IoUring;
+
+  /** fallocate(fd, mode, offset, length). */
+  fallocate(fd: number, mode: number, offset: number, length: number): void;
+  /** Size in bytes of a regular file or block device (BLKGETSIZE64). */
+  deviceSize(fd: number): number;
+  /** Logical block size of a block device (BLKSSZGET), or 0 for a regular file. */
+  logicalBlockSize(fd: number): number;
+  /** preadv/pwritev fallback run on the libuv thread pool; the callback gets bytes or -errno. */
+  ioAsync(
+    write: boolean,
+    fd: number,
+    offset: number,
+    iovBase: Float64Array,
+    iovLen: Float64Array,
+    callback: (result: number) => void,
+  ): void;
+}
+
+function load(): Native {
+  // Built by `npm run build:native` into native/build/{Release,Debug}; this file runs from build/native/.
+  const root = path.resolve(__dirname, '..', '..', 'native', 'build');
+  const errors: string[] = [];
+  for (const flavor of ['Debug', 'Release']) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const addon = require(path.join(root, flavor, 'vhostd_native.node')) as Native & {
+        initialize(errorClass: typeof NativeError): void;
+      };
+      addon.initialize(NativeError);
+      return addon;
+    } catch (err) {
+      errors.push(`${flavor}: ${(err as Error).message}`);
+    }
+  }
+  throw new Error(`vhostd native helper not found; run "npm run build:native" (${errors.join('; ')})`);
+}
+
+/** The loaded native helper. */
+export const native: Native = load();
