@@ -11,6 +11,10 @@
  */
 import path from 'node:path';
 
+import { MAP_VIEW_SLACK, MAP_VIEW_STRIDE } from './layout';
+
+export { MAP_VIEW_SLACK, MAP_VIEW_STRIDE };
+
 /** An error from a syscall made by the native helper. */
 export class NativeError extends Error {
   constructor(
@@ -51,11 +55,6 @@ export interface Mapping {
 /** Readiness events for {@link Native.watch}. Values are libuv's UV_READABLE / UV_WRITABLE. */
 export const POLL_READABLE = 1;
 export const POLL_WRITABLE = 2;
-
-/** Views cover 1 GiB strides (typed arrays are limited in size; a 64 GiB guest needs many views). */
-export const MAP_VIEW_STRIDE = 1 << 30;
-/** Extra bytes each view extends past its stride, so that rings never straddle two views. */
-export const MAP_VIEW_SLACK = 2 << 20;
 
 /** A libuv poll handle; the callback runs on the event loop once per readiness wakeup. */
 export interface Watcher {

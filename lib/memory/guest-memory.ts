@@ -2,7 +2,7 @@
  * Guest memory as the backend sees it: the regions the front-end sent with SET_MEM_TABLE or
  * ADD_MEM_REG, each mmap'ed once from its fd.
  *
- * Ownership: a {@link MemoryRegion} owns its fd and its mapping and is reference counted, because an
+ * Ownership: a {@link GuestRegion} owns its fd and its mapping and is reference counted, because an
  * ADD_MEM_REG builds a new {@link GuestMemory} that shares the regions of the old one. A GuestMemory
  * holds one reference on each of its regions; {@link GuestMemory.close} drops them, but not before
  * every {@link GuestMemory.hold} has been released, so I/O in flight (io_uring reading into guest
@@ -12,65 +12,23 @@
  * Addresses are JS numbers. The protocol layer rejects any region that ends past 2^53
  * (see `validate.ts`), so every address and offset computed here is exact.
  */
-import { MAP_VIEW_SLACK, MAP_VIEW_STRIDE, native, type Mapping } from '../../native';
+import { MAP_VIEW_SLACK, MAP_VIEW_STRIDE } from '../../native/layout';
 import { MemoryError } from '../errors';
 
-/** One region as described by VhostUserMemoryRegion, already validated. */
-export interface MemoryRegionSpec {
-  guestPhysAddr: number;
-  size: number;
-  userAddr: number;
-  mmapOffset: number;
-}
-
-/** A mapped region of guest memory. */
-export class MemoryRegion {
+/** A region of guest memory that is mapped into this process (see mapped-region.ts). */
+export interface GuestRegion {
   readonly guestPhysAddr: number;
   readonly size: number;
+  /** The front-end's virtual address of the region (vring addresses are given in this space). */
   readonly userAddr: number;
-  readonly mmapOffset: number;
-  /** The memory fd, kept open: workers and the balloon device need it. */
-  readonly fd: number;
-  private readonly mapping: Mapping;
-  private refs = 1;
-
-  /** Maps `fd` and takes ownership of it (closed when the last reference goes, or here on failure). */
-  constructor(spec: MemoryRegionSpec, fd: number) {
-    this.guestPhysAddr = spec.guestPhysAddr;
-    this.size = spec.size;
-    this.userAddr = spec.userAddr;
-    this.mmapOffset = spec.mmapOffset;
-    this.fd = fd;
-    try {
-      // mmap offsets must be page aligned and QEMU's mmap_offset need not be: map from 0 (libvhost-user does too).
-      this.mapping = native.mmap(fd, spec.mmapOffset + spec.size, 0, true);
-    } catch (err) {
-      native.close(fd);
-      throw err;
-    }
-  }
-
-  /** Views of the mapping; see {@link Mapping.views}. */
-  get views(): readonly Uint8Array[] {
-    return this.mapping.views;
-  }
-
-  /** Host virtual address of the first byte of the region (not of the mapping). */
-  get hostAddress(): number {
-    return this.mapping.address + this.mmapOffset;
-  }
-
-  retain(): this {
-    this.refs++;
-    return this;
-  }
-
-  release(): void {
-    if (--this.refs === 0) {
-      native.munmap(this.mapping.id);
-      native.close(this.fd);
-    }
-  }
+  /** Offset of the region's first byte inside its mapping. */
+  readonly mappingOffset: number;
+  /** Views of the mapping, laid out as described on the native `Mapping.views`. */
+  readonly views: readonly Uint8Array[];
+  /** Host virtual address of the region's first byte (not of the mapping). */
+  readonly hostAddress: number;
+  retain(): this;
+  release(): void;
 }
 
 /**
@@ -93,7 +51,7 @@ export class GuestMemory {
   readonly views: Uint8Array[] = [];
   /** Host address of `views[i][0]`. */
   readonly viewAddress: number[] = [];
-  /** Guest address of `views[i][0]` (below the region start for a first view when mmapOffset > 0). */
+  /** Guest address of `views[i][0]` (below the region start for a first view when mappingOffset > 0). */
   private readonly viewGuestBase: number[] = [];
   /** First and past-the-end guest address that `views[i]` serves (its stride, clipped to the region). */
   private readonly viewGuestStart: number[] = [];
@@ -102,20 +60,20 @@ export class GuestMemory {
   private closing = false;
 
   /** Takes one reference on each region (the caller keeps its own). */
-  constructor(readonly regions: readonly MemoryRegion[]) {
+  constructor(readonly regions: readonly GuestRegion[]) {
     for (const region of regions) {
       region.retain();
       region.views.forEach((view, i) => {
-        // The region starts mmapOffset bytes into its mapping; views index the mapping.
+        // The region starts mappingOffset bytes into its mapping; views index the mapping.
         const mapStart = i * MAP_VIEW_STRIDE;
-        const strideEnd = Math.min(mapStart + MAP_VIEW_STRIDE, region.mmapOffset + region.size);
-        if (strideEnd <= region.mmapOffset) return;
-        const start = Math.max(mapStart, region.mmapOffset);
+        const strideEnd = Math.min(mapStart + MAP_VIEW_STRIDE, region.mappingOffset + region.size);
+        if (strideEnd <= region.mappingOffset) return;
+        const start = Math.max(mapStart, region.mappingOffset);
         this.views.push(view);
-        this.viewAddress.push(region.hostAddress - region.mmapOffset + mapStart);
-        this.viewGuestBase.push(region.guestPhysAddr + (mapStart - region.mmapOffset));
-        this.viewGuestStart.push(region.guestPhysAddr + (start - region.mmapOffset));
-        this.viewGuestEnd.push(region.guestPhysAddr + (strideEnd - region.mmapOffset));
+        this.viewAddress.push(region.hostAddress - region.mappingOffset + mapStart);
+        this.viewGuestBase.push(region.guestPhysAddr + (mapStart - region.mappingOffset));
+        this.viewGuestStart.push(region.guestPhysAddr + (start - region.mappingOffset));
+        this.viewGuestEnd.push(region.guestPhysAddr + (strideEnd - region.mappingOffset));
       });
     }
   }
@@ -158,7 +116,7 @@ export class GuestMemory {
   userAddrView(userAddr: number, len: number): Uint8Array {
     for (const region of this.regions) {
       if (userAddr >= region.userAddr && userAddr - region.userAddr + len <= region.size) {
-        const mapOffset = region.mmapOffset + (userAddr - region.userAddr);
+        const mapOffset = region.mappingOffset + (userAddr - region.userAddr);
         const index = Math.floor(mapOffset / MAP_VIEW_STRIDE);
         const view = region.views[index]!;
         const start = mapOffset - index * MAP_VIEW_STRIDE;

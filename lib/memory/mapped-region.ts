@@ -1,0 +1,66 @@
+/**
+ * A guest memory region mmap'ed from the fd the front-end sent (SET_MEM_TABLE / ADD_MEM_REG).
+ */
+import { native, type Mapping } from '../../native';
+import type { GuestRegion } from './guest-memory';
+
+const HUGE_PAGE_SIZE = 2 << 20;
+
+/** One region as described by VhostUserMemoryRegion, already validated. */
+export interface MemoryRegionSpec {
+  guestPhysAddr: number;
+  size: number;
+  userAddr: number;
+  mmapOffset: number;
+}
+
+/** A mapped region of guest memory. */
+export class MappedRegion implements GuestRegion {
+  readonly guestPhysAddr: number;
+  readonly size: number;
+  readonly userAddr: number;
+  readonly mappingOffset: number;
+  /** The memory fd, kept open: workers and the balloon device need it. */
+  readonly fd: number;
+  private readonly mapping: Mapping;
+  private refs = 1;
+
+  /** Maps `fd` and takes ownership of it (closed when the last reference goes, or here on failure). */
+  constructor(spec: MemoryRegionSpec, fd: number) {
+    this.guestPhysAddr = spec.guestPhysAddr;
+    this.size = spec.size;
+    this.userAddr = spec.userAddr;
+    // mmap offsets must be page aligned (2 MiB covers hugetlbfs too); QEMU's mmap_offset need not be.
+    const mapStart = spec.mmapOffset - (spec.mmapOffset % HUGE_PAGE_SIZE);
+    this.mappingOffset = spec.mmapOffset - mapStart;
+    this.fd = fd;
+    try {
+      this.mapping = native.mmap(fd, this.mappingOffset + spec.size, mapStart, true);
+    } catch (err) {
+      native.close(fd);
+      throw err;
+    }
+  }
+
+  get views(): readonly Uint8Array[] {
+    return this.mapping.views;
+  }
+
+  /** Host virtual address of the first byte of the region (not of the mapping). */
+  get hostAddress(): number {
+    return this.mapping.address + this.mappingOffset;
+  }
+
+  retain(): this {
+    this.refs++;
+    return this;
+  }
+
+  release(): void {
+    if (--this.refs === 0) {
+      native.munmap(this.mapping.id);
+      native.close(this.fd);
+    }
+  }
+}
+
