@@ -1,0 +1,515 @@
+/**
+ * The dispatch table: every supported request once, with what it may carry, and its handler
+ * (DPDK's VHOST_MESSAGE_HANDLER list, as data).
+ *
+ * Generic checks run before any handler, from the entry's metadata: exact payload size, fd count,
+ * vring index, required protocol feature. Handlers then decode their payload, validate values with
+ * `validate.ts`, and return the reply payload (or nothing). They never write to the socket; fds they
+ * keep are taken out of `message.fds` (set to -1) and the connection closes the rest.
+ *
+ * Security model: see connection.ts. No field of a message is trusted before a predicate checked it.
+ */
+import { ProtocolError } from '../errors';
+import { GuestMemory, type GuestRegion } from '../memory/guest-memory';
+import { MappedRegion } from '../memory/mapped-region';
+import {
+  bit,
+  VHOST_USER_F_PROTOCOL_FEATURES,
+  VIRTIO_F_RING_PACKED,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC,
+} from '../virtio/constants';
+import { u64, type VhostUserConnection } from './connection';
+import {
+  CONFIG_HEADER_SIZE,
+  MAX_CONFIG_SIZE,
+  MEMORY_BASELINE_NREGIONS,
+  MEMORY_REGION_SIZE,
+  ProtocolFeature,
+  Request,
+  requestName,
+  VRING_IDX_MASK,
+  VRING_NOFD_MASK,
+} from './messages';
+import {
+  checkFeatureSubset,
+  checkMemoryRegion,
+  checkNoOverlap,
+  checkRegionCount,
+  checkRingAddress,
+  checkVringBase,
+  checkVringIndex,
+  checkVringNum,
+  type MemoryRegionNumbers,
+  type RawMemoryRegion,
+} from './validate';
+import type { Vring } from './vring';
+
+/** A received message. `fds` entries are set to -1 by a handler that keeps them. */
+export interface Message {
+  request: number;
+  flags: number;
+  payload: Uint8Array;
+  view: DataView;
+  fds: number[];
+}
+
+type Reply = Uint8Array | undefined;
+
+/** One row of the table. */
+interface RequestEntry {
+  /** Run the generic checks; throws ProtocolError. */
+  check(connection: VhostUserConnection, message: Message): void;
+  handle(connection: VhostUserConnection, message: Message): Reply | Promise<Reply>;
+}
+
+interface EntrySpec {
+  /** Exact payload size, or a minimum for variable-size payloads (then the handler checks the rest). */
+  size: number | { atLeast: number };
+  /** 'none': fds forbidden; 'one': exactly one; 'handler': the handler checks (depends on payload). */
+  fds: 'none' | 'one' | 'handler';
+  /** Where the vring index is: u32 at offset 0, or the low byte of a u64 (kick/call/err). */
+  vring?: 'state' | 'u64';
+  /** Protocol feature that must have been negotiated. */
+  requires?: number;
+  handle(connection: VhostUserConnection, message: Message): Reply | Promise<Reply>;
+}
+
+/** Memory slots announced with GET_MAX_MEM_SLOTS (libvhost-user uses the same x86 KVM-derived 509). */
+export const MAX_MEM_SLOTS = 509;
+
+/** Ring features every device gets from the engine; devices add their own bits. */
+export const ENGINE_FEATURES =
+  bit(VIRTIO_F_VERSION_1) |
+  bit(VIRTIO_RING_F_INDIRECT_DESC) |
+  bit(VIRTIO_RING_F_EVENT_IDX) |
+  bit(VIRTIO_F_RING_PACKED) |
+  bit(VHOST_USER_F_PROTOCOL_FEATURES);
+
+/** Protocol features the engine implements for every device. */
+export const ENGINE_PROTOCOL_FEATURES = [
+  ProtocolFeature.MQ,
+  ProtocolFeature.REPLY_ACK,
+  ProtocolFeature.BACKEND_REQ,
+  ProtocolFeature.CONFIGURE_MEM_SLOTS,
+  ProtocolFeature.RESET_DEVICE,
+  ProtocolFeature.STATUS,
+].reduce((mask, b) => mask | bit(b), 0n);
+
+function offeredFeatures(c: VhostUserConnection): bigint {
+  return c.device.features() | ENGINE_FEATURES;
+}
+
+function offeredProtocolFeatures(c: VhostUserConnection): bigint {
+  const config = c.device.getConfig !== undefined ? bit(ProtocolFeature.CONFIG) : 0n;
+  return ENGINE_PROTOCOL_FEATURES | config | c.device.protocolFeatures();
+}
+
+function negotiated(c: VhostUserConnection, feature: number): boolean {
+  return (c.ackedFeatures & bit(feature)) !== 0n;
+}
+
+function vringAt(c: VhostUserConnection, index: number): Vring {
+  return c.vrings[index]!; // index checked by the entry's `vring` metadata
+}
+
+/** Vring state payload: u32 index, u32 num. */
+function vringState(index: number, num: number): Uint8Array {
+  const bytes = new Uint8Array(8);
+  const view = new DataView(bytes.buffer);
+  view.setUint32(0, index, true);
+  view.setUint32(4, num, true);
+  return bytes;
+}
+
+/** Start a ring once it has everything; a ring that cannot start is a front-end error. */
+function startVring(c: VhostUserConnection, vring: Vring): void {
+  try {
+    vring.startIfReady({
+      device: c.device,
+      logger: c.logger,
+      memory: c.memory,
+      packed: negotiated(c, VIRTIO_F_RING_PACKED),
+      eventIdx: negotiated(c, VIRTIO_RING_F_EVENT_IDX),
+      indirect: negotiated(c, VIRTIO_RING_F_INDIRECT_DESC),
+    });
+  } catch (err) {
+    throw new ProtocolError('VHOST_USER_BAD_VRING_ADDR', `cannot start queue ${vring.index}: ${(err as Error).message}`);
+  }
+}
+
+/** VhostUserMemoryRegion at `offset`: u64 guest_addr, u64 size, u64 user_addr, u64 mmap_offset. */
+function decodeRegion(view: DataView, offset: number): RawMemoryRegion {
+  return {
+    guestPhysAddr: view.getBigUint64(offset, true),
+    size: view.getBigUint64(offset + 8, true),
+    userAddr: view.getBigUint64(offset + 16, true),
+    mmapOffset: view.getBigUint64(offset + 24, true),
+  };
+}
+
+/** Map validated regions, taking their fds. On failure every fd is closed and mapped ones released. */
+function mapRegions(specs: readonly MemoryRegionNumbers[], message: Message, firstFd: number): MappedRegion[] {
+  const mapped: MappedRegion[] = [];
+  try {
+    specs.forEach((spec, i) => {
+      const fd = message.fds[firstFd + i]!;
+      message.fds[firstFd + i] = -1; // MappedRegion owns it now, even if mmap fails
+      mapped.push(new MappedRegion(spec, fd));
+    });
+  } catch (err) {
+    for (const region of mapped) region.release();
+    throw new ProtocolError('VHOST_USER_BAD_MEM_REGION', `cannot map memory region: ${(err as Error).message}`);
+  }
+  return mapped;
+}
+
+/** Install a new memory map: running rings re-resolve their addresses, the old map is released. */
+function replaceMemory(c: VhostUserConnection, regions: readonly GuestRegion[]): void {
+  const memory = new GuestMemory(regions);
+  const old = c.memory;
+  c.memory = memory;
+  for (const vring of c.vrings) vring.setMemory(memory);
+  old.close();
+  c.logger.info(`guest memory: ${regions.length} region(s), ${Math.round(memory.totalSize / 2 ** 20)} MiB`);
+}
+
+/** SET_VRING_KICK/CALL/ERR: u64 with the index in bits 0-7 and "no fd" in bit 8 (vhost-user.rst). */
+function takeVringFd(message: Message): { index: number; fd: number } {
+  const value = message.view.getBigUint64(0, true);
+  if ((value & ~BigInt(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0n) {
+    throw new ProtocolError('VHOST_USER_BAD_SIZE', `vring fd payload 0x${value.toString(16)} has unknown bits set`);
+  }
+  const noFd = (value & BigInt(VRING_NOFD_MASK)) !== 0n;
+  const expected = noFd ? 0 : 1;
+  if (message.fds.length !== expected) {
+    throw new ProtocolError('VHOST_USER_BAD_FDS', `expected ${expected} fd(s), got ${message.fds.length}`);
+  }
+  const fd = noFd ? -1 : message.fds[0]!;
+  if (!noFd) message.fds[0] = -1;
+  return { index: Number(value & BigInt(VRING_IDX_MASK)), fd };
+}
+
+const entries: Record<number, EntrySpec> = {
+  [Request.GET_FEATURES]: { size: 0, fds: 'none', handle: (c) => u64(offeredFeatures(c)) },
+
+  [Request.SET_FEATURES]: {
+    size: 8,
+    fds: 'none',
+    handle(c, m) {
+      const features = m.view.getBigUint64(0, true);
+      checkFeatureSubset('features', features, offeredFeatures(c));
+      c.ackedFeatures = features;
+      // vhost-user.rst: without VHOST_USER_F_PROTOCOL_FEATURES, rings start enabled.
+      if ((features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) {
+        for (const vring of c.vrings) vring.setEnabled(true);
+      }
+      return undefined;
+    },
+  },
+
+  [Request.GET_PROTOCOL_FEATURES]: { size: 0, fds: 'none', handle: (c) => u64(offeredProtocolFeatures(c)) },
+
+  [Request.SET_PROTOCOL_FEATURES]: {
+    size: 8,
+    fds: 'none',
+    handle(c, m) {
+      const features = m.view.getBigUint64(0, true);
+      checkFeatureSubset('protocol features', features, offeredProtocolFeatures(c));
+      c.ackedProtocolFeatures = features;
+      return undefined;
+    },
+  },
+
+  // Ownership is implicit: one front-end per connection, one connection at a time.
+  [Request.SET_OWNER]: { size: 0, fds: 'none', handle: () => undefined },
+
+  [Request.RESET_OWNER]: { size: 0, fds: 'none', handle: (c) => resetDevice(c) },
+
+  [Request.RESET_DEVICE]: { size: 0, fds: 'none', requires: ProtocolFeature.RESET_DEVICE, handle: (c) => resetDevice(c) },
+
+  [Request.SET_MEM_TABLE]: {
+    // u32 nregions, u32 padding, VhostUserMemoryRegion regions[nregions]
+    size: { atLeast: 8 },
+    fds: 'handler',
+    handle(c, m) {
+      const count = m.view.getUint32(0, true);
+      checkRegionCount(count, MEMORY_BASELINE_NREGIONS);
+      if (m.payload.length !== 8 + count * MEMORY_REGION_SIZE) {
+        throw new ProtocolError('VHOST_USER_BAD_SIZE', `SET_MEM_TABLE with ${count} regions must be ${8 + count * MEMORY_REGION_SIZE} bytes, got ${m.payload.length}`);
+      }
+      if (m.fds.length !== count) {
+        throw new ProtocolError('VHOST_USER_BAD_FDS', `SET_MEM_TABLE with ${count} regions carries ${m.fds.length} fds`);
+      }
+      const specs: MemoryRegionNumbers[] = [];
+      for (let i = 0; i < count; i++) specs.push(checkMemoryRegion(decodeRegion(m.view, 8 + i * MEMORY_REGION_SIZE)));
+      checkNoOverlap(specs);
+      const regions = mapRegions(specs, m, 0);
+      replaceMemory(c, regions);
+      for (const region of regions) region.release(); // the GuestMemory holds its own references
+      for (const vring of c.vrings) startVring(c, vring);
+      return undefined;
+    },
+  },
+
+  [Request.GET_MAX_MEM_SLOTS]: {
+    size: 0,
+    fds: 'none',
+    requires: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    handle: () => u64(BigInt(MAX_MEM_SLOTS)),
+  },
+
+  [Request.ADD_MEM_REG]: {
+    // u64 padding, VhostUserMemoryRegion
+    size: 8 + MEMORY_REGION_SIZE,
+    fds: 'one',
+    requires: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    handle(c, m) {
+      const spec = checkMemoryRegion(decodeRegion(m.view, 8));
+      checkRegionCount(c.memory.regions.length + 1, MAX_MEM_SLOTS);
+      checkNoOverlap([...c.memory.regions, spec]);
+      const [region] = mapRegions([spec], m, 0);
+      replaceMemory(c, [...c.memory.regions, region!]);
+      region!.release();
+      for (const vring of c.vrings) startVring(c, vring);
+      return undefined;
+    },
+  },
+
+  [Request.REM_MEM_REG]: {
+    // vhost-user.rst: same payload as ADD_MEM_REG; QEMU may attach the region's fd, which we close.
+    size: 8 + MEMORY_REGION_SIZE,
+    fds: 'handler',
+    requires: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    handle(c, m) {
+      if (m.fds.length > 1) throw new ProtocolError('VHOST_USER_BAD_FDS', `REM_MEM_REG carries ${m.fds.length} fds`);
+      const spec = checkMemoryRegion(decodeRegion(m.view, 8));
+      const keep = c.memory.regions.filter(
+        (r) => !(r.guestPhysAddr === spec.guestPhysAddr && r.size === spec.size && r.userAddr === spec.userAddr),
+      );
+      if (keep.length === c.memory.regions.length) {
+        throw new ProtocolError('VHOST_USER_BAD_MEM_REGION', `REM_MEM_REG: no region at guest address 0x${spec.guestPhysAddr.toString(16)}`);
+      }
+      replaceMemory(c, keep);
+      return undefined;
+    },
+  },
+
+  [Request.SET_VRING_NUM]: {
+    size: 8,
+    fds: 'none',
+    vring: 'state',
+    handle(c, m) {
+      const vring = vringAt(c, m.view.getUint32(0, true));
+      const num = m.view.getUint32(4, true);
+      checkVringNum(num, negotiated(c, VIRTIO_F_RING_PACKED), c.device.maxQueueSize);
+      if (vring.started) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_VRING_NUM on running queue ${vring.index}`);
+      vring.num = num;
+      return undefined;
+    },
+  },
+
+  [Request.SET_VRING_ADDR]: {
+    // u32 index, u32 flags, u64 desc, u64 used, u64 avail, u64 log
+    size: 40,
+    fds: 'none',
+    vring: 'state',
+    handle(c, m) {
+      const vring = vringAt(c, m.view.getUint32(0, true));
+      if (vring.started) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_VRING_ADDR on running queue ${vring.index}`);
+      vring.addresses = {
+        descUserAddr: checkRingAddress('descriptor', m.view.getBigUint64(8, true)),
+        usedUserAddr: checkRingAddress('used', m.view.getBigUint64(16, true)),
+        availUserAddr: checkRingAddress('available', m.view.getBigUint64(24, true)),
+      };
+      startVring(c, vring);
+      return undefined;
+    },
+  },
+
+  [Request.SET_VRING_BASE]: {
+    size: 8,
+    fds: 'none',
+    vring: 'state',
+    handle(c, m) {
+      const vring = vringAt(c, m.view.getUint32(0, true));
+      const base = m.view.getUint32(4, true);
+      checkVringBase(base, negotiated(c, VIRTIO_F_RING_PACKED));
+      if (vring.started) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_VRING_BASE on running queue ${vring.index}`);
+      vring.base = base;
+      return undefined;
+    },
+  },
+
+  [Request.GET_VRING_BASE]: {
+    size: 8,
+    fds: 'none',
+    vring: 'state',
+    async handle(c, m) {
+      const vring = vringAt(c, m.view.getUint32(0, true));
+      // vhost-user.rst: "stop a ring upon receiving VHOST_USER_GET_VRING_BASE".
+      const base = await vring.stop();
+      vring.setFd('callFd', -1);
+      return vringState(vring.index, base);
+    },
+  },
+
+  [Request.SET_VRING_KICK]: {
+    size: 8,
+    fds: 'handler',
+    vring: 'u64',
+    handle(c, m) {
+      const { index, fd } = takeVringFd(m);
+      const vring = vringAt(c, index);
+      if (fd < 0) throw new ProtocolError('VHOST_USER_BAD_FDS', 'polling mode (no kick fd) is not supported');
+      vring.setFd('kickFd', fd);
+      if (!vring.started) startVring(c, vring);
+      return undefined;
+    },
+  },
+
+  [Request.SET_VRING_CALL]: {
+    size: 8,
+    fds: 'handler',
+    vring: 'u64',
+    handle(c, m) {
+      const { index, fd } = takeVringFd(m);
+      vringAt(c, index).setFd('callFd', fd);
+      return undefined;
+    },
+  },
+
+  [Request.SET_VRING_ERR]: {
+    size: 8,
+    fds: 'handler',
+    vring: 'u64',
+    handle(c, m) {
+      const { index, fd } = takeVringFd(m);
+      vringAt(c, index).setFd('errFd', fd);
+      return undefined;
+    },
+  },
+
+  [Request.GET_QUEUE_NUM]: { size: 0, fds: 'none', handle: (c) => u64(BigInt(c.device.numQueues)) },
+
+  [Request.SET_VRING_ENABLE]: {
+    size: 8,
+    fds: 'none',
+    vring: 'state',
+    handle(c, m) {
+      const vring = vringAt(c, m.view.getUint32(0, true));
+      const enable = m.view.getUint32(4, true);
+      if (enable > 1) throw new ProtocolError('VHOST_USER_BAD_SIZE', `SET_VRING_ENABLE value ${enable} is not 0 or 1`);
+      vring.setEnabled(enable === 1);
+      return undefined;
+    },
+  },
+
+  [Request.SET_BACKEND_REQ_FD]: {
+    size: 0,
+    fds: 'one',
+    requires: ProtocolFeature.BACKEND_REQ,
+    handle(c, m) {
+      const fd = m.fds[0]!;
+      m.fds[0] = -1;
+      c.setBackendChannel(fd);
+      return undefined;
+    },
+  },
+
+  [Request.GET_CONFIG]: {
+    // u32 offset, u32 size, u32 flags, u8 payload[size]
+    size: { atLeast: CONFIG_HEADER_SIZE },
+    fds: 'none',
+    requires: ProtocolFeature.CONFIG,
+    handle(c, m) {
+      const { offset, size } = checkConfigRequest(m);
+      if (c.device.getConfig === undefined) throw new ProtocolError('VHOST_USER_BAD_CONFIG', 'device has no config space');
+      const data = c.device.getConfig(offset, size);
+      const reply = new Uint8Array(CONFIG_HEADER_SIZE + size);
+      reply.set(m.payload.subarray(0, CONFIG_HEADER_SIZE));
+      reply.set(data.subarray(0, size), CONFIG_HEADER_SIZE);
+      return reply;
+    },
+  },
+
+  [Request.SET_CONFIG]: {
+    size: { atLeast: CONFIG_HEADER_SIZE },
+    fds: 'none',
+    requires: ProtocolFeature.CONFIG,
+    handle(c, m) {
+      const { offset, size } = checkConfigRequest(m);
+      if (c.device.setConfig === undefined) throw new ProtocolError('VHOST_USER_BAD_CONFIG', 'device config space is read-only');
+      c.device.setConfig(offset, m.payload.slice(CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + size));
+      return undefined;
+    },
+  },
+
+  [Request.SET_STATUS]: {
+    size: 8,
+    fds: 'none',
+    requires: ProtocolFeature.STATUS,
+    handle(c, m) {
+      const status = m.view.getBigUint64(0, true);
+      if (status > 0xffn) throw new ProtocolError('VHOST_USER_BAD_SIZE', `device status 0x${status.toString(16)} exceeds 8 bits`);
+      c.status = Number(status);
+      return undefined;
+    },
+  },
+
+  [Request.GET_STATUS]: { size: 0, fds: 'none', requires: ProtocolFeature.STATUS, handle: (c) => u64(BigInt(c.status)) },
+};
+
+/** GET_CONFIG / SET_CONFIG: the region must lie inside the 256-byte config space and match the payload. */
+function checkConfigRequest(m: Message): { offset: number; size: number } {
+  const offset = m.view.getUint32(0, true);
+  const size = m.view.getUint32(4, true);
+  if (size === 0 || size > MAX_CONFIG_SIZE || offset > MAX_CONFIG_SIZE - size) {
+    throw new ProtocolError('VHOST_USER_BAD_CONFIG', `config access of ${size} bytes at offset ${offset} is outside the ${MAX_CONFIG_SIZE}-byte config space`);
+  }
+  if (m.payload.length !== CONFIG_HEADER_SIZE + size) {
+    throw new ProtocolError('VHOST_USER_BAD_SIZE', `config payload is ${m.payload.length} bytes, header says ${CONFIG_HEADER_SIZE + size}`);
+  }
+  return { offset, size };
+}
+
+/** RESET_OWNER / RESET_DEVICE: stop every ring and forget negotiated state; the connection stays. */
+async function resetDevice(c: VhostUserConnection): Promise<undefined> {
+  for (const vring of c.vrings) {
+    await vring.stop();
+    vring.release();
+  }
+  c.ackedFeatures = 0n;
+  c.status = 0;
+  return undefined;
+}
+
+function buildEntry(code: number, spec: EntrySpec): RequestEntry {
+  const name = requestName(code);
+  return {
+    check(c, m) {
+      const size = m.payload.length;
+      if (typeof spec.size === 'number' ? size !== spec.size : size < spec.size.atLeast) {
+        const expected = typeof spec.size === 'number' ? `${spec.size}` : `at least ${spec.size.atLeast}`;
+        throw new ProtocolError('VHOST_USER_BAD_SIZE', `${name} payload is ${size} bytes, expected ${expected}`);
+      }
+      if ((spec.fds === 'none' && m.fds.length !== 0) || (spec.fds === 'one' && m.fds.length !== 1)) {
+        throw new ProtocolError('VHOST_USER_BAD_FDS', `${name} carries ${m.fds.length} fds, expected ${spec.fds === 'one' ? 1 : 0}`);
+      }
+      if (spec.requires !== undefined && !c.hasProtocolFeature(spec.requires)) {
+        throw new ProtocolError('VHOST_USER_PROTOCOL_FEATURE_MISSING', `${name} needs a protocol feature that was not negotiated (bit ${spec.requires})`);
+      }
+      if (spec.vring !== undefined) {
+        const index = spec.vring === 'state' ? m.view.getUint32(0, true) : Number(m.view.getBigUint64(0, true) & BigInt(VRING_IDX_MASK));
+        checkVringIndex(index, c.vrings.length);
+      }
+    },
+    handle: spec.handle,
+  };
+}
+
+/** Request code → entry. Requests not in here are refused with VHOST_USER_UNKNOWN_REQUEST. */
+export const dispatchTable: ReadonlyMap<number, RequestEntry> = new Map(
+  Object.entries(entries).map(([code, spec]) => [Number(code), buildEntry(Number(code), spec)]),
+);

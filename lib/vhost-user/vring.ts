@@ -1,0 +1,189 @@
+/**
+ * One vring as the vhost-user protocol configures it: size, addresses, base, kick/call/err fds and
+ * the enabled/started state, plus the {@link Virtqueue} built from them while the ring runs.
+ *
+ * vhost-user.rst, "Starting and stopping rings": a ring starts when it has a kick fd (and here also
+ * memory, a size and addresses), stops on GET_VRING_BASE; it is processed only while enabled. Without
+ * VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled from the start, with it SET_VRING_ENABLE decides.
+ *
+ * Owns: kickFd, callFd, errFd (closed on replace, stop or release), the kick watcher and the queue.
+ */
+import { native, POLL_READABLE, type Watcher } from '../../native';
+import { VhostdError } from '../errors';
+import type { GuestMemory } from '../memory/guest-memory';
+import { createVirtqueue } from '../virtqueue';
+import type { QueueCounters, RingAddresses, Virtqueue } from '../virtqueue/virtqueue';
+import type { DeviceBackend } from './device-backend';
+import type { Logger } from '../runtime/logger';
+
+/** What a vring needs from its connection when it starts. */
+export interface VringEnvironment {
+  device: DeviceBackend;
+  logger: Logger;
+  memory: GuestMemory;
+  packed: boolean;
+  eventIdx: boolean;
+  indirect: boolean;
+}
+
+export class Vring {
+  num = 0;
+  addresses: RingAddresses | null = null;
+  base = 0;
+  kickFd = -1;
+  callFd = -1;
+  errFd = -1;
+  enabled = false;
+  /** Set when the driver broke a ring rule; the ring is then ignored until reset. */
+  broken = false;
+  queue: Virtqueue | null = null;
+  /** Kicks received (metrics). */
+  kicks = 0;
+  /** Times the ring was marked broken (metrics). */
+  brokenCount = 0;
+  /** Counters of queues that have stopped, so totals survive reconnects (metrics are monotonic). */
+  private readonly retired: QueueCounters = { requests: 0, bytesRead: 0, bytesWritten: 0, notifications: 0, batches: 0 };
+  private watcher: Watcher | null = null;
+  private env: VringEnvironment | null = null;
+
+  constructor(readonly index: number) {}
+
+  get started(): boolean {
+    return this.queue !== null;
+  }
+
+  /** Counters over every queue this vring has run, across connections. */
+  totals(): QueueCounters {
+    const live = this.queue?.counters;
+    if (live === undefined) return { ...this.retired };
+    const sum = { ...this.retired };
+    for (const key of Object.keys(sum) as (keyof QueueCounters)[]) sum[key] += live[key];
+    return sum;
+  }
+
+  /** Drop the queue, keeping its counters in the totals. */
+  private retireQueue(): void {
+    const live = this.queue?.counters;
+    if (live !== undefined) {
+      for (const key of Object.keys(this.retired) as (keyof QueueCounters)[]) this.retired[key] += live[key];
+    }
+    this.queue = null;
+    this.env = null;
+  }
+
+  /** Replace an fd slot, closing what was there. */
+  setFd(slot: 'kickFd' | 'callFd' | 'errFd', fd: number): void {
+    const old = this[slot];
+    if (old >= 0) native.close(old);
+    this[slot] = fd;
+  }
+
+  /** Start processing if everything is in place. Throws (ring addresses unmapped) for the caller to report. */
+  startIfReady(env: VringEnvironment): void {
+    if (this.started || this.kickFd < 0 || this.addresses === null || this.num === 0 || env.memory.regions.length === 0) {
+      return;
+    }
+    this.env = env;
+    this.broken = false;
+    const queue = createVirtqueue(
+      {
+        size: this.num,
+        addresses: this.addresses,
+        memory: env.memory,
+        eventIdx: env.eventIdx,
+        indirect: env.indirect,
+        base: this.base,
+        notify: () => this.signalCall(),
+      },
+      env.packed,
+    );
+    this.queue = queue;
+    env.device.startQueue?.(this.index, queue);
+    this.watcher = native.watch(this.kickFd, POLL_READABLE, () => this.onKick());
+    // A kick may have been written before we started watching; processing an empty ring is harmless.
+    this.process();
+  }
+
+  /** Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base. */
+  async stop(): Promise<number> {
+    this.watcher?.stop();
+    this.watcher = null;
+    const queue = this.queue;
+    if (queue !== null && this.env !== null) {
+      await this.env.device.stopQueue?.(this.index);
+      this.base = queue.base();
+    }
+    this.retireQueue();
+    this.setFd('kickFd', -1);
+    return this.base;
+  }
+
+  /** The memory table changed under a running ring. */
+  setMemory(memory: GuestMemory): void {
+    if (this.env !== null) this.env.memory = memory;
+    if (this.queue === null || this.broken) return;
+    try {
+      this.queue.setMemory(memory);
+    } catch (err) {
+      this.markBroken(err);
+    }
+  }
+
+  setEnabled(enabled: boolean): void {
+    this.enabled = enabled;
+    if (enabled) this.process();
+  }
+
+  /** Close every fd and forget the configuration (disconnect or RESET_OWNER / RESET_DEVICE). */
+  release(): void {
+    this.watcher?.stop();
+    this.watcher = null;
+    this.retireQueue();
+    this.setFd('kickFd', -1);
+    this.setFd('callFd', -1);
+    this.setFd('errFd', -1);
+    this.num = 0;
+    this.addresses = null;
+    this.base = 0;
+    this.enabled = false;
+    this.broken = false;
+  }
+
+  private onKick(): void {
+    this.kicks++;
+    native.eventfdRead(this.kickFd);
+    this.process();
+  }
+
+  private process(): void {
+    const queue = this.queue;
+    const env = this.env;
+    if (queue === null || env === null || !this.enabled || this.broken) return;
+    try {
+      env.device.processQueue(this.index, queue);
+    } catch (err) {
+      this.markBroken(err);
+    }
+  }
+
+  private signalCall(): void {
+    if (this.callFd >= 0) native.eventfdWrite(this.callFd, 1);
+  }
+
+  /**
+   * A driver violation (or a device bug): stop using the ring, tell the front-end through the err fd,
+   * keep serving the other rings and the connection.
+   */
+  private markBroken(err: unknown): void {
+    this.broken = true;
+    if (err instanceof VhostdError) {
+      this.env?.logger.error(`queue ${this.index} broken: ${err.message}`, { code: err.code, queue: this.index });
+    } else {
+      this.env?.logger.error(`queue ${this.index} broken by an internal error: ${(err as Error)?.stack ?? String(err)}`, {
+        queue: this.index,
+      });
+    }
+    this.brokenCount++;
+    if (this.errFd >= 0) native.eventfdWrite(this.errFd, 1);
+  }
+}
