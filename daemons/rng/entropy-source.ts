@@ -1,0 +1,73 @@
+/**
+ * Where the entropy comes from. The default is the kernel's getrandom (Node's randomFillSync, which
+ * writes straight into guest memory). `--source PATH` reads a file or device such as /dev/hwrng on
+ * the libuv thread pool, so a slow source never blocks the event loop: requests wait instead.
+ */
+import { randomFillSync } from 'node:crypto';
+import fs from 'node:fs';
+
+import { ConfigError } from '../../lib/errors';
+
+export interface EntropySource {
+  /** Human-readable name for logs. */
+  readonly name: string;
+  /** True when `fillSync` may be used (no waiting possible). */
+  readonly synchronous: boolean;
+  /** Fill `view[offset .. offset+length)` now. Only for synchronous sources. */
+  fillSync(view: Uint8Array, offset: number, length: number): void;
+  /** Read up to `length` bytes into `view[offset..]`; calls back with the count (0 = nothing yet) or an error. */
+  fill(view: Uint8Array, offset: number, length: number, done: (err: Error | null, bytes: number) => void): void;
+  close(): void;
+}
+
+/** getrandom(2) through Node's crypto: never blocks once the kernel's pool is initialized. */
+export class GetrandomSource implements EntropySource {
+  readonly name = 'getrandom';
+  readonly synchronous = true;
+
+  fillSync(view: Uint8Array, offset: number, length: number): void {
+    randomFillSync(view, offset, length);
+  }
+
+  fill(view: Uint8Array, offset: number, length: number, done: (err: Error | null, bytes: number) => void): void {
+    this.fillSync(view, offset, length);
+    done(null, length);
+  }
+
+  close(): void {}
+}
+
+/** A file or character device, read sequentially (e.g. /dev/hwrng), from a path or an open fd. */
+export class FileSource implements EntropySource {
+  readonly synchronous = false;
+  private closed = false;
+
+  constructor(
+    readonly name: string,
+    private readonly fd: number,
+  ) {}
+
+  /** Open `path` for reading; a clear ConfigError when that is impossible. */
+  static open(path: string): FileSource {
+    try {
+      // libuv opens with O_CLOEXEC.
+      return new FileSource(path, fs.openSync(path, fs.constants.O_RDONLY));
+    } catch (err) {
+      throw new ConfigError('CONFIG_INVALID', `--source ${path}: ${(err as Error).message}`);
+    }
+  }
+
+  fillSync(): void {
+    throw new Error('FileSource is asynchronous');
+  }
+
+  fill(view: Uint8Array, offset: number, length: number, done: (err: Error | null, bytes: number) => void): void {
+    fs.read(this.fd, view, offset, length, null, (err, bytes) => done(err, bytes));
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    fs.closeSync(this.fd);
+  }
+}
