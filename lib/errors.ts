@@ -36,6 +36,7 @@ export type RingErrorCode =
   | 'VIRTQ_ZERO_LENGTH'
   | 'VIRTQ_BAD_DESCRIPTOR'
   | 'VIRTQ_NO_RING'
+  | 'VIRTQ_BAD_BASE'
   | 'VIRTQ_TOO_MANY_IN_FLIGHT'
   | 'VIRTQ_BAD_REQUEST';
 

@@ -19,6 +19,8 @@ export class DescriptorChain {
   head = 0;
   /** Packed rings: descriptors the chain occupied in the ring (used index advances by this). */
   ringDescriptors = 0;
+  /** The queue that handed this chain out and has not had it back (pool bookkeeping). */
+  owner: object | null = null;
   /** The memory map the segments point into. */
   memory!: GuestMemory;
   segments = 0;

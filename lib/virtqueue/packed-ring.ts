@@ -1,0 +1,275 @@
+/**
+ * The device side of a packed virtqueue (virtio 1.2 §2.8).
+ *
+ * Ring layout (little-endian), each part at a front-end virtual address from SET_VRING_ADDR:
+ * ```
+ * descriptor ring          (align 16): pvirtq_desc[size] = le64 addr | le32 len | le16 id | le16 flags
+ * driver event suppression (align 4):  le16 off_wrap (offset:15, wrap:1) | le16 flags (2 bits)
+ * device event suppression (align 4):  same layout
+ * ```
+ * The driver makes a descriptor available by setting its AVAIL bit to its wrap counter and USED to the
+ * inverse; the device marks it used by setting both to the device's wrap counter (§2.8.1). Both sides
+ * only poll the next descriptor in ring order. A used descriptor carries the buffer id of the chain and
+ * the device skips as many slots as the chain occupied (§2.8.6), so completion order is free.
+ *
+ * Batching: {@link PackedRing.pushUsed} writes id and len of each used descriptor and the flags of all
+ * but the first of the batch; {@link PackedRing.flush} writes the first one's flags last, which makes
+ * the whole batch visible at once (the driver polls that slot first; §2.8.9's multi-buffer rule).
+ */
+import { MemoryError, RingError } from '../errors';
+import type { GuestMemory } from '../memory/guest-memory';
+import {
+  VRING_DESC_F_NEXT,
+  VRING_DESC_F_WRITE,
+  VRING_PACKED_DESC_F_AVAIL,
+  VRING_PACKED_DESC_F_USED,
+  VRING_PACKED_EVENT_FLAG_DESC,
+  VRING_PACKED_EVENT_FLAG_DISABLE,
+  VRING_PACKED_EVENT_FLAG_ENABLE,
+  VIRTQUEUE_MAX_SIZE,
+} from '../virtio/constants';
+import { fullFence } from './barrier';
+import { ChainPool } from './chain-pool';
+import { ChainWalker } from './chain-walker';
+import type { DescriptorChain } from './descriptor-chain';
+import { packedNeedEvent } from './notify';
+import { ringArea, u16, u32 } from './ring-area';
+import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
+
+const USED_BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
+
+export class PackedRing implements Virtqueue {
+  readonly size: number;
+  readonly counters: QueueCounters = { requests: 0, bytesWritten: 0, bytesRead: 0, notifications: 0, batches: 0 };
+
+  private readonly addresses: RingAddresses;
+  private readonly eventIdx: boolean;
+  private readonly notify: () => void;
+  private readonly burst: number;
+  private readonly pool: ChainPool;
+  private readonly walker: ChainWalker;
+
+  // Typed arrays over the ring areas, rebuilt by setMemory.
+  private desc32!: Uint32Array;
+  private desc16!: Uint16Array;
+  /** Driver event suppression: [off_wrap, flags]; read by the device. */
+  private driverEvent!: Uint16Array;
+  /** Device event suppression: [off_wrap, flags]; written by the device. */
+  private deviceEvent!: Uint16Array;
+
+  /** Next ring slot to pop and the driver wrap counter expected there (0 or 1). */
+  private nextAvail: number;
+  private availWrap: number;
+  /** Next slot and wrap counter for a used descriptor (includes pushed, unpublished ones). */
+  private usedShadow: number;
+  private usedShadowWrap: number;
+  /** Slot and wrap counter after the last published used descriptor. */
+  private usedPublished: number;
+  private usedPublishedWrap: number;
+  /** Used descriptors pushed since the last flush, and where the first of them went. */
+  private pending = 0;
+  private batchHeadSlot = 0;
+  private batchHeadFlags = 0;
+  private signalledValid = false;
+  private batchPopped = 0;
+
+  constructor(options: VirtqueueOptions) {
+    const { size, base } = options;
+    if (!Number.isInteger(size) || size < 1 || size > VIRTQUEUE_MAX_SIZE) {
+      throw new RangeError(`packed queue size ${size} is not in 1..32768`);
+    }
+    this.size = size;
+    this.addresses = options.addresses;
+    this.eventIdx = options.eventIdx;
+    this.notify = options.notify;
+    this.burst = options.burst ?? size;
+    this.pool = new ChainPool(size);
+    // Base layout (QEMU's): bits 0-14 next avail, 15 avail wrap, 16-30 next used, 31 used wrap.
+    this.nextAvail = base & 0x7fff;
+    this.availWrap = (base >>> 15) & 1;
+    this.usedPublished = (base >>> 16) & 0x7fff;
+    this.usedPublishedWrap = (base >>> 31) & 1;
+    if (this.nextAvail >= size || this.usedPublished >= size) {
+      throw new RingError('VIRTQ_BAD_BASE', `packed ring base 0x${(base >>> 0).toString(16)} is outside a ring of ${size}`);
+    }
+    this.usedShadow = this.usedPublished;
+    this.usedShadowWrap = this.usedPublishedWrap;
+    try {
+      this.mapRings(options.memory);
+    } catch (err) {
+      if (err instanceof MemoryError) throw new RingError('VIRTQ_NO_RING', err.message);
+      throw err;
+    }
+    this.walker = new ChainWalker(size, true, options.indirect, options.memory);
+  }
+
+  get inFlight(): number {
+    return this.pool.inFlight;
+  }
+
+  pop(): DescriptorChain | null {
+    if (this.batchPopped >= this.burst) return null;
+    const desc16 = this.desc16;
+    if (desc16.length === 0) throw new RingError('VIRTQ_NO_RING', 'descriptor ring is no longer mapped');
+    if (!this.isAvailable(desc16[this.nextAvail * 8 + 7]!)) return null;
+    // Read barrier between the first descriptor's flags and the rest of the list: loads are ordered on
+    // x86-64 (barrier.ts). §2.8.6: "The driver always makes the first descriptor in the list available
+    // after the rest of the list has been written out into the ring."
+    const chain = this.pool.peek();
+    // virtio 1.2 §2.8.10.1: "Queue Size corresponds to the maximum number of descriptors in the
+    // virtqueue"; a driver offering more than that re-used slots the device still owns.
+    if (chain === null) {
+      throw new RingError('VIRTQ_TOO_MANY_IN_FLIGHT', `driver offered more than ${this.size} buffers at once`);
+    }
+    const walker = this.walker;
+    const desc32 = this.desc32;
+    walker.begin(chain);
+    let slot = this.nextAvail;
+    let wrap = this.availWrap;
+    let count = 0;
+    let id = 0;
+    // Bounded: the walker throws VIRTQ_CHAIN_LOOP after `size` descriptors.
+    for (;;) {
+      const w = slot * 4;
+      const h = slot * 8;
+      // Each field read once; "Buffer ID is included in the last descriptor in the list" (§2.8.6).
+      const flags = desc16[h + 7]!;
+      id = desc16[h + 6]!;
+      walker.descriptor(chain, desc32[w]!, desc32[w + 1]!, desc32[w + 2]!, flags);
+      count++;
+      if (++slot === this.size) {
+        slot = 0;
+        wrap ^= 1;
+      }
+      if ((flags & VRING_DESC_F_NEXT) === 0) break;
+    }
+    this.pool.take(this);
+    chain.head = id;
+    chain.ringDescriptors = count;
+    this.nextAvail = slot;
+    this.availWrap = wrap;
+    this.batchPopped++;
+    this.counters.requests++;
+    this.counters.bytesRead += chain.readableLength;
+    return chain;
+  }
+
+  pushUsed(chain: DescriptorChain, written: number): void {
+    this.pool.give(chain, this);
+    const len = written > chain.writableLength ? chain.writableLength : written;
+    const slot = this.usedShadow;
+    // §2.8.1: "To mark a descriptor as used, the device sets the VIRTQ_DESC_F_USED bit in Flags to match
+    // the internal Device Ring Wrap Counter. It also sets the VIRTQ_DESC_F_AVAIL bit to match the same
+    // value." §2.8.3: in a used descriptor WRITE says whether any data was written.
+    let flags = this.usedShadowWrap === 1 ? USED_BOTH : 0;
+    if (len > 0) flags |= VRING_DESC_F_WRITE;
+    this.desc16[slot * 8 + 6] = chain.head;
+    this.desc32[slot * 4 + 2] = len;
+    if (this.pending === 0) {
+      this.batchHeadSlot = slot;
+      this.batchHeadFlags = flags;
+    } else {
+      this.desc16[slot * 8 + 7] = flags;
+    }
+    this.pending++;
+    // §2.8.6: "The device only writes out a single used descriptor for the whole list. It then skips
+    // forward according to the number of descriptors in the list."
+    let next = slot + chain.ringDescriptors;
+    if (next >= this.size) {
+      next -= this.size;
+      this.usedShadowWrap ^= 1;
+    }
+    this.usedShadow = next;
+    this.counters.bytesWritten += len;
+  }
+
+  flush(): number {
+    this.batchPopped = 0;
+    const count = this.pending;
+    if (count === 0) return 0;
+    const old = this.usedPublished;
+    // Every other used descriptor of the batch is complete; x86-64 keeps stores in order, so the driver
+    // cannot see this flag before them (the device's mirror of §2.8.21.1.1, "The driver MUST perform a
+    // suitable memory barrier before the flags update").
+    this.desc16[this.batchHeadSlot * 8 + 7] = this.batchHeadFlags;
+    this.pending = 0;
+    this.usedPublished = this.usedShadow;
+    this.usedPublishedWrap = this.usedShadowWrap;
+    this.counters.batches++;
+    // The used flags must be visible before we read the driver's event suppression (store→load).
+    fullFence();
+    if (this.needsNotification(old)) {
+      this.counters.notifications++;
+      this.notify();
+    }
+    return count;
+  }
+
+  disableNotification(): void {
+    this.deviceEvent[1] = VRING_PACKED_EVENT_FLAG_DISABLE;
+  }
+
+  enableNotification(): boolean {
+    if (this.eventIdx) {
+      // virtio 1.2 §2.8.10: RING_EVENT_FLAGS_DESC "Enable events for a specific descriptor (as specified
+      // by Descriptor Ring Change Event Offset/Wrap Counter)": the next one we expect. The offset goes
+      // out before the flags (store order is kept on x86-64).
+      this.deviceEvent[0] = this.nextAvail | (this.availWrap << 15);
+      this.deviceEvent[1] = VRING_PACKED_EVENT_FLAG_DESC;
+    } else {
+      this.deviceEvent[1] = VRING_PACKED_EVENT_FLAG_ENABLE;
+    }
+    // Re-check after a full barrier: a descriptor made available before the driver saw the store above
+    // came without a notification.
+    fullFence();
+    return this.isAvailable(this.desc16[this.nextAvail * 8 + 7]!);
+  }
+
+  base(): number {
+    return (this.nextAvail | (this.availWrap << 15) | (this.usedPublished << 16) | (this.usedPublishedWrap << 31)) >>> 0;
+  }
+
+  setMemory(memory: GuestMemory): void {
+    this.mapRings(memory);
+    this.walker.setMemory(memory);
+  }
+
+  /**
+   * §2.8.1: "VIRTQ_DESC_F_AVAIL and VIRTQ_DESC_F_USED bits are different for an available descriptor",
+   * with AVAIL matching the driver's wrap counter, which is the one we expect at nextAvail.
+   */
+  private isAvailable(flags: number): boolean {
+    const avail = (flags >>> 7) & 1;
+    const used = (flags >>> 15) & 1;
+    return avail === this.availWrap && used !== this.availWrap;
+  }
+
+  /** The used-buffer notification decision after publishing the batch that started at `oldIdx`. */
+  private needsNotification(oldIdx: number): boolean {
+    // virtio 1.2 §2.8.10: the Driver Event Suppression structure "controls the used buffer
+    // notifications sent by the device to the driver".
+    const flags = this.driverEvent[1]! & 3;
+    if (flags === VRING_PACKED_EVENT_FLAG_DISABLE) return false;
+    // RING_EVENT_FLAGS_DESC is "Only valid if VIRTIO_F_RING_EVENT_IDX has been negotiated"; otherwise,
+    // and for ENABLE or the reserved value, notify.
+    if (flags !== VRING_PACKED_EVENT_FLAG_DESC || !this.eventIdx) return true;
+    if (!this.signalledValid) {
+      this.signalledValid = true;
+      return true;
+    }
+    return packedNeedEvent(this.driverEvent[0]!, this.size, oldIdx, this.usedPublished, this.usedPublishedWrap);
+  }
+
+  /** Resolve the three areas in `memory` and rebuild the typed arrays (all or nothing). */
+  private mapRings(memory: GuestMemory): void {
+    const a = this.addresses;
+    // virtio 1.2 §2.8.10.1: descriptor ring 16 / 16*size, event suppression structures 4 / 4.
+    const desc = ringArea(memory, a.descUserAddr, 16 * this.size, 16, 'descriptor ring');
+    const driver = ringArea(memory, a.availUserAddr, 4, 4, 'driver event suppression');
+    const device = ringArea(memory, a.usedUserAddr, 4, 4, 'device event suppression');
+    this.desc32 = u32(desc);
+    this.desc16 = u16(desc);
+    this.driverEvent = u16(driver);
+    this.deviceEvent = u16(device);
+  }
+}
