@@ -1,0 +1,145 @@
+/**
+ * A tiny device for protocol tests. Each chain's readable bytes come back reversed in its writable
+ * part (queue 0) or xor'ed with 0xff (queue 1), and the chain completes with the number of bytes
+ * written, so a test can tell both queues apart and check every byte that crossed guest memory.
+ *
+ * Config space is 16 known bytes (0xa0 + i); bytes 8..15 are writable, 0..7 are read-only and
+ * SET_CONFIG on them throws. The device counts what the engine asked of it.
+ */
+import type { DeviceBackend, DeviceContext } from '../../lib/vhost-user/device-backend';
+import { ProtocolFeature } from '../../lib/vhost-user/messages';
+import {
+  VIRTIO_F_RING_PACKED,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC,
+  bit,
+} from '../../lib/virtio/constants';
+import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
+
+export const TEST_CONFIG_SIZE = 16;
+export const TEST_CONFIG_WRITABLE_FROM = 8;
+
+export function initialTestConfig(): Uint8Array {
+  return Uint8Array.from({ length: TEST_CONFIG_SIZE }, (_, i) => 0xa0 + i);
+}
+
+/** What the device does to a chain's readable bytes on queue `index` (tests compute the expectation with it). */
+export function transform(index: number, input: Uint8Array): Uint8Array {
+  return index === 0 ? input.slice().reverse() : input.map((b) => b ^ 0xff);
+}
+
+export interface TestDeviceOptions {
+  numQueues?: number;
+  maxQueueSize?: number;
+  /** Complete chains from a later event-loop turn, in reverse pop order (out-of-order completion). */
+  deferred?: boolean;
+}
+
+export class TestDevice implements DeviceBackend {
+  readonly name = 'test';
+  readonly numQueues: number;
+  readonly maxQueueSize: number;
+  readonly config = initialTestConfig();
+  readonly starts: number[];
+  readonly stops: number[];
+  /** Chains completed per queue. */
+  readonly completed: number[];
+  /** Errors thrown out of processQueue (RingError...), per queue. */
+  readonly errors: Error[][];
+  attaches = 0;
+  detaches = 0;
+  context: DeviceContext | null = null;
+  private readonly deferred: boolean;
+  private readonly pending: Array<Array<{ queue: Virtqueue; chain: DescriptorChain; written: number }>>;
+  private readonly drained: Array<Array<() => void>>;
+
+  constructor(opts: TestDeviceOptions = {}) {
+    this.numQueues = opts.numQueues ?? 2;
+    this.maxQueueSize = opts.maxQueueSize ?? 32768;
+    this.deferred = opts.deferred ?? false;
+    this.starts = new Array<number>(this.numQueues).fill(0);
+    this.stops = new Array<number>(this.numQueues).fill(0);
+    this.completed = new Array<number>(this.numQueues).fill(0);
+    this.errors = Array.from({ length: this.numQueues }, () => []);
+    this.pending = Array.from({ length: this.numQueues }, () => []);
+    this.drained = Array.from({ length: this.numQueues }, () => []);
+  }
+
+  features(): bigint {
+    return bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_PACKED) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_RING_F_INDIRECT_DESC);
+  }
+
+  protocolFeatures(): bigint {
+    return bit(ProtocolFeature.CONFIG);
+  }
+
+  getConfig(offset: number, size: number): Uint8Array {
+    const out = new Uint8Array(size);
+    if (offset < this.config.length) out.set(this.config.subarray(offset, Math.min(offset + size, this.config.length)));
+    return out;
+  }
+
+  setConfig(offset: number, data: Uint8Array): void {
+    if (offset < TEST_CONFIG_WRITABLE_FROM || offset + data.length > TEST_CONFIG_SIZE) {
+      throw new RangeError(`config bytes ${offset}..${offset + data.length} are read-only`);
+    }
+    this.config.set(data, offset);
+  }
+
+  attach(context: DeviceContext): void {
+    this.attaches++;
+    this.context = context;
+  }
+
+  detach(): void {
+    this.detaches++;
+    this.context = null;
+  }
+
+  startQueue(index: number): void {
+    this.starts[index]!++;
+  }
+
+  stopQueue(index: number): Promise<void> | void {
+    this.stops[index]!++;
+    if (this.pending[index]!.length === 0) return;
+    return new Promise((resolve) => this.drained[index]!.push(resolve));
+  }
+
+  processQueue(index: number, queue: Virtqueue): void {
+    try {
+      do {
+        queue.disableNotification();
+        for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+          const input = new Uint8Array(chain.readableLength);
+          chain.read(0, input);
+          const output = transform(index, input);
+          const written = chain.write(0, output.subarray(0, Math.min(output.length, chain.writableLength)));
+          if (this.deferred) {
+            if (this.pending[index]!.length === 0) setImmediate(() => this.completeDeferred(index));
+            this.pending[index]!.push({ queue, chain, written });
+          } else {
+            queue.pushUsed(chain, written);
+            this.completed[index]!++;
+          }
+        }
+        if (!this.deferred) queue.flush();
+      } while (queue.enableNotification());
+    } catch (err) {
+      this.errors[index]!.push(err as Error);
+      throw err;
+    }
+  }
+
+  private completeDeferred(index: number): void {
+    const batch = this.pending[index]!.splice(0).reverse();
+    for (const { queue, chain, written } of batch) {
+      queue.pushUsed(chain, written);
+      this.completed[index]!++;
+    }
+    batch[0]?.queue.flush();
+    for (const resolve of this.drained[index]!.splice(0)) resolve();
+  }
+}
