@@ -75,7 +75,7 @@ void OnPoll(uv_poll_t* handle, int status, int events) {
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
   napi_value callback = nullptr, receiver = nullptr, argument = nullptr, result = nullptr;
   if (napi_get_reference_value(env, state->callback, &callback) == napi_ok && callback != nullptr &&
-      napi_get_undefined(env, &receiver) == napi_ok && napi_create_int32(env, events, &argument) == napi_ok) {
+      napi_get_global(env, &receiver) == napi_ok && napi_create_int32(env, events, &argument) == napi_ok) {
     napi_status status = napi_make_callback(env, state->context, receiver, callback, 1, &argument, &result);
     if (status == napi_pending_exception) {
       // Without this the exception would stay parked in the napi env and be lost.
