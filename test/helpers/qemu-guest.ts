@@ -1,0 +1,349 @@
+/**
+ * Boots a real Linux guest under QEMU (TCG) for one test script and returns its console.
+ *
+ * The guest is the cached image of `guest-image.ts`: /init loads the virtio modules, prints
+ * `VHOSTD-GUEST-READY`, runs the test script as root in busybox sh, prints
+ * `VHOSTD-GUEST-EXIT status=<exit status of the script>` and powers off. Only the serial console links
+ * host and guest, so everything a test wants to check is printed by the script, preferably with the
+ * markers of `GUEST_LIBRARY` (`mark`, `section`), which `GuestResult` finds again.
+ *
+ * Every run is bounded by a timeout (QEMU gets SIGKILL and the promise rejects with the console tail) and
+ * leaves nothing behind: the per-run temp directory goes when the run settles, and QEMU processes still
+ * running when this process exits are killed.
+ *
+ * Set `VHOSTD_GUEST_CONSOLE=1` to copy every guest console line to stderr as it arrives.
+ */
+import test, { type ExecutionContext, type ImplementationFn } from 'ava';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { rmSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { GUEST_LIBRARY_PATH, GUEST_SCRIPT_PATH, guestImage, writeTestInitrd, type GuestFile, type GuestImage } from './guest-image';
+
+export const DEFAULT_MEMORY = '256M';
+export const DEFAULT_TIMEOUT_MS = 120_000;
+
+/** The kernel command line of every run; `RunGuestOptions.append` adds to it. */
+export const BASE_KERNEL_ARGS = 'console=ttyS0 quiet panic=-1';
+
+const READY_MARKER = /VHOSTD-GUEST-READY uptime=([\d.]+)/;
+const EXIT_MARKER = /VHOSTD-GUEST-EXIT status=(\d+)/;
+
+/**
+ * Shell functions every test script can use (sourced before it):
+ * - `mark KEY VALUE...` prints `VHOSTD-MARK KEY=VALUE...`; read back with `GuestResult.mark(KEY)`.
+ * - `section NAME CMD...` runs CMD with stderr folded into stdout between `VHOSTD-BEGIN NAME` and
+ *   `VHOSTD-END NAME status=N`, and returns CMD's status; read back with `GuestResult.section(NAME)`.
+ * - `wait_for SECONDS CMD...` retries CMD every 0.1 s until it succeeds; fails after SECONDS.
+ */
+export const GUEST_LIBRARY = `# vhostd e2e guest library (test/helpers/qemu-guest.ts)
+mark() { _k=$1; shift; echo "VHOSTD-MARK $_k=$*"; }
+section() {
+  _n=$1; shift
+  echo "VHOSTD-BEGIN $_n"
+  "$@" 2>&1
+  _s=$?
+  echo "VHOSTD-END $_n status=$_s"
+  return $_s
+}
+wait_for() {
+  _t=$(( $1 * 10 )); shift
+  until "$@"; do
+    [ "$_t" -gt 0 ] || { echo "wait_for: timed out: $*" >&2; return 1; }
+    _t=$(( _t - 1 )); sleep 0.1
+  done
+}
+`;
+
+export interface RunGuestOptions {
+  /** The test script: busybox sh, run as root in /root. Its exit status is the guest's `exitStatus`. */
+  readonly script: string;
+  /** Extra QEMU arguments, typically the vhost-user devices under test (`-chardev ... -device ...`). */
+  readonly qemuArgs?: readonly string[];
+  /** Guest RAM, also the size of the shared memfd backend vhost-user maps; default `256M`. */
+  readonly memory?: string;
+  /** Kill QEMU and reject after this long; default 120 s. */
+  readonly timeoutMs?: number;
+  /** Called with each console line as it arrives (without the line end). Throwing ends the run. */
+  readonly onConsoleLine?: (line: string) => void;
+  /** More files for the guest's root filesystem (test data, helper scripts). */
+  readonly files?: readonly GuestFile[];
+  /** Appended to `BASE_KERNEL_ARGS`. */
+  readonly append?: string;
+  /** The image to boot; default `guestImage()`. */
+  readonly image?: GuestImage;
+}
+
+/** A section printed by the guest library's `section NAME CMD...`. */
+export interface GuestSection {
+  readonly output: string;
+  readonly status: number;
+}
+
+export interface GuestResult {
+  /** Everything QEMU printed on the serial console, line ends normalized to `\n`. */
+  readonly console: string;
+  /** What QEMU printed on its own stderr (warnings about devices, for example). */
+  readonly qemuStderr: string;
+  /** Exit status of the test script, from the `VHOSTD-GUEST-EXIT` marker. */
+  readonly exitStatus: number;
+  /** Guest uptime in seconds when /init started the script (the `VHOSTD-GUEST-READY` marker). */
+  readonly guestBootSeconds: number | undefined;
+  /** Wall time from spawning QEMU to the ready marker, and to QEMU's exit. */
+  readonly bootMs: number | undefined;
+  readonly durationMs: number;
+  /** Console lines, in order. */
+  lines(): string[];
+  /** The value of the last `mark KEY ...`, or undefined. */
+  mark(key: string): string | undefined;
+  /** The values of every `mark KEY ...`, in order. */
+  marks(key: string): string[];
+  /** The output and status of the last finished `section NAME ...`, or undefined. */
+  section(name: string): GuestSection | undefined;
+  /** The last `n` console lines, for assertion messages. */
+  tail(n?: number): string;
+}
+
+/** Raised when a run ends without the exit marker: timeout, QEMU failure, guest panic. */
+export class GuestRunError extends Error {
+  constructor(
+    message: string,
+    readonly code: 'GUEST_TIMEOUT' | 'GUEST_NO_EXIT_MARKER' | 'GUEST_QEMU_SPAWN' | 'GUEST_CONSOLE_CALLBACK',
+    readonly console: string,
+    readonly qemuStderr: string,
+  ) {
+    super(message);
+    this.name = 'GuestRunError';
+  }
+}
+
+/** The QEMU system emulator to run: `$VHOSTD_QEMU` or `qemu-system-x86_64` from PATH. */
+export function qemuBinary(): string {
+  return process.env['VHOSTD_QEMU'] || 'qemu-system-x86_64';
+}
+
+let qemuCheck: { version: string } | { missing: string } | undefined;
+
+/** Why guest tests cannot run here (no usable QEMU), or undefined when they can. */
+export function qemuMissingReason(): string | undefined {
+  if (qemuCheck === undefined) {
+    const r = spawnSync(qemuBinary(), ['--version'], { encoding: 'utf8', timeout: 30_000 });
+    if (r.error !== undefined || r.status !== 0) {
+      const why = r.error?.message ?? `exit status ${String(r.status)}: ${r.stderr.trim()}`;
+      qemuCheck = { missing: `${qemuBinary()} is not usable (${why}); run scripts/install-deps.sh` };
+    } else {
+      qemuCheck = { version: (r.stdout.split('\n')[0] ?? '').trim() };
+    }
+  }
+  return 'missing' in qemuCheck ? qemuCheck.missing : undefined;
+}
+
+/**
+ * Registers an ava test that needs a real guest. Without QEMU it is skipped, with the reason in its
+ * title; but when `CI` is set a missing QEMU fails the test instead, since CI installs it.
+ */
+export function guestTest(title: string, impl: ImplementationFn<[]>): void {
+  const missing = qemuMissingReason();
+  if (missing === undefined) {
+    test(title, impl);
+  } else if (process.env['CI']) {
+    test(title, (t: ExecutionContext) => t.fail(`CI is set but ${missing}`));
+  } else {
+    test.skip(`${title} [skipped: ${missing}]`, impl);
+  }
+}
+
+// QEMU children and temp dirs of runs in flight, released if the process exits first (an ava timeout,
+// a crash): nothing may outlive the test process.
+const live = new Set<ChildProcess>();
+const liveDirs = new Set<string>();
+let exitHookInstalled = false;
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on('exit', () => {
+    for (const child of live) child.kill('SIGKILL');
+    for (const dir of liveDirs) rmSync(dir, { recursive: true, force: true });
+  });
+}
+
+/** The QEMU command line of a run, without the binary. */
+export function qemuArgs(image: GuestImage, initrd: string, opts: Pick<RunGuestOptions, 'memory' | 'append' | 'qemuArgs'>): string[] {
+  const memory = opts.memory ?? DEFAULT_MEMORY;
+  const append = opts.append ? `${BASE_KERNEL_ARGS} ${opts.append}` : BASE_KERNEL_ARGS;
+  return [
+    '-accel', 'tcg',
+    // vhost-user back-ends map guest RAM, so it must be a shareable fd.
+    '-machine', 'q35,memory-backend=mem',
+    '-object', `memory-backend-memfd,id=mem,size=${memory},share=on`,
+    '-m', memory,
+    '-nographic',
+    '-no-reboot',
+    '-kernel', image.kernel,
+    '-initrd', initrd,
+    '-append', append,
+    '-nic', 'none',
+    ...(opts.qemuArgs ?? []),
+  ];
+}
+
+/**
+ * Boots the guest, runs `opts.script` in it and resolves when the guest has powered off after printing
+ * the exit marker, whatever the script's status (check `exitStatus`). Rejects with a `GuestRunError`
+ * holding the console on timeout, when QEMU cannot start or exits early, or when the guest dies (panic)
+ * before the marker.
+ */
+export async function runGuest(opts: RunGuestOptions): Promise<GuestResult> {
+  const image = opts.image ?? (await guestImage());
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const dir = await mkdtemp(join(tmpdir(), 'vhostd-guest-'));
+  installExitHook();
+  liveDirs.add(dir);
+  try {
+    const initrd = join(dir, 'initrd.img');
+    await writeTestInitrd(image, initrd, [
+      { path: GUEST_LIBRARY_PATH, data: GUEST_LIBRARY },
+      { path: GUEST_SCRIPT_PATH, data: `. ${GUEST_LIBRARY_PATH}\n${opts.script}\n`, mode: 0o755 },
+      ...(opts.files ?? []),
+    ]);
+    return await runQemu(qemuArgs(image, initrd, opts), timeoutMs, opts.onConsoleLine);
+  } finally {
+    liveDirs.delete(dir);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => void) | undefined): Promise<GuestResult> {
+  const echo = process.env['VHOSTD_GUEST_CONSOLE'] === '1' || process.env['VHOSTD_GUEST_CONSOLE'] === 'true';
+  const start = Date.now();
+  return new Promise((resolve, reject) => {
+    const lines: string[] = [];
+    let partial = '';
+    let stderr = '';
+    let readyAt: number | undefined;
+    let failure: GuestRunError | undefined;
+    const text = (): string => [...lines, ...(partial ? [partial] : [])].join('\n');
+    const tailOf = (n: number): string => text().split('\n').slice(-n).join('\n');
+    const fail = (code: GuestRunError['code'], message: string): void => {
+      if (failure !== undefined) return;
+      failure = new GuestRunError(
+        `${message}\n--- QEMU stderr ---\n${stderr.trim()}\n--- last console lines ---\n${tailOf(40)}`,
+        code,
+        text(),
+        stderr,
+      );
+      child.kill('SIGKILL');
+    };
+
+    const child = spawn(qemuBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    live.add(child);
+    const timer = setTimeout(() => fail('GUEST_TIMEOUT', `guest did not finish within ${timeoutMs} ms`), timeoutMs);
+
+    const takeLine = (raw: string): void => {
+      const line = raw.replace(/\r/g, '');
+      lines.push(line);
+      if (readyAt === undefined && READY_MARKER.test(line)) readyAt = Date.now();
+      if (echo) process.stderr.write(`[guest] ${line}\n`);
+      if (onLine !== undefined && failure === undefined) {
+        try {
+          onLine(line);
+        } catch (err) {
+          fail('GUEST_CONSOLE_CALLBACK', `onConsoleLine threw: ${(err as Error).stack ?? String(err)}`);
+        }
+      }
+    };
+    child.stdout.setEncoding('utf8');
+    child.stdout.on('data', (chunk: string) => {
+      const parts = (partial + chunk).split('\n');
+      partial = parts.pop() ?? '';
+      for (const part of parts) takeLine(part);
+    });
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (chunk: string) => {
+      stderr += chunk;
+    });
+    child.on('error', (err) => {
+      fail('GUEST_QEMU_SPAWN', `cannot run ${qemuBinary()}: ${err.message}`);
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      live.delete(child);
+      if (partial !== '') {
+        takeLine(partial);
+        partial = '';
+      }
+      if (failure !== undefined) {
+        reject(failure);
+        return;
+      }
+      const consoleText = lines.join('\n');
+      const exit = findLast(lines, EXIT_MARKER);
+      if (exit === undefined) {
+        fail('GUEST_NO_EXIT_MARKER', `QEMU exited (${signal ?? `code ${String(code)}`}) before the guest printed its exit marker`);
+        reject(failure);
+        return;
+      }
+      const ready = findLast(lines, READY_MARKER);
+      resolve(makeResult({
+        console: consoleText,
+        qemuStderr: stderr,
+        exitStatus: Number(exit[1]),
+        guestBootSeconds: ready === undefined ? undefined : Number(ready[1]),
+        bootMs: readyAt === undefined ? undefined : readyAt - start,
+        durationMs: Date.now() - start,
+      }));
+    });
+  });
+}
+
+function findLast(lines: readonly string[], re: RegExp): RegExpExecArray | undefined {
+  for (let i = lines.length - 1; i >= 0; i--) {
+    const m = re.exec(lines[i]!);
+    if (m !== null) return m;
+  }
+  return undefined;
+}
+
+type ResultData = Pick<GuestResult, 'console' | 'qemuStderr' | 'exitStatus' | 'guestBootSeconds' | 'bootMs' | 'durationMs'>;
+
+function makeResult(data: ResultData): GuestResult {
+  const lines = data.console.split('\n');
+  // Markers are matched anywhere in a line: a kernel message may land on the console mid-line.
+  const marks = (key: string): string[] => {
+    const prefix = `VHOSTD-MARK ${key}=`;
+    const values: string[] = [];
+    for (const line of lines) {
+      const at = line.indexOf(prefix);
+      if (at >= 0) values.push(line.slice(at + prefix.length));
+    }
+    return values;
+  };
+  return {
+    ...data,
+    lines: () => [...lines],
+    marks,
+    mark: (key) => marks(key).pop(),
+    section: (name) => {
+      const begin = `VHOSTD-BEGIN ${name}`;
+      const end = new RegExp(`VHOSTD-END ${escapeRegExp(name)} status=(\\d+)`);
+      for (let last = lines.length - 1; last >= 0; last--) {
+        const m = end.exec(lines[last]!);
+        if (m === null) continue;
+        for (let first = last - 1; first >= 0; first--) {
+          if (lines[first]!.endsWith(begin)) {
+            return { output: lines.slice(first + 1, last).join('\n'), status: Number(m[1]) };
+          }
+        }
+        return undefined;
+      }
+      return undefined;
+    },
+    tail: (n = 40) => lines.slice(-n).join('\n'),
+  };
+}
+
+function escapeRegExp(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
