@@ -112,3 +112,16 @@ export function drain(queue: Virtqueue, limit = 1 << 16): DescriptorChain[] {
   }
   return out;
 }
+
+/** A small seeded PRNG (mulberry32): `next(n)` is an integer in 0..n-1. Same seed, same sequence. */
+export function seededRandom(seed: number): { next(n: number): number; float(): number } {
+  let state = seed >>> 0;
+  const float = (): number => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let z = state;
+    z = Math.imul(z ^ (z >>> 15), z | 1);
+    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
+    return ((z ^ (z >>> 14)) >>> 0) / 4294967296;
+  };
+  return { float, next: (n: number) => Math.floor(float() * n) };
+}
