@@ -1,0 +1,572 @@
+/**
+ * The virtio-blk device (virtio 1.2 §5.2): feature bits, config space, and the datapath that turns
+ * descriptor chains into I/O on a {@link BlockImage} through a {@link BlkExecutor}.
+ *
+ * Datapath, per queue and independent of the other queues:
+ * - kick: disable notifications, pop every chain, parse it (request.ts) into a preallocated
+ *   {@link Slot}, stage its I/O with iovecs pointing straight into guest memory, submit the batch
+ *   once, re-enable notifications and drain again if chains arrived meanwhile (virtio 1.2 §2.7.10);
+ * - completions come back in batches: write the status byte in place, pushUsed, one flush per batch.
+ *
+ * Ownership: while a request's I/O is in flight its slot holds `chain.memory` (GuestMemory.hold), so a
+ * memory-table change never unmaps pages the kernel is reading or writing. The chain itself belongs
+ * to the queue's pool and is not touched after pushUsed.
+ */
+import { constants as osConstants } from 'node:os';
+
+import type { DaemonDevice } from '../../lib/cli/run-daemon';
+import { RingError } from '../../lib/errors';
+import type { GuestMemory } from '../../lib/memory/guest-memory';
+import type { Logger } from '../../lib/runtime/logger';
+import type { DeviceContext } from '../../lib/vhost-user/device-backend';
+import { ProtocolFeature } from '../../lib/vhost-user/messages';
+import { bit } from '../../lib/virtio/constants';
+import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
+import {
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+  FSYNC_DATASYNC,
+  OP_READV,
+  OP_WRITEV,
+  type BlkExecutor,
+  type ExecutorFactory,
+} from './executor';
+import type { BlockImage } from './image';
+import { BlkOp, BlkRequest, IOV_MAX, fillIovecs, maxIovecs, parseRequest, writeStatus, type RequestLimits } from './request';
+import {
+  CONFIG_OFFSET,
+  REQUEST_HEADER_SIZE,
+  SECTOR_SIZE,
+  VIRTIO_BLK_F_BLK_SIZE,
+  VIRTIO_BLK_F_CONFIG_WCE,
+  VIRTIO_BLK_F_DISCARD,
+  VIRTIO_BLK_F_FLUSH,
+  VIRTIO_BLK_F_MQ,
+  VIRTIO_BLK_F_RO,
+  VIRTIO_BLK_F_SEG_MAX,
+  VIRTIO_BLK_F_SIZE_MAX,
+  VIRTIO_BLK_F_TOPOLOGY,
+  VIRTIO_BLK_F_WRITE_ZEROES,
+  VIRTIO_BLK_ID_BYTES,
+  VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_S_OK,
+  encodeConfigSpace,
+  encodeSerial,
+  type BlkConfigSpace,
+} from './virtio-blk';
+
+const { EOPNOTSUPP, EINVAL, EIO, ENOSPC } = osConstants.errno;
+
+/** Largest discard / write-zeroes segment: 1 GiB, which one zero-buffer writev covers (image.ts). */
+export const MAX_DISCARD_SECTORS = (1 << 30) / SECTOR_SIZE;
+/** Segments per discard / write-zeroes request (Linux caps its own at 256). */
+export const MAX_DISCARD_SEG = 32;
+/** size_max: largest single data segment the driver should build. */
+export const SIZE_MAX = 1 << 20;
+
+/** Device settings (from the command line, see cli.ts). */
+export interface BlkDeviceOptions {
+  readOnly: boolean;
+  serial: string;
+  numQueues: number;
+  queueSize: number;
+  /** 512 or 4096. */
+  logicalBlockSize: number;
+  discard: boolean;
+  writeZeroes: boolean;
+  /** Initial cache mode (CONFIG_WCE writeback field). */
+  writeback: boolean;
+}
+
+export interface BlkDeviceDeps {
+  image: BlockImage;
+  createExecutor: ExecutorFactory;
+  logger: Logger;
+}
+
+/** userData of an op: slot index in the low 16 bits (queue size ≤ 32768), sub-operation above. */
+const SLOT_BITS = 16;
+const SLOT_MASK = 0xffff;
+/** Sub-operation flag: a zero-buffer write standing in for a refused fallocate. */
+const ZERO_WRITE = 0x8000;
+
+/** One request in flight: everything the completion needs, preallocated. */
+class Slot {
+  chain: DescriptorChain | null = null;
+  memory: GuestMemory | null = null;
+  readonly request = new BlkRequest(MAX_DISCARD_SEG);
+  /** Ops not completed yet. */
+  pending = 0;
+  status = VIRTIO_BLK_S_OK;
+  /** READ/WRITE: bytes done so far (short transfers are resubmitted for the rest). */
+  done = 0;
+  /** Bytes of zeroes written per range (write-zeroes fallback). */
+  readonly rangeDone = new Float64Array(MAX_DISCARD_SEG);
+
+  constructor(readonly index: number) {}
+}
+
+/** One queue's state. */
+class QueueWorker {
+  queue: Virtqueue | null = null;
+  slots: Slot[] = [];
+  free = new Int32Array(0);
+  freeTop = 0;
+  /** Requests whose I/O is in flight. */
+  inFlight = 0;
+  executor: BlkExecutor | null = null;
+  stopWaiters: (() => void)[] = [];
+
+  constructor(readonly index: number) {}
+
+  ensureSlots(size: number): void {
+    if (this.slots.length >= size) return;
+    for (let i = this.slots.length; i < size; i++) this.slots.push(new Slot(i));
+    this.free = new Int32Array(this.slots.length);
+    this.freeTop = 0;
+    for (let i = this.slots.length - 1; i >= 0; i--) this.free[this.freeTop++] = i;
+  }
+}
+
+export class BlkDevice implements DaemonDevice {
+  readonly name = 'blk';
+  readonly numQueues: number;
+  readonly maxQueueSize: number;
+  /** Capacity in 512-byte sectors. */
+  capacity = 0;
+  writeback: boolean;
+  readonly limits: RequestLimits;
+  private readonly options: BlkDeviceOptions;
+  private readonly image: BlockImage;
+  private readonly logger: Logger;
+  private readonly createExecutor: ExecutorFactory;
+  private readonly workers: QueueWorker[];
+  private readonly serial: Uint8Array;
+  private context: DeviceContext | null = null;
+  /** Cleared after the file system refused once, so later requests skip the attempt. */
+  private punchHole = true;
+  private zeroRange = true;
+  private readonly loggedErrors = new Set<number>();
+  /** Why the last malformed chain was refused (for the RingError message). */
+  private badReason = '';
+
+  constructor(options: BlkDeviceOptions, deps: BlkDeviceDeps) {
+    this.options = options;
+    this.image = deps.image;
+    this.logger = deps.logger;
+    this.createExecutor = deps.createExecutor;
+    this.numQueues = options.numQueues;
+    this.maxQueueSize = options.queueSize;
+    this.writeback = options.writeback;
+    this.serial = encodeSerial(options.serial);
+    this.workers = Array.from({ length: options.numQueues }, (_, i) => new QueueWorker(i));
+    this.limits = {
+      capacityBytes: 0,
+      logicalBlockSize: options.logicalBlockSize,
+      readOnly: options.readOnly,
+      discard: options.discard,
+      writeZeroes: options.writeZeroes,
+      maxDiscardSectors: MAX_DISCARD_SECTORS,
+      maxDiscardSeg: MAX_DISCARD_SEG,
+      maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
+      maxWriteZeroesSeg: MAX_DISCARD_SEG,
+    };
+    this.setCapacity(this.image.size());
+  }
+
+  /** Capacity in sectors for an image of `bytes`: whole logical blocks only. */
+  private setCapacity(bytes: number): void {
+    const lbs = this.options.logicalBlockSize;
+    const usable = Math.floor(bytes / lbs) * lbs;
+    this.capacity = usable / SECTOR_SIZE;
+    this.limits.capacityBytes = usable;
+  }
+
+  features(): bigint {
+    const o = this.options;
+    let f =
+      bit(VIRTIO_BLK_F_SIZE_MAX) |
+      bit(VIRTIO_BLK_F_SEG_MAX) |
+      bit(VIRTIO_BLK_F_BLK_SIZE) |
+      bit(VIRTIO_BLK_F_TOPOLOGY) |
+      // virtio 1.2 §5.2.5: "Devices SHOULD always offer VIRTIO_BLK_F_FLUSH, and MUST offer it if they
+      // offer VIRTIO_BLK_F_CONFIG_WCE."
+      bit(VIRTIO_BLK_F_FLUSH) |
+      bit(VIRTIO_BLK_F_CONFIG_WCE);
+    if (o.numQueues > 1) f |= bit(VIRTIO_BLK_F_MQ);
+    if (o.discard) f |= bit(VIRTIO_BLK_F_DISCARD);
+    if (o.writeZeroes) f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
+    if (o.readOnly) f |= bit(VIRTIO_BLK_F_RO);
+    return f;
+  }
+
+  protocolFeatures(): bigint {
+    return bit(ProtocolFeature.CONFIG);
+  }
+
+  /** The config space values now. */
+  configSpace(): BlkConfigSpace {
+    const o = this.options;
+    const alignment = o.logicalBlockSize / SECTOR_SIZE;
+    return {
+      capacity: this.capacity,
+      sizeMax: SIZE_MAX,
+      // Two descriptors of a chain carry the header and the status byte (the Linux driver adds 2).
+      segMax: Math.min(o.queueSize, IOV_MAX) - 2,
+      blkSize: o.logicalBlockSize,
+      physicalBlockExp: 0,
+      alignmentOffset: 0,
+      minIoSize: 1,
+      optIoSize: 0,
+      writeback: this.effectiveWriteback(),
+      numQueues: o.numQueues,
+      maxDiscardSectors: o.discard ? MAX_DISCARD_SECTORS : 0,
+      maxDiscardSeg: o.discard ? MAX_DISCARD_SEG : 0,
+      discardSectorAlignment: o.discard ? alignment : 0,
+      maxWriteZeroesSectors: o.writeZeroes ? MAX_DISCARD_SECTORS : 0,
+      maxWriteZeroesSeg: o.writeZeroes ? MAX_DISCARD_SEG : 0,
+      writeZeroesMayUnmap: o.writeZeroes && this.punchHole,
+    };
+  }
+
+  getConfig(offset: number, size: number): Uint8Array {
+    const bytes = encodeConfigSpace(this.configSpace());
+    const out = new Uint8Array(size);
+    if (offset < bytes.length) out.set(bytes.subarray(offset, Math.min(offset + size, bytes.length)));
+    return out;
+  }
+
+  /** Only `writeback` is writable (virtio 1.2 §5.2.4: the driver MAY switch the cache mode with CONFIG_WCE). */
+  setConfig(offset: number, data: Uint8Array): void {
+    const at = CONFIG_OFFSET.writeback - offset;
+    if (at < 0 || at >= data.length) {
+      throw new RangeError(`config bytes ${offset}..${offset + data.length - 1} are read-only; only writeback (byte 32) is writable`);
+    }
+    const writeback = data[at] !== 0;
+    if (writeback !== this.writeback) this.logger.info(`cache mode: ${writeback ? 'writeback' : 'writethrough'}`);
+    this.writeback = writeback;
+  }
+
+  /**
+   * Writeback only when the driver can flush: virtio 1.2 §5.2.5 "If VIRTIO_BLK_F_CONFIG_WCE is
+   * negotiated but VIRTIO_BLK_F_FLUSH is not, the device MUST initialize writeback to 0", and §5.2.6.2
+   * makes writes stable at completion when FLUSH was offered but not negotiated. Before negotiation
+   * (QEMU reads the config space at realize time and caches it) the configured mode is reported.
+   */
+  private effectiveWriteback(): boolean {
+    const features = this.context?.features ?? 0n;
+    if (features !== 0n && (features & bit(VIRTIO_BLK_F_FLUSH)) === 0n) return false;
+    return this.writeback;
+  }
+
+  attach(context: DeviceContext): void {
+    this.context = context;
+  }
+
+  detach(): void {
+    this.context = null;
+  }
+
+  startQueue(index: number, queue: Virtqueue): void {
+    const w = this.workers[index]!;
+    w.queue = queue;
+    w.ensureSlots(queue.size);
+    if (w.executor === null) w.executor = this.createExecutor(index, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n));
+  }
+
+  stopQueue(index: number): Promise<void> | void {
+    const w = this.workers[index]!;
+    if (w.inFlight === 0) {
+      w.queue = null;
+      return;
+    }
+    return new Promise<void>((resolve) => w.stopWaiters.push(resolve)).then(() => {
+      w.queue = null;
+    });
+  }
+
+  processQueue(index: number, queue: Virtqueue): void {
+    const w = this.workers[index]!;
+    if (w.queue !== queue) this.startQueue(index, queue);
+    const executor = w.executor!;
+    let bad: DescriptorChain | null = null;
+    try {
+      do {
+        queue.disableNotification();
+        for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+          if (!this.startRequest(w, queue, chain)) {
+            bad = chain;
+            break;
+          }
+        }
+        executor.submit();
+        queue.flush();
+      } while (bad === null && queue.enableNotification());
+    } finally {
+      // A RingError from pop (or the bad chain below) still lets the requests before it run.
+      executor.submit();
+      queue.flush();
+    }
+    if (bad !== null) {
+      throw new RingError('VIRTQ_BAD_REQUEST', `queue ${index}: chain ${bad.head}: ${this.badReason}`);
+    }
+  }
+
+  /** Parse and start one chain. Returns false for a malformed chain (nothing is completed for it). */
+  private startRequest(w: QueueWorker, queue: Virtqueue, chain: DescriptorChain): boolean {
+    // The queue never hands out more chains than its size, and there is a slot per entry.
+    if (w.freeTop === 0) throw new RingError('VIRTQ_TOO_MANY_IN_FLIGHT', `queue ${w.index}: more requests in flight than slots`);
+    const slot = w.slots[w.free[w.freeTop - 1]!]!;
+    const req = slot.request;
+    if (!parseRequest(chain, this.limits, req)) {
+      this.badReason = req.reason;
+      return false;
+    }
+    switch (req.op) {
+      case BlkOp.COMPLETE:
+        if (req.reason !== '') this.logger.debug(`request type ${req.type}: ${req.reason}`, { queue: w.index, status: req.status });
+        writeStatus(chain, req.status);
+        queue.pushUsed(chain, 1);
+        return true;
+      case BlkOp.GET_ID: {
+        const n = Math.min(VIRTIO_BLK_ID_BYTES, chain.writableLength - 1);
+        chain.write(0, n === VIRTIO_BLK_ID_BYTES ? this.serial : this.serial.subarray(0, n));
+        writeStatus(chain, VIRTIO_BLK_S_OK);
+        queue.pushUsed(chain, n + 1);
+        return true;
+      }
+    }
+    // Asynchronous from here: take the slot and hold the guest memory.
+    w.freeTop--;
+    w.inFlight++;
+    slot.chain = chain;
+    slot.memory = chain.memory;
+    slot.memory.hold();
+    slot.status = VIRTIO_BLK_S_OK;
+    slot.done = 0;
+    slot.pending = 0;
+    const batch = w.executor!.batch;
+    const userData = slot.index;
+    switch (req.op) {
+      case BlkOp.READ:
+      case BlkOp.WRITE:
+        slot.pending = 1;
+        if (!this.stageReadWrite(w, slot)) {
+          slot.pending = 0;
+          slot.status = VIRTIO_BLK_S_IOERR;
+          this.finish(w, slot);
+        }
+        break;
+      case BlkOp.FLUSH:
+        slot.pending = 1;
+        batch.addFsync(this.image.fd, FSYNC_DATASYNC, userData);
+        break;
+      case BlkOp.DISCARD:
+        if (!this.punchHole) {
+          // Discard is a hint (virtio 1.2 §5.2.6.2 "the device MAY deallocate"): nothing to do.
+          this.finish(w, slot);
+          break;
+        }
+        slot.pending = req.ranges;
+        for (let r = 0; r < req.ranges; r++) {
+          batch.addFallocate(this.image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData | (r << SLOT_BITS));
+        }
+        break;
+      case BlkOp.WRITE_ZEROES:
+        slot.pending = req.ranges;
+        for (let r = 0; r < req.ranges; r++) this.stageWriteZeroes(w, slot, r);
+        break;
+    }
+    return true;
+  }
+
+  /** Stage the (rest of the) READ/WRITE of `slot`. Returns false if it needs too many iovecs. */
+  private stageReadWrite(w: QueueWorker, slot: Slot): boolean {
+    const chain = slot.chain!;
+    const req = slot.request;
+    const batch = w.executor!.batch;
+    const read = req.op === BlkOp.READ;
+    const first = read ? chain.readableSegments : 0;
+    const end = read ? chain.segments : chain.readableSegments;
+    const skip = (read ? 0 : REQUEST_HEADER_SIZE) + slot.done;
+    batch.reserveIovecs(maxIovecs(chain, req.op));
+    const n = fillIovecs(chain, first, end, skip, req.length - slot.done, batch.iovBase, batch.iovLen, batch.iovUsed, IOV_MAX);
+    if (n < 0) return false;
+    const fd = read || this.effectiveWriteback() ? this.image.fd : this.image.syncFd;
+    batch.addReadWrite(read ? OP_READV : OP_WRITEV, fd, req.offset + slot.done, n, slot.index);
+    return true;
+  }
+
+  /** Stage range `r` of a WRITE_ZEROES: fallocate when the file system allows it, else zero writes. */
+  private stageWriteZeroes(w: QueueWorker, slot: Slot, r: number): void {
+    const req = slot.request;
+    const batch = w.executor!.batch;
+    const userData = slot.index | (r << SLOT_BITS);
+    slot.rangeDone[r] = 0;
+    if (req.rangeUnmap[r] !== 0 && this.punchHole) {
+      batch.addFallocate(this.image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData);
+    } else if (this.zeroRange) {
+      batch.addFallocate(this.image.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData);
+    } else {
+      this.stageZeroWrite(w, slot, r);
+    }
+  }
+
+  /** Write zeroes over the rest of range `r` from the shared zero buffer (many iovecs, one buffer). */
+  private stageZeroWrite(w: QueueWorker, slot: Slot, r: number): void {
+    const req = slot.request;
+    const batch = w.executor!.batch;
+    const zeroes = this.image.zeroes();
+    let left = req.rangeLength[r]! - slot.rangeDone[r]!;
+    batch.reserveIovecs(Math.min(IOV_MAX, Math.ceil(left / zeroes.length)));
+    let n = 0;
+    for (; left > 0 && n < IOV_MAX; n++) {
+      const len = Math.min(left, zeroes.length);
+      batch.iovBase[batch.iovUsed + n] = zeroes.address;
+      batch.iovLen[batch.iovUsed + n] = len;
+      left -= len;
+    }
+    const fd = this.effectiveWriteback() ? this.image.fd : this.image.syncFd;
+    batch.addReadWrite(OP_WRITEV, fd, req.rangeOffset[r]! + slot.rangeDone[r]!, n, slot.index | ((r | ZERO_WRITE) << SLOT_BITS));
+  }
+
+  /** A batch of completions from the executor: finish requests, then one submit and one flush. */
+  private onCompletions(w: QueueWorker, userData: Uint32Array, result: Int32Array, count: number): void {
+    for (let i = 0; i < count; i++) {
+      const ud = userData[i]!;
+      const slot = w.slots[ud & SLOT_MASK]!;
+      if (slot.chain === null) continue; // cannot happen: a completion for an idle slot
+      if (this.opCompleted(w, slot, ud >>> SLOT_BITS, result[i]!)) {
+        if (--slot.pending === 0) this.finish(w, slot);
+      }
+    }
+    w.executor?.submit();
+    w.queue?.flush();
+    if (w.inFlight === 0 && w.stopWaiters.length > 0) {
+      const waiters = w.stopWaiters;
+      w.stopWaiters = [];
+      for (const resolve of waiters) resolve();
+    }
+  }
+
+  /** Account one op's result. Returns false when the op was restaged (short transfer, fallback). */
+  private opCompleted(w: QueueWorker, slot: Slot, sub: number, res: number): boolean {
+    const req = slot.request;
+    switch (req.op) {
+      case BlkOp.READ:
+      case BlkOp.WRITE:
+        if (res > 0 && slot.done + res < req.length) {
+          // A short transfer (signal, page cache pressure): continue where it stopped.
+          slot.done += res;
+          if (this.stageReadWrite(w, slot)) return false;
+          return this.fail(slot, -EIO);
+        }
+        if (res >= 0) slot.done += res;
+        if (res < 0) return this.fail(slot, res);
+        if (slot.done < req.length) return this.fail(slot, req.op === BlkOp.READ ? -EIO : -ENOSPC);
+        return true;
+      case BlkOp.FLUSH:
+        return res < 0 ? this.fail(slot, res) : true;
+      case BlkOp.DISCARD:
+        if (res === -EOPNOTSUPP) {
+          this.noteUnsupported('punch hole');
+          this.punchHole = false;
+          return true;
+        }
+        return res < 0 ? this.fail(slot, res) : true;
+      case BlkOp.WRITE_ZEROES: {
+        const r = sub & ~ZERO_WRITE;
+        if ((sub & ZERO_WRITE) !== 0) {
+          if (res < 0) return this.fail(slot, res);
+          if (res === 0) return this.fail(slot, -ENOSPC);
+          slot.rangeDone[r] = slot.rangeDone[r]! + res;
+          if (slot.rangeDone[r]! < req.rangeLength[r]!) {
+            this.stageZeroWrite(w, slot, r);
+            return false;
+          }
+          return true;
+        }
+        if (res === -EOPNOTSUPP || res === -EINVAL) {
+          // The file system refused this fallocate mode: remember, and zero the range another way.
+          if (req.rangeUnmap[r] !== 0 && this.punchHole) {
+            this.noteUnsupported('punch hole');
+            this.punchHole = false;
+          } else {
+            this.noteUnsupported('zero range');
+            this.zeroRange = false;
+          }
+          this.stageWriteZeroes(w, slot, r);
+          return false;
+        }
+        return res < 0 ? this.fail(slot, res) : true;
+      }
+    }
+    return true;
+  }
+
+  private fail(slot: Slot, res: number): true {
+    slot.status = VIRTIO_BLK_S_IOERR;
+    const errno = -res;
+    if (!this.loggedErrors.has(errno)) {
+      this.loggedErrors.add(errno);
+      this.logger.warn(`I/O error on ${this.image.path}: errno ${errno}; the guest gets VIRTIO_BLK_S_IOERR (logged once per errno)`, {
+        op: slot.request.op,
+        offset: slot.request.offset,
+      });
+    }
+    return true;
+  }
+
+  private noteUnsupported(what: string): void {
+    this.logger.info(`${this.image.path}: the file system refuses fallocate ${what}; using the fallback from now on`);
+  }
+
+  /** Complete `slot`: status byte, used element, release memory and slot. */
+  private finish(w: QueueWorker, slot: Slot): void {
+    const chain = slot.chain!;
+    const queue = w.queue;
+    writeStatus(chain, slot.status);
+    const written = slot.request.op === BlkOp.READ && slot.status === VIRTIO_BLK_S_OK ? slot.request.length + 1 : 1;
+    queue?.pushUsed(chain, written);
+    slot.chain = null;
+    slot.memory!.release();
+    slot.memory = null;
+    w.free[w.freeTop++] = slot.index;
+    w.inFlight--;
+  }
+
+  /**
+   * SIGHUP: re-read the image size. When it changed, the guest learns the new capacity through
+   * CONFIG_CHANGE_MSG (virtio 1.2 §5.2.6.2: "The device MAY change the content of the capacity field
+   * during operation of the device. When this happens, the device SHOULD trigger a configuration
+   * change notification.").
+   */
+  async reload(): Promise<void> {
+    const before = this.capacity;
+    this.setCapacity(this.image.size());
+    if (this.capacity === before) {
+      this.logger.info(`reload: ${this.image.path} unchanged (${before} sectors)`);
+      return;
+    }
+    this.logger.info(`reload: ${this.image.path} capacity ${before} -> ${this.capacity} sectors`);
+    if (this.context !== null && !(await this.context.notifyConfigChange())) {
+      this.logger.warn('the front-end gave no backend channel: the guest sees the new size only after it re-reads the config space');
+    }
+  }
+
+  /** Release the executors and the image (after every queue stopped). */
+  close(): void {
+    for (const w of this.workers) {
+      w.executor?.close();
+      w.executor = null;
+    }
+    this.image.close();
+  }
+
+  /** Requests in flight on queue `index` (tests, metrics). */
+  inFlight(index: number): number {
+    return this.workers[index]?.inFlight ?? 0;
+  }
+}

@@ -1,0 +1,83 @@
+#!/usr/bin/env node
+/**
+ * vhost-user-blk: parse the command line, open the image, pick the I/O engine, serve.
+ */
+import { runDaemon } from '../../lib/cli/run-daemon';
+import { ConfigError } from '../../lib/errors';
+import type { Logger } from '../../lib/runtime/logger';
+import { native } from '../../native/index';
+import { DESCRIPTION, EPILOGUE, EXAMPLES, PROGRAM, options, toConfig, type BlkConfig } from './cli';
+import { BlkDevice } from './device';
+import { NullExecutor, type ExecutorFactory } from './executor';
+import { nullImage, openImage, type BlockImage } from './image';
+import { IoUringExecutor } from './io-uring-executor';
+import { ThreadPoolExecutor } from './thread-pool-executor';
+
+/**
+ * io_uring when the kernel allows it, else preadv/pwritev on the thread pool (said once, at start).
+ */
+export function executorFactory(config: BlkConfig, logger: Logger): { kind: string; create: ExecutorFactory } {
+  if (config.nullSize !== undefined) return { kind: 'null', create: (_i, size, sink) => new NullExecutor(size, sink) };
+  try {
+    native.createIoUring(8).close();
+  } catch (err) {
+    logger.warn(`io_uring is unavailable (${(err as Error).message}); using preadv/pwritev on the libuv thread pool`);
+    return { kind: 'thread-pool', create: (_i, size, sink) => new ThreadPoolExecutor(size, sink) };
+  }
+  return { kind: 'io_uring', create: (_i, size, sink) => new IoUringExecutor(size, sink, logger) };
+}
+
+/** Open the image and build the device (the image is closed again if that fails). */
+export function createBlkDevice(config: BlkConfig, logger: Logger): BlkDevice {
+  const image: BlockImage =
+    config.nullSize !== undefined ? nullImage(config.nullSize) : openImage({ path: config.file!, readOnly: config.readOnly, direct: config.direct });
+  try {
+    const deviceBlock = image.nativeBlockSize;
+    const lbs = config.logicalBlockSize ?? (deviceBlock === 4096 ? 4096 : 512);
+    // Through the page cache any 512-byte access works; O_DIRECT needs the device's own alignment.
+    if (deviceBlock > lbs && config.direct) {
+      throw new ConfigError('CONFIG_INVALID', `--logical-block-size ${lbs} is below the ${deviceBlock}-byte sectors of ${config.file}, which --direct cannot serve`);
+    }
+    const size = image.size();
+    if (size < lbs) throw new ConfigError('CONFIG_INVALID', `--file ${config.file}: the image is ${size} bytes, smaller than one ${lbs}-byte block`);
+    const engine = executorFactory(config, logger);
+    const device = new BlkDevice(
+      {
+        readOnly: config.readOnly,
+        serial: config.serial,
+        numQueues: config.numQueues,
+        queueSize: config.queueSize,
+        logicalBlockSize: lbs,
+        discard: config.discard,
+        writeZeroes: config.writeZeroes,
+        writeback: config.writeback,
+      },
+      { image, createExecutor: engine.create, logger },
+    );
+    logger.info(
+      `${image.path}: ${device.capacity} sectors (${size} bytes), ${lbs}-byte blocks, ${config.numQueues} queue(s), ` +
+        `${engine.kind}${config.direct ? ', O_DIRECT' : ''}${config.readOnly ? ', read-only' : ''}, ${config.writeback ? 'writeback' : 'writethrough'}`,
+    );
+    return device;
+  } catch (err) {
+    image.close();
+    throw err;
+  }
+}
+
+if (require.main === module) {
+  runDaemon<BlkConfig>({
+    program: PROGRAM,
+    type: 'blk',
+    capabilities: ['read-only', 'blk-file'],
+    description: DESCRIPTION,
+    options,
+    examples: EXAMPLES,
+    epilogue: EPILOGUE,
+    toConfig,
+    createDevice: createBlkDevice,
+  }).catch((err: Error) => {
+    process.stderr.write(`${PROGRAM}: ${err.stack ?? err.message}\n`);
+    process.exit(1);
+  });
+}
