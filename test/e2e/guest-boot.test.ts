@@ -4,7 +4,8 @@
  * first.
  */
 import { guestImage } from '../helpers/guest-image';
-import { GuestRunError, guestTest, runGuest } from '../helpers/qemu-guest';
+import { guestTest } from '../helpers/guest-test';
+import { GuestRunError, runGuest } from '../helpers/qemu-guest';
 
 // The drivers /init registers on the virtio bus (the names under /sys/bus/virtio/drivers). virtio_pci
 // sits on the PCI bus instead, sd on the SCSI bus, and sg is a SCSI class interface, not a driver.

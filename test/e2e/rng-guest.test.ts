@@ -3,7 +3,8 @@
  * came from the daemon, and a rate limit really limits what the guest gets.
  */
 import { startDaemon } from '../helpers/daemon';
-import { guestTest, runGuest } from '../helpers/qemu-guest';
+import { guestTest } from '../helpers/guest-test';
+import { runGuest } from '../helpers/qemu-guest';
 
 function rngDevice(socketPath: string): string[] {
   return ['-chardev', `socket,id=rng0,path=${socketPath}`, '-device', 'vhost-user-rng-pci,chardev=rng0'];

@@ -13,7 +13,6 @@
  *
  * Set `VHOSTD_GUEST_CONSOLE=1` to copy every guest console line to stderr as it arrives.
  */
-import test, { type ExecutionContext, type ImplementationFn } from 'ava';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -138,21 +137,6 @@ export function qemuMissingReason(): string | undefined {
     }
   }
   return 'missing' in qemuCheck ? qemuCheck.missing : undefined;
-}
-
-/**
- * Registers an ava test that needs a real guest. Without QEMU it is skipped, with the reason in its
- * title; but when `CI` is set a missing QEMU fails the test instead, since CI installs it.
- */
-export function guestTest(title: string, impl: ImplementationFn<[]>): void {
-  const missing = qemuMissingReason();
-  if (missing === undefined) {
-    test(title, impl);
-  } else if (process.env['CI']) {
-    test(title, (t: ExecutionContext) => t.fail(`CI is set but ${missing}`));
-  } else {
-    test.skip(`${title} [skipped: ${missing}]`, impl);
-  }
 }
 
 // QEMU children and temp dirs of runs in flight, released if the process exits first (an ava timeout,

@@ -1,0 +1,22 @@
+/**
+ * `guestTest`: an ava test that needs a real guest (kept apart from qemu-guest.ts so that programs
+ * outside ava, such as `npm run demo`, can boot guests without loading ava).
+ */
+import test, { type ExecutionContext, type ImplementationFn } from 'ava';
+
+import { qemuMissingReason } from './qemu-guest';
+
+/**
+ * Registers an ava test that needs a real guest. Without QEMU it is skipped, with the reason in its
+ * title; but when `CI` is set a missing QEMU fails the test instead, since CI installs it.
+ */
+export function guestTest(title: string, impl: ImplementationFn<[]>): void {
+  const missing = qemuMissingReason();
+  if (missing === undefined) {
+    test(title, impl);
+  } else if (process.env['CI']) {
+    test(title, (t: ExecutionContext) => t.fail(`CI is set but ${missing}`));
+  } else {
+    test.skip(`${title} [skipped: ${missing}]`, impl);
+  }
+}
