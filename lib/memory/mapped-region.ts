@@ -2,6 +2,7 @@
  * A guest memory region mmap'ed from the fd the front-end sent (SET_MEM_TABLE / ADD_MEM_REG).
  */
 import { native, type Mapping } from '../../native';
+import { MemoryError } from '../errors';
 import type { GuestRegion } from './guest-memory';
 
 const HUGE_PAGE_SIZE = 2 << 20;
@@ -35,6 +36,16 @@ export class MappedRegion implements GuestRegion {
     this.mappingOffset = spec.mmapOffset - mapStart;
     this.fd = fd;
     try {
+      // Touching a page past the end of the file raises SIGBUS and kills the process, so a region
+      // must lie inside its fd. (A front-end that shrinks the fd later can still do that; see
+      // docs/security.md.)
+      const fileSize = native.fdSize(fd);
+      if (spec.mmapOffset + spec.size > fileSize) {
+        throw new MemoryError(
+          'GUEST_ADDR_OVERFLOW',
+          `region of ${spec.size} bytes at offset ${spec.mmapOffset} does not fit its ${fileSize}-byte fd`,
+        );
+      }
       this.mapping = native.mmap(fd, this.mappingOffset + spec.size, mapStart, true);
     } catch (err) {
       native.close(fd);
