@@ -166,12 +166,16 @@ done </etc/vhostd-modules
 ip link set lo up 2>/dev/null
 
 echo "VHOSTD-GUEST-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+status=0
 if [ -f /vhostd/test.sh ]; then
   (cd /root && sh /vhostd/test.sh)
   status=$?
-else
-  echo "vhostd-guest: no /vhostd/test.sh in the initramfs"
-  status=127
+fi
+# For a person at the console: a shell when there is no test script, or after it with vhostd.shell on the
+# kernel command line. Leaving the shell powers the guest off.
+if [ ! -f /vhostd/test.sh ] || grep -qw vhostd.shell /proc/cmdline; then
+  echo "vhostd-guest: script status $status; interactive shell, exit to power off"
+  (cd /root && setsid cttyhack sh -l)
 fi
 echo "VHOSTD-GUEST-EXIT status=$status"
 sync
