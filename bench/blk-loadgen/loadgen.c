@@ -995,7 +995,8 @@ int main(int argc, char **argv)
     struct vu_mem_table mt = { .nregions = 1 };
     mt.regions[0] = (struct vu_mem_region){ .guest_phys_addr = 0, .memory_size = mem.size,
                                             .userspace_addr = (uint64_t)(uintptr_t)mem.base, .mmap_offset = 0 };
-    vu_set(&c, VU_SET_MEM_TABLE, &mt, sizeof(mt), &mem.fd, 1);
+    /* Like QEMU, send only the regions in use (8 + 32 * nregions bytes), not all eight slots. */
+    vu_set(&c, VU_SET_MEM_TABLE, &mt, (uint32_t)(8 + sizeof(struct vu_mem_region) * mt.nregions), &mem.fd, 1);
 
     for (unsigned i = 0; i < o.queues; i++)
         start_queue(&c, &mem, &queues[i], dev.event_idx, o.poll);

@@ -1,0 +1,456 @@
+/**
+ * `npm run bench:blk`: vhost-user-blk throughput, latency and CPU cost, our daemon against
+ * qemu-storage-daemon (QEMU's own vhost-user-blk export), measured in one run on the same machine.
+ *
+ * For every device (a tmpfs image file, then a null device) and every case (4 KiB random read and
+ * random write at queue depth 1 and 32), each back-end is started fresh, driven for `--runtime`
+ * seconds by bench/blk-loadgen (a C front-end that plays QEMU: memfd guest memory, split rings,
+ * call eventfds), and stopped with SIGTERM. The table gives IOPS, the ratio ours/qsd, p50/p99
+ * latency and back-end CPU time per I/O; build/bench/blk-results.json has everything the load
+ * generator reported.
+ *
+ *   node build/bench/blk.js [--runtime 5] [--warmup 1] [--repeat 1] [--queues 1] [--image-size 1G]
+ *                           [--only ours|qsd] [--devices file,null] [--cases randread:1,randwrite:32]
+ *                           [--image PATH] [--out build/bench/blk-results.json] [--verbose]
+ *
+ * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
+ * See docs/benchmarks.md for how to read the numbers.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+const root = path.resolve(__dirname, '..', '..');
+const buildDir = path.join(root, 'build', 'bench');
+const loadgenSrc = path.join(root, 'bench', 'blk-loadgen');
+const loadgenBin = path.join(buildDir, 'blk-loadgen');
+const daemonMain = path.join(root, 'build', 'daemons', 'blk', 'main.js');
+
+type Backend = 'ours' | 'qsd';
+type Device = 'file' | 'null';
+type Rw = 'randread' | 'randwrite';
+
+interface Options {
+  runtime: number;
+  warmup: number;
+  repeat: number;
+  queues: number;
+  queueSize: number;
+  imageSize: number;
+  image?: string;
+  backends: Backend[];
+  devices: Device[];
+  cases: { rw: Rw; iodepth: number }[];
+  out: string;
+  verbose: boolean;
+}
+
+/** What blk-loadgen prints (the fields the runner uses; the JSON file keeps all of them). */
+interface LoadgenResult {
+  iops: number;
+  mb_s: number;
+  ios: number;
+  lat_us: { mean: number; p50: number; p90: number; p99: number; p999: number; max: number };
+  loadgen_cpu_us_per_io: number;
+  backend_cpu_us_per_io: number | null;
+  kicks_per_io: number;
+  wakeups_per_io: number;
+  [key: string]: unknown;
+}
+
+interface Measurement {
+  ok: boolean;
+  /** The run with the median IOPS when `--repeat` > 1. */
+  result?: LoadgenResult;
+  /** Every run, in order. */
+  runs?: LoadgenResult[];
+  error?: string;
+}
+
+interface Row {
+  device: Device;
+  rw: Rw;
+  iodepth: number;
+  ours?: Measurement;
+  qsd?: Measurement;
+  ratio?: number;
+}
+
+function usage(): never {
+  process.stdout.write(fs.readFileSync(__filename, 'utf8').match(/\/\*\*([\s\S]*?)\*\//)![1]!.replace(/^ \* ?/gm, ''));
+  process.exit(0);
+}
+
+function parseSize(text: string): number {
+  const m = /^(\d+)([KMGT]?)$/i.exec(text);
+  if (!m) throw new Error(`not a size: ${text}`);
+  const shift = { '': 0, K: 10, M: 20, G: 30, T: 40 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Number(m[1]) * 2 ** shift;
+}
+
+function parseOptions(argv: string[]): Options {
+  const o: Options = {
+    runtime: 5,
+    warmup: 1,
+    repeat: 1,
+    queues: 1,
+    queueSize: 256,
+    imageSize: 1 << 30,
+    backends: ['ours', 'qsd'],
+    devices: ['file', 'null'],
+    cases: [
+      { rw: 'randread', iodepth: 1 },
+      { rw: 'randread', iodepth: 32 },
+      { rw: 'randwrite', iodepth: 1 },
+      { rw: 'randwrite', iodepth: 32 },
+    ],
+    out: path.join(buildDir, 'blk-results.json'),
+    verbose: false,
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const value = (): string => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${arg} needs a value`);
+      return v;
+    };
+    const positive = (): number => {
+      const v = Number(value());
+      if (!(v > 0) || !Number.isFinite(v)) throw new Error(`${arg} needs a positive number`);
+      return v;
+    };
+    switch (arg) {
+      case '--runtime': o.runtime = positive(); break;
+      case '--warmup': o.warmup = Number(value()); break;
+      case '--repeat': o.repeat = Math.floor(positive()); break;
+      case '--queues': o.queues = Math.floor(positive()); break;
+      case '--queue-size': o.queueSize = Math.floor(positive()); break;
+      case '--image-size': o.imageSize = parseSize(value()); break;
+      case '--image': o.image = value(); break;
+      case '--out': o.out = path.resolve(value()); break;
+      case '--verbose': case '-v': o.verbose = true; break;
+      case '--only': {
+        const v = value();
+        if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
+        o.backends = [v];
+        break;
+      }
+      case '--devices':
+        o.devices = value().split(',').map((d) => {
+          if (d !== 'file' && d !== 'null') throw new Error(`unknown device ${d} (file, null)`);
+          return d;
+        });
+        break;
+      case '--cases':
+        o.cases = value().split(',').map((c) => {
+          const m = /^(randread|randwrite):(\d+)$/.exec(c);
+          if (!m) throw new Error(`bad case ${c} (want randread:1,randwrite:32,...)`);
+          return { rw: m[1] as Rw, iodepth: Number(m[2]) };
+        });
+        break;
+      case '--help': case '-h': return usage();
+      default: throw new Error(`unknown option ${arg} (see --help)`);
+    }
+  }
+  if (!(o.warmup >= 0)) throw new Error('--warmup needs a number >= 0');
+  return o;
+}
+
+function log(message: string): void {
+  process.stderr.write(`bench:blk: ${message}\n`);
+}
+
+function buildLoadgen(): void {
+  const r = spawnSync('make', ['-s', '-C', loadgenSrc, `OUT=${loadgenBin}`], { stdio: ['ignore', 'inherit', 'inherit'] });
+  if (r.error) throw new Error(`cannot run make: ${r.error.message}`);
+  if (r.status !== 0) throw new Error('building bench/blk-loadgen failed');
+}
+
+/** A fully allocated image (tmpfs holes read as zeroes without touching memory, which flatters reads). */
+function createImage(file: string, size: number): void {
+  const fd = fs.openSync(file, 'w');
+  try {
+    const chunk = Buffer.alloc(1 << 20);
+    for (let i = 0; i < chunk.length; i += 8) chunk.writeUInt32LE((i * 2654435761) >>> 0, i);
+    for (let off = 0; off < size; off += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - off), off);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function qsdArgs(device: Device, image: string, socket: string, o: Options): string[] {
+  const disk =
+    device === 'file'
+      ? [
+          '--blockdev', `driver=file,node-name=file0,filename=${image},cache.direct=off`,
+          '--blockdev', 'driver=raw,node-name=disk0,file=file0',
+        ]
+      : // read-zeroes=off: reads leave guest memory alone, as our --null does; both are pure overhead.
+        ['--blockdev', `driver=null-co,node-name=disk0,size=${o.imageSize},read-zeroes=off`];
+  return [
+    ...disk,
+    '--export',
+    `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=${o.queues}`,
+  ];
+}
+
+function oursArgs(device: Device, image: string, socket: string, o: Options): string[] {
+  const disk = device === 'file' ? ['--file', image] : ['--null', '--null-size', String(o.imageSize)];
+  return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), '--log-level', 'warn'];
+}
+
+interface Started {
+  child: ChildProcess;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  logFile: string;
+}
+
+async function startBackend(backend: Backend, device: Device, image: string, socket: string, o: Options, logFile: string): Promise<Started> {
+  fs.rmSync(socket, { force: true });
+  const [cmd, args] =
+    backend === 'ours' ? [process.execPath, oursArgs(device, image, socket, o)] : ['qemu-storage-daemon', qsdArgs(device, image, socket, o)];
+  if (o.verbose) log(`start ${cmd} ${args.join(' ')}`);
+  const logFd = fs.openSync(logFile, 'w');
+  const child = spawn(cmd, args, { stdio: ['ignore', logFd, logFd] });
+  fs.closeSync(logFd);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('error', () => resolve({ code: -1, signal: null }));
+  });
+  let gone = false;
+  void exited.then(() => (gone = true));
+  const deadline = Date.now() + 15000;
+  while (!fs.existsSync(socket)) {
+    if (gone) throw new Error(`${backend} exited before creating its socket; log ${logFile}:\n${tail(logFile)}`);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`${backend} did not create ${socket} within 15 s; log ${logFile}:\n${tail(logFile)}`);
+    }
+    await sleep(20);
+  }
+  return { child, exited, logFile };
+}
+
+async function stopBackend(s: Started, name: string): Promise<string | undefined> {
+  if (s.child.exitCode !== null || s.child.signalCode !== null) {
+    return `${name} had already exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`;
+  }
+  s.child.kill('SIGTERM');
+  const timer = sleep(5000).then(() => 'timeout' as const);
+  const r = await Promise.race([s.exited, timer]);
+  if (r === 'timeout') {
+    s.child.kill('SIGKILL');
+    await s.exited;
+    return `${name} did not exit within 5 s of SIGTERM`;
+  }
+  return undefined;
+}
+
+function tail(file: string, lines = 15): string {
+  try {
+    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).map((l) => `    ${l}`).join('\n');
+  } catch {
+    return '    (no log)';
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function runLoadgen(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(loadgenBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + e.message }));
+    child.once('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<LoadgenResult> {
+  const socket = path.join(runDir, `${backend}.sock`);
+  const logFile = path.join(buildDir, 'logs', `${backend}-${device}-${rw}-qd${iodepth}.log`);
+  const started = await startBackend(backend, device, image, socket, o, logFile);
+  let result: LoadgenResult | undefined;
+  let failure: string | undefined;
+  try {
+    const args = [
+      '--socket-path', socket, '--rw', rw, '--bs', '4096', '--iodepth', String(iodepth), '--queues', String(o.queues),
+      '--queue-size', String(o.queueSize), '--runtime', String(o.runtime), '--warmup', String(o.warmup),
+      '--backend-pid', String(started.child.pid),
+    ];
+    if (o.verbose) log(`run blk-loadgen ${args.join(' ')}`);
+    const r = await runLoadgen(args);
+    if (r.code !== 0) {
+      failure = `blk-loadgen exited ${r.code}: ${r.stderr.trim()}`;
+    } else {
+      if (r.stderr.trim()) log(`${backend} ${device} ${rw} QD${iodepth}: ${r.stderr.trim()}`);
+      result = JSON.parse(r.stdout) as LoadgenResult;
+    }
+  } finally {
+    const stopError = await stopBackend(started, backend);
+    if (stopError) failure = failure ? `${failure}; ${stopError}` : stopError;
+  }
+  // The log is read once the back-end has exited, so its last words are in it.
+  if (failure || !result) throw new Error(`${failure ?? 'no result'}\n  ${backend} log ${logFile}:\n${tail(logFile)}`);
+  return result;
+}
+
+/** Why `backend` cannot be measured at all, if it cannot. */
+function unavailable(backend: Backend): string | undefined {
+  if (backend === 'ours' && !fs.existsSync(daemonMain)) {
+    return `${path.relative(root, daemonMain)} is missing (build the blk daemon, or pass --only qsd)`;
+  }
+  return undefined;
+}
+
+/** The run with the median IOPS (the lower middle one for an even count). */
+function median(runs: LoadgenResult[]): LoadgenResult | undefined {
+  const sorted = [...runs].sort((a, b) => a.iops - b.iops);
+  return sorted[Math.floor((sorted.length - 1) / 2)];
+}
+
+function fmt(n: number | null | undefined, digits = 0): string {
+  if (n === null || n === undefined || !Number.isFinite(n)) return 'n/a';
+  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
+
+function latency(m?: Measurement): string {
+  const r = m?.result;
+  if (!r) return 'n/a';
+  return `${fmt(r.lat_us.p50, r.lat_us.p50 < 100 ? 1 : 0)}/${fmt(r.lat_us.p99, r.lat_us.p99 < 100 ? 1 : 0)}`;
+}
+
+function table(rows: Row[], o: Options): string {
+  const header = ['case', 'ours IOPS', 'qsd IOPS', 'ours/qsd', 'ours p50/p99 µs', 'qsd p50/p99 µs', 'ours CPU µs/IO', 'qsd CPU µs/IO'];
+  const body = rows.map((r) => [
+    `${r.device} ${r.rw} QD${r.iodepth}`,
+    r.ours ? (r.ours.ok ? fmt(r.ours.result!.iops) : 'FAILED') : '-',
+    r.qsd ? (r.qsd.ok ? fmt(r.qsd.result!.iops) : 'FAILED') : '-',
+    r.ratio !== undefined ? fmt(r.ratio, 2) : '-',
+    latency(r.ours),
+    latency(r.qsd),
+    fmt(r.ours?.result?.backend_cpu_us_per_io, 1),
+    fmt(r.qsd?.result?.backend_cpu_us_per_io, 1),
+  ]);
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
+  return [
+    `vhost-user-blk, 4 KiB random I/O, ${o.queues} queue(s), ${o.runtime} s per case (+${o.warmup} s warm-up), median of ${o.repeat}`,
+    line(header),
+    line(widths.map((w) => '-'.repeat(w))),
+    ...body.map(line),
+  ].join('\n');
+}
+
+function qsdVersion(): string | undefined {
+  const r = spawnSync('qemu-storage-daemon', ['--version'], { encoding: 'utf8' });
+  return r.status === 0 ? r.stdout.split('\n')[0] : undefined;
+}
+
+async function main(): Promise<number> {
+  let o: Options;
+  try {
+    o = parseOptions(process.argv.slice(2));
+  } catch (e) {
+    log((e as Error).message);
+    return 2;
+  }
+  fs.mkdirSync(path.join(buildDir, 'logs'), { recursive: true });
+  buildLoadgen();
+
+  const qsd = qsdVersion();
+  if (o.backends.includes('qsd') && !qsd) {
+    log('qemu-storage-daemon not found (Debian: apt-get install qemu-system-common, or qemu-utils from backports)');
+    return 1;
+  }
+
+  const runDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-bench-blk-'));
+  const ownImage = o.image === undefined;
+  const image = o.image ?? path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : runDir, `vhostd-bench-blk-${process.pid}.img`);
+  const cleanup = () => {
+    if (ownImage) fs.rmSync(image, { force: true });
+    fs.rmSync(runDir, { recursive: true, force: true });
+  };
+  process.once('SIGINT', () => {
+    cleanup();
+    process.exit(130);
+  });
+
+  const rows: Row[] = [];
+  try {
+    if (ownImage && o.devices.includes('file')) {
+      const fsInfo = fs.statfsSync(path.dirname(image));
+      if (fsInfo.bavail * fsInfo.bsize < o.imageSize * 1.1) {
+        throw new Error(`not enough room in ${path.dirname(image)} for a ${o.imageSize >> 20} MiB image (use --image-size or --image)`);
+      }
+      log(`creating ${o.imageSize >> 20} MiB image ${image}`);
+      createImage(image, o.imageSize);
+    } else if (!ownImage) {
+      o.imageSize = fs.statSync(image).size;
+    }
+    for (const device of o.devices) {
+      for (const c of o.cases) {
+        const row: Row = { device, rw: c.rw, iodepth: c.iodepth };
+        const runs = new Map<Backend, LoadgenResult[]>(o.backends.map((b) => [b, []]));
+        const errors = new Map<Backend, string>();
+        for (const b of o.backends) {
+          const why = unavailable(b);
+          if (why) errors.set(b, why);
+        }
+        // Alternate the back-ends run by run, so drift in machine load hits both alike.
+        for (let rep = 0; rep < o.repeat; rep++) {
+          for (const backend of o.backends) {
+            if (errors.has(backend)) continue;
+            const what = `${backend}: ${device} ${c.rw} QD${c.iodepth}${o.repeat > 1 ? ` (run ${rep + 1}/${o.repeat})` : ''}`;
+            try {
+              const r = await measureOnce(backend, device, c.rw, c.iodepth, image, o, runDir);
+              runs.get(backend)!.push(r);
+              log(`${what}: ${fmt(r.iops)} IOPS, ${fmt(r.backend_cpu_us_per_io, 1)} µs CPU/IO`);
+            } catch (e) {
+              errors.set(backend, (e as Error).message);
+              log(`${what} FAILED: ${(e as Error).message}`);
+            }
+          }
+        }
+        for (const backend of o.backends) {
+          const error = errors.get(backend);
+          row[backend] = error ? { ok: false, error, runs: runs.get(backend) } : { ok: true, result: median(runs.get(backend)!), runs: runs.get(backend) };
+        }
+        if (row.ours?.ok && row.qsd?.ok) row.ratio = row.ours.result!.iops / row.qsd.result!.iops;
+        rows.push(row);
+      }
+    }
+  } finally {
+    cleanup();
+  }
+
+  process.stdout.write(`${table(rows, o)}\n`);
+  const failures = rows.flatMap((r) => o.backends.filter((b) => r[b] && !r[b]!.ok).map((b) => `${b} ${r.device} ${r.rw} QD${r.iodepth}: ${r[b]!.error}`));
+  const report = {
+    date: new Date().toISOString(),
+    host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qsd },
+    config: { runtime_s: o.runtime, warmup_s: o.warmup, repeat: o.repeat, queues: o.queues, queue_size: o.queueSize, image_size: o.imageSize, bs: 4096 },
+    rows,
+    failures,
+  };
+  fs.writeFileSync(o.out, `${JSON.stringify(report, null, 2)}\n`);
+  process.stdout.write(`results: ${path.relative(process.cwd(), o.out) || o.out}\n`);
+  if (failures.length) {
+    process.stdout.write(`${failures.length} measurement(s) failed to run:\n${failures.map((f) => `  ${f}`).join('\n')}\n`);
+    return 1;
+  }
+  return 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    log(`failed: ${(e as Error).stack ?? String(e)}`);
+    process.exit(1);
+  },
+);
