@@ -11,7 +11,8 @@
  * leaves nothing behind: the per-run temp directory goes when the run settles, and QEMU processes still
  * running when this process exits are killed.
  *
- * Set `VHOSTD_GUEST_CONSOLE=1` to copy every guest console line to stderr as it arrives.
+ * Set `VHOSTD_GUEST_CONSOLE=1` to copy every guest console line to stderr as it arrives, and
+ * `VHOSTD_GUEST_KEEP=1` to keep each run's initramfs (its directory is printed) to boot it again by hand.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { rmSync } from 'node:fs';
@@ -86,6 +87,8 @@ export interface GuestResult {
   readonly console: string;
   /** What QEMU printed on its own stderr (warnings about devices, for example). */
   readonly qemuStderr: string;
+  /** The QEMU command line, as a shell command. */
+  readonly command: string;
   /** Exit status of the test script, from the `VHOSTD-GUEST-EXIT` marker. */
   readonly exitStatus: number;
   /** Guest uptime in seconds when /init started the script (the `VHOSTD-GUEST-READY` marker). */
@@ -185,6 +188,7 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestResult> {
   const dir = await mkdtemp(join(tmpdir(), 'vhostd-guest-'));
   installExitHook();
   liveDirs.add(dir);
+  let keep = false;
   try {
     const initrd = join(dir, 'initrd.img');
     await writeTestInitrd(image, initrd, [
@@ -192,15 +196,21 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestResult> {
       { path: GUEST_SCRIPT_PATH, data: `. ${GUEST_LIBRARY_PATH}\n${opts.script}\n`, mode: 0o755 },
       ...(opts.files ?? []),
     ]);
+    keep = envFlag('VHOSTD_GUEST_KEEP');
     return await runQemu(qemuArgs(image, initrd, opts), timeoutMs, opts.onConsoleLine);
   } finally {
     liveDirs.delete(dir);
-    await rm(dir, { recursive: true, force: true });
+    if (keep) {
+      process.stderr.write(`runGuest: kept ${dir} (VHOSTD_GUEST_KEEP)\n`);
+    } else {
+      await rm(dir, { recursive: true, force: true });
+    }
   }
 }
 
 function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => void) | undefined): Promise<GuestResult> {
-  const echo = process.env['VHOSTD_GUEST_CONSOLE'] === '1' || process.env['VHOSTD_GUEST_CONSOLE'] === 'true';
+  const echo = envFlag('VHOSTD_GUEST_CONSOLE');
+  const command = [qemuBinary(), ...args].map(shellQuote).join(' ');
   const start = Date.now();
   return new Promise((resolve, reject) => {
     const lines: string[] = [];
@@ -213,7 +223,7 @@ function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => v
     const fail = (code: GuestRunError['code'], message: string): void => {
       if (failure !== undefined) return;
       failure = new GuestRunError(
-        `${message}\n--- QEMU stderr ---\n${stderr.trim()}\n--- last console lines ---\n${tailOf(40)}`,
+        `${message}\n--- command ---\n${command}\n--- QEMU stderr ---\n${stderr.trim()}\n--- last console lines ---\n${tailOf(40)}`,
         code,
         text(),
         stderr,
@@ -273,6 +283,7 @@ function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => v
       resolve(makeResult({
         console: consoleText,
         qemuStderr: stderr,
+        command,
         exitStatus: Number(exit[1]),
         guestBootSeconds: ready === undefined ? undefined : Number(ready[1]),
         bootMs: readyAt === undefined ? undefined : readyAt - start,
@@ -290,7 +301,7 @@ function findLast(lines: readonly string[], re: RegExp): RegExpExecArray | undef
   return undefined;
 }
 
-type ResultData = Pick<GuestResult, 'console' | 'qemuStderr' | 'exitStatus' | 'guestBootSeconds' | 'bootMs' | 'durationMs'>;
+type ResultData = Pick<GuestResult, 'console' | 'qemuStderr' | 'command' | 'exitStatus' | 'guestBootSeconds' | 'bootMs' | 'durationMs'>;
 
 function makeResult(data: ResultData): GuestResult {
   const lines = data.console.split('\n');
@@ -326,6 +337,15 @@ function makeResult(data: ResultData): GuestResult {
     },
     tail: (n = 40) => lines.slice(-n).join('\n'),
   };
+}
+
+function envFlag(name: string): boolean {
+  const value = process.env[name];
+  return value === '1' || value === 'true';
+}
+
+function shellQuote(arg: string): string {
+  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replace(/'/g, `'\\''`)}'`;
 }
 
 function escapeRegExp(s: string): string {
