@@ -210,6 +210,9 @@ export interface SendOptions {
   size?: number;
 }
 
+/** One receive buffer for every channel: reads are synchronous and parse() copies what it keeps. */
+const rxBuf = new Uint8Array(65536);
+
 class Channel {
   private watcher: Watcher | null;
   private acc = new Uint8Array(0);
@@ -218,7 +221,6 @@ class Channel {
   private wake: (() => void) | null = null;
   private peerClosed = false;
   private fdClosed = false;
-  private readonly rxBuf = new Uint8Array(65536);
   /** Resolves when the peer closed the connection (EOF or reset). */
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
@@ -320,7 +322,7 @@ class Channel {
     while (!this.peerClosed) {
       let r;
       try {
-        r = native.recvMsg(this.fd, this.rxBuf, 0, this.rxBuf.length, MAX_FDS);
+        r = native.recvMsg(this.fd, rxBuf, 0, rxBuf.length, MAX_FDS);
       } catch {
         this.markPeerClosed();
         return;
@@ -333,7 +335,7 @@ class Channel {
       }
       const acc = new Uint8Array(this.acc.length + r.bytes);
       acc.set(this.acc);
-      acc.set(this.rxBuf.subarray(0, r.bytes), this.acc.length);
+      acc.set(rxBuf.subarray(0, r.bytes), this.acc.length);
       this.acc = acc;
       this.parse();
     }
@@ -844,6 +846,8 @@ export interface NegotiateOptions {
   protocolFeatures?: bigint;
   /** Skip SET_OWNER (hostile tests). */
   skipOwner?: boolean;
+  /** Behave like a front-end that predates protocol features: no GET/SET_PROTOCOL_FEATURES, no bit 30. */
+  legacy?: boolean;
 }
 
 export interface Negotiated {
@@ -1039,7 +1043,8 @@ export class Frontend {
     const offered = await this.getFeatures();
     let offeredProtocol = 0n;
     let protocol = 0n;
-    if ((offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)) !== 0n) {
+    const useProtocol = opts.legacy !== true && (offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)) !== 0n;
+    if (useProtocol) {
       offeredProtocol = await this.getProtocolFeatures();
       protocol = offeredProtocol & (opts.protocolFeatures ?? offeredProtocol);
       // SET_PROTOCOL_FEATURES itself is never acked: REPLY_ACK is not in force until it is processed.
@@ -1053,7 +1058,8 @@ export class Frontend {
       (opts.indirect === true ? bit(VIRTIO_RING_F_INDIRECT_DESC) : 0n);
     const wanted = opts.features ?? bit(VIRTIO_F_VERSION_1) | ring;
     let features = offered & wanted;
-    if (protocol !== 0n || (offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)) !== 0n) features |= bit(VHOST_USER_F_PROTOCOL_FEATURES);
+    // QEMU acknowledges VHOST_USER_F_PROTOCOL_FEATURES in SET_FEATURES whenever it used them.
+    if (useProtocol) features |= bit(VHOST_USER_F_PROTOCOL_FEATURES);
     await this.request(Request.SET_FEATURES, encodeU64(features));
     this.negotiated.features = features;
     this.ringDefaults = {

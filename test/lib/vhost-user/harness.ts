@@ -46,7 +46,9 @@ export class TestServer {
     const log =
       (level: string) =>
       (message: string, fields?: LogFields): void => {
-        ts.logs.push({ level, message, fields });
+        // Keep what tests look at (problems and coded events), not the per-connection chatter, so
+        // that long runs do not grow the heap.
+        if (level !== 'info' || fields?.code !== undefined) ts.logs.push({ level, message, fields });
       };
     const logger: Logger = { debug: () => undefined, info: log('info'), warn: log('warn'), error: log('error') };
     ts.server = await serve(device, { socketPath, logger });
@@ -79,6 +81,16 @@ export class TestServer {
         };
       });
     }
+  }
+
+  /**
+   * Wait until no front-end is attached and forget earlier events, so that a test that failed midway
+   * does not leave its disconnect for the next one.
+   */
+  async idle(timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.server.connected && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 5));
+    this.disconnects.length = 0;
   }
 
   /** Log entries carrying `code`. */

@@ -304,6 +304,7 @@ test.after.always(async () => {
 
 for (const row of rows) {
   test.serial(`${row.name} → ${row.code}`, async (t) => {
+    await ts.idle();
     const baseline = openFds();
     const scratch = new Scratch();
     const fe = ts.connect();
@@ -332,6 +333,7 @@ for (const row of rows) {
 }
 
 test.serial('a violation with NEED_REPLY under REPLY_ACK is NACKed, then the backend hangs up', async (t) => {
+  await ts.idle();
   const fe = ts.connect();
   try {
     await fe.negotiate();
@@ -351,6 +353,7 @@ test.serial('a violation with NEED_REPLY under REPLY_ACK is NACKed, then the bac
 });
 
 test.serial('a front-end that hangs up mid-message is a clean disconnect', async (t) => {
+  await ts.idle();
   const fe = ts.connect();
   await fe.negotiate();
   fe.sendRaw(encodeMessage(Request.SET_VRING_NUM, 1, encodeVringState(0, 64)).subarray(0, 15));
