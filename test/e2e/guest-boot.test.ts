@@ -3,6 +3,8 @@
  * the script and reports its status. Every other e2e test builds on this, so when this fails, look here
  * first.
  */
+import type { ExecutionContext } from 'ava';
+
 import { guestImage } from '../helpers/guest-image';
 import { guestTest } from '../helpers/guest-test';
 import { GuestRunError, runGuest } from '../helpers/qemu-guest';
@@ -41,11 +43,39 @@ guestTest('guest boots, loads the virtio drivers and reports the script status',
   t.is(result.mark('answer'), '42', why);
 });
 
-guestTest('a script that hangs is killed at the timeout, with the console in the error', async (t) => {
+/** Asserts that a rejected run left no QEMU behind. */
+function assertGone(t: ExecutionContext, pid: number | undefined): void {
+  t.not(pid, undefined);
+  t.throws(() => process.kill(pid!, 0), { code: 'ESRCH' }, `QEMU ${pid} still exists`);
+}
+
+guestTest('a run that outlasts its timeout is killed and rejected', async (t) => {
+  const err = await t.throwsAsync(runGuest({ script: 'sleep 600', timeoutMs: 2000 }), { instanceOf: GuestRunError });
+  t.is(err?.code, 'GUEST_TIMEOUT');
+  t.regex(err?.message ?? '', /within 2000 ms[^]*--- last console lines ---/);
+  assertGone(t, err?.pid);
+});
+
+guestTest('a console callback that throws ends the run, with the console in the error', async (t) => {
   const err = await t.throwsAsync(
-    runGuest({ script: 'echo about-to-hang; sleep 600', timeoutMs: 30_000 }),
+    runGuest({
+      script: 'echo about-to-hang; sleep 600',
+      onConsoleLine: (line) => {
+        if (line.includes('about-to-hang')) throw new Error('seen enough');
+      },
+    }),
     { instanceOf: GuestRunError },
   );
-  t.is(err?.code, 'GUEST_TIMEOUT');
+  t.is(err?.code, 'GUEST_CONSOLE_CALLBACK');
+  t.regex(err?.message ?? '', /seen enough/);
+  t.true(err?.console.includes('VHOSTD-GUEST-READY'), err?.message);
   t.true(err?.console.includes('about-to-hang'), err?.message);
+  assertGone(t, err?.pid);
+});
+
+guestTest('a guest kernel panic ends the run without an exit marker', async (t) => {
+  const err = await t.throwsAsync(runGuest({ script: 'echo c > /proc/sysrq-trigger; sleep 600' }), { instanceOf: GuestRunError });
+  t.is(err?.code, 'GUEST_NO_EXIT_MARKER');
+  t.regex(err?.console ?? '', /Kernel panic/, err?.message);
+  assertGone(t, err?.pid);
 });

@@ -92,14 +92,9 @@ const building = new Map<string, Promise<GuestImage>>();
 /**
  * Ensures the cached guest image exists and returns its paths. The first call in a process runs the build
  * script, which answers from the cache in about a second (it asks apt which kernel is current) or builds
- * in about ten; later calls share that result. `VHOSTD_GUEST_IMAGE=<dir>` (set by .ci/run after it built
- * the image) skips the script altogether.
+ * in about ten; later calls share that result.
  */
 export function guestImage(opts: { cacheDir?: string } = {}): Promise<GuestImage> {
-  const preset = process.env['VHOSTD_GUEST_IMAGE'];
-  if (preset !== undefined && preset !== '' && opts.cacheDir === undefined) {
-    return Promise.resolve().then(() => readGuestImage(preset));
-  }
   const cacheKey = opts.cacheDir ?? '';
   let image = building.get(cacheKey);
   if (image === undefined) {

@@ -115,6 +115,8 @@ export class GuestRunError extends Error {
     readonly code: 'GUEST_TIMEOUT' | 'GUEST_NO_EXIT_MARKER' | 'GUEST_QEMU_SPAWN' | 'GUEST_CONSOLE_CALLBACK',
     readonly console: string,
     readonly qemuStderr: string,
+    /** QEMU's pid, gone by the time the error is thrown; undefined when it never started. */
+    readonly pid: number | undefined,
   ) {
     super(message);
     this.name = 'GuestRunError';
@@ -227,6 +229,7 @@ function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => v
         code,
         text(),
         stderr,
+        child.pid,
       );
       child.kill('SIGKILL');
     };
