@@ -38,6 +38,11 @@ import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from '
 
 const USED_BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
 
+/**
+ * A packed ring's device side. Construct through `createVirtqueue`; throws RingError VIRTQ_NO_RING when
+ * a ring area is unmapped or misaligned, VIRTQ_BAD_BASE when the base names a slot outside the ring.
+ * `pop` returns null after `burst` chains until `flush`.
+ */
 export class PackedRing implements Virtqueue {
   readonly size: number;
   readonly counters: QueueCounters = { requests: 0, bytesWritten: 0, bytesRead: 0, notifications: 0, batches: 0 };

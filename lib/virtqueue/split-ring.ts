@@ -23,6 +23,10 @@ import { vringNeedEvent } from './notify';
 import { ringArea, u16, u32 } from './ring-area';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
 
+/**
+ * A split ring's device side. Construct through `createVirtqueue`; throws RingError VIRTQ_NO_RING when
+ * a ring area is unmapped or misaligned. `pop` returns null after `burst` chains until `flush`.
+ */
 export class SplitRing implements Virtqueue {
   readonly size: number;
   readonly counters: QueueCounters = { requests: 0, bytesWritten: 0, bytesRead: 0, notifications: 0, batches: 0 };
