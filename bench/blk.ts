@@ -11,7 +11,7 @@
  *
  *   node build/bench/blk.js [--runtime 5] [--warmup 1] [--repeat 1] [--queues 1] [--image-size 1G]
  *                           [--only ours|qsd] [--devices file,null] [--cases randread:1,randwrite:32]
- *                           [--image PATH] [--out build/bench/blk-results.json] [--verbose]
+ *                           [--image PATH] [--out build/bench/blk-results.json] [--qsd-iothread] [--verbose]
  *
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
@@ -44,6 +44,8 @@ interface Options {
   cases: { rw: Rw; iodepth: number }[];
   out: string;
   verbose: boolean;
+  /** Run qsd's export in an iothread (adaptive polling) instead of its main loop. */
+  qsdIothread: boolean;
 }
 
 /** What blk-loadgen prints (the fields the runner uses; the JSON file keeps all of them). */
@@ -107,6 +109,7 @@ function parseOptions(argv: string[]): Options {
     ],
     out: path.join(buildDir, 'blk-results.json'),
     verbose: false,
+    qsdIothread: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -130,6 +133,7 @@ function parseOptions(argv: string[]): Options {
       case '--image': o.image = value(); break;
       case '--out': o.out = path.resolve(value()); break;
       case '--verbose': case '-v': o.verbose = true; break;
+      case '--qsd-iothread': o.qsdIothread = true; break;
       case '--only': {
         const v = value();
         if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
@@ -188,10 +192,13 @@ function qsdArgs(device: Device, image: string, socket: string, o: Options): str
         ]
       : // read-zeroes=off: reads leave guest memory alone, as our --null does; both are pure overhead.
         ['--blockdev', `driver=null-co,node-name=disk0,size=${o.imageSize},read-zeroes=off`];
+  const iothread = o.qsdIothread ? ['--object', 'iothread,id=iothread0'] : [];
   return [
+    ...iothread,
     ...disk,
     '--export',
-    `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=${o.queues}`,
+    `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=${o.queues}` +
+      (o.qsdIothread ? ',iothread=iothread0' : ''),
   ];
 }
 
@@ -364,6 +371,8 @@ async function main(): Promise<number> {
   buildLoadgen();
 
   const qsd = qsdVersion();
+  // Other work on the machine skews absolute numbers; the report records how busy it was.
+  const loadavgStart = os.loadavg();
   if (o.backends.includes('qsd') && !qsd) {
     log('qemu-storage-daemon not found (Debian: apt-get install qemu-system-common, or qemu-utils from backports)');
     return 1;
@@ -430,11 +439,16 @@ async function main(): Promise<number> {
   }
 
   process.stdout.write(`${table(rows, o)}\n`);
+  const la = (l: number[]) => l.map((x) => x.toFixed(1)).join(' ');
+  process.stdout.write(`machine: ${os.cpus().length} CPUs, load average ${la(loadavgStart)} at start, ${la(os.loadavg())} at end; ${qsd ?? 'no qsd'}\n`);
   const failures = rows.flatMap((r) => o.backends.filter((b) => r[b] && !r[b]!.ok).map((b) => `${b} ${r.device} ${r.rw} QD${r.iodepth}: ${r[b]!.error}`));
   const report = {
     date: new Date().toISOString(),
     host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qsd },
-    config: { runtime_s: o.runtime, warmup_s: o.warmup, repeat: o.repeat, queues: o.queues, queue_size: o.queueSize, image_size: o.imageSize, bs: 4096 },
+    config: {
+      runtime_s: o.runtime, warmup_s: o.warmup, repeat: o.repeat, queues: o.queues, queue_size: o.queueSize,
+      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
+    },
     rows,
     failures,
   };
