@@ -5,7 +5,7 @@ import path from 'node:path';
 import test from 'ava';
 
 import { native } from '../../native';
-import { nativeError, tempDir } from './helpers';
+import { nativeError, run, tempDir } from './helpers';
 
 const PAGE = 4096;
 
@@ -131,4 +131,16 @@ test('deviceSize and logicalBlockSize of a block device (loop device, if one can
   } finally {
     execFileSync('losetup', ['--detach', dev]);
   }
+});
+
+test('an exception thrown by the ioAsync callback surfaces as an uncaught exception', async (t) => {
+  const index = path.resolve(__dirname, '..', '..', 'native', 'index.js');
+  const script = `
+    const { native } = require(${JSON.stringify(index)});
+    process.on('uncaughtException', (err) => console.log('caught: ' + err.message));
+    native.ioAsync(false, 0, 0, new Float64Array(0), new Float64Array(0), () => { throw new Error('io boom'); });
+  `;
+  const out = await run(process.execPath, ['-e', script]);
+  t.is(out.status, 0, out.stderr);
+  t.is(out.stdout.trim(), 'caught: io boom');
 });
