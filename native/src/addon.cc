@@ -13,7 +13,6 @@ Napi::Value Initialize(const Napi::CallbackInfo& info) {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
-  data->env = env;
   env.SetInstanceData(data);  // deleted (and its mappings unmapped) when the environment goes away
 
   exports.Set("initialize", Napi::Function::New(env, Initialize, "initialize"));

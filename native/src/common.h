@@ -30,7 +30,6 @@ struct AddonData {
   Napi::FunctionReference ioUringClass;
   std::unordered_map<uint32_t, MappingEntry> mappings;
   uint32_t nextMappingId = 1;
-  napi_env env = nullptr;
 
   AddonData() = default;
   AddonData(const AddonData&) = delete;
