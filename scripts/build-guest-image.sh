@@ -38,8 +38,14 @@ mkdir -p "$debs" "$images"
 
 # One apt-cache call (it reparses the package lists each time, about a second here): the candidate
 # linux-image-amd64, whose Depends names the kernel package (and pins its version), and busybox-static.
-meta=$(apt-cache show --no-all-versions linux-image-amd64 busybox-static 2>/dev/null) ||
-  die "apt-cache knows no linux-image-amd64 or busybox-static (run apt-get update or scripts/install-deps.sh)"
+if ! meta=$(apt-cache show --no-all-versions linux-image-amd64 busybox-static 2>/dev/null); then
+  # Without apt's lists (cleaned, or another distribution), the newest image already built still serves.
+  newest=$(find "$images" -mindepth 2 -maxdepth 2 -name manifest.json -printf '%T@ %h\n' 2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2-)
+  [ -n "$newest" ] || die "apt-cache knows no linux-image-amd64 or busybox-static (run apt-get update or scripts/install-deps.sh)"
+  log "apt-cache knows no linux-image-amd64; using the newest cached image"
+  printf '%s\n' "$newest"
+  exit 0
+fi
 field() { # field PACKAGE FIELD: a field of PACKAGE's stanza in $meta
   awk -v pkg="$1" -v field="$2" '
     /^Package: / { inpkg = ($2 == pkg) }
