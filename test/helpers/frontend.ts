@@ -43,16 +43,14 @@ import {
   VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
-  VRING_DESC_F_INDIRECT,
-  VRING_DESC_F_NEXT,
-  VRING_DESC_F_WRITE,
-  VRING_PACKED_DESC_F_AVAIL,
-  VRING_PACKED_DESC_F_USED,
+  VRING_AVAIL_F_NO_INTERRUPT,
   VRING_PACKED_EVENT_FLAG_DESC,
   VRING_PACKED_EVENT_FLAG_DISABLE,
+  VRING_PACKED_EVENT_FLAG_ENABLE,
   VRING_USED_F_NO_NOTIFY,
   bit,
 } from '../../lib/virtio/constants';
+import { PackedDriverRing, SplitDriverRing, packedRingLayout, splitRingLayout, type UsedElement } from './driver-ring';
 
 export const DEFAULT_TIMEOUT_MS = 5000;
 
@@ -545,11 +543,6 @@ export interface PlacedSegment {
   writable: boolean;
 }
 
-export interface UsedElement {
-  id: number;
-  len: number;
-}
-
 /** What the Frontend needs from a ring driver (split or packed). */
 export interface RingDriver {
   readonly size: number;
@@ -574,108 +567,59 @@ const u16 = (v: number): number => v & 0xffff;
 const needEvent = (event: number, newIdx: number, old: number): boolean => u16(newIdx - event - 1) < u16(newIdx - old);
 
 /**
- * Split virtqueue, driver side (virtio 1.2 §2.7): descriptor table (16 × size), available ring
- * (flags, idx, ring[size], used_event), used ring (flags, idx, ring[size] of {id u32, len u32},
- * avail_event).
+ * Split ring (virtio 1.2 §2.7) on top of driver-ring.ts's {@link SplitDriverRing}, adding what a
+ * front-end needs around it: the rings placed in one region, the kick decision (EVENT_IDX
+ * avail_event or used.flags NO_NOTIFY) and used_event kept at the last used index seen.
  */
-export class SplitDriver implements RingDriver {
+export class SplitQueueDriver implements RingDriver {
+  readonly ring: SplitDriverRing;
   readonly areas: { desc: number; avail: number; used: number };
   readonly initialBase = 0;
-  private readonly free: number[] = [];
-  /** Descriptor indexes held by each in-flight head. */
-  private readonly held = new Map<number, number[]>();
-  private availIdx = 0;
   private published = 0;
-  private lastUsed = 0;
   private interrupts = true;
 
   constructor(
-    private readonly mem: FrontendMemory,
+    mem: FrontendMemory,
     readonly size: number,
     private readonly eventIdx: boolean,
     region: FrontendRegion,
   ) {
-    const used = region.allocRing(6 + 8 * size, 4);
-    const avail = region.allocRing(6 + 2 * size, 2);
-    const desc = region.allocRing(16 * size, 16);
-    this.areas = { desc, avail, used };
-    for (let i = size - 1; i >= 0; i--) this.free.push(i);
-    mem.view(desc, 16 * size).fill(0);
-    mem.view(avail, 6 + 2 * size).fill(0);
-    mem.view(used, 6 + 8 * size).fill(0);
+    const layout = splitRingLayout(size, region.allocRing(splitRingLayout(size, 0).end, 16));
+    this.ring = new SplitDriverRing(mem, { size, desc: layout.desc, avail: layout.avail, used: layout.used });
+    this.areas = { desc: layout.desc, avail: layout.avail, used: layout.used };
   }
 
   get freeDescriptors(): number {
-    return this.free.length;
-  }
-
-  private writeDesc(at: number, addr: number, len: number, flags: number, next: number): void {
-    const dv = this.mem.dataView(at, 16);
-    dv.setBigUint64(0, BigInt(addr), true);
-    dv.setUint32(8, len, true);
-    dv.setUint16(12, flags, true);
-    dv.setUint16(14, next, true);
+    return this.ring.freeDescriptors;
   }
 
   add(segments: readonly PlacedSegment[], indirectGpa?: number): number {
-    const direct = indirectGpa === undefined ? segments.length : 1;
-    if (direct > this.free.length || segments.length === 0) throw new FrontendError('FRONTEND_RING_FULL', 'no free descriptors');
-    const ids = this.free.splice(this.free.length - direct, direct).reverse();
-    const head = ids[0]!;
-    this.held.set(head, ids);
-    if (indirectGpa !== undefined) {
-      segments.forEach((s, i) => {
-        const last = i === segments.length - 1;
-        const flags = (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT);
-        this.writeDesc(indirectGpa + 16 * i, s.gpa, s.len, flags, last ? 0 : i + 1);
-      });
-      this.writeDesc(this.areas.desc + 16 * head, indirectGpa, 16 * segments.length, VRING_DESC_F_INDIRECT, 0);
-    } else {
-      segments.forEach((s, i) => {
-        const last = i === segments.length - 1;
-        const flags = (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT);
-        this.writeDesc(this.areas.desc + 16 * ids[i]!, s.gpa, s.len, flags, last ? 0 : ids[i + 1]!);
-      });
-    }
-    this.pushHead(head);
-    return head;
+    return this.ring.addChain(
+      segments.map((s) => ({ addr: s.gpa, len: s.len, writable: s.writable })),
+      { indirect: indirectGpa },
+    );
   }
 
-  /** Put a raw head index in the available ring (hostile tests: a head ≥ size). */
+  /** Put a raw head index in the next available ring entry (hostile tests: a head ≥ size). */
   pushHead(head: number): void {
-    const dv = this.mem.dataView(this.areas.avail, 6 + 2 * this.size);
-    dv.setUint16(4 + 2 * (this.availIdx % this.size), head, true);
-    this.availIdx = u16(this.availIdx + 1);
+    this.ring.writeAvailRing(this.ring.availIdx, head);
+    this.ring.availIdx = u16(this.ring.availIdx + 1);
   }
 
   publish(): boolean {
     const old = this.published;
-    const dv = this.mem.dataView(this.areas.avail, 6 + 2 * this.size);
-    dv.setUint16(2, this.availIdx, true);
-    this.published = this.availIdx;
-    const used = this.mem.dataView(this.areas.used, 6 + 8 * this.size);
-    if (this.eventIdx) return needEvent(used.getUint16(4 + 8 * this.size, true), this.availIdx, old);
-    return (used.getUint16(0, true) & VRING_USED_F_NO_NOTIFY) === 0;
+    this.ring.publish();
+    this.published = this.ring.availIdx;
+    if (this.eventIdx) return needEvent(this.ring.availEvent(), this.published, old);
+    return (this.ring.usedFlags() & VRING_USED_F_NO_NOTIFY) === 0;
   }
 
   takeUsed(): UsedElement[] {
-    const dv = this.mem.dataView(this.areas.used, 6 + 8 * this.size);
-    const idx = dv.getUint16(2, true);
-    const out: UsedElement[] = [];
-    if (u16(idx - this.lastUsed) > this.size) {
-      throw new FrontendError('FRONTEND_BAD_USED', `used.idx jumped from ${this.lastUsed} to ${idx}`);
-    }
-    while (this.lastUsed !== idx) {
-      const at = 4 + 8 * (this.lastUsed % this.size);
-      const id = dv.getUint32(at, true);
-      const len = dv.getUint32(at + 4, true);
-      const ids = this.held.get(id);
-      if (ids === undefined) throw new FrontendError('FRONTEND_BAD_USED', `used id ${id} is not in flight`);
-      this.held.delete(id);
-      this.free.push(...ids);
-      out.push({ id, len });
-      this.lastUsed = u16(this.lastUsed + 1);
-    }
+    const seen = this.ring.lastUsed;
+    const idx = this.ring.usedIdx();
+    // virtio 1.2 §2.7.14: the device can never have used more than the ring holds.
+    if (u16(idx - seen) > this.size) throw new FrontendError('FRONTEND_BAD_USED', `used.idx jumped from ${seen} to ${idx}`);
+    const out = this.ring.takeUsed().map(({ id, len }) => ({ id, len }));
     this.refreshInterrupts();
     return out;
   }
@@ -686,149 +630,75 @@ export class SplitDriver implements RingDriver {
   }
 
   private refreshInterrupts(): void {
-    const dv = this.mem.dataView(this.areas.avail, 6 + 2 * this.size);
     if (this.eventIdx) {
       // Ask for a notification as soon as the device uses anything past what we have seen.
-      dv.setUint16(4 + 2 * this.size, this.interrupts ? this.lastUsed : u16(this.lastUsed - 1), true);
+      this.ring.setUsedEvent(this.interrupts ? this.ring.lastUsed : u16(this.ring.lastUsed - 1));
     } else {
-      dv.setUint16(0, this.interrupts ? 0 : 1, true);
+      this.ring.setAvailFlags(this.interrupts ? 0 : VRING_AVAIL_F_NO_INTERRUPT);
     }
   }
 }
 
 /**
- * Packed virtqueue, driver side (virtio 1.2 §2.8): a descriptor ring of {addr u64, len u32, id u16,
- * flags u16}, a driver event suppression area and a device event suppression area
- * ({off_wrap u16, flags u16} each).
+ * Packed ring (virtio 1.2 §2.8) on top of driver-ring.ts's {@link PackedDriverRing}, adding the
+ * rings' placement, QEMU's SET_VRING_BASE layout and the kick decision from the device event
+ * suppression area (§2.8.10, as Linux virtqueue_kick_prepare_packed computes it).
  */
-export class PackedDriver implements RingDriver {
+export class PackedQueueDriver implements RingDriver {
+  readonly ring: PackedDriverRing;
   readonly areas: { desc: number; avail: number; used: number };
-  /** QEMU layout: avail index | avail wrap << 15 | (used index | used wrap << 15) << 16. */
-  readonly initialBase = 0x8000 | (0x8000 << 16);
-  private nextAvail = 0;
-  private availWrap = 1;
-  private nextUsed = 0;
-  private usedWrap = 1;
-  private free: number;
-  private readonly freeIds: number[] = [];
-  private readonly idDescs = new Map<number, number>();
+  /** Descriptors added since the last publish. */
   private added = 0;
-  /** Head descriptors written but not yet made available (flags written at publish). */
-  private readonly heads: Array<{ pos: number; flags: number }> = [];
 
   constructor(
-    private readonly mem: FrontendMemory,
+    mem: FrontendMemory,
     readonly size: number,
     region: FrontendRegion,
   ) {
-    const device = region.allocRing(4, 4);
-    const driver = region.allocRing(4, 4);
-    const desc = region.allocRing(16 * size, 16);
-    this.areas = { desc, avail: driver, used: device };
-    this.free = size;
-    for (let i = size - 1; i >= 0; i--) this.freeIds.push(i);
-    mem.view(desc, 16 * size).fill(0);
-    mem.view(driver, 4).fill(0);
-    mem.view(device, 4).fill(0);
+    const layout = packedRingLayout(size, region.allocRing(packedRingLayout(size, 0).end, 16));
+    this.ring = new PackedDriverRing(mem, { size, desc: layout.desc, driverEvent: layout.driverEvent, deviceEvent: layout.deviceEvent });
+    this.areas = { desc: layout.desc, avail: layout.driverEvent, used: layout.deviceEvent };
+  }
+
+  /** QEMU layout: avail index | avail wrap << 15 | (used index | used wrap << 15) << 16. */
+  get initialBase(): number {
+    const r = this.ring;
+    return (r.nextAvail | (r.availWrap << 15)) + (r.nextUsed | (r.usedWrap << 15)) * 0x10000;
   }
 
   get freeDescriptors(): number {
-    return this.free;
-  }
-
-  private writeDesc(at: number, addr: number, len: number, id: number, flags: number): void {
-    const dv = this.mem.dataView(at, 16);
-    dv.setBigUint64(0, BigInt(addr), true);
-    dv.setUint32(8, len, true);
-    dv.setUint16(12, id, true);
-    dv.setUint16(14, flags, true);
-  }
-
-  private availFlags(): number {
-    return this.availWrap === 1 ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED;
+    return this.ring.freeSlots;
   }
 
   add(segments: readonly PlacedSegment[], indirectGpa?: number): number {
-    const n = indirectGpa === undefined ? segments.length : 1;
-    if (n > this.free || segments.length === 0) throw new FrontendError('FRONTEND_RING_FULL', 'no free descriptors');
-    const id = this.freeIds.pop()!;
-    this.idDescs.set(id, n);
-    this.free -= n;
-    const ring = this.areas.desc;
-    if (indirectGpa !== undefined) {
-      // §2.8.19: the indirect table holds packed descriptors; only WRITE matters in them.
-      segments.forEach((s, i) => this.writeDesc(indirectGpa + 16 * i, s.gpa, s.len, id, s.writable ? VRING_DESC_F_WRITE : 0));
-      this.heads.push({ pos: this.nextAvail, flags: VRING_DESC_F_INDIRECT | this.availFlags() });
-      this.writeDesc(ring + 16 * this.nextAvail, indirectGpa, 16 * segments.length, id, 0);
-      this.advanceAvail();
-    } else {
-      segments.forEach((s, i) => {
-        const last = i === segments.length - 1;
-        const flags = (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT) | this.availFlags();
-        if (i === 0) {
-          // The head's flags go last, at publish, so the device never sees a half-written chain.
-          this.heads.push({ pos: this.nextAvail, flags });
-          this.writeDesc(ring + 16 * this.nextAvail, s.gpa, s.len, id, 0);
-        } else {
-          this.writeDesc(ring + 16 * this.nextAvail, s.gpa, s.len, id, flags);
-        }
-        this.advanceAvail();
-      });
-    }
-    this.added += n;
+    const id = this.ring.addChain(
+      segments.map((s) => ({ addr: s.gpa, len: s.len, writable: s.writable })),
+      { indirect: indirectGpa },
+    );
+    this.added += indirectGpa === undefined ? segments.length : 1;
     return id;
   }
 
-  private advanceAvail(): void {
-    if (++this.nextAvail === this.size) {
-      this.nextAvail = 0;
-      this.availWrap ^= 1;
-    }
-  }
-
   publish(): boolean {
-    for (const h of this.heads) this.mem.dataView(this.areas.desc + 16 * h.pos + 14, 2).setUint16(0, h.flags, true);
-    this.heads.length = 0;
+    this.ring.publish();
     const added = this.added;
     this.added = 0;
-    const dev = this.mem.dataView(this.areas.used, 4);
-    const flags = dev.getUint16(2, true) & 0x3;
+    const ev = this.ring.deviceEvent();
+    const flags = ev.flags & 0x3;
     if (flags === VRING_PACKED_EVENT_FLAG_DISABLE) return false;
     if (flags !== VRING_PACKED_EVENT_FLAG_DESC) return true;
-    // Linux virtqueue_kick_prepare_packed: compare the device's event offset with what we added.
-    const offWrap = dev.getUint16(0, true);
-    let event = offWrap & 0x7fff;
-    if (offWrap >> 15 !== this.availWrap) event -= this.size;
-    const newIdx = this.nextAvail;
+    let event = ev.offset;
+    if (ev.wrap !== this.ring.availWrap) event -= this.size;
+    const newIdx = this.ring.nextAvail;
     return needEvent(u16(event), newIdx, u16(newIdx - added));
   }
 
   takeUsed(): UsedElement[] {
-    const out: UsedElement[] = [];
-    for (;;) {
-      const dv = this.mem.dataView(this.areas.desc + 16 * this.nextUsed, 16);
-      const flags = dv.getUint16(14, true);
-      const avail = (flags & VRING_PACKED_DESC_F_AVAIL) !== 0 ? 1 : 0;
-      const used = (flags & VRING_PACKED_DESC_F_USED) !== 0 ? 1 : 0;
-      if (avail !== used || used !== this.usedWrap) return out;
-      const id = dv.getUint16(12, true);
-      const n = this.idDescs.get(id);
-      if (n === undefined) throw new FrontendError('FRONTEND_BAD_USED', `used id ${id} is not in flight`);
-      this.idDescs.delete(id);
-      this.freeIds.push(id);
-      this.free += n;
-      out.push({ id, len: dv.getUint32(8, true) });
-      this.nextUsed += n;
-      if (this.nextUsed >= this.size) {
-        this.nextUsed -= this.size;
-        this.usedWrap ^= 1;
-      }
-    }
+    return this.ring.takeUsed().map(({ id, len }) => ({ id, len }));
   }
 
   setInterrupts(on: boolean): void {
-    // Driver event suppression: flags ENABLE (0) or DISABLE (1).
-    this.mem.dataView(this.areas.avail + 2, 2).setUint16(0, on ? 0 : VRING_PACKED_EVENT_FLAG_DISABLE, true);
+    this.ring.setDriverEvent(on ? VRING_PACKED_EVENT_FLAG_ENABLE : VRING_PACKED_EVENT_FLAG_DISABLE);
   }
 }
 
@@ -1109,7 +979,7 @@ export class Frontend {
     const eventIdx = opts.eventIdx ?? this.ringDefaults.eventIdx;
     const region = this.memory.regions[opts.ringRegion ?? 0];
     if (region === undefined) throw new RangeError('no such region for the rings');
-    const driver: RingDriver = packed ? new PackedDriver(this.memory, size, region) : new SplitDriver(this.memory, size, eventIdx, region);
+    const driver: RingDriver = packed ? new PackedQueueDriver(this.memory, size, region) : new SplitQueueDriver(this.memory, size, eventIdx, region);
     this.releaseQueue(index);
     const kickFd = native.eventfd(0);
     const callFd = native.eventfd(0);
@@ -1305,7 +1175,8 @@ export class Frontend {
   takeCompletions(index: number): Completion[] {
     const q = this.queue(index);
     return q.driver.takeUsed().map(({ id, len }) => {
-      const segs = q.inflight.get(id) ?? [];
+      const segs = q.inflight.get(id);
+      if (segs === undefined) throw new FrontendError('FRONTEND_BAD_USED', `queue ${index}: used id ${id} is not in flight`);
       q.inflight.delete(id);
       const total = segs.reduce((n, s) => n + s.len, 0);
       const out = new Uint8Array(Math.min(len, total));

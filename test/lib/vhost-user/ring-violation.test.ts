@@ -5,7 +5,7 @@
  */
 import test from 'ava';
 
-import { DEFAULT_LAYOUT, SplitDriver } from '../../helpers/frontend';
+import { DEFAULT_LAYOUT, SplitQueueDriver } from '../../helpers/frontend';
 import { TestDevice, transform } from '../../helpers/test-device';
 import { TestServer, assertServes, pattern } from './harness';
 
@@ -26,7 +26,7 @@ test('a head index out of range breaks that queue only', async (t) => {
   t.deepEqual((await fe.transfer(1, { readable: [{ data }], writable: [{ length: 64 }] })).written, transform(1, data));
 
   // The driver puts head 16 + 3 (≥ queue size 16) in the available ring and kicks.
-  const driver = q0.driver as SplitDriver;
+  const driver = q0.driver as SplitQueueDriver;
   driver.pushHead(19);
   driver.publish();
   fe.kick(0);
