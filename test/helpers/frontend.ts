@@ -62,7 +62,6 @@ export type FrontendErrorCode =
   | 'FRONTEND_NACK'
   | 'FRONTEND_SEND_FAILED'
   | 'FRONTEND_NO_MEMORY'
-  | 'FRONTEND_RING_FULL'
   | 'FRONTEND_BAD_USED';
 
 export class FrontendError extends Error {
@@ -275,11 +274,6 @@ class Channel {
         };
       });
     }
-  }
-
-  /** Messages received and not consumed yet. */
-  get pending(): readonly Message[] {
-    return this.inbox;
   }
 
   /** Wait until the peer closes; true if it did within `timeoutMs`. */
