@@ -15,8 +15,8 @@
  * `VHOSTD_GUEST_KEEP=1` to keep each run's initramfs (its directory is printed) to boot it again by hand.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { rmSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { existsSync, rmSync } from 'node:fs';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -145,7 +145,10 @@ export function qemuMissingReason(): string | undefined {
 }
 
 // QEMU children and temp dirs of runs in flight, released if the process exits first (an ava timeout,
-// a crash): nothing may outlive the test process.
+// a crash): nothing may outlive the test process. A process killed by a signal runs no exit hook, so
+// QEMU also starts under `setpriv --pdeathsig KILL` (util-linux) where that exists: the kernel kills it
+// when its parent dies, however that happens.
+const PDEATHSIG = ['/usr/bin/setpriv', '/bin/setpriv'].find((path) => existsSync(path));
 const live = new Set<ChildProcess>();
 const liveDirs = new Set<string>();
 let exitHookInstalled = false;
@@ -156,6 +159,30 @@ function installExitHook(): void {
     for (const child of live) child.kill('SIGKILL');
     for (const dir of liveDirs) rmSync(dir, { recursive: true, force: true });
   });
+}
+
+// Temp dirs are named after the pid that made them; those of dead processes (killed before their exit
+// hook could run) are removed by the next run.
+const TEMP_PREFIX = 'vhostd-guest-';
+let sweptStaleDirs = false;
+async function sweepStaleDirs(): Promise<void> {
+  if (sweptStaleDirs) return;
+  sweptStaleDirs = true;
+  for (const name of await readdir(tmpdir()).catch(() => [])) {
+    const pid = new RegExp(`^${TEMP_PREFIX}(\\d+)-`).exec(name)?.[1];
+    if (pid !== undefined && !processExists(Number(pid))) {
+      await rm(join(tmpdir(), name), { recursive: true, force: true });
+    }
+  }
+}
+
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 /** The QEMU command line of a run, without the binary. */
@@ -187,7 +214,8 @@ export function qemuArgs(image: GuestImage, initrd: string, opts: Pick<RunGuestO
 export async function runGuest(opts: RunGuestOptions): Promise<GuestResult> {
   const image = opts.image ?? (await guestImage());
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const dir = await mkdtemp(join(tmpdir(), 'vhostd-guest-'));
+  await sweepStaleDirs();
+  const dir = await mkdtemp(join(tmpdir(), `${TEMP_PREFIX}${process.pid}-`));
   installExitHook();
   liveDirs.add(dir);
   let keep = false;
@@ -234,7 +262,10 @@ function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => v
       child.kill('SIGKILL');
     };
 
-    const child = spawn(qemuBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child =
+      PDEATHSIG === undefined
+        ? spawn(qemuBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] })
+        : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemuBinary(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     live.add(child);
     const timer = setTimeout(() => fail('GUEST_TIMEOUT', `guest did not finish within ${timeoutMs} ms`), timeoutMs);
 
