@@ -218,6 +218,11 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
       if (reply !== undefined) this.send(message.request, reply);
       else if (needReply) this.send(message.request, u64(0n));
     } catch (err) {
+      if (err instanceof RequestRefused) {
+        this.logger.warn(`${name} refused: ${err.message}`);
+        if (needReply) this.send(message.request, u64(1n));
+        return;
+      }
       if (needReply && !this.closed) {
         // REPLY_ACK: a non-zero u64 tells the front-end the request failed before we hang up.
         this.trySend(message.request, u64(1n));
@@ -262,6 +267,12 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     this.counters.requests.set(name, (this.counters.requests.get(name) ?? 0) + 1);
   }
 }
+
+/**
+ * A request that is well formed but cannot be carried out (a driver's config write the device
+ * refuses): answered with a NACK when the front-end asked for a reply; the connection stays.
+ */
+export class RequestRefused extends Error {}
 
 /** A u64 payload. */
 export function u64(value: bigint): Uint8Array {

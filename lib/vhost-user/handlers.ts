@@ -20,7 +20,7 @@ import {
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from '../virtio/constants';
-import { u64, type VhostUserConnection } from './connection';
+import { RequestRefused, u64, type VhostUserConnection } from './connection';
 import {
   CONFIG_HEADER_SIZE,
   MAX_CONFIG_SIZE,
@@ -179,7 +179,7 @@ function replaceMemory(c: VhostUserConnection, regions: readonly GuestRegion[]):
 function takeVringFd(message: Message): { index: number; fd: number } {
   const value = message.view.getBigUint64(0, true);
   if ((value & ~BigInt(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0n) {
-    throw new ProtocolError('VHOST_USER_BAD_SIZE', `vring fd payload 0x${value.toString(16)} has unknown bits set`);
+    throw new ProtocolError('VHOST_USER_BAD_PAYLOAD', `vring fd payload 0x${value.toString(16)} has unknown bits set`);
   }
   const noFd = (value & BigInt(VRING_NOFD_MASK)) !== 0n;
   const expected = noFd ? 0 : 1;
@@ -400,7 +400,7 @@ const entries: Record<number, EntrySpec> = {
     handle(c, m) {
       const vring = vringAt(c, m.view.getUint32(0, true));
       const enable = m.view.getUint32(4, true);
-      if (enable > 1) throw new ProtocolError('VHOST_USER_BAD_SIZE', `SET_VRING_ENABLE value ${enable} is not 0 or 1`);
+      if (enable > 1) throw new ProtocolError('VHOST_USER_BAD_PAYLOAD', `SET_VRING_ENABLE value ${enable} is not 0 or 1`);
       vring.setEnabled(enable === 1);
       return undefined;
     },
@@ -440,8 +440,14 @@ const entries: Record<number, EntrySpec> = {
     requires: ProtocolFeature.CONFIG,
     handle(c, m) {
       const { offset, size } = checkConfigRequest(m);
-      if (c.device.setConfig === undefined) throw new ProtocolError('VHOST_USER_BAD_CONFIG', 'device config space is read-only');
-      c.device.setConfig(offset, m.payload.slice(CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + size));
+      // The guest driver chose these bytes, so a refused write is the guest's mistake, not the
+      // front-end's: refuse the request (NACK with REPLY_ACK) and keep the connection.
+      if (c.device.setConfig === undefined) throw new RequestRefused(`config space is read-only (write of ${size} bytes at ${offset})`);
+      try {
+        c.device.setConfig(offset, m.payload.slice(CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + size));
+      } catch (err) {
+        throw new RequestRefused(`config write of ${size} bytes at ${offset} refused: ${(err as Error).message}`);
+      }
       return undefined;
     },
   },
@@ -452,7 +458,7 @@ const entries: Record<number, EntrySpec> = {
     requires: ProtocolFeature.STATUS,
     handle(c, m) {
       const status = m.view.getBigUint64(0, true);
-      if (status > 0xffn) throw new ProtocolError('VHOST_USER_BAD_SIZE', `device status 0x${status.toString(16)} exceeds 8 bits`);
+      if (status > 0xffn) throw new ProtocolError('VHOST_USER_BAD_PAYLOAD', `device status 0x${status.toString(16)} exceeds 8 bits`);
       c.status = Number(status);
       return undefined;
     },

@@ -65,13 +65,12 @@ test('config space: read, write, refusal of read-only bytes', async (t) => {
   await fe.setConfig(8, Uint8Array.of(1, 2, 3));
   t.deepEqual(await fe.getConfig(6, 6), Uint8Array.of(0xa6, 0xa7, 1, 2, 3, 0xab));
   t.deepEqual(device.config.subarray(8, 11), Uint8Array.of(1, 2, 3));
-  // The device refuses a write to bytes 0..7: the front-end sees a NACK (and the connection ends).
+  // The device refuses a write to bytes 0..7: the guest chose those bytes, so the front-end gets a
+  // NACK and the connection stays up.
   const err = await t.throwsAsync(fe.setConfig(0, Uint8Array.of(9)));
-  t.true(err instanceof FrontendError && (err.code === 'FRONTEND_NACK' || err.code === 'FRONTEND_PEER_CLOSED'), String(err));
+  t.true(err instanceof FrontendError && err.code === 'FRONTEND_NACK', String(err));
   t.is(device.config[0], 0xa0, 'read-only byte unchanged');
-  const ev = await ts.nextDisconnect();
-  t.is(ev.request, 'SET_CONFIG');
-  await assertServes(t, ts);
+  t.deepEqual(await fe.getConfig(8, 3), Uint8Array.of(1, 2, 3), 'the same connection still answers');
 });
 
 test('CONFIG_CHANGE_MSG reaches the front-end through the backend channel', async (t) => {
