@@ -58,7 +58,7 @@ test('every request without a reply body is acknowledged with 0 under REPLY_ACK'
 });
 
 test('config space: read, write, refusal of read-only bytes', async (t) => {
-  const { fe, device, ts } = await start(t);
+  const { fe, device } = await start(t);
   await fe.negotiate();
   t.deepEqual(await fe.getConfig(0, 16), initialTestConfig());
   t.deepEqual(await fe.getConfig(4, 4), Uint8Array.of(0xa4, 0xa5, 0xa6, 0xa7));
