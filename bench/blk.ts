@@ -11,7 +11,7 @@
  *
  *   node build/bench/blk.js [--runtime 5] [--warmup 1] [--repeat 1] [--queues 1] [--image-size 1G]
  *                           [--only ours|qsd] [--devices file,null] [--cases randread:1,randwrite:32]
- *                           [--image PATH] [--out build/bench/blk-results.json] [--qsd-iothread] [--verbose]
+ *                           [--image PATH] [--out build/bench/blk-results.json] [--qsd-iothread] [--poll] [--verbose]
  *
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
@@ -46,6 +46,8 @@ interface Options {
   verbose: boolean;
   /** Run qsd's export in an iothread (adaptive polling) instead of its main loop. */
   qsdIothread: boolean;
+  /** Let the load generator busy-poll the used rings instead of sleeping on call eventfds. */
+  poll: boolean;
 }
 
 /** What blk-loadgen prints (the fields the runner uses; the JSON file keeps all of them). */
@@ -110,6 +112,7 @@ function parseOptions(argv: string[]): Options {
     out: path.join(buildDir, 'blk-results.json'),
     verbose: false,
     qsdIothread: false,
+    poll: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -134,6 +137,7 @@ function parseOptions(argv: string[]): Options {
       case '--out': o.out = path.resolve(value()); break;
       case '--verbose': case '-v': o.verbose = true; break;
       case '--qsd-iothread': o.qsdIothread = true; break;
+      case '--poll': o.poll = true; break;
       case '--only': {
         const v = value();
         if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
@@ -289,6 +293,7 @@ async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: nu
       '--socket-path', socket, '--rw', rw, '--bs', '4096', '--iodepth', String(iodepth), '--queues', String(o.queues),
       '--queue-size', String(o.queueSize), '--runtime', String(o.runtime), '--warmup', String(o.warmup),
       '--backend-pid', String(started.child.pid),
+      ...(o.poll ? ['--poll'] : []),
     ];
     if (o.verbose) log(`run blk-loadgen ${args.join(' ')}`);
     const r = await runLoadgen(args);
@@ -347,7 +352,8 @@ function table(rows: Row[], o: Options): string {
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
   return [
-    `vhost-user-blk, 4 KiB random I/O, ${o.queues} queue(s), ${o.runtime} s per case (+${o.warmup} s warm-up), median of ${o.repeat}`,
+    `vhost-user-blk, 4 KiB random I/O, ${o.queues} queue(s), ${o.runtime} s per case (+${o.warmup} s warm-up), median of ${o.repeat}` +
+      `${o.poll ? ', front-end polling' : ''}${o.qsdIothread ? ', qsd in an iothread' : ''}`,
     line(header),
     line(widths.map((w) => '-'.repeat(w))),
     ...body.map(line),
@@ -447,7 +453,7 @@ async function main(): Promise<number> {
     host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qsd },
     config: {
       runtime_s: o.runtime, warmup_s: o.warmup, repeat: o.repeat, queues: o.queues, queue_size: o.queueSize,
-      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
+      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, loadgen_poll: o.poll, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
     },
     rows,
     failures,
