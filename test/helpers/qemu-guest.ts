@@ -16,8 +16,8 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, rmSync } from 'node:fs';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { GUEST_LIBRARY_PATH, GUEST_SCRIPT_PATH, guestImage, writeTestInitrd, type GuestFile, type GuestImage } from './guest-image';
@@ -158,7 +158,42 @@ function installExitHook(): void {
   process.on('exit', () => {
     for (const child of live) child.kill('SIGKILL');
     for (const dir of liveDirs) rmSync(dir, { recursive: true, force: true });
+    for (const slot of heldSlots) rmSync(slot, { force: true });
   });
+}
+
+// At most one guest per CPU runs at a time, across all test processes of this user: a TCG vCPU keeps a
+// core busy, and oversubscribed guests boot several times slower and skew every timing a test measures.
+// A slot is a file created with O_EXCL holding the owner's pid; a slot whose owner died is taken over.
+// Two processes taking over the same dead slot at once can briefly run one guest too many; the limit is
+// for speed, not correctness. Waiting for a slot does not count against a run's timeout.
+const SLOT_DIR = join(tmpdir(), `vhostd-guest-slots-uid${process.getuid?.() ?? 0}`);
+const heldSlots = new Set<string>();
+
+async function acquireSlot(): Promise<string> {
+  await mkdir(SLOT_DIR, { recursive: true });
+  const slots = Math.max(1, availableParallelism());
+  for (;;) {
+    for (let i = 0; i < slots; i++) {
+      const slot = join(SLOT_DIR, `slot-${i}`);
+      try {
+        await writeFile(slot, String(process.pid), { flag: 'wx' });
+        heldSlots.add(slot);
+        return slot;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+      // An empty file is a slot being taken right now, not a dead one.
+      const owner = Number(await readFile(slot, 'utf8').catch(() => ''));
+      if (owner > 0 && !processExists(owner)) await rm(slot, { force: true });
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
+async function releaseSlot(slot: string): Promise<void> {
+  heldSlots.delete(slot);
+  await rm(slot, { force: true });
 }
 
 // Temp dirs are named after the pid that made them; those of dead processes (killed before their exit
@@ -227,7 +262,12 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestResult> {
       ...(opts.files ?? []),
     ]);
     keep = envFlag('VHOSTD_GUEST_KEEP');
-    return await runQemu(qemuArgs(image, initrd, opts), timeoutMs, opts.onConsoleLine);
+    const slot = await acquireSlot();
+    try {
+      return await runQemu(qemuArgs(image, initrd, opts), timeoutMs, opts.onConsoleLine);
+    } finally {
+      await releaseSlot(slot);
+    }
   } finally {
     liveDirs.delete(dir);
     if (keep) {
