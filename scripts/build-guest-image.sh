@@ -5,8 +5,8 @@
 # Usage: scripts/build-guest-image.sh
 #   Prints the image directory as the last line of stdout; progress goes to stderr. The directory holds
 #   vmlinuz (the bzImage), vmlinux (the same kernel uncompressed, booted through PVH when the kernel has it),
-#   initramfs.cpio.gz, modules.txt (insmod order, paths inside the guest) and manifest.json, whose "kernel"
-#   names the file to boot.
+#   initramfs.cpio.gz and manifest.json, whose "kernel" names the file to boot and "modules" lists what
+#   /init inserts, in order, as paths inside the guest.
 #
 # Environment:
 #   VHOSTD_CACHE   cache root (default $HOME/.cache/vhostd). Images live in $VHOSTD_CACHE/guest/<key>/,
@@ -210,7 +210,6 @@ if grep -q '^CONFIG_PVH=y' "$kroot/boot/config-$kernel_version"; then
 fi
 (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) \
   | gzip -9n >"$work/out/initramfs.cpio.gz"
-printf '%s\n' "${order[@]}" >"$work/out/modules.txt"
 modules_json=$(printf '"%s",' "${order[@]}")
 cat >"$work/out/manifest.json" <<JSON
 {
