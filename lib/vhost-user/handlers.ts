@@ -351,7 +351,7 @@ const entries: Record<number, EntrySpec> = {
       // vhost-user.rst: "stop a ring upon receiving VHOST_USER_GET_VRING_BASE".
       const base = await vring.stop();
       vring.setFd('callFd', -1);
-      return vringState(vring.index, base);
+      return vringState(vring.index, base ?? 0);
     },
   },
 

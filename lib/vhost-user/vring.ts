@@ -26,10 +26,17 @@ export interface VringEnvironment {
   indirect: boolean;
 }
 
+/**
+ * A fresh packed ring: avail and used indexes 0 with both wrap counters 1 (virtio 1.2 §2.8.1), in the
+ * GET/SET_VRING_BASE layout (bit 15 avail wrap, bit 31 used wrap).
+ */
+const PACKED_INITIAL_BASE = 0x8000_8000;
+
 export class Vring {
   num = 0;
   addresses: RingAddresses | null = null;
-  base = 0;
+  /** SET_VRING_BASE value, or null for a ring that was never given one (start from the beginning). */
+  base: number | null = null;
   kickFd = -1;
   callFd = -1;
   errFd = -1;
@@ -92,7 +99,7 @@ export class Vring {
         memory: env.memory,
         eventIdx: env.eventIdx,
         indirect: env.indirect,
-        base: this.base,
+        base: this.base ?? (env.packed ? PACKED_INITIAL_BASE : 0),
         notify: () => this.signalCall(),
       },
       env.packed,
@@ -105,7 +112,7 @@ export class Vring {
   }
 
   /** Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base. */
-  async stop(): Promise<number> {
+  async stop(): Promise<number | null> {
     this.watcher?.stop();
     this.watcher = null;
     const queue = this.queue;
@@ -144,7 +151,7 @@ export class Vring {
     this.setFd('errFd', -1);
     this.num = 0;
     this.addresses = null;
-    this.base = 0;
+    this.base = null;
     this.enabled = false;
     this.broken = false;
   }
