@@ -11,6 +11,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
+import { daemonEnv } from '../test/helpers/daemon';
 import { Frontend } from '../test/helpers/frontend';
 
 function option(name: string, fallback: number): number {
@@ -26,6 +27,7 @@ async function throughDaemon(): Promise<number> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-bench-rng-'));
   const socketPath = path.join(dir, 'rng.sock');
   const daemon = spawn(process.execPath, [path.join(__dirname, '..', 'daemons', 'rng', 'main.js'), '--socket-path', socketPath, '--log-level', 'warn'], {
+    env: daemonEnv(),
     stdio: ['ignore', 'inherit', 'inherit'],
   });
   try {

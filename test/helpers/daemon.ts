@@ -19,12 +19,20 @@ export interface RunningDaemon {
   stop(graceMs?: number): Promise<number | null>;
 }
 
+/**
+ * The environment for a daemon under test: ours minus VHOSTD_* variables, which the daemons read as
+ * options (and refuse when unknown) while the test harness uses some for itself (VHOSTD_CACHE...).
+ */
+export function daemonEnv(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('VHOSTD_')));
+}
+
 /** Start `build/daemons/<device>/main.js --socket-path <tmp>/<device>.sock ...args`. */
 export async function startDaemon(device: string, args: readonly string[] = [], timeoutMs = 10_000): Promise<RunningDaemon> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `vhostd-${device}-`));
   const socketPath = path.join(dir, `${device}.sock`);
   const main = path.join(repoRoot(), 'build', 'daemons', device, 'main.js');
-  const child = spawn(process.execPath, [main, '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'] });
+  const child = spawn(process.execPath, [main, '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'], env: daemonEnv() });
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));

@@ -9,6 +9,7 @@ import path from 'node:path';
 
 import test from 'ava';
 
+import { daemonEnv } from '../helpers/daemon';
 import { Frontend } from '../helpers/frontend';
 
 const root = path.resolve(__dirname, '..', '..', '..');
@@ -46,7 +47,7 @@ test('vhost-user-rng started by socket activation serves entropy on the passed s
   if (!have('systemd-socket-activate')) return t.fail('systemd-socket-activate missing: run scripts/install-deps.sh');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-activate-'));
   const socketPath = path.join(dir, 'rng.sock');
-  const child = spawn('systemd-socket-activate', ['-l', socketPath, process.execPath, rngMain], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn('systemd-socket-activate', ['-l', socketPath, process.execPath, rngMain], { stdio: ['ignore', 'ignore', 'pipe'], env: daemonEnv() });
   let stderr = '';
   child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   try {

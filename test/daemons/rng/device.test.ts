@@ -11,6 +11,7 @@ import test from 'ava';
 import { RngDevice } from '../../../daemons/rng/device';
 import type { EntropySource } from '../../../daemons/rng/entropy-source';
 import type { Logger } from '../../../lib/runtime/logger';
+import { daemonEnv } from '../../helpers/daemon';
 import { TestServer } from '../../lib/vhost-user/harness';
 
 /** A source that fails its first `failures` reads with EIO, then returns 0x5a bytes. */
@@ -86,7 +87,7 @@ test('the rate limit splits and delays requests but completes every one', async 
 
 test('a missing --source is a one-line error and exit status 1', (t) => {
   const main = path.resolve(__dirname, '..', '..', '..', 'daemons', 'rng', 'main.js');
-  const result = spawnSync(process.execPath, [main, '--socket-path', '/tmp/unused-rng.sock', '--source', '/nonexistent/hwrng'], { encoding: 'utf8' });
+  const result = spawnSync(process.execPath, [main, '--socket-path', '/tmp/unused-rng.sock', '--source', '/nonexistent/hwrng'], { encoding: 'utf8', env: daemonEnv() });
   t.is(result.status, 1);
   t.regex(result.stderr, /^vhost-user-rng: --source \/nonexistent\/hwrng: ENOENT/);
   t.is(result.stderr.trim().split('\n').length, 1, 'no stack trace');

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# npm test: everything a fresh Debian 12 machine needs, then lint, typecheck and every test
+# (unit, protocol, systemd, real-guest end-to-end). Idempotent steps are quick when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/install-deps.sh
+else
+  echo "test: not root, assuming scripts/install-deps.sh has been run" >&2
+fi
+[ -x node_modules/.bin/ava ] || npm install --no-audit --no-fund
+[ -f native/build/Release/vhostd_native.node ] || npm run build:native
+npm run build:ts
+npm run lint
+bash scripts/build-guest-image.sh >/dev/null
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+npx ava "$@" 2>&1 | tee "$log" || status=$?
+count() { grep -Eo "[0-9]+ (tests? )?$1" "$log" | grep -Eo '^[0-9]+' | tail -n 1 || true; }
+passed=$(count passed)
+failed=$(count failed)
+# The plain closing line CI reads, whatever the reporter printed above it.
+echo "ava: ${passed:-0} passed, ${failed:-0} failed"
+exit "$status"
