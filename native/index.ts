@@ -119,8 +119,6 @@ export interface Native {
   isListeningUnixSocket(fd: number): boolean;
   setNonBlocking(fd: number, on: boolean): void;
   close(fd: number): void;
-  /** fstat size of an fd in bytes (for memfds and regular files). */
-  fdSize(fd: number): number;
 
   /** mmap(fd, length, offset, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED). */
   mmap(fd: number, length: number, offset: number, writable: boolean): Mapping;
@@ -148,7 +146,7 @@ export interface Native {
 
   /** fallocate(fd, mode, offset, length). */
   fallocate(fd: number, mode: number, offset: number, length: number): void;
-  /** Size in bytes of a regular file or block device (BLKGETSIZE64). */
+  /** Size in bytes of a regular file, memfd (fstat) or block device (BLKGETSIZE64). */
   deviceSize(fd: number): number;
   /** Logical block size of a block device (BLKSSZGET), or 0 for a regular file. */
   logicalBlockSize(fd: number): number;

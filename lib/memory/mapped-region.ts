@@ -39,7 +39,7 @@ export class MappedRegion implements GuestRegion {
       // Touching a page past the end of the file raises SIGBUS and kills the process, so a region
       // must lie inside its fd. (A front-end that shrinks the fd later can still do that; see
       // docs/security.md.)
-      const fileSize = native.fdSize(fd);
+      const fileSize = native.deviceSize(fd);
       if (spec.mmapOffset + spec.size > fileSize) {
         throw new MemoryError(
           'GUEST_ADDR_OVERFLOW',

@@ -114,6 +114,15 @@ function vringAt(c: VhostUserConnection, index: number): Vring {
   return c.vrings[index]!; // index checked by the entry's `vring` metadata
 }
 
+/** The vring a configuration request names; its size, addresses and base change only while stopped. */
+function stoppedVringAt(c: VhostUserConnection, m: Message): Vring {
+  const vring = vringAt(c, m.view.getUint32(0, true));
+  if (vring.started) {
+    throw new ProtocolError('VHOST_USER_BAD_STATE', `${requestName(m.request)} on running queue ${vring.index}`);
+  }
+  return vring;
+}
+
 /** Vring state payload: u32 index, u32 num. */
 function vringState(index: number, num: number): Uint8Array {
   const bytes = new Uint8Array(8);
@@ -301,10 +310,9 @@ const entries: Record<number, EntrySpec> = {
     fds: 'none',
     vring: 'state',
     handle(c, m) {
-      const vring = vringAt(c, m.view.getUint32(0, true));
+      const vring = stoppedVringAt(c, m);
       const num = m.view.getUint32(4, true);
       checkVringNum(num, negotiated(c, VIRTIO_F_RING_PACKED), c.device.maxQueueSize);
-      if (vring.started) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_VRING_NUM on running queue ${vring.index}`);
       vring.num = num;
       return undefined;
     },
@@ -316,8 +324,7 @@ const entries: Record<number, EntrySpec> = {
     fds: 'none',
     vring: 'state',
     handle(c, m) {
-      const vring = vringAt(c, m.view.getUint32(0, true));
-      if (vring.started) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_VRING_ADDR on running queue ${vring.index}`);
+      const vring = stoppedVringAt(c, m);
       vring.addresses = {
         descUserAddr: checkRingAddress('descriptor', m.view.getBigUint64(8, true)),
         usedUserAddr: checkRingAddress('used', m.view.getBigUint64(16, true)),
@@ -333,10 +340,9 @@ const entries: Record<number, EntrySpec> = {
     fds: 'none',
     vring: 'state',
     handle(c, m) {
-      const vring = vringAt(c, m.view.getUint32(0, true));
+      const vring = stoppedVringAt(c, m);
       const base = m.view.getUint32(4, true);
       checkVringBase(base, negotiated(c, VIRTIO_F_RING_PACKED));
-      if (vring.started) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_VRING_BASE on running queue ${vring.index}`);
       vring.base = base;
       return undefined;
     },

@@ -315,17 +315,6 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-Napi::Value FdSize(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  ARG_FD(fd, 0);
-  struct stat st;
-  if (::fstat(fd, &st) < 0) {
-    ThrowErrno(env, "fstat", errno);
-    return {};
-  }
-  return Napi::Number::New(env, static_cast<double>(st.st_size));
-}
-
 }  // namespace
 
 void InitSocket(Napi::Env env, Napi::Object exports) {
@@ -338,7 +327,6 @@ void InitSocket(Napi::Env env, Napi::Object exports) {
   exports.Set("isListeningUnixSocket", Napi::Function::New(env, IsListeningUnixSocket, "isListeningUnixSocket"));
   exports.Set("setNonBlocking", Napi::Function::New(env, SetNonBlocking, "setNonBlocking"));
   exports.Set("close", Napi::Function::New(env, Close, "close"));
-  exports.Set("fdSize", Napi::Function::New(env, FdSize, "fdSize"));
 }
 
 }  // namespace vhostd

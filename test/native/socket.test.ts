@@ -193,7 +193,7 @@ test('errors carry code, errno and syscall', (t) => {
   t.is(err.errno, 9);
   t.is(err.syscall, 'close');
   t.is(err.message, 'close: Bad file descriptor (EBADF)');
-  t.is(nativeError(() => native.fdSize(100000)).syscall, 'fstat');
+  t.is(nativeError(() => native.deviceSize(100000)).syscall, 'fstat');
 });
 
 test('wrong argument types throw TypeError, out-of-range buffers RangeError', (t) => {
@@ -211,9 +211,9 @@ test('wrong argument types throw TypeError, out-of-range buffers RangeError', (t
   native.close(b);
 });
 
-test('fdSize reports the size of a memfd', (t) => {
+test('deviceSize reports the size of a memfd', (t) => {
   const fd = native.memfdCreate('size', 12345);
-  t.is(native.fdSize(fd), 12345);
+  t.is(native.deviceSize(fd), 12345);
   native.close(fd);
 });
 
