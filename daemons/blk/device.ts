@@ -66,6 +66,20 @@ export const MAX_DISCARD_SEG = 32;
 /** size_max: largest single data segment the driver should build. */
 export const SIZE_MAX = 1 << 20;
 
+/**
+ * seg_max for a device accepting queues of up to `queueSize`. virtio 1.2 §2.7.5.3.1: "A driver MUST
+ * NOT create a descriptor chain longer than the Queue Size of the device", and Linux builds chains of
+ * seg_max data descriptors plus header and status, inside one indirect table. The driver reads
+ * seg_max before it knows the ring size the front-end picked (QEMU's vhost-user-blk defaults to
+ * queue-size=128), so it is sized for the smaller of the two.
+ */
+export function segMax(queueSize: number): number {
+  return Math.min(queueSize, DEFAULT_FRONTEND_QUEUE_SIZE, IOV_MAX) - 2;
+}
+
+/** QEMU vhost-user-blk-pci's default queue-size. */
+export const DEFAULT_FRONTEND_QUEUE_SIZE = 128;
+
 /** Device settings (from the command line, see cli.ts). */
 export interface BlkDeviceOptions {
   readOnly: boolean;
@@ -213,8 +227,7 @@ export class BlkDevice implements DaemonDevice {
     return {
       capacity: this.capacity,
       sizeMax: SIZE_MAX,
-      // Two descriptors of a chain carry the header and the status byte (the Linux driver adds 2).
-      segMax: Math.min(o.queueSize, IOV_MAX) - 2,
+      segMax: segMax(o.queueSize),
       blkSize: o.logicalBlockSize,
       physicalBlockExp: 0,
       alignmentOffset: 0,
