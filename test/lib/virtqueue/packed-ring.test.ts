@@ -9,7 +9,7 @@ import {
 } from '../../../lib/virtio/constants';
 import { PackedDriverRing, packedRingLayout } from '../../helpers/driver-ring';
 import { FakeGuestMemory } from '../../helpers/fake-guest-memory';
-import { R0_DATA, R0_END, R1_DATA, R2_DATA, drain, packedSetup, pattern, seededRandom } from './setup';
+import { R0_DATA, R0_END, R1_DATA, R2_DATA, drain, packedSetup, pattern, seededRandom, splitSetup } from './setup';
 
 const USED = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
 
@@ -197,4 +197,19 @@ test('burst limits one batch; enableNotification reports what is left', (t) => {
   t.is(popped, 7);
   t.is(rounds, 3);
   t.is(driver.takeUsed().length, 7);
+});
+
+test('an indirect table longer than the queue size is accepted, as Linux builds them (split and packed)', (t) => {
+  for (const setup of [packedSetup, splitSetup]) {
+    const { driver, queue } = setup({ size: 8 });
+    const buffers = Array.from({ length: 20 }, (_, i) => ({ addr: R1_DATA + i * 0x100, len: 0x100, writable: i >= 10 }));
+    driver.addChain(buffers, { indirect: R0_DATA + 0x8000 });
+    driver.publish();
+    const chain = queue.pop();
+    if (chain === null) return t.fail();
+    t.is(chain.readableLength, 10 * 0x100);
+    t.is(chain.writableLength, 10 * 0x100);
+    queue.pushUsed(chain, 0);
+    queue.flush();
+  }
 });
