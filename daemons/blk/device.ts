@@ -67,11 +67,11 @@ export const MAX_DISCARD_SEG = 32;
 export const SIZE_MAX = 1 << 20;
 
 /**
- * seg_max for a device accepting queues of up to `queueSize`. virtio 1.2 §2.7.5.3.1: "A driver MUST
- * NOT create a descriptor chain longer than the Queue Size of the device", and Linux builds chains of
- * seg_max data descriptors plus header and status, inside one indirect table. The driver reads
- * seg_max before it knows the ring size the front-end picked (QEMU's vhost-user-blk defaults to
- * queue-size=128), so it is sized for the smaller of the two.
+ * seg_max for a device accepting queues of up to `queueSize`. Linux builds a request as seg_max data
+ * descriptors plus header and status. With indirect descriptors the table may be longer than the
+ * ring, but a driver that did not negotiate them must fit the chain in the ring (virtio 1.2
+ * §2.7.5.3.1), and the driver reads seg_max before it knows the ring size the front-end picked
+ * (QEMU's vhost-user-blk defaults to queue-size=128): size it for the smaller of the two.
  */
 export function segMax(queueSize: number): number {
   return Math.min(queueSize, DEFAULT_FRONTEND_QUEUE_SIZE, IOV_MAX) - 2;
