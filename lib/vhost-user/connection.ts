@@ -10,7 +10,7 @@
  */
 import { EventEmitter } from 'node:events';
 
-import { native, POLL_READABLE, type Watcher } from '../../native';
+import { native, POLL_READABLE, type NativeError, type RecvResult, type Watcher } from '../../native';
 import { ProtocolError, VhostdError } from '../errors';
 import { GuestMemory } from '../memory/guest-memory';
 import type { Logger } from '../runtime/logger';
@@ -105,7 +105,13 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
   /** SET_BACKEND_REQ_FD: takes ownership of `fd`, replacing any earlier channel. */
   setBackendChannel(fd: number): void {
     this.backendChannel?.close();
-    this.backendChannel = new BackendChannel(fd, this.hasProtocolFeature(ProtocolFeature.REPLY_ACK), this.logger);
+    this.backendChannel = null;
+    try {
+      this.backendChannel = new BackendChannel(fd, this.hasProtocolFeature(ProtocolFeature.REPLY_ACK), this.logger);
+    } catch (err) {
+      native.close(fd);
+      throw new ProtocolError('VHOST_USER_BACKEND_CHANNEL', `cannot use the backend channel fd: ${(err as Error).message}`);
+    }
   }
 
   hasProtocolFeature(bit: number): boolean {
@@ -162,7 +168,7 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     for (;;) {
       const target = this.inPayload ? this.payload : this.header;
       if (this.got < target.length) {
-        const { bytes, fds } = native.recvMsg(this.fd, target, this.got, target.length - this.got, MAX_FDS);
+        const { bytes, fds } = this.receive(target);
         this.pendingFds.push(...fds);
         if (bytes < 0) return null;
         if (bytes === 0) {
@@ -203,9 +209,22 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     }
   }
 
+  /** recvmsg; more fds than a message may carry arrive truncated (the native side closed them). */
+  private receive(target: Uint8Array): RecvResult {
+    try {
+      return native.recvMsg(this.fd, target, this.got, target.length - this.got, MAX_FDS);
+    } catch (err) {
+      if ((err as NativeError).code === 'EMSGSIZE') {
+        throw new ProtocolError('VHOST_USER_BAD_FDS', `more than ${MAX_FDS} fds in one message`);
+      }
+      throw err;
+    }
+  }
+
   private async handle(message: Message): Promise<void> {
     const name = requestName(message.request);
-    this.countRequest(name);
+    // Bounded metric labels: every unknown code counts as one.
+    this.countRequest(dispatchTable.has(message.request) ? name : 'UNSUPPORTED');
     const needReply = (message.flags & VHOST_USER_NEED_REPLY_MASK) !== 0 && this.hasProtocolFeature(ProtocolFeature.REPLY_ACK);
     try {
       const entry = dispatchTable.get(message.request);
@@ -234,6 +253,11 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
   }
 
   private async fail(err: unknown, request: string | undefined): Promise<void> {
+    if (PEER_GONE.has((err as NativeError)?.code)) {
+      // The front-end hung up while we were reading or replying: a disconnect, not a violation.
+      await this.close({});
+      return;
+    }
     const code = err instanceof VhostdError ? err.code : 'INTERNAL';
     const message = err instanceof VhostdError ? err.message : ((err as Error)?.stack ?? String(err));
     this.logger.error(`dropping front-end: ${message}`, { code, request });
@@ -273,6 +297,9 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
  * refuses): answered with a NACK when the front-end asked for a reply; the connection stays.
  */
 export class RequestRefused extends Error {}
+
+/** Errors that mean the front-end closed its end of the socket. */
+const PEER_GONE = new Set<string | undefined>(['EPIPE', 'ECONNRESET']);
 
 /** A u64 payload. */
 export function u64(value: bigint): Uint8Array {

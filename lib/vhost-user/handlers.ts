@@ -33,6 +33,7 @@ import {
   VRING_NOFD_MASK,
 } from './messages';
 import {
+  checkFdKind,
   checkFeatureSubset,
   checkMemoryRegion,
   checkNoOverlap,
@@ -184,7 +185,10 @@ function replaceMemory(c: VhostUserConnection, regions: readonly GuestRegion[]):
   c.logger.info(`guest memory: ${regions.length} region(s), ${Math.round(memory.totalSize / 2 ** 20)} MiB`);
 }
 
-/** SET_VRING_KICK/CALL/ERR: u64 with the index in bits 0-7 and "no fd" in bit 8 (vhost-user.rst). */
+/**
+ * SET_VRING_KICK/CALL/ERR: u64 with the index in bits 0-7 and "no fd" in bit 8 (vhost-user.rst).
+ * The fd, when there is one, must be an eventfd.
+ */
 function takeVringFd(message: Message): { index: number; fd: number } {
   const value = message.view.getBigUint64(0, true);
   if ((value & ~BigInt(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0n) {
@@ -195,9 +199,12 @@ function takeVringFd(message: Message): { index: number; fd: number } {
   if (message.fds.length !== expected) {
     throw new ProtocolError('VHOST_USER_BAD_FDS', `expected ${expected} fd(s), got ${message.fds.length}`);
   }
-  const fd = noFd ? -1 : message.fds[0]!;
-  if (!noFd) message.fds[0] = -1;
-  return { index: Number(value & BigInt(VRING_IDX_MASK)), fd };
+  const index = Number(value & BigInt(VRING_IDX_MASK));
+  if (noFd) return { index, fd: -1 };
+  const fd = message.fds[0]!;
+  checkFdKind(fd, 'eventfd', `${requestName(message.request)} fd of queue ${index}`);
+  message.fds[0] = -1;
+  return { index, fd };
 }
 
 const entries: Record<number, EntrySpec> = {
@@ -369,8 +376,8 @@ const entries: Record<number, EntrySpec> = {
       const { index, fd } = takeVringFd(m);
       const vring = vringAt(c, index);
       if (fd < 0) throw new ProtocolError('VHOST_USER_BAD_FDS', 'polling mode (no kick fd) is not supported');
-      vring.setFd('kickFd', fd);
-      if (!vring.started) startVring(c, vring);
+      vring.setKickFd(fd);
+      startVring(c, vring);
       return undefined;
     },
   },
@@ -418,6 +425,7 @@ const entries: Record<number, EntrySpec> = {
     requires: ProtocolFeature.BACKEND_REQ,
     handle(c, m) {
       const fd = m.fds[0]!;
+      checkFdKind(fd, 'socket', 'SET_BACKEND_REQ_FD fd');
       m.fds[0] = -1;
       c.setBackendChannel(fd);
       return undefined;

@@ -6,6 +6,8 @@
  * refuse anything that ends at or past 2^53: no real guest physical address or x86-64/arm64 user
  * address is that large, and from then on addresses can be plain numbers.
  */
+import fs from 'node:fs';
+
 import { ProtocolError } from '../errors';
 import { VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 
@@ -117,4 +119,20 @@ export function checkFeatureSubset(kind: string, acked: bigint, offered: bigint)
   if (extra !== 0n) {
     throw new ProtocolError('VHOST_USER_BAD_FEATURES', `${kind} 0x${extra.toString(16)} acknowledged but not offered`);
   }
+}
+
+/**
+ * Kick, call and err fds must be eventfds and the backend channel a socket (vhost-user.rst): any
+ * other kind would make the datapath's eventfd reads and writes fail later, inside event-loop
+ * callbacks. The kernel names the fd's kind in /proc/self/fd.
+ */
+export function checkFdKind(fd: number, kind: 'eventfd' | 'socket', what: string): void {
+  let target: string;
+  try {
+    target = fs.readlinkSync(`/proc/self/fd/${fd}`);
+  } catch {
+    target = 'an unknown kind of fd';
+  }
+  const ok = kind === 'eventfd' ? target === 'anon_inode:[eventfd]' : target.startsWith('socket:');
+  if (!ok) throw new ProtocolError('VHOST_USER_BAD_FDS', `${what} must be an ${kind}, got ${target}`);
 }

@@ -8,7 +8,7 @@
  *
  * Owns: kickFd, callFd, errFd (closed on replace, stop or release), the kick watcher and the queue.
  */
-import { native, POLL_READABLE, type Watcher } from '../../native';
+import { native, POLL_READABLE, type NativeError, type Watcher } from '../../native';
 import { VhostdError } from '../errors';
 import type { GuestMemory } from '../memory/guest-memory';
 import { createVirtqueue } from '../virtqueue';
@@ -78,11 +78,24 @@ export class Vring {
     this.env = null;
   }
 
-  /** Replace an fd slot, closing what was there. */
-  setFd(slot: 'kickFd' | 'callFd' | 'errFd', fd: number): void {
+  /** Replace the call or err fd, closing what was there. */
+  setFd(slot: 'callFd' | 'errFd', fd: number): void {
     const old = this[slot];
     if (old >= 0) native.close(old);
     this[slot] = fd;
+  }
+
+  /** Replace the kick fd; a running ring moves its watcher to the new fd before the old one closes. */
+  setKickFd(fd: number): void {
+    this.watcher?.stop();
+    this.watcher = null;
+    if (this.kickFd >= 0) native.close(this.kickFd);
+    this.kickFd = fd;
+    if (this.started && fd >= 0) this.watchKick();
+  }
+
+  private watchKick(): void {
+    this.watcher = native.watch(this.kickFd, POLL_READABLE, () => this.onKick());
   }
 
   /** Start processing if everything is in place. Throws (ring addresses unmapped) for the caller to report. */
@@ -106,22 +119,20 @@ export class Vring {
     );
     this.queue = queue;
     env.device.startQueue?.(this.index, queue);
-    this.watcher = native.watch(this.kickFd, POLL_READABLE, () => this.onKick());
+    this.watchKick();
     // A kick may have been written before we started watching; processing an empty ring is harmless.
     this.process();
   }
 
   /** Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base. */
   async stop(): Promise<number | null> {
-    this.watcher?.stop();
-    this.watcher = null;
+    this.setKickFd(-1);
     const queue = this.queue;
     if (queue !== null && this.env !== null) {
       await this.env.device.stopQueue?.(this.index);
       this.base = queue.base();
     }
     this.retireQueue();
-    this.setFd('kickFd', -1);
     return this.base;
   }
 
@@ -143,10 +154,8 @@ export class Vring {
 
   /** Close every fd and forget the configuration (disconnect or RESET_OWNER / RESET_DEVICE). */
   release(): void {
-    this.watcher?.stop();
-    this.watcher = null;
+    this.setKickFd(-1);
     this.retireQueue();
-    this.setFd('kickFd', -1);
     this.setFd('callFd', -1);
     this.setFd('errFd', -1);
     this.num = 0;
@@ -174,7 +183,7 @@ export class Vring {
   }
 
   private signalCall(): void {
-    if (this.callFd >= 0) native.eventfdWrite(this.callFd, 1);
+    signal(this.callFd);
   }
 
   /**
@@ -191,6 +200,19 @@ export class Vring {
       });
     }
     this.brokenCount++;
-    if (this.errFd >= 0) native.eventfdWrite(this.errFd, 1);
+    signal(this.errFd);
+  }
+}
+
+/**
+ * Write 1 to an eventfd the front-end gave us (validated as an eventfd). EAGAIN means its counter is
+ * saturated, so the front-end has a notification pending anyway: nothing is lost by dropping ours.
+ */
+function signal(fd: number): void {
+  if (fd < 0) return;
+  try {
+    native.eventfdWrite(fd, 1);
+  } catch (err) {
+    if ((err as NativeError).code !== 'EAGAIN') throw err;
   }
 }

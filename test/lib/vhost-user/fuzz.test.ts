@@ -14,8 +14,8 @@
  * the heap and RSS stay bounded and the per-request metrics stay bounded.
  *
  * A failure names its seed; replay one with `VHOSTD_FUZZ_SEED=<seed>` (and `VHOSTD_FUZZ_ITERATIONS`
- * to run longer). The smallest reproductions of the engine bugs the fuzzer found are the
- * `test.failing` rows at the end; while one is open, OPEN_BUGS keeps the generator off its trigger.
+ * to run longer). The smallest reproductions of the engine bugs the fuzzer found stay at the end
+ * as regression tests.
  */
 import { runInNewContext } from 'node:vm';
 import v8 from 'node:v8';
@@ -60,27 +60,6 @@ import {
 } from './fuzz-generator';
 import { TestServer, assertServes, expectedOutput, openFds, pattern, settleFds } from './harness';
 
-/**
- * Engine bugs this fuzzer found that are still open. While `true`, the generator avoids the trigger
- * (so the fuzzer stays green and keeps guarding everything else) and the matching `test.failing`
- * row below reproduces it. When the engine is fixed, that row starts failing: turn it into `test`
- * and set the flag to false here.
- */
-const OPEN_BUGS = {
-  /** 9+ fds on one message: recvmsg MSG_CTRUNC → NativeError EMSGSIZE → 'INTERNAL', not VHOST_USER_BAD_FDS. */
-  nineFds: true,
-  /** Hang-up with a reply still unsent/unread: sendmsg EPIPE (or recvmsg ECONNRESET) → 'INTERNAL', not a clean hang-up. */
-  hangupWithPendingReply: true,
-  /** SET_VRING_KICK on a running ring closes the old kick fd but keeps its uv_poll watcher. */
-  kickOnRunningRing: true,
-  /** A kick fd that is not an eventfd throws out of the kick watcher; a call fd that cannot be written breaks the ring as "internal". */
-  nonEventfdKickOrCall: true,
-  /** Every distinct unknown request code becomes a new key of counters.requests (a metrics label). */
-  unknownCodeCounters: true,
-  /** SET_BACKEND_REQ_FD with an fd libuv cannot poll (a memfd): EPERM → 'INTERNAL', and the fd leaks. */
-  backendChannelUnpollableFd: true,
-};
-
 const DEFAULT_ITERATIONS = 5000;
 const ITERATIONS = Number(process.env.VHOSTD_FUZZ_ITERATIONS ?? DEFAULT_ITERATIONS);
 const SEED_BASE = 0x5eed_0000;
@@ -111,7 +90,7 @@ const isProtocolCode = (code: string): boolean => Object.hasOwn(PROTOCOL_CODES, 
 
 /** Codes the engine implements (the generator's notion of a valid request; the checks never use it). */
 const KNOWN_CODES = [...dispatchTable.keys()];
-const MAX_FDS_PER_MESSAGE = OPEN_BUGS.nineFds ? 8 : 9;
+const MAX_FDS_PER_MESSAGE = 9;
 
 function collectGarbage(): void {
   const exposed = (globalThis as { gc?: () => void }).gc;
@@ -146,13 +125,12 @@ const onUncaught = (err: unknown): void => {
 // ---------------------------------------------------------------------------------------------
 
 type FdKind = 'eventfd' | 'memfd' | 'socket';
+const FD_KINDS: readonly FdKind[] = ['eventfd', 'memfd', 'socket'];
 
 class Session {
   readonly trace: string[] = [];
   /** Our copies of fds we created for messages; closed when the session ends. */
   readonly scratch: number[] = [];
-  /** Rings whose kick fd we set and did not stop since (OPEN_BUGS.kickOnRunningRing). */
-  readonly kickSet = [false, false];
   /** What each fd we made is (fds not in here are the front-end's memfds). */
   readonly kinds = new Map<number, FdKind>();
   /** Queues the front-end set up and can drive (ring memory it owns). */
@@ -193,34 +171,13 @@ class Session {
   randomFds(max = MAX_FDS_PER_MESSAGE): number[] {
     const r = this.rng.int(20);
     const count = r < 13 ? 0 : r < 17 ? 1 : this.rng.range(2, max);
-    const kinds: FdKind[] = OPEN_BUGS.nonEventfdKickOrCall ? ['eventfd', 'memfd'] : ['eventfd', 'memfd', 'socket'];
-    return Array.from({ length: count }, () => this.fd(this.rng.pick(kinds)));
+    return Array.from({ length: count }, () => this.fd(this.rng.pick(FD_KINDS)));
   }
 
-  /** Send one message (through the gates of OPEN_BUGS). Returns false once the backend hung up. */
+  /** Send one message. Returns false once the backend hung up. */
   send(code: number, payload: Uint8Array, fds: number[] = [], flags?: number): boolean {
     if (this.dead) return false;
     if (fds.length > MAX_FDS_PER_MESSAGE) fds = fds.slice(0, MAX_FDS_PER_MESSAGE);
-    if (payload.length === 8 && (code === Request.GET_VRING_BASE || code === Request.SET_VRING_KICK)) {
-      const view = new DataView(payload.buffer, payload.byteOffset, 8);
-      const value = view.getBigUint64(0, true);
-      const index = Number(value & 0xffn);
-      if (code === Request.GET_VRING_BASE) {
-        const ring = view.getUint32(0, true);
-        if (ring < 2) this.kickSet[ring] = false;
-      } else if ((value & ~0x1ffn) === 0n && (value & 0x100n) === 0n && fds.length === 1 && index < 2) {
-        if (OPEN_BUGS.kickOnRunningRing && this.kickSet[index]) {
-          this.note(`skip ${requestName(code)} ${index}: would replace a running ring's kick fd (OPEN_BUGS.kickOnRunningRing)`);
-          return true;
-        }
-        this.kickSet[index] = true;
-      }
-    }
-    if (OPEN_BUGS.backendChannelUnpollableFd && code === Request.SET_BACKEND_REQ_FD && fds.length === 1 && (this.kinds.get(fds[0]!) ?? 'memfd') === 'memfd') {
-      this.note(`skip SET_BACKEND_REQ_FD with a memfd (OPEN_BUGS.backendChannelUnpollableFd)`);
-      return true;
-    }
-    if ((code === Request.RESET_DEVICE || code === Request.RESET_OWNER) && payload.length === 0) this.kickSet.fill(false);
     if (code === Request.GET_FEATURES) this.sentGetFeatures = true;
     if (code === Request.SET_PROTOCOL_FEATURES) this.protocolChanged = true;
     const f = flags ?? VHOST_USER_VERSION | (this.rng.chance(0.3) ? VHOST_USER_NEED_REPLY_MASK : 0);
@@ -412,7 +369,7 @@ function randomMessage(s: Session): { code: number; payload: Uint8Array; fds: nu
   const { rng } = s;
   const r = rng.int(10);
   const code =
-    r < 5 ? rng.pick(KNOWN_CODES) : r < 9 || OPEN_BUGS.unknownCodeCounters ? rng.pick(UNKNOWN_CODES) : rng.u32();
+    r < 5 ? rng.pick(KNOWN_CODES) : r < 9 ? rng.pick(UNKNOWN_CODES) : rng.u32();
   return { code, payload: resize(rng, new Uint8Array(0)), fds: s.randomFds() };
 }
 
@@ -541,7 +498,6 @@ async function prefix(s: Session, depth: number): Promise<void> {
     s.note(`setupQueue ${index} size ${size}`);
     await fe.setupQueue(index, size, { ringRegion: index === 0 ? 0 : 2 });
     s.queues.push(index);
-    s.kickSet[index] = true;
   }
   if (depth === 3) return;
   // Chains move, and some stay in flight.
@@ -605,7 +561,6 @@ async function mutate(s: Session): Promise<Ending> {
 /** Part of a message (header or payload cut anywhere), maybe with fds, then the front-end goes away. */
 async function truncateAndHangUp(s: Session): Promise<Ending> {
   const { rng } = s;
-  if (OPEN_BUGS.hangupWithPendingReply && (await s.sync()) !== 'alive') return 'hangup';
   const m = rng.chance(0.7) ? structuredMessage(s) : randomMessage(s);
   const bytes = encodeMessage(m.code, fuzzFlags(s), m.payload);
   const cut = rng.range(1, Math.max(1, bytes.length - 1));
@@ -621,7 +576,6 @@ async function truncateAndHangUp(s: Session): Promise<Ending> {
 /** A header whose size field promises more payload than ever comes, then the front-end goes away. */
 async function sizeLieAndHangUp(s: Session): Promise<Ending> {
   const { rng } = s;
-  if (OPEN_BUGS.hangupWithPendingReply && (await s.sync()) !== 'alive') return 'hangup';
   const m = structuredMessage(s);
   const size = m.payload.length + rng.pick([1, 7, 8, 100, 4096 - m.payload.length, 4097, 0xffff_ffff - m.payload.length]);
   s.note(`${requestName(m.code)} with size field ${size} but ${m.payload.length} payload bytes, then hang up`);
@@ -784,9 +738,7 @@ test.serial(`fuzz: ${ONLY_SEED !== undefined ? `seed ${ONLY_SEED}` : `${ITERATIO
 });
 
 // ---------------------------------------------------------------------------------------------
-// Smallest reproductions of the engine bugs the fuzzer found (see OPEN_BUGS). Each asserts the
-// correct behaviour, so it fails today; when the engine is fixed, make it a plain `test` and clear
-// the flag above.
+// Regression tests: the smallest reproductions of the engine bugs the fuzzer found.
 // ---------------------------------------------------------------------------------------------
 
 async function bugServer(t: import('ava').ExecutionContext): Promise<TestServer> {
@@ -795,7 +747,7 @@ async function bugServer(t: import('ava').ExecutionContext): Promise<TestServer>
   return ts;
 }
 
-test.serial.failing('OPEN_BUGS.nineFds: SET_OWNER carrying 9 eventfds is VHOST_USER_BAD_FDS, not INTERNAL', async (t) => {
+test.serial('SET_OWNER carrying 9 eventfds is VHOST_USER_BAD_FDS and leaks no fd', async (t) => {
   const ts = await bugServer(t);
   const baseline = openFds();
   const fe = ts.connect();
@@ -809,7 +761,7 @@ test.serial.failing('OPEN_BUGS.nineFds: SET_OWNER carrying 9 eventfds is VHOST_U
   t.is(await settleFds(baseline), baseline);
 });
 
-test.serial.failing('OPEN_BUGS.hangupWithPendingReply: GET_FEATURES then an immediate hang-up is a clean disconnect', async (t) => {
+test.serial('GET_FEATURES then an immediate hang-up is a clean disconnect', async (t) => {
   const ts = await bugServer(t);
   const fe = ts.connect();
   await fe.negotiate();
@@ -818,7 +770,7 @@ test.serial.failing('OPEN_BUGS.hangupWithPendingReply: GET_FEATURES then an imme
   t.is((await ts.nextDisconnect()).code, undefined);
 });
 
-test.serial.failing('OPEN_BUGS.kickOnRunningRing: a new kick fd for a running ring leaves no stale watcher behind', async (t) => {
+test.serial('a new kick fd for a running ring leaves no stale watcher behind', async (t) => {
   const ts = await bugServer(t);
   const fe = ts.connect();
   t.teardown(() => fe.close());
@@ -828,10 +780,8 @@ test.serial.failing('OPEN_BUGS.kickOnRunningRing: a new kick fd for a running ri
   const newKick = native.eventfd(0);
   const ring1Kick = native.eventfd(0);
   t.teardown(() => [newKick, ring1Kick].forEach((fd) => native.close(fd)));
-  // The backend closes ring 0's old kick fd but keeps polling its number; ring 1's kick fd is then
-  // received under that number and uv_poll_init fails with EEXIST (reported as BAD_VRING_ADDR).
-  // (SET_BACKEND_REQ_FD in its place gives 'INTERNAL'; the old eventfd, if the front-end still
-  // writes it, makes the event loop spin at 100% CPU.)
+  // Found by the fuzzer: the backend closed ring 0's old kick fd but kept polling its number, so
+  // ring 1's kick fd, received under that number, failed uv_poll_init with EEXIST.
   await fe.request(Request.SET_VRING_KICK, encodeU64(0), [newKick]);
   await fe.request(Request.SET_VRING_NUM, encodeVringState(1, 16));
   const u = (gpa: number): number => fe.memory.toUser(gpa);
@@ -840,30 +790,28 @@ test.serial.failing('OPEN_BUGS.kickOnRunningRing: a new kick fd for a running ri
   t.deepEqual(ts.disconnects, []);
 });
 
-test.serial.failing('OPEN_BUGS.nonEventfdKickOrCall: a call fd the backend cannot write is not an internal error', async (t) => {
-  // With a device that completes later (blk's io_uring completions, rng's async source, the deferred
-  // TestDevice) the same EPIPE is thrown from a libuv callback and kills the process; likewise a
-  // kick fd that is a socket throws EINVAL out of Vring.onKick when the front-end writes one byte.
+test.serial('kick and call fds that are not eventfds are refused (VHOST_USER_BAD_FDS) and leak nothing', async (t) => {
+  // Found by the fuzzer: a socket as call fd made completions throw EPIPE inside event-loop
+  // callbacks, and a socket as kick fd threw EINVAL out of the kick watcher.
   const ts = await bugServer(t);
-  const fe = ts.connect();
-  t.teardown(() => fe.close());
-  await fe.negotiate();
-  await fe.setMemTable(DEFAULT_LAYOUT);
-  await fe.setupQueue(0, 16);
-  const [a, b] = native.socketPair();
-  await fe.request(Request.SET_VRING_CALL, encodeU64(0), [b]);
-  native.close(a);
-  native.close(b);
-  fe.submit(0, { readable: [{ data: pattern(8, 1), region: 1 }], writable: [{ length: 8, region: 2 }] });
-  fe.kick(0);
-  await sleep(100);
-  t.deepEqual(
-    ts.logs.filter((e) => /internal error/.test(e.message)).map((e) => e.message.split('\n')[0]),
-    [],
-  );
+  for (const request of [Request.SET_VRING_CALL, Request.SET_VRING_KICK, Request.SET_VRING_ERR]) {
+    const baseline = openFds();
+    const fe = ts.connect();
+    await fe.negotiate();
+    await fe.setMemTable(DEFAULT_LAYOUT);
+    const [a, b] = native.socketPair();
+    fe.send(request, encodeU64(0), { fds: [b] });
+    native.close(a);
+    native.close(b);
+    const ev = await ts.nextDisconnect();
+    fe.close();
+    t.is(ev.code, 'VHOST_USER_BAD_FDS', requestName(request));
+    t.is(await settleFds(baseline), baseline);
+  }
+  await assertServes(t, ts);
 });
 
-test.serial.failing('OPEN_BUGS.unknownCodeCounters: distinct unknown request codes do not grow counters.requests', async (t) => {
+test.serial('distinct unknown request codes do not grow counters.requests', async (t) => {
   const ts = await bugServer(t);
   for (let i = 0; i < 100; i++) {
     const fe = ts.connect();
@@ -875,7 +823,7 @@ test.serial.failing('OPEN_BUGS.unknownCodeCounters: distinct unknown request cod
   t.true(names <= 64, `${names} distinct request names (each one a metrics label)`);
 });
 
-test.serial.failing('OPEN_BUGS.backendChannelUnpollableFd: SET_BACKEND_REQ_FD with a memfd is a protocol error and leaks no fd', async (t) => {
+test.serial('SET_BACKEND_REQ_FD with a memfd is a protocol error and leaks no fd', async (t) => {
   const ts = await bugServer(t);
   const baseline = openFds();
   const fe = ts.connect();
