@@ -14,6 +14,8 @@
  */
 import { constants as osConstants } from 'node:os';
 
+import type { Registry } from 'prom-client';
+
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import { RingError } from '../../lib/errors';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
@@ -34,6 +36,7 @@ import {
   type ExecutorFactory,
 } from './executor';
 import type { BlockImage } from './image';
+import { BlkQueueStats, createBlkMetrics, requestTypeIndex } from './metrics';
 import { BlkOp, BlkRequest, IOV_MAX, fillIovecs, maxIovecs, parseRequest, writeStatus, type RequestLimits } from './request';
 import {
   CONFIG_OFFSET,
@@ -98,6 +101,8 @@ export interface BlkDeviceDeps {
   image: BlockImage;
   createExecutor: ExecutorFactory;
   logger: Logger;
+  /** The factory's executor kind, for metrics before the first queue starts (main.ts). */
+  executorKind?: string;
 }
 
 /** userData of an op: slot index in the low 16 bits (queue size ≤ 32768), sub-operation above. */
@@ -132,6 +137,8 @@ class QueueWorker {
   inFlight = 0;
   executor: BlkExecutor | null = null;
   stopWaiters: (() => void)[] = [];
+  /** Counters the metrics read (metrics.ts). */
+  readonly stats = new BlkQueueStats();
 
   constructor(readonly index: number) {}
 
@@ -165,12 +172,15 @@ export class BlkDevice implements DaemonDevice {
   private readonly loggedErrors = new Set<number>();
   /** Why the last malformed chain was refused (for the RingError message). */
   private badReason = '';
+  /** "io_uring", "thread-pool", "null"... (metrics). */
+  executorKind: string;
 
   constructor(options: BlkDeviceOptions, deps: BlkDeviceDeps) {
     this.options = options;
     this.image = deps.image;
     this.logger = deps.logger;
     this.createExecutor = deps.createExecutor;
+    this.executorKind = deps.executorKind ?? '';
     this.numQueues = options.numQueues;
     this.maxQueueSize = options.queueSize;
     this.writeback = options.writeback;
@@ -286,7 +296,10 @@ export class BlkDevice implements DaemonDevice {
     const w = this.workers[index]!;
     w.queue = queue;
     w.ensureSlots(queue.size);
-    if (w.executor === null) w.executor = this.createExecutor(index, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n));
+    if (w.executor === null) {
+      w.executor = this.createExecutor(index, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n));
+      this.executorKind = w.executor.kind;
+    }
   }
 
   stopQueue(index: number): Promise<void> | void {
@@ -337,9 +350,11 @@ export class BlkDevice implements DaemonDevice {
       this.badReason = req.reason;
       return false;
     }
+    w.stats.requests[requestTypeIndex(req.type)]!++;
     switch (req.op) {
       case BlkOp.COMPLETE:
         if (req.reason !== '') this.logger.debug(`request type ${req.type}: ${req.reason}`, { queue: w.index, status: req.status });
+        if (req.status === VIRTIO_BLK_S_IOERR) w.stats.ioErrors++;
         writeStatus(chain, req.status);
         queue.pushUsed(chain, 1);
         return true;
@@ -541,6 +556,10 @@ export class BlkDevice implements DaemonDevice {
     const chain = slot.chain!;
     const queue = w.queue;
     writeStatus(chain, slot.status);
+    const stats = w.stats;
+    if (slot.request.op === BlkOp.READ) stats.readBytes += slot.done;
+    else if (slot.request.op === BlkOp.WRITE) stats.writtenBytes += slot.done;
+    if (slot.status !== VIRTIO_BLK_S_OK) stats.ioErrors++;
     const written = slot.request.op === BlkOp.READ && slot.status === VIRTIO_BLK_S_OK ? slot.request.length + 1 : 1;
     queue?.pushUsed(chain, written);
     slot.chain = null;
@@ -581,5 +600,15 @@ export class BlkDevice implements DaemonDevice {
   /** Requests in flight on queue `index` (tests, metrics). */
   inFlight(index: number): number {
     return this.workers[index]?.inFlight ?? 0;
+  }
+
+  /** Counters of queue `index` (metrics.ts). */
+  queueStats(index: number): BlkQueueStats {
+    return this.workers[index]!.stats;
+  }
+
+  /** The `vhostd_blk_*` metrics (daemons/blk/README.md "Metrics"). */
+  registerMetrics(registry: Registry): void {
+    createBlkMetrics(registry, this);
   }
 }

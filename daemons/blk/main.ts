@@ -52,7 +52,7 @@ export function createBlkDevice(config: BlkConfig, logger: Logger): BlkDevice {
         writeZeroes: config.writeZeroes,
         writeback: config.writeback,
       },
-      { image, createExecutor: engine.create, logger },
+      { image, createExecutor: engine.create, logger, executorKind: engine.kind },
     );
     logger.info(
       `${image.path}: ${device.capacity} sectors (${size} bytes), ${lbs}-byte blocks, ${config.numQueues} queue(s), ` +

@@ -7,11 +7,14 @@
  * read completes. With a rate limit, chains stay in the ring (not popped) until the next period: a
  * request may get fewer bytes than it asked for, never none and never lost.
  */
+import type { Registry } from 'prom-client';
+
 import type { Logger } from '../../lib/runtime/logger';
 import type { DeviceBackend } from '../../lib/vhost-user/device-backend';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import type { EntropySource } from './entropy-source';
+import { RngStats, createRngMetrics } from './metrics';
 import { RateLimiter, type RateLimit } from './rate-limiter';
 
 /** virtio 1.2 §5.4.2: "0 requestq". */
@@ -42,6 +45,10 @@ export class RngDevice implements DeviceBackend {
   private retryTimer: NodeJS.Timeout | null = null;
   private retryStep: (() => void) | null = null;
   private lastError = '';
+  /** Set when the rate-limit timer woke the queue: chains popped before the ring runs empty waited for it. */
+  private delayed = false;
+  /** Counters the metrics read (metrics.ts). */
+  readonly stats = new RngStats();
 
   constructor(options: RngDeviceOptions) {
     this.source = options.source;
@@ -58,12 +65,17 @@ export class RngDevice implements DeviceBackend {
     return 0n;
   }
 
+  registerMetrics(registry: Registry): void {
+    createRngMetrics(registry, this.stats);
+  }
+
   startQueue(_index: number, queue: Virtqueue): void {
     this.queue = queue;
   }
 
   async stopQueue(): Promise<void> {
     this.clearTimer();
+    this.delayed = false;
     if (this.filling !== null) {
       const stopped = new Promise<void>((resolve) => (this.fillDone = resolve));
       const retry = this.retryStep;
@@ -101,17 +113,29 @@ export class RngDevice implements DeviceBackend {
           return;
         }
         const chain = queue.pop();
-        if (chain === null) break;
+        if (chain === null) {
+          this.delayed = false;
+          break;
+        }
         if (!this.source.synchronous) {
           queue.flush();
           this.fillAsync(queue, chain);
           return;
         }
-        const written = this.fillSync(chain, this.limiter.take(chain.writableLength));
+        const written = this.fillSync(chain, this.grant(chain));
+        this.stats.deliveredBytes += written;
         queue.pushUsed(chain, written);
       }
       queue.flush();
     } while (queue.enableNotification());
+  }
+
+  /** Take quota for `chain`; counts the request as rate limited if it waited or gets less than it asked. */
+  private grant(chain: DescriptorChain): number {
+    const wanted = chain.writableLength;
+    const granted = this.limiter.take(wanted);
+    if (this.delayed || granted < wanted) this.stats.rateLimited++;
+    return granted;
   }
 
   /** Fill the first `budget` writable bytes of `chain` from the synchronous source. */
@@ -132,12 +156,13 @@ export class RngDevice implements DeviceBackend {
   private fillAsync(queue: Virtqueue, chain: DescriptorChain): void {
     this.filling = chain;
     chain.memory.hold(); // reads land in guest pages: keep them mapped until the chain completes
-    const budget = this.limiter.take(chain.writableLength);
+    const budget = this.grant(chain);
     let written = 0;
     let segment = chain.readableSegments;
     let segmentDone = 0;
     const complete = () => {
       this.filling = null;
+      this.stats.deliveredBytes += written;
       queue.pushUsed(chain, written);
       queue.flush();
       chain.memory.release();
@@ -163,6 +188,7 @@ export class RngDevice implements DeviceBackend {
       });
     };
     const failed = (why: string): void => {
+      this.stats.sourceErrors++;
       if (why !== this.lastError) this.logger.error(`entropy source ${this.source.name}: ${why}; retrying in ${RETRY_MS} ms`);
       this.lastError = why;
       if (written > 0 || this.fillDone !== null) return complete();
@@ -180,6 +206,7 @@ export class RngDevice implements DeviceBackend {
     if (this.timer !== null) return;
     this.timer = setTimeout(() => {
       this.timer = null;
+      this.delayed = true;
       if (this.queue !== null) this.drain(this.queue);
     }, ms);
   }

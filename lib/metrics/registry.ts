@@ -8,7 +8,10 @@ import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
 import type { VhostUserServer } from '../runtime/serve';
 import type { QueueCounters } from '../virtqueue/virtqueue';
 
-/** Build the registry for `server`, labelled with the device name. */
+/**
+ * Build the registry for `server`, labelled with the device name: process metrics, the engine's
+ * queue/protocol/front-end metrics, then the device's own (DeviceBackend.registerMetrics).
+ */
 export function createDaemonMetrics(server: VhostUserServer): Registry {
   const registry = new Registry();
   registry.setDefaultLabels({ device: server.device.name });
@@ -79,5 +82,6 @@ export function createDaemonMetrics(server: VhostUserServer): Registry {
       this.set(server.connected ? 1 : 0);
     },
   });
+  server.device.registerMetrics?.(registry);
   return registry;
 }

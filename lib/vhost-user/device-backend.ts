@@ -3,6 +3,8 @@
  * maps memory, builds queues and calls these hooks (shaped after rust-vmm's VhostUserBackend and
  * libvhost-user's VuDevIface).
  */
+import type { Registry } from 'prom-client';
+
 import type { Virtqueue } from '../virtqueue/virtqueue';
 
 /** Services the engine offers a device while a front-end is attached. */
@@ -50,4 +52,12 @@ export interface DeviceBackend {
   /** The driver kicked queue `index`: pop, process, complete, flush. A RingError thrown here (from
    * `pop`) marks the queue broken; the daemon keeps serving. */
   processQueue(index: number, queue: Virtqueue): void;
+
+  /**
+   * Register the device's own metrics (`vhostd_<device>_*`) in the process registry; called once by
+   * `createDaemonMetrics`, after the shared queue and protocol metrics. The device keeps plain number
+   * counters on its datapath and the metrics read them in `collect()` at scrape time: no prom-client
+   * call per request. The `device` label is a default label of the registry; add only bounded labels.
+   */
+  registerMetrics?(registry: Registry): void;
 }
