@@ -12,6 +12,7 @@ import path from 'node:path';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { guestTest } from '../helpers/guest-test';
 import { runGuest } from '../helpers/qemu-guest';
+import { Scrape } from '../helpers/scrape';
 
 const MiB = 1 << 20;
 
@@ -70,7 +71,7 @@ done < /tmp/log
 guestTest('split ring, 2 queues: size, queues, data integrity after dropping caches, sync, discard', async (t) => {
   const size = 96 * MiB;
   const file = tempImage(size);
-  const daemon = await startDaemon('blk', ['--file', file, '--num-queues', '2', '--discard', '--write-zeroes', '--serial', 'e2e-disk-0']);
+  const daemon = await startDaemon('blk', ['--file', file, '--num-queues', '2', '--discard', '--write-zeroes', '--serial', 'e2e-disk-0', '--metrics', '0']);
   try {
     const result = await runGuest({
       // Linux uses at most one queue per CPU: two vCPUs, so both queues are live.
@@ -115,6 +116,13 @@ guestTest('split ring, 2 queues: size, queues, data integrity after dropping cac
     t.is(result.section('discard')?.status, 0, result.section('discard')?.output);
     t.is(result.mark('discarded'), result.mark('zeroes'), why);
     t.true(image.subarray(80 * MiB, 81 * MiB).every((b) => b === 0), 'the discarded range is zero in the file');
+
+    // The operator sees the same traffic in the metrics.
+    const port = /metrics on http:\/\/127\.0\.0\.1:(\d+)/.exec(daemon.stderr())?.[1];
+    const metrics = Scrape.fromText(await (await fetch(`http://127.0.0.1:${port}/metrics`)).text());
+    t.is(metrics.value('vhostd_blk_capacity_bytes'), size, metrics.text);
+    t.true(metrics.sum('vhostd_blk_requests_total', { type: 'discard' }) >= 1, metrics.text);
+    t.true(metrics.sum('vhostd_blk_written_bytes_total') >= 16 * 65536, metrics.text);
   } finally {
     const code = await daemon.stop();
     t.is(code, 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr()}`);

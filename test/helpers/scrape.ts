@@ -35,10 +35,20 @@ export class Scrape {
     return new Scrape(await registry.metrics());
   }
 
+  /** A scrape already fetched, e.g. the body of GET /metrics. */
+  static fromText(text: string): Scrape {
+    return new Scrape(text);
+  }
+
   /** The value of the one sample of `name` carrying `labels`; undefined when there is none. Throws if several match. */
   value(name: string, labels: Record<string, string> = {}): number | undefined {
     const hits = this.samples.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v));
     if (hits.length > 1) throw new Error(`${hits.length} samples of ${name} match ${JSON.stringify(labels)}`);
     return hits[0]?.value;
+  }
+
+  /** The sum over every sample of `name` carrying `labels` (0 when there is none). */
+  sum(name: string, labels: Record<string, string> = {}): number {
+    return this.samples.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v)).reduce((n, s) => n + s.value, 0);
   }
 }
