@@ -27,12 +27,47 @@ export function daemonEnv(): NodeJS.ProcessEnv {
   return Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('VHOSTD_')));
 }
 
-/** Start `build/daemons/<device>/main.js --socket-path <tmp>/<device>.sock ...args`. */
-export async function startDaemon(device: string, args: readonly string[] = [], timeoutMs = 10_000): Promise<RunningDaemon> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `vhostd-${device}-`));
-  const socketPath = path.join(dir, `${device}.sock`);
+export interface StartDaemonOptions {
+  /**
+   * Listen on this path instead of `<fresh temp dir>/<device>.sock`, e.g. the path of a daemon that
+   * was just stopped, so that a front-end with `reconnect` finds the new one. The caller owns its
+   * directory: `stop()` then removes nothing but what the daemon itself does.
+   */
+  readonly socketPath?: string;
+  /**
+   * Hand the daemon this listening socket as fd 3 (`--fd 3`), as systemd socket activation does,
+   * instead of `--socket-path`; `socketPath` must then name the socket's path. The caller keeps (and
+   * closes) its own copy, so the socket outlives the daemon as a socket unit's does.
+   */
+  readonly listenFd?: number;
+}
+
+/**
+ * Start `build/daemons/<device>/main.js --socket-path <tmp>/<device>.sock ...args` (or the path of
+ * `options.socketPath`).
+ */
+export async function startDaemon(
+  device: string,
+  args: readonly string[] = [],
+  timeoutMs = 10_000,
+  options: StartDaemonOptions = {},
+): Promise<RunningDaemon> {
+  const dir = options.socketPath === undefined ? fs.mkdtempSync(path.join(os.tmpdir(), `vhostd-${device}-`)) : undefined;
+  const socketPath = options.socketPath ?? path.join(dir!, `${device}.sock`);
+  // A socket file left at a reused path (a daemon that was SIGKILLed) is not the new daemon's: wait
+  // for a new file there.
+  const identity = (): string | undefined => {
+    const st = fs.statSync(socketPath, { throwIfNoEntry: false, bigint: true });
+    return st === undefined ? undefined : `${st.ino}:${st.ctimeNs}`;
+  };
+  const stale = identity();
   const main = path.join(repoRoot(), 'build', 'daemons', device, 'main.js');
-  const child = spawn(process.execPath, [main, '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'], env: daemonEnv() });
+  const { listenFd } = options;
+  if (listenFd !== undefined && options.socketPath === undefined) throw new Error('startDaemon: listenFd needs socketPath');
+  const child =
+    listenFd === undefined
+      ? spawn(process.execPath, [main, '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'], env: daemonEnv() })
+      : spawn(process.execPath, [main, '--fd', '3', ...args], { stdio: ['ignore', 'inherit', 'pipe', listenFd], env: daemonEnv() });
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
@@ -44,12 +79,18 @@ export async function startDaemon(device: string, args: readonly string[] = [], 
       const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
       await exited;
       clearTimeout(timer);
-      fs.rmSync(dir, { recursive: true, force: true });
+      if (dir !== undefined) fs.rmSync(dir, { recursive: true, force: true });
     }
     return exited;
   };
   const deadline = Date.now() + timeoutMs;
-  while (!fs.existsSync(socketPath)) {
+  const listening = (): boolean => {
+    // An inherited socket listens already: wait for the daemon to say that it serves on it.
+    if (listenFd !== undefined) return / serving .* on fd 3/.test(stderr);
+    const now = identity();
+    return now !== undefined && now !== stale;
+  };
+  while (!listening()) {
     if (child.exitCode !== null || Date.now() > deadline) {
       await stop();
       throw new Error(`${device} daemon did not start listening (exit ${child.exitCode}): ${stderr}`);

@@ -6,14 +6,23 @@ import test, { type ExecutionContext, type ImplementationFn } from 'ava';
 
 import { qemuMissingReason } from './qemu-guest';
 
+export interface GuestTestOptions {
+  /**
+   * Why the test cannot pass yet (a QEMU bug, say): it is registered with ava's `test.failing`, so the
+   * run stays green while it fails and goes red, asking for this option to go, once it passes.
+   */
+  readonly knownFailure?: string;
+}
+
 /**
  * Registers an ava test that needs a real guest. Without QEMU it is skipped, with the reason in its
  * title; but when `CI` is set a missing QEMU fails the test instead, since CI installs it.
  */
-export function guestTest(title: string, impl: ImplementationFn<[]>): void {
+export function guestTest(title: string, impl: ImplementationFn<[]>, options: GuestTestOptions = {}): void {
   const missing = qemuMissingReason();
   if (missing === undefined) {
-    test(title, impl);
+    if (options.knownFailure !== undefined) test.failing(`${title} [known failure: ${options.knownFailure}]`, impl);
+    else test(title, impl);
   } else if (process.env['CI']) {
     test(title, (t: ExecutionContext) => t.fail(`CI is set but ${missing}`));
   } else {

@@ -1,0 +1,266 @@
+/**
+ * Restarting a daemon under a running guest, as an operator upgrade or systemd's Restart=on-failure
+ * does: the daemon gets SIGTERM, a new process serves the same socket path two seconds later (on a
+ * path it creates again, or on a listening socket that outlived the old one, as with systemd socket
+ * activation), QEMU (chardev `reconnect`) connects again and sets the device up from scratch, and the
+ * guest carries on after a pause.
+ *
+ * Host and guest meet through console markers: the guest prints `restart=now` and pauses for a second;
+ * the host's onConsoleLine stops the daemon and starts the new one; the guest's next request, made
+ * while no daemon runs, waits in its ring until the new daemon runs it (bounded by `timeout` and
+ * `wait_for`). The new daemon's log and metrics show that it set up the device and did the I/O.
+ *
+ * The disk is idle when the daemon stops (the guest synced and waits): a request the old daemon had
+ * taken but not completed would need VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD to be recovered, which is
+ * not implemented (see daemons/blk/README.md, "Restarting the daemon").
+ */
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import type { ExecutionContext } from 'ava';
+
+import { native } from '../../native';
+import { startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { guestTest } from '../helpers/guest-test';
+import { qemuBinary, runGuest, type GuestResult } from '../helpers/qemu-guest';
+
+const MiB = 1 << 20;
+const RESTART_MARKER = 'VHOSTD-MARK restart=now';
+
+/**
+ * The chardev option that makes QEMU reconnect after a second: `reconnect-ms=1000` from QEMU 9.2 on
+ * (where `reconnect` is deprecated), `reconnect=1` before (7.2 knows only that one).
+ */
+function reconnectOption(): string {
+  const version = /version (\d+)\.(\d+)/.exec(spawnSync(qemuBinary(), ['--version'], { encoding: 'utf8' }).stdout ?? '');
+  const [major, minor] = [Number(version?.[1] ?? 0), Number(version?.[2] ?? 0)];
+  return major > 9 || (major === 9 && minor >= 2) ? 'reconnect-ms=1000' : 'reconnect=1';
+}
+
+/** A daemon that the test replaces with a new process on the same socket path while the guest runs. */
+class RestartingDaemon {
+  current: RunningDaemon | undefined;
+  /** The stopped one, kept for its exit code and stderr. */
+  previous: RunningDaemon | undefined;
+  previousExit: number | null | undefined;
+  restartMs: number | undefined;
+  private restarting: Promise<void> | undefined;
+  private failure: Error | undefined;
+
+  constructor(
+    private readonly device: string,
+    private readonly args: readonly string[],
+    readonly socketPath: string,
+    /** Time with no daemon at all (systemd's RestartSec, an upgrade): the guest's requests wait in the ring. */
+    private readonly gapMs = 0,
+    /** A listening socket the test keeps, handed to every daemon as systemd socket activation does. */
+    private readonly listenFd?: number,
+  ) {}
+
+  async start(): Promise<void> {
+    this.current = await startDaemon(this.device, this.args, 10_000, { socketPath: this.socketPath, listenFd: this.listenFd });
+  }
+
+  /** From onConsoleLine: stop the daemon and start a new one, once; errors surface in `settle()`. */
+  onLine(line: string): void {
+    if (this.restarting !== undefined || !line.includes(RESTART_MARKER)) return;
+    const begin = Date.now();
+    this.restarting = (async () => {
+      this.previous = this.current;
+      this.current = undefined;
+      this.previousExit = await this.previous!.stop();
+      await new Promise((resolve) => setTimeout(resolve, this.gapMs));
+      this.current = await startDaemon(this.device, this.args, 10_000, { socketPath: this.socketPath, listenFd: this.listenFd });
+      this.restartMs = Date.now() - begin;
+    })().catch((err: Error) => {
+      this.failure = err;
+    });
+  }
+
+  /** Wait for a restart in progress; throws what it threw. */
+  async settle(): Promise<void> {
+    await this.restarting;
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  /** Stop whatever runs; returns its exit code. */
+  async stop(): Promise<number | null | undefined> {
+    await this.restarting;
+    return this.current?.stop();
+  }
+
+  stderr(): string {
+    return `--- first daemon ---\n${this.previous?.stderr() ?? this.current?.stderr() ?? ''}\n--- second daemon ---\n${this.previous !== undefined ? (this.current?.stderr() ?? '') : ''}`;
+  }
+}
+
+function socketDir(device: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `vhostd-reconnect-${device}-`));
+}
+
+/** The value of a queue counter of the daemon's metrics, summed over queues. */
+async function queueMetric(daemon: RunningDaemon, name: string): Promise<number> {
+  const port = /metrics on http:\/\/127\.0\.0\.1:(\d+)/.exec(daemon.stderr())?.[1];
+  if (port === undefined) throw new Error(`no metrics port in the daemon's log:\n${daemon.stderr()}`);
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  let sum = 0;
+  for (const m of text.matchAll(new RegExp(`^${name}\\{[^}]*\\} (\\d+)`, 'gm'))) sum += Number(m[1]);
+  return sum;
+}
+
+/** What an assertion failure should show: guest console tail, QEMU's stderr, both daemons' logs. */
+function explain(result: GuestResult, daemon: RestartingDaemon): string {
+  return `${result.tail(30)}\n--- QEMU stderr ---\n${result.qemuStderr.trim()}\n${daemon.stderr()}`;
+}
+
+function checkRestart(t: ExecutionContext, daemon: RestartingDaemon, why: string): void {
+  t.truthy(daemon.previous, `the restart marker was never seen\n${why}`);
+  t.is(daemon.previousExit, 0, `the first daemon's exit on SIGTERM\n${why}`);
+  t.log(`daemon replaced in ${daemon.restartMs ?? '?'} ms`);
+  // QEMU connected to the new process and set the device up again.
+  t.regex(daemon.current?.stderr() ?? '', /front-end connected/, why);
+  t.regex(daemon.current?.stderr() ?? '', /request SET_VRING_KICK/, why);
+}
+
+/*
+ * QEMU cannot do this yet, whatever the back-end does:
+ * - vhost-user-rng-pci's realize does not wait for its chardev, and with `reconnect` the chardev
+ *   connects asynchronously, after realize: QEMU 10.0.2 exits at start-up with "Failed to set msg fds.
+ *   vhost_backend_init failed: Protocol error"; 7.2 aborts there (`*errp == NULL` assertion).
+ *   vhost-user-blk waits for the connection (qemu_chr_fe_wait_connected) and has no such problem.
+ * - Hot-plugged (device_add) once the chardev has connected, the device works on 10.0.2, but on the
+ *   daemon's restart vhost-user-base's disconnect handler frees the vhost device (vhost_dev_cleanup)
+ *   and its connect handler starts it again without vhost_dev_init: QEMU aborts ("vhost_dev_start:
+ *   Assertion `hdev->vhost_ops' failed") as the new daemon accepts, before sending it anything. QEMU
+ *   master's hw/virtio/vhost-user-base.c reads the same.
+ * So the test is registered as a known failure; it reports itself once a QEMU gets it right.
+ */
+guestTest('rng: the guest keeps reading /dev/hwrng across a daemon restart', async (t) => {
+  const dir = socketDir('rng');
+  const daemon = new RestartingDaemon('rng', ['--metrics', '0', '--log-level', 'debug'], path.join(dir, 'rng.sock'), 2000);
+  try {
+    await daemon.start();
+    const result = await runGuest({
+      qemuArgs: ['-chardev', `socket,id=rng0,path=${daemon.socketPath},${reconnectOption()}`, '-device', 'vhost-user-rng-pci,chardev=rng0'],
+      timeoutMs: 60_000,
+      onConsoleLine: (line) => daemon.onLine(line),
+      script: `
+set -e
+dd if=/dev/hwrng of=/tmp/a bs=4096 count=4 2>/dev/null
+mark before "$(wc -c < /tmp/a)"
+mark restart now
+# The host is stopping the daemon now (SIGTERM takes milliseconds); a read from here on waits in the
+# ring until QEMU has reconnected to the new one. Each try is bounded; the whole wait too.
+sleep 1
+t0=$(cut -d" " -f1 /proc/uptime)
+wait_for 30 sh -c 'timeout 10 dd if=/dev/hwrng of=/tmp/b bs=4096 count=16 2>/dev/null && [ "$(wc -c < /tmp/b)" -eq 65536 ]'
+t1=$(cut -d" " -f1 /proc/uptime)
+mark waited "$(echo "$t0 $t1" | awk '{print $2 - $1}')"
+mark after "$(wc -c < /tmp/b)"
+mark distinct "$(od -An -v -tu1 /tmp/b | tr -s " " "\\n" | grep -v "^$" | sort -u | wc -l)"
+# And again, plainly: the device stays usable.
+mark again "$(dd if=/dev/hwrng bs=4096 count=4 2>/dev/null | wc -c)"
+`,
+    });
+    await daemon.settle();
+    const why = explain(result, daemon);
+    t.is(result.exitStatus, 0, why);
+    checkRestart(t, daemon, why);
+    t.log(`guest waited ${result.mark('waited') ?? '?'} s for its first read after the restart`);
+    t.is(result.mark('before'), '16384', why);
+    t.is(result.mark('after'), '65536', why);
+    t.true(Number(result.mark('distinct')) > 250, `only ${result.mark('distinct')} distinct byte values\n${why}`);
+    t.is(result.mark('again'), '16384', why);
+    // The bytes after the restart came from the new process.
+    t.true((await queueMetric(daemon.current!, 'vhostd_queue_written_bytes_total')) >= 65536 + 16384, why);
+  } finally {
+    t.is(await daemon.stop(), 0, daemon.stderr());
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}, { knownFailure: "QEMU's vhost-user-rng cannot reconnect (start-up and reconnect bugs, see above)" });
+
+/**
+ * blk across a restart. With `activation`, the test holds the listening socket, as a systemd socket
+ * unit does, and hands it to each daemon (`--fd`): the path never goes away, QEMU's reconnect succeeds at
+ * once and its first requests wait in the socket until the new daemon reads them.
+ */
+async function blkRestart(t: ExecutionContext, activation: boolean): Promise<void> {
+  const dir = socketDir('blk');
+  const image = path.join(dir, 'disk.img');
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, 32 * MiB);
+  const socketPath = path.join(dir, 'blk.sock');
+  const listenFd = activation ? native.listenUnix(socketPath, 1) : undefined;
+  const args = ['--file', image, '--metrics', '0', '--log-level', 'debug'];
+  const daemon = new RestartingDaemon('blk', args, socketPath, 2000, listenFd);
+  try {
+    await daemon.start();
+    const result = await runGuest({
+      qemuArgs: [
+        '-chardev', `socket,id=blk0,path=${daemon.socketPath},${reconnectOption()}`,
+        '-device', 'vhost-user-blk-pci,chardev=blk0',
+      ],
+      timeoutMs: 60_000,
+      onConsoleLine: (line) => daemon.onLine(line),
+      script: `
+set -e
+md5() { md5sum | cut -d" " -f1; }
+# 4 MiB at 1 MiB, on the disk (fsync) before the restart.
+dd if=/dev/urandom of=/tmp/one bs=65536 count=64 2>/dev/null
+dd if=/tmp/one of=/dev/vda bs=65536 seek=16 conv=notrunc,fsync 2>/dev/null
+sync
+mark one "$(md5 < /tmp/one)"
+# The disk is idle from here: the host restarts the daemon.
+mark restart now
+sleep 1
+# The first request after the restart waits in the ring until the new daemon runs it.
+t0=$(cut -d" " -f1 /proc/uptime)
+wait_for 30 timeout 10 dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null
+t1=$(cut -d" " -f1 /proc/uptime)
+mark waited "$(echo "$t0 $t1" | awk '{print $2 - $1}')"
+echo 3 > /proc/sys/vm/drop_caches
+mark one_back "$(dd if=/dev/vda bs=65536 skip=16 count=64 2>/dev/null | md5)"
+# More data through the new daemon: 4 MiB at 16 MiB, then both regions again from the device.
+dd if=/dev/urandom of=/tmp/two bs=65536 count=64 2>/dev/null
+dd if=/tmp/two of=/dev/vda bs=65536 seek=256 conv=notrunc,fsync 2>/dev/null
+mark two "$(md5 < /tmp/two)"
+echo 3 > /proc/sys/vm/drop_caches
+mark two_back "$(dd if=/dev/vda bs=65536 skip=256 count=64 2>/dev/null | md5)"
+mark one_again "$(dd if=/dev/vda bs=65536 skip=16 count=64 2>/dev/null | md5)"
+`,
+    });
+    await daemon.settle();
+    const why = explain(result, daemon);
+    t.is(result.exitStatus, 0, why);
+    checkRestart(t, daemon, why);
+    t.log(`guest waited ${result.mark('waited') ?? '?'} s for its first request after the restart`);
+    const one = result.mark('one');
+    const two = result.mark('two');
+    t.truthy(one, why);
+    t.truthy(two, why);
+    t.is(result.mark('one_back'), one, why);
+    t.is(result.mark('two_back'), two, why);
+    t.is(result.mark('one_again'), one, why);
+    const file = fs.readFileSync(image);
+    const md5 = (from: number): string => createHash('md5').update(file.subarray(from, from + 4 * MiB)).digest('hex');
+    t.is(md5(1 * MiB), one ?? '', 'host file holds the data written before the restart');
+    t.is(md5(16 * MiB), two ?? '', 'host file holds the data written after the restart');
+    // The reads and writes after the restart went through the new process: 4 MiB + 4 KiB read back
+    // at least twice over, 4 MiB written.
+    t.true((await queueMetric(daemon.current!, 'vhostd_queue_written_bytes_total')) >= 8 * MiB, why);
+    t.true((await queueMetric(daemon.current!, 'vhostd_queue_read_bytes_total')) >= 4 * MiB, why);
+  } finally {
+    t.is(await daemon.stop(), 0, daemon.stderr());
+    if (listenFd !== undefined) native.close(listenFd);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+guestTest('blk: data written before a daemon restart reads back after it, and new writes land', (t) => blkRestart(t, false));
+
+guestTest('blk under socket activation (--fd, the socket outlives the daemon): the same across a restart', (t) =>
+  blkRestart(t, true),
+);
