@@ -93,8 +93,20 @@ export interface IoBatch {
 export interface IoUring {
   /** eventfd that becomes readable when completions are posted; watch it and call `reap`. */
   readonly eventFd: number;
+  /**
+   * The ring's own fd: readable while completions wait in the completion queue (level-triggered, no
+   * counter to reset). Watching it instead of {@link eventFd} saves a read per wakeup. Do not close it.
+   */
+  readonly ringFd: number;
   /** Queue `count` requests of `batch` and submit them with one io_uring_enter. Returns how many were queued. */
   submit(batch: IoBatch, count: number): number;
+  /**
+   * Remember the nine arrays of `batch` (type-checked now) for {@link submitBound}. The ring keeps the
+   * arrays, not `batch`: after assigning a new array to one of its properties, bind again.
+   */
+  bindBatch(batch: IoBatch): void;
+  /** {@link submit} of the batch last given to {@link bindBatch}, without looking its properties up. */
+  submitBound(count: number): number;
   /** Move up to `userData.length` completions into `userData`/`result` (result is -errno on failure). */
   reap(userData: Uint32Array, result: Int32Array): number;
   /** Tear down the ring and close its eventfd. In-flight requests complete in the kernel first. */

@@ -43,6 +43,8 @@ export class OpBatch implements IoBatch {
   count = 0;
   /** Iovec slots used by the staged operations. */
   iovUsed = 0;
+  /** Bumped whenever an array is replaced by a bigger one (executors that bind the arrays rebind). */
+  version = 0;
 
   constructor(ops: number, iovecs: number) {
     this.opcode = new Uint8Array(ops);
@@ -64,6 +66,7 @@ export class OpBatch implements IoBatch {
     while (size < need) size *= 2;
     this.iovBase = grow(this.iovBase, new Float64Array(size));
     this.iovLen = grow(this.iovLen, new Float64Array(size));
+    this.version++;
   }
 
   /** Stage a READV/WRITEV over the `iovecs` iovecs just written at {@link iovUsed}. */
@@ -151,6 +154,7 @@ export class OpBatch implements IoBatch {
       this.iovStart = grow(this.iovStart, new Uint32Array(n));
       this.iovCount = grow(this.iovCount, new Uint32Array(n));
       this.userData = grow(this.userData, new Uint32Array(n));
+      this.version++;
     }
     return this.count++;
   }

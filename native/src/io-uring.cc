@@ -40,27 +40,16 @@ struct Batch {
   size_t iovecs;    // shortest of iovBase / iovLen
 };
 
-bool GetArray(Napi::Env env, Napi::Object batch, const char* key, napi_typedarray_type type, void** data,
-              size_t* length) {
-  Napi::Value value = batch.Get(key);
-  if (env.IsExceptionPending()) return false;
-  return ArgTypedArray(env, value, key, type, data, length);
-}
+/** The IoBatch properties in Batch order, with their typed array types. */
+constexpr int kBatchArrays = 9;
+constexpr const char* kBatchKeys[kBatchArrays] = {"opcode",   "fd",       "offset",  "arg",   "iovStart",
+                                                  "iovCount", "userData", "iovBase", "iovLen"};
+constexpr napi_typedarray_type kBatchTypes[kBatchArrays] = {
+    napi_uint8_array,  napi_int32_array,  napi_float64_array, napi_uint32_array,  napi_uint32_array,
+    napi_uint32_array, napi_uint32_array, napi_float64_array, napi_float64_array};
 
-bool ReadBatch(Napi::Env env, Napi::Object object, Batch* batch) {
-  void* p[9];
-  size_t n[9];
-  if (!GetArray(env, object, "opcode", napi_uint8_array, &p[0], &n[0]) ||
-      !GetArray(env, object, "fd", napi_int32_array, &p[1], &n[1]) ||
-      !GetArray(env, object, "offset", napi_float64_array, &p[2], &n[2]) ||
-      !GetArray(env, object, "arg", napi_uint32_array, &p[3], &n[3]) ||
-      !GetArray(env, object, "iovStart", napi_uint32_array, &p[4], &n[4]) ||
-      !GetArray(env, object, "iovCount", napi_uint32_array, &p[5], &n[5]) ||
-      !GetArray(env, object, "userData", napi_uint32_array, &p[6], &n[6]) ||
-      !GetArray(env, object, "iovBase", napi_float64_array, &p[7], &n[7]) ||
-      !GetArray(env, object, "iovLen", napi_float64_array, &p[8], &n[8])) {
-    return false;
-  }
+/** Points `batch` at the nine arrays (data and lengths from ArgTypedArray, in Batch order). */
+void FillBatch(void* const p[kBatchArrays], const size_t n[kBatchArrays], Batch* batch) {
   batch->opcode = static_cast<uint8_t*>(p[0]);
   batch->fd = static_cast<int32_t*>(p[1]);
   batch->offset = static_cast<double*>(p[2]);
@@ -73,12 +62,23 @@ bool ReadBatch(Napi::Env env, Napi::Object object, Batch* batch) {
   batch->requests = n[0];
   for (int k = 1; k < 7; k++) batch->requests = std::min(batch->requests, n[k]);
   batch->iovecs = std::min(n[7], n[8]);
+}
+
+/** The nine typed arrays of the IoBatch `object` (type-checked), or false after throwing. */
+bool GetBatchArrays(Napi::Env env, Napi::Object object, Napi::Value values[kBatchArrays], void* p[kBatchArrays],
+                    size_t n[kBatchArrays]) {
+  for (int k = 0; k < kBatchArrays; k++) {
+    values[k] = object.Get(kBatchKeys[k]);
+    if (env.IsExceptionPending()) return false;
+    if (!ArgTypedArray(env, values[k], kBatchKeys[k], kBatchTypes[k], &p[k], &n[k])) return false;
+  }
   return true;
 }
 
 /** Checks request `i` so that nothing is queued from a batch with a bad request. */
 bool ValidateRequest(Napi::Env env, const Batch& b, size_t i) {
-  std::string where = "request " + std::to_string(i) + ": ";
+  // The prefix of an error message (built only when one is thrown: no allocation per request).
+  auto where = [i] { return "request " + std::to_string(i) + ": "; };
   // SAFETY: i < b.requests, the length of every per-request array (checked by the caller).
   uint8_t op = b.opcode[i];
   double offset = b.offset[i];
@@ -87,17 +87,17 @@ bool ValidateRequest(Napi::Env env, const Batch& b, size_t i) {
     case kOpReadv:
     case kOpWritev:
       if (!IsIntegerIn(offset, -1, 9223372036854774784.0)) {
-        ThrowRange(env, where + "offset must be an integer >= -1");
+        ThrowRange(env, where() + "offset must be an integer >= -1");
         return false;
       }
       if (count > IOV_MAX || start + count > b.iovecs) {
-        ThrowRange(env, where + "iovecs out of range");
+        ThrowRange(env, where() + "iovecs out of range");
         return false;
       }
       for (uint64_t k = start; k < start + count; k++) {
         // SAFETY: k < b.iovecs, the length of iovBase and iovLen.
         if (!IsIntegerIn(b.iovBase[k], 0, kMaxSafeInteger) || !IsIntegerIn(b.iovLen[k], 0, kMaxSafeInteger)) {
-          ThrowRange(env, where + "iovBase/iovLen must be non-negative integers below 2^53");
+          ThrowRange(env, where() + "iovBase/iovLen must be non-negative integers below 2^53");
           return false;
         }
       }
@@ -108,12 +108,12 @@ bool ValidateRequest(Napi::Env env, const Batch& b, size_t i) {
       // SAFETY: start < b.iovecs is checked before iovLen[start] is read.
       if (!IsIntegerIn(offset, 0, kMaxSafeInteger) || start >= b.iovecs ||
           !IsIntegerIn(b.iovLen[start], 0, kMaxSafeInteger)) {
-        ThrowRange(env, where + "fallocate needs offset >= 0 and a length in iovLen[iovStart]");
+        ThrowRange(env, where() + "fallocate needs offset >= 0 and a length in iovLen[iovStart]");
         return false;
       }
       return true;
     default:
-      ThrowRange(env, where + "unsupported opcode " + std::to_string(op));
+      ThrowRange(env, where() + "unsupported opcode " + std::to_string(op));
       return false;
   }
 }
@@ -122,7 +122,8 @@ class Ring : public Napi::ObjectWrap<Ring> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "IoUring",
-                       {InstanceMethod("submit", &Ring::Submit), InstanceMethod("reap", &Ring::Reap),
+                       {InstanceMethod("submit", &Ring::Submit), InstanceMethod("bindBatch", &Ring::BindBatch),
+                        InstanceMethod("submitBound", &Ring::SubmitBound), InstanceMethod("reap", &Ring::Reap),
                         InstanceMethod("close", &Ring::Close)});
   }
 
@@ -164,10 +165,17 @@ class Ring : public Napi::ObjectWrap<Ring> {
     eventFd_ = fd;
     open_ = true;
     slotIovecs_.resize(*ring_.sq.kring_entries);
+    // Single-buffer READV/WRITEV go out as READ/WRITE when the kernel has them (5.6+): the kernel then
+    // has no iovec to import, nor to copy into async data when it punts the request to a worker.
+    if (io_uring_probe* probe = io_uring_get_probe_ring(&ring_)) {
+      plainRw_ = io_uring_opcode_supported(probe, IORING_OP_READ) && io_uring_opcode_supported(probe, IORING_OP_WRITE);
+      io_uring_free_probe(probe);
+    }
     return true;
   }
 
   int EventFd() const { return eventFd_; }
+  int RingFd() const { return ring_.ring_fd; }
 
  private:
   void Teardown() {
@@ -177,6 +185,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
     io_uring_queue_exit(&ring_);
     ::close(eventFd_);
     slotIovecs_.clear();
+    for (auto& ref : bound_) ref.Reset();
   }
 
   bool CheckOpen(Napi::Env env, const char* syscall) {
@@ -204,8 +213,54 @@ class Ring : public Napi::ObjectWrap<Ring> {
     ARG_OBJECT(object, 0);
     ARG_U32(count, 1);
     if (!CheckOpen(env, "io_uring_enter")) return {};
+    Napi::Value values[kBatchArrays];
+    void* p[kBatchArrays];
+    size_t n[kBatchArrays];
+    if (!GetBatchArrays(env, object, values, p, n)) return {};
     Batch b;
-    if (!ReadBatch(env, object, &b)) return {};
+    FillBatch(p, n, &b);
+    return SubmitBatch(env, b, count);
+  }
+
+  /**
+   * bindBatch(batch): remember the nine arrays of `batch` (type-checked here) so that submitBound
+   * needs no property lookups. The ring holds references to the arrays, not to `batch`: assigning a
+   * new array to a property of `batch` takes effect with the next bindBatch.
+   */
+  Napi::Value BindBatch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    ARG_OBJECT(object, 0);
+    if (!CheckOpen(env, "io_uring_enter")) return {};
+    Napi::Value values[kBatchArrays];
+    void* p[kBatchArrays];
+    size_t n[kBatchArrays];
+    if (!GetBatchArrays(env, object, values, p, n)) return {};
+    for (int k = 0; k < kBatchArrays; k++) bound_[k] = Napi::Persistent(values[k].As<Napi::Object>());
+    return env.Undefined();
+  }
+
+  /** submitBound(count): submit(batch, count) for the batch given to bindBatch. */
+  Napi::Value SubmitBound(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    ARG_U32(count, 0);
+    if (!CheckOpen(env, "io_uring_enter")) return {};
+    if (bound_[0].IsEmpty()) {
+      ThrowType(env, "submitBound needs a batch from bindBatch");
+      return {};
+    }
+    // Data pointers and lengths are read afresh on every call (a detached buffer reads as length 0).
+    void* p[kBatchArrays];
+    size_t n[kBatchArrays];
+    for (int k = 0; k < kBatchArrays; k++) {
+      if (!ArgTypedArray(env, bound_[k].Value(), kBatchKeys[k], kBatchTypes[k], &p[k], &n[k])) return {};
+    }
+    Batch b;
+    FillBatch(p, n, &b);
+    return SubmitBatch(env, b, count);
+  }
+
+  /** Validates requests 0..count-1 of `b`, queues them and submits with one io_uring_enter. */
+  Napi::Value SubmitBatch(Napi::Env env, const Batch& b, uint32_t count) {
     if (count > b.requests) {
       ThrowRange(env, "count exceeds the batch arrays");
       return {};
@@ -213,7 +268,6 @@ class Ring : public Napi::ObjectWrap<Ring> {
     for (size_t i = 0; i < count; i++) {
       if (!ValidateRequest(env, b, i)) return {};
     }
-
     uint32_t queued = 0;
     for (; queued < count; queued++) {
       io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
@@ -232,15 +286,25 @@ class Ring : public Napi::ObjectWrap<Ring> {
       switch (op) {
         case kOpReadv:
         case kOpWritev: {
+          uint64_t off = offset < 0 ? ~uint64_t{0} : static_cast<uint64_t>(offset);
+          // SAFETY: iovBase holds addresses given by the caller (Mapping.address + offset); the kernel
+          // checks them against the process's mappings and fails the request with EFAULT otherwise.
+          if (n == 1 && plainRw_ && b.iovLen[start] <= static_cast<double>(INT_MAX)) {
+            void* base = reinterpret_cast<void*>(static_cast<uintptr_t>(b.iovBase[start]));
+            auto len = static_cast<unsigned>(b.iovLen[start]);
+            if (op == kOpReadv) {
+              io_uring_prep_read(sqe, fd, base, len, off);
+            } else {
+              io_uring_prep_write(sqe, fd, base, len, off);
+            }
+            break;
+          }
           std::vector<iovec>& iovs = slotIovecs_[static_cast<size_t>(sqe - ring_.sq.sqes)];
           iovs.resize(n);
           for (uint32_t k = 0; k < n; k++) {
-            // SAFETY: iovBase holds addresses given by the caller (Mapping.address + offset); the kernel
-            // checks them against the process's mappings and fails the request with EFAULT otherwise.
             iovs[k].iov_base = reinterpret_cast<void*>(static_cast<uintptr_t>(b.iovBase[start + k]));
             iovs[k].iov_len = static_cast<size_t>(b.iovLen[start + k]);
           }
-          uint64_t off = offset < 0 ? ~uint64_t{0} : static_cast<uint64_t>(offset);
           if (op == kOpReadv) {
             io_uring_prep_readv(sqe, fd, iovs.data(), n, off);
           } else {
@@ -296,6 +360,10 @@ class Ring : public Napi::ObjectWrap<Ring> {
   io_uring ring_{};
   bool open_ = false;
   int eventFd_ = -1;
+  /** IORING_OP_READ / WRITE are available. */
+  bool plainRw_ = false;
+  /** The arrays of the batch given to bindBatch, in Batch order. */
+  Napi::ObjectReference bound_[kBatchArrays];
   /** iovecs of the READV/WRITEV request queued in each SQE slot. */
   std::vector<std::vector<iovec>> slotIovecs_;
 };
@@ -307,8 +375,10 @@ Napi::Value CreateIoUring(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) return {};
   Ring* ring = Ring::Unwrap(object);
   if (!ring->Open(env, entries)) return {};
-  object.DefineProperty(
-      Napi::PropertyDescriptor::Value("eventFd", Napi::Number::New(env, ring->EventFd()), napi_enumerable));
+  object.DefineProperties({
+      Napi::PropertyDescriptor::Value("eventFd", Napi::Number::New(env, ring->EventFd()), napi_enumerable),
+      Napi::PropertyDescriptor::Value("ringFd", Napi::Number::New(env, ring->RingFd()), napi_enumerable),
+  });
   if (env.IsExceptionPending()) return {};
   return object;
 }

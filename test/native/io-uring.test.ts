@@ -3,7 +3,7 @@ import path from 'node:path';
 
 import test from 'ava';
 
-import { IORING_OP, native } from '../../native';
+import { IORING_OP, POLL_READABLE, native } from '../../native';
 import { collect, fdCount, makeBatch, nativeError, tempDir } from './helpers';
 
 const PAGE = 4096;
@@ -179,6 +179,80 @@ test('iovec storage of one submit is not disturbed by the next (the kernel copie
   ring.close();
   fs.closeSync(fd);
   mem.free();
+});
+
+test('bindBatch + submitBound: the bound arrays are used until the next bind, with submit\'s checks', async (t) => {
+  const ring = native.createIoUring(8);
+  const mem = memory(4 * PAGE);
+  const { fd, file } = tempFile(0);
+  mem.view.fill(0x11, 0, PAGE);
+  mem.view.fill(0x22, PAGE, 2 * PAGE);
+  t.throws(() => ring.submitBound(0), { instanceOf: TypeError }, 'nothing bound yet');
+  const batch = makeBatch(1, 1);
+  ring.bindBatch(batch);
+  batch.opcode[0] = IORING_OP.WRITEV;
+  batch.fd[0] = fd;
+  batch.iovCount[0] = 1;
+  batch.iovBase[0] = mem.address;
+  batch.iovLen[0] = PAGE;
+  batch.userData[0] = 7;
+  t.is(ring.submitBound(1), 1, 'element writes after bindBatch are seen');
+  t.deepEqual([...(await collect(ring, 1))], [[7, PAGE]]);
+  // A replaced array is not seen until the batch is bound again.
+  const bigger = new Float64Array(2);
+  bigger[1] = mem.address + PAGE;
+  batch.iovBase = bigger;
+  batch.iovStart[0] = 1;
+  batch.offset[0] = PAGE;
+  t.throws(() => ring.submitBound(1), { instanceOf: RangeError }, 'iovStart 1 is beyond the bound iovBase');
+  t.throws(() => ring.submitBound(2), { instanceOf: RangeError }, 'count beyond the bound arrays');
+  batch.iovLen = new Float64Array([0, PAGE]);
+  ring.bindBatch(batch);
+  t.is(ring.submitBound(1), 1);
+  t.deepEqual([...(await collect(ring, 1))], [[7, PAGE]]);
+  const data = fs.readFileSync(file);
+  t.is(data[10], 0x11);
+  t.is(data[PAGE + 10], 0x22);
+  t.throws(() => ring.bindBatch({ ...batch, fd: new Uint32Array(1) as unknown as Int32Array }), { instanceOf: TypeError });
+  ring.close();
+  t.is(nativeError(() => ring.submitBound(0)).code, 'EBADF');
+  fs.closeSync(fd);
+  mem.free();
+});
+
+test('ringFd is readable while completions wait and not once they are reaped', async (t) => {
+  const ring = native.createIoUring(8);
+  const { fd } = tempFile(0);
+  t.true(ring.ringFd >= 0);
+  t.not(ring.ringFd, ring.eventFd);
+  const batch = makeBatch(2, 0);
+  for (let i = 0; i < 2; i++) {
+    batch.opcode[i] = IORING_OP.FSYNC;
+    batch.fd[i] = fd;
+    batch.userData[i] = i;
+  }
+  const ud = new Uint32Array(4);
+  const res = new Int32Array(4);
+  let reaped = 0;
+  let wakeups = 0;
+  await new Promise<void>((resolve) => {
+    const watcher = native.watch(ring.ringFd, POLL_READABLE, () => {
+      wakeups++;
+      reaped += ring.reap(ud, res);
+      if (reaped === 2) {
+        // Level-triggered on the completion queue: empty now, so no further wakeup.
+        setTimeout(() => {
+          watcher.stop();
+          resolve();
+        }, 50);
+      }
+    });
+    t.is(ring.submit(batch, 2), 2);
+  });
+  t.is(reaped, 2);
+  t.true(wakeups <= 2, `${wakeups} wakeups`);
+  ring.close();
+  fs.closeSync(fd);
 });
 
 test('reap returns 0 when nothing completed and stops at the array length', async (t) => {
