@@ -1,8 +1,9 @@
 /**
  * The io_uring executor: one ring per queue, one `submit` (one io_uring_enter) per batch, iovecs that
- * point straight into guest memory. The ring signals completions on an eventfd that libuv watches;
- * each wakeup resets the eventfd and reaps completions in chunks of the preallocated result arrays,
- * one sink call (and so one used-ring flush) per chunk.
+ * point straight into guest memory. libuv watches the ring fd itself, which is readable exactly while
+ * completions wait in the completion queue (level-triggered, nothing to reset: no eventfd read per
+ * wakeup); each wakeup reaps completions in chunks of the preallocated result arrays, one sink call
+ * (and so one used-ring flush) per chunk.
  */
 import { native, POLL_READABLE, type IoUring, type Watcher } from '../../native/index';
 import type { Logger } from '../../lib/runtime/logger';
@@ -38,7 +39,7 @@ export class IoUringExecutor implements BlkExecutor {
     this.batch = new OpBatch(queueSize * 2, queueSize * 4);
     this.userData = new Uint32Array(Math.max(64, queueSize));
     this.result = new Int32Array(this.userData.length);
-    this.watcher = native.watch(this.ring.eventFd, POLL_READABLE, () => this.reap());
+    this.watcher = native.watch(this.ring.ringFd, POLL_READABLE, () => this.reap());
   }
 
   submit(): void {
@@ -71,7 +72,8 @@ export class IoUringExecutor implements BlkExecutor {
   }
 
   private reap(): void {
-    native.eventfdRead(this.ring.eventFd);
+    // Completions posted after the last reap below keep the ring fd readable: the next loop
+    // iteration wakes us again.
     for (;;) {
       const n = this.ring.reap(this.userData, this.result);
       if (n > 0) this.sink(this.userData, this.result, n);
