@@ -31,6 +31,7 @@ import { bit } from '../../../lib/virtio/constants';
 import type { DriverBuffer, UsedElement } from '../../helpers/driver-ring';
 import { R0_DATA, R1_DATA, splitSetup } from '../../lib/virtqueue/setup';
 import { FakeDiskExecutor, FakeImage, type FakeExecutorOptions } from './fake-disk';
+import { blkHeader as header, discardSegment as segment } from './wire';
 
 const { EIO } = osConstants.errno;
 const IMAGE_SIZE = 1 << 20;
@@ -96,23 +97,6 @@ function rig(over: Partial<BlkDeviceOptions> = {}, execOptions: FakeExecutorOpti
       return s.fake.read(buffer.addr + buffer.len - 1, 1)[0]!;
     },
   };
-}
-
-function header(type: number, sector = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return b;
-}
-
-function segment(sector: number, sectors: number, flags = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setBigUint64(0, BigInt(sector), true);
-  v.setUint32(8, sectors, true);
-  v.setUint32(12, flags, true);
-  return b;
 }
 
 function pattern(len: number, seed: number): Uint8Array {

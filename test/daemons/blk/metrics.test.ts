@@ -31,6 +31,7 @@ import { silentLogger } from '../../../lib/runtime/logger';
 import type { ChainSpec, Frontend } from '../../helpers/frontend';
 import { Scrape } from '../../helpers/scrape';
 import { TestServer, pattern } from '../../lib/vhost-user/harness';
+import { blkHeader as header, discardSegment as range } from './wire';
 
 const { EIO } = osConstants.errno;
 const IMAGE_SIZE = 8 << 20;
@@ -47,23 +48,6 @@ function tempImage(): string {
 
 function config(file: string): BlkConfig {
   return { file, readOnly: false, serial: 'metrics', numQueues: 2, queueSize: 128, direct: false, discard: true, writeZeroes: true, writeback: true };
-}
-
-function header(type: number, sector = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return b;
-}
-
-/** A DISCARD / WRITE_ZEROES segment. */
-function range(sector: number, sectors: number): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setBigUint64(0, BigInt(sector), true);
-  v.setUint32(8, sectors, true);
-  return b;
 }
 
 const write = (sector: number, data: Uint8Array): ChainSpec => ({ readable: [{ data: header(VIRTIO_BLK_T_OUT, sector) }, { data, region: 1 }], writable: [{ length: 1 }] });

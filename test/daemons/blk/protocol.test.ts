@@ -29,6 +29,7 @@ import { silentLogger } from '../../../lib/runtime/logger';
 import { BackendRequest } from '../../../lib/vhost-user/messages';
 import { Frontend, type ChainSpec, type SegmentSpec } from '../../helpers/frontend';
 import { TestServer, pattern } from '../../lib/vhost-user/harness';
+import { blkHeader as header, discardSegment as segment } from './wire';
 
 const IMAGE_SIZE = 8 << 20;
 const ALL_FEATURES = (1n << 64n) - 1n;
@@ -54,23 +55,6 @@ function config(file: string, over: Partial<BlkConfig> = {}): BlkConfig {
     writeback: true,
     ...over,
   };
-}
-
-function header(type: number, sector = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return b;
-}
-
-function segment(sector: number, sectors: number, flags = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setBigUint64(0, BigInt(sector), true);
-  v.setUint32(8, sectors, true);
-  v.setUint32(12, flags, true);
-  return b;
 }
 
 function concat(...parts: Uint8Array[]): Uint8Array {

@@ -17,6 +17,7 @@ import {
 import { Translation } from '../../../lib/memory/guest-memory';
 import { DescriptorChain } from '../../../lib/virtqueue/descriptor-chain';
 import { FakeGuestMemory } from '../../helpers/fake-guest-memory';
+import { blkHeader as header, discardSegment as segment } from './wire';
 
 const CAPACITY = 1 << 20; // 1 MiB image: 2048 sectors
 
@@ -46,23 +47,6 @@ function addRange(chain: DescriptorChain, gpa: number, len: number, writable: bo
     gpa += t.length;
     len -= t.length;
   }
-}
-
-function header(type: number, sector: bigint | number = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return b;
-}
-
-function segment(sector: number, sectors: number, flags = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setBigUint64(0, BigInt(sector), true);
-  v.setUint32(8, sectors, true);
-  v.setUint32(12, flags, true);
-  return b;
 }
 
 interface Part {

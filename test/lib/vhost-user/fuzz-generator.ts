@@ -4,6 +4,7 @@
  * `VHOSTD_FUZZ_SEED=<seed>`.
  */
 import { CONFIG_HEADER_SIZE, MEMORY_REGION_SIZE, Request, VRING_IDX_MASK, VRING_NOFD_MASK } from '../../../lib/vhost-user/messages';
+import { encodeU64 } from '../../helpers/frontend';
 
 /** xorshift32: small, fast, and the same sequence on every machine. */
 export class Rng {
@@ -134,20 +135,6 @@ export function fuzzSize(rng: Rng, fdSize: number): bigint {
   }
 }
 
-export function u64Payload(value: bigint): Uint8Array {
-  const out = new Uint8Array(8);
-  new DataView(out.buffer).setBigUint64(0, wrap64(value), true);
-  return out;
-}
-
-export function statePayload(index: number, num: number): Uint8Array {
-  const out = new Uint8Array(8);
-  const dv = new DataView(out.buffer);
-  dv.setUint32(0, index >>> 0, true);
-  dv.setUint32(4, num >>> 0, true);
-  return out;
-}
-
 export function addrPayload(index: number, flags: number, desc: bigint, used: bigint, avail: bigint, log: bigint): Uint8Array {
   const out = new Uint8Array(40);
   const dv = new DataView(out.buffer);
@@ -205,7 +192,7 @@ export function vringFdPayload(rng: Rng, index: number): Uint8Array {
   let value = BigInt(index & VRING_IDX_MASK);
   if (rng.chance(0.1)) value |= BigInt(VRING_NOFD_MASK);
   if (rng.chance(0.05)) value |= BigInt(rng.pick([0x200, 0x1_0000, 0x8000_0000])) | (rng.chance(0.5) ? 1n << 63n : 0n);
-  return u64Payload(value);
+  return encodeU64(value);
 }
 
 /** Request codes the engine does not implement (or that do not exist), for the unknown-request path. */

@@ -52,8 +52,6 @@ import {
   memTablePayload,
   resize,
   singleRegionPayload,
-  statePayload,
-  u64Payload,
   vringFdPayload,
   type RegionNumbers,
   type WireRegionBig,
@@ -293,7 +291,7 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
             : choice === 2
               ? (offered & rng.u64()) | (1n << BigInt(rng.int(64)))
               : rng.pick(U64_EDGES);
-      payload = u64Payload(code === Request.SET_FEATURES && rng.chance(0.7) ? value | bit(VHOST_USER_F_PROTOCOL_FEATURES) : value);
+      payload = encodeU64(code === Request.SET_FEATURES && rng.chance(0.7) ? value | bit(VHOST_USER_F_PROTOCOL_FEATURES) : value);
       break;
     }
     case Request.SET_MEM_TABLE: {
@@ -315,16 +313,16 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
       break;
     }
     case Request.SET_VRING_NUM:
-      payload = statePayload(vringIndex(s), fuzzU32(rng, [1, 2, 16, 64, 256, 32768, 32769, 100]));
+      payload = encodeVringState(vringIndex(s), fuzzU32(rng, [1, 2, 16, 64, 256, 32768, 32769, 100]));
       break;
     case Request.SET_VRING_BASE:
-      payload = statePayload(vringIndex(s), fuzzU32(rng, [0, 1, 15, 16, 0xffff, 0x10000, 0x8000_8000, 0x7fff_7fff]));
+      payload = encodeVringState(vringIndex(s), fuzzU32(rng, [0, 1, 15, 16, 0xffff, 0x10000, 0x8000_8000, 0x7fff_7fff]));
       break;
     case Request.GET_VRING_BASE:
-      payload = statePayload(vringIndex(s), rng.chance(0.8) ? 0 : rng.u32());
+      payload = encodeVringState(vringIndex(s), rng.chance(0.8) ? 0 : rng.u32());
       break;
     case Request.SET_VRING_ENABLE:
-      payload = statePayload(vringIndex(s), rng.pick([0, 1, 1, 2, 0xffff_ffff]));
+      payload = encodeVringState(vringIndex(s), rng.pick([0, 1, 1, 2, 0xffff_ffff]));
       break;
     case Request.SET_VRING_ADDR: {
       const q = s.queues.length > 0 ? fe.queues.get(rng.pick(s.queues)) : undefined;
@@ -352,7 +350,7 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
       break;
     }
     case Request.SET_STATUS:
-      payload = u64Payload(rng.chance(0.7) ? BigInt(rng.int(256)) : rng.pick(U64_EDGES));
+      payload = encodeU64(rng.chance(0.7) ? BigInt(rng.int(256)) : rng.pick(U64_EDGES));
       break;
     default:
       // GET_FEATURES, GET_PROTOCOL_FEATURES, SET_OWNER, RESET_OWNER, RESET_DEVICE, GET_QUEUE_NUM,
