@@ -4,7 +4,9 @@
  * in `collect()` at scrape time. Labels: `queue` (the queue index) and `type` (7 values), besides the
  * registry's default `device` label.
  */
-import { Counter, Gauge, type Registry } from 'prom-client';
+import { Gauge, type Registry } from 'prom-client';
+
+import { collectedCounter, queueCounter } from '../../lib/metrics/collected';
 
 import {
   VIRTIO_BLK_T_DISCARD,
@@ -64,31 +66,22 @@ export interface BlkMetricsSource {
 
 /** Register the `vhostd_blk_*` metrics of `device` in `registry`. */
 export function createBlkMetrics(registry: Registry, device: BlkMetricsSource) {
+  const count = () => device.numQueues;
   const perQueue = (name: string, help: string, read: (s: BlkQueueStats) => number) =>
-    new Counter({
-      name,
-      help,
-      labelNames: ['queue'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (let q = 0; q < device.numQueues; q++) this.inc({ queue: String(q) }, read(device.queueStats(q)));
-      },
-    });
+    queueCounter(registry, name, help, count, (q) => read(device.queueStats(q)));
   return {
-    requests: new Counter({
-      name: 'vhostd_blk_requests_total',
-      help: 'virtio-blk requests received, by request type (unsupported: any type the device does not implement)',
-      labelNames: ['queue', 'type'],
-      registers: [registry],
-      collect() {
-        this.reset();
+    requests: collectedCounter(
+      registry,
+      'vhostd_blk_requests_total',
+      'virtio-blk requests received, by request type (unsupported: any type the device does not implement)',
+      ['queue', 'type'],
+      function* () {
         for (let q = 0; q < device.numQueues; q++) {
           const requests = device.queueStats(q).requests;
-          for (let t = 0; t < REQUEST_TYPES.length; t++) this.inc({ queue: String(q), type: REQUEST_TYPES[t]! }, requests[t]!);
+          for (let t = 0; t < REQUEST_TYPES.length; t++) yield [{ queue: String(q), type: REQUEST_TYPES[t]! }, requests[t]!];
         }
       },
-    }),
+    ),
     readBytes: perQueue('vhostd_blk_read_bytes_total', 'Bytes read from the image by read requests', (s) => s.readBytes),
     writtenBytes: perQueue('vhostd_blk_written_bytes_total', 'Bytes written to the image by write requests', (s) => s.writtenBytes),
     ioErrors: perQueue('vhostd_blk_io_errors_total', 'Requests completed with VIRTIO_BLK_S_IOERR (failed host I/O, or refused: out of range, misaligned, write to a read-only disk)', (s) => s.ioErrors),

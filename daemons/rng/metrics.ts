@@ -2,7 +2,9 @@
  * The rng daemon's own Prometheus metrics (`vhostd_rng_*`, listed in daemons/rng/README.md). The
  * device only adds to the plain numbers of {@link RngStats}; the metrics read them at scrape time.
  */
-import { Counter, type Registry } from 'prom-client';
+import type { Registry } from 'prom-client';
+
+import { valueCounter } from '../../lib/metrics/collected';
 
 /** The device's counters: plain numbers, cumulative for the life of the device. */
 export class RngStats {
@@ -16,16 +18,7 @@ export class RngStats {
 
 /** Register the `vhostd_rng_*` metrics reading `stats` in `registry`. */
 export function createRngMetrics(registry: Registry, stats: RngStats) {
-  const counter = (name: string, help: string, read: () => number) =>
-    new Counter({
-      name,
-      help,
-      registers: [registry],
-      collect() {
-        this.reset();
-        this.inc(read());
-      },
-    });
+  const counter = (name: string, help: string, read: () => number) => valueCounter(registry, name, help, read);
   return {
     deliveredBytes: counter('vhostd_rng_delivered_bytes_total', 'Entropy bytes delivered to the guest', () => stats.deliveredBytes),
     rateLimited: counter(

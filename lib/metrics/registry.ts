@@ -3,9 +3,10 @@
  * the engine's plain counters at scrape time, so the datapath only increments numbers.
  * Names follow `vhostd_<area>_<thing>_<unit>`; labels are bounded (queue index, request name, code).
  */
-import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
+import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
 
 import type { VhostUserServer } from '../runtime/serve';
+import { collectedCounter, queueCounter } from './collected';
 import type { QueueCounters } from '../virtqueue/virtqueue';
 
 /**
@@ -17,63 +18,34 @@ export function createDaemonMetrics(server: VhostUserServer): Registry {
   registry.setDefaultLabels({ device: server.device.name });
   collectDefaultMetrics({ register: registry, prefix: 'vhostd_' });
 
-  const queueCounter = (name: string, help: string, read: (c: QueueCounters) => number) =>
-    new Counter({
-      name,
-      help,
-      labelNames: ['queue'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const vring of server.vrings) this.inc({ queue: String(vring.index) }, read(vring.totals()));
-      },
-    });
-  queueCounter('vhostd_queue_requests_total', 'Descriptor chains processed', (c) => c.requests);
-  queueCounter('vhostd_queue_read_bytes_total', 'Bytes the driver offered to the device', (c) => c.bytesRead);
-  queueCounter('vhostd_queue_written_bytes_total', 'Bytes the device wrote to the driver', (c) => c.bytesWritten);
-  queueCounter('vhostd_queue_notifications_total', 'Interrupts signalled to the driver (call eventfd writes)', (c) => c.notifications);
-  queueCounter('vhostd_queue_batches_total', 'Used-ring publications (one per processed batch)', (c) => c.batches);
-
-  new Counter({
-    name: 'vhostd_queue_kicks_total',
-    help: 'Kicks received from the driver',
-    labelNames: ['queue'],
-    registers: [registry],
-    collect() {
-      this.reset();
-      for (const vring of server.vrings) this.inc({ queue: String(vring.index) }, vring.kicks);
-    },
-  });
-  new Counter({
-    name: 'vhostd_queue_errors_total',
-    help: 'Times the driver broke a ring rule and the queue was marked broken',
-    labelNames: ['queue'],
-    registers: [registry],
-    collect() {
-      this.reset();
-      for (const vring of server.vrings) this.inc({ queue: String(vring.index) }, vring.brokenCount);
-    },
-  });
-  new Counter({
-    name: 'vhostd_protocol_requests_total',
-    help: 'vhost-user requests handled, by request',
-    labelNames: ['request'],
-    registers: [registry],
-    collect() {
-      this.reset();
-      for (const [request, n] of server.counters.requests) this.inc({ request }, n);
-    },
-  });
-  new Counter({
-    name: 'vhostd_frontend_drops_total',
-    help: 'Front-ends disconnected for a protocol violation, by error code',
-    labelNames: ['code'],
-    registers: [registry],
-    collect() {
-      this.reset();
-      for (const [code, n] of server.counters.drops) this.inc({ code }, n);
-    },
-  });
+  const vrings = server.vrings;
+  const totals = (read: (c: QueueCounters) => number) => (q: number) => read(vrings[q]!.totals());
+  const count = () => vrings.length;
+  queueCounter(registry, 'vhostd_queue_requests_total', 'Descriptor chains processed', count, totals((c) => c.requests));
+  queueCounter(registry, 'vhostd_queue_read_bytes_total', 'Bytes the driver offered to the device', count, totals((c) => c.bytesRead));
+  queueCounter(registry, 'vhostd_queue_written_bytes_total', 'Bytes the device wrote to the driver', count, totals((c) => c.bytesWritten));
+  queueCounter(
+    registry,
+    'vhostd_queue_notifications_total',
+    'Interrupts signalled to the driver (call eventfd writes)',
+    count,
+    totals((c) => c.notifications),
+  );
+  queueCounter(registry, 'vhostd_queue_batches_total', 'Used-ring publications (one per processed batch)', count, totals((c) => c.batches));
+  queueCounter(registry, 'vhostd_queue_kicks_total', 'Kicks received from the driver', count, (q) => vrings[q]!.kicks);
+  queueCounter(
+    registry,
+    'vhostd_queue_errors_total',
+    'Times the driver broke a ring rule and the queue was marked broken',
+    count,
+    (q) => vrings[q]!.brokenCount,
+  );
+  collectedCounter(registry, 'vhostd_protocol_requests_total', 'vhost-user requests handled, by request', ['request'], () =>
+    Array.from(server.counters.requests, ([request, n]) => [{ request }, n] as const),
+  );
+  collectedCounter(registry, 'vhostd_frontend_drops_total', 'Front-ends disconnected for a protocol violation, by error code', ['code'], () =>
+    Array.from(server.counters.drops, ([code, n]) => [{ code }, n] as const),
+  );
   new Gauge({
     name: 'vhostd_frontend_connected',
     help: '1 while a vhost-user front-end is attached',
