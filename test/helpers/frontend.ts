@@ -149,9 +149,11 @@ export function encodeMemTable(regions: readonly WireRegion[], nregions = region
 }
 
 /** Single memory region description (ADD_MEM_REG / REM_MEM_REG): u64 padding, then one region. */
-export function encodeSingleRegion(r: WireRegion): Uint8Array {
+export function encodeSingleRegion(r: WireRegion, padding: U64 = 0n): Uint8Array {
   const out = new Uint8Array(8 + MEMORY_REGION_SIZE);
-  putRegion(new DataView(out.buffer), 8, r);
+  const dv = new DataView(out.buffer);
+  dv.setBigUint64(0, big(padding), true);
+  putRegion(dv, 8, r);
   return out;
 }
 

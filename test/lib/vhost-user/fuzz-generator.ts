@@ -3,7 +3,7 @@
  * one mutated message. Everything is deterministic in the seed so that a failure replays with
  * `VHOSTD_FUZZ_SEED=<seed>`.
  */
-import { CONFIG_HEADER_SIZE, MEMORY_REGION_SIZE, Request, VRING_IDX_MASK, VRING_NOFD_MASK } from '../../../lib/vhost-user/messages';
+import { Request, VRING_IDX_MASK, VRING_NOFD_MASK } from '../../../lib/vhost-user/messages';
 import { encodeU64 } from '../../helpers/frontend';
 
 /** xorshift32: small, fast, and the same sequence on every machine. */
@@ -133,58 +133,6 @@ export function fuzzSize(rng: Rng, fdSize: number): bigint {
     default:
       return BigInt(rng.range(1, 0x40) * 0x1000);
   }
-}
-
-export function addrPayload(index: number, flags: number, desc: bigint, used: bigint, avail: bigint, log: bigint): Uint8Array {
-  const out = new Uint8Array(40);
-  const dv = new DataView(out.buffer);
-  dv.setUint32(0, index >>> 0, true);
-  dv.setUint32(4, flags >>> 0, true);
-  dv.setBigUint64(8, wrap64(desc), true);
-  dv.setBigUint64(16, wrap64(used), true);
-  dv.setBigUint64(24, wrap64(avail), true);
-  dv.setBigUint64(32, wrap64(log), true);
-  return out;
-}
-
-export interface WireRegionBig {
-  gpa: bigint;
-  size: bigint;
-  userAddr: bigint;
-  mmapOffset: bigint;
-}
-
-function putRegion(dv: DataView, at: number, r: WireRegionBig): void {
-  dv.setBigUint64(at, wrap64(r.gpa), true);
-  dv.setBigUint64(at + 8, wrap64(r.size), true);
-  dv.setBigUint64(at + 16, wrap64(r.userAddr), true);
-  dv.setBigUint64(at + 24, wrap64(r.mmapOffset), true);
-}
-
-export function memTablePayload(regions: readonly WireRegionBig[], nregions: number): Uint8Array {
-  const out = new Uint8Array(8 + regions.length * MEMORY_REGION_SIZE);
-  const dv = new DataView(out.buffer);
-  dv.setUint32(0, nregions >>> 0, true);
-  regions.forEach((r, i) => putRegion(dv, 8 + i * MEMORY_REGION_SIZE, r));
-  return out;
-}
-
-export function singleRegionPayload(r: WireRegionBig, padding = 0n): Uint8Array {
-  const out = new Uint8Array(8 + MEMORY_REGION_SIZE);
-  const dv = new DataView(out.buffer);
-  dv.setBigUint64(0, padding, true);
-  putRegion(dv, 8, r);
-  return out;
-}
-
-export function configPayload(offset: number, size: number, flags: number, body: Uint8Array): Uint8Array {
-  const out = new Uint8Array(CONFIG_HEADER_SIZE + body.length);
-  const dv = new DataView(out.buffer);
-  dv.setUint32(0, offset >>> 0, true);
-  dv.setUint32(4, size >>> 0, true);
-  dv.setUint32(8, flags >>> 0, true);
-  out.set(body, CONFIG_HEADER_SIZE);
-  return out;
 }
 
 /** SET_VRING_KICK/CALL/ERR payload: index in bits 0-7, optional no-fd bit, optional junk bits. */

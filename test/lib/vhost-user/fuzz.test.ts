@@ -32,29 +32,28 @@ import {
   Frontend,
   FrontendError,
   PackedQueueDriver,
+  encodeConfig,
+  encodeMemTable,
   encodeMessage,
+  encodeSingleRegion,
   encodeU64,
   encodeVringAddr,
   encodeVringState,
   type ChainSpec,
   type NegotiateOptions,
+  type WireRegion,
 } from '../../helpers/frontend';
 import { TestDevice } from '../../helpers/test-device';
 import {
   Rng,
   U64_EDGES,
   UNKNOWN_CODES,
-  addrPayload,
-  configPayload,
   fuzzAddress,
   fuzzSize,
   fuzzU32,
-  memTablePayload,
   resize,
-  singleRegionPayload,
   vringFdPayload,
   type RegionNumbers,
-  type WireRegionBig,
 } from './fuzz-generator';
 import { TestServer, assertServes, expectedOutput, openFds, pattern, settleFds } from './harness';
 
@@ -206,7 +205,7 @@ class Session {
     const code = useConfig ? Request.GET_CONFIG : Request.GET_FEATURES;
     this.note(`sync with ${requestName(code)}`);
     try {
-      this.fe.send(code, useConfig ? configPayload(0, 4, nonce, new Uint8Array(4)) : new Uint8Array(0));
+      this.fe.send(code, useConfig ? encodeConfig(0, 4, nonce, new Uint8Array(4)) : new Uint8Array(0));
     } catch {
       this.dead = true;
       return 'closed';
@@ -247,7 +246,7 @@ function vringIndex(s: Session): number {
 }
 
 /** A memory region on the wire and the fd that goes with it. */
-function fuzzRegion(s: Session): { region: WireRegionBig; fd: number } {
+function fuzzRegion(s: Session): { region: WireRegion; fd: number } {
   const { rng, fe } = s;
   const known = regionsOf(s);
   if (known.length > 0 && rng.chance(0.3)) {
@@ -298,7 +297,7 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
       const n = rng.pick([0, 1, 1, 2, 3, 8, 9]);
       const made = Array.from({ length: Math.min(n, 9) }, () => fuzzRegion(s));
       const nregions = rng.chance(0.85) ? made.length : fuzzU32(rng, [0, 1, 8, 9]);
-      payload = memTablePayload(
+      payload = encodeMemTable(
         made.map((m) => m.region),
         nregions,
       );
@@ -308,7 +307,7 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
     case Request.ADD_MEM_REG:
     case Request.REM_MEM_REG: {
       const { region, fd } = fuzzRegion(s);
-      payload = singleRegionPayload(region, rng.chance(0.9) ? 0n : rng.u64());
+      payload = encodeSingleRegion(region, rng.chance(0.9) ? 0n : rng.u64());
       fds = code === Request.ADD_MEM_REG || rng.chance(0.3) ? [fd] : [];
       break;
     }
@@ -329,7 +328,14 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
       const valid = (gpa: number): bigint => BigInt(fe.memory.toUser(gpa));
       const addr = (which: 'desc' | 'used' | 'avail'): bigint =>
         q !== undefined && rng.chance(0.5) ? valid(q.driver.areas[which]) + BigInt(rng.chance(0.8) ? 0 : rng.pick([-16, -1, 1, 2, 4096])) : fuzzAddress(rng, regions, 'user');
-      payload = addrPayload(vringIndex(s), rng.chance(0.8) ? 0 : fuzzU32(rng, [1]), addr('desc'), addr('used'), addr('avail'), rng.chance(0.8) ? 0n : rng.u64());
+      payload = encodeVringAddr({
+        index: vringIndex(s),
+        flags: rng.chance(0.8) ? 0 : fuzzU32(rng, [1]),
+        desc: addr('desc'),
+        used: addr('used'),
+        avail: addr('avail'),
+        log: rng.chance(0.8) ? 0n : rng.u64(),
+      });
       break;
     }
     case Request.SET_VRING_KICK:
@@ -346,7 +352,7 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
       const offset = fuzzU32(rng, [0, 4, 8, 12, 15, 16, 255, 256]);
       const size = fuzzU32(rng, [1, 4, 8, 16, 256, 257]);
       const bodyLength = size <= 1024 && rng.chance(0.8) ? size : rng.int(300);
-      payload = configPayload(offset, size, rng.u32(), rng.bytes(bodyLength));
+      payload = encodeConfig(offset, size, rng.u32(), rng.bytes(bodyLength));
       break;
     }
     case Request.SET_STATUS:
@@ -537,14 +543,14 @@ async function mutate(s: Session): Promise<Ending> {
       // REM_MEM_REG of the region that holds the rings (region 0), maybe with its fd attached.
       const r0 = s.fe.memory.regions[rng.chance(0.7) ? 0 : rng.int(s.fe.memory.regions.length)]!;
       const wire = { gpa: BigInt(r0.gpa), size: BigInt(r0.size), userAddr: BigInt(r0.userAddr), mmapOffset: BigInt(r0.mmapOffset) };
-      s.send(Request.REM_MEM_REG, singleRegionPayload(wire), rng.chance(0.3) ? [r0.fd] : []);
+      s.send(Request.REM_MEM_REG, encodeSingleRegion(wire), rng.chance(0.3) ? [r0.fd] : []);
     } else if (r < 84 && haveQueues) {
       restartQueue(s);
     } else if (r < 87) {
       // Out of order: a kick fd for a ring that has no memory / size / addresses yet (or has them).
       s.send(Request.SET_VRING_KICK, encodeU64(rng.pick([0, 1])), [s.fd('eventfd')]);
     } else if (r < 89) {
-      s.send(Request.SET_MEM_TABLE, memTablePayload([], 0)); // an empty table under running rings
+      s.send(Request.SET_MEM_TABLE, encodeMemTable([], 0)); // an empty table under running rings
     } else if (r < 97) {
       await (rng.chance(0.5) ? new Promise<void>((resolve) => setImmediate(resolve)) : sleep(rng.int(3)));
     } else if (r < 99) {
