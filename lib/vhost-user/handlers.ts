@@ -143,6 +143,8 @@ function startVring(c: VhostUserConnection, vring: Vring): void {
       packed: negotiated(c, VIRTIO_F_RING_PACKED),
       eventIdx: negotiated(c, VIRTIO_RING_F_EVENT_IDX),
       indirect: negotiated(c, VIRTIO_RING_F_INDIRECT_DESC),
+      workers: c.queueWorkers ?? undefined,
+      features: c.ackedFeatures,
     });
   } catch (err) {
     throw new ProtocolError('VHOST_USER_BAD_VRING_ADDR', `cannot start queue ${vring.index}: ${(err as Error).message}`);
@@ -457,11 +459,14 @@ const entries: Record<number, EntrySpec> = {
       // The guest driver chose these bytes, so a refused write is the guest's mistake, not the
       // front-end's: refuse the request (NACK with REPLY_ACK) and keep the connection.
       if (c.device.setConfig === undefined) throw new RequestRefused(`config space is read-only (write of ${size} bytes at ${offset})`);
+      const data = m.payload.slice(CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + size);
       try {
-        c.device.setConfig(offset, m.payload.slice(CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + size));
+        c.device.setConfig(offset, data);
       } catch (err) {
         throw new RequestRefused(`config write of ${size} bytes at ${offset} refused: ${(err as Error).message}`);
       }
+      // Devices running queues in worker threads see the same write (e.g. blk's cache mode).
+      c.queueWorkers?.setConfig(offset, data);
       return undefined;
     },
   },
