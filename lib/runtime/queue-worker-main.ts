@@ -211,33 +211,25 @@ function startQueue(message: Extract<ToWorker, { type: 'start' }>): void {
   }, 250);
 }
 
-async function handle(message: ToWorker): Promise<void> {
+/** A change to a running queue: kick fd, call fd, enabled state, memory table. */
+function apply(message: Extract<ToWorker, { type: 'kick' | 'call' | 'enable' | 'memory' }>): void {
+  const q = queues.get(message.index);
   switch (message.type) {
-    case 'start':
-      startQueue(message);
-      return;
-    case 'kick': {
-      const q = queues.get(message.index);
+    case 'kick':
       if (q === undefined) native.close(message.fd);
       else q.setKickFd(message.fd);
       return;
-    }
-    case 'call': {
-      const q = queues.get(message.index);
+    case 'call':
       if (q === undefined) {
         if (message.fd >= 0) native.close(message.fd);
       } else q.setCallFd(message.fd);
       return;
-    }
-    case 'enable': {
-      const q = queues.get(message.index);
+    case 'enable':
       if (q === undefined) return;
       q.enabled = message.enabled;
       if (message.enabled) q.process();
       return;
-    }
-    case 'memory': {
-      const q = queues.get(message.index);
+    case 'memory':
       if (q === undefined) {
         for (const r of message.regions) native.close(r.fd);
         return;
@@ -248,7 +240,25 @@ async function handle(message: ToWorker): Promise<void> {
         q.markBroken(err);
       }
       return;
-    }
+  }
+}
+
+async function handle(message: ToWorker): Promise<void> {
+  switch (message.type) {
+    case 'start':
+      startQueue(message);
+      return;
+    case 'kick':
+    case 'call':
+    case 'enable':
+    case 'memory':
+      // Acknowledged, so the main thread replies to the front-end only once the change applies.
+      try {
+        apply(message);
+      } finally {
+        post({ type: 'done', index: message.index });
+      }
+      return;
     case 'stop': {
       const q = queues.get(message.index);
       let base: number | null = null;

@@ -61,5 +61,7 @@ export type ToWorker =
 
 export type FromWorker =
   | { type: 'stopped'; index: number; base: number | null }
+  /** A 'kick', 'call', 'enable' or 'memory' message of this queue was applied. */
+  | { type: 'done'; index: number }
   | { type: 'broken'; index: number; message: string; code?: string }
   | { type: 'log'; level: LogLevel; message: string; fields?: LogFields };

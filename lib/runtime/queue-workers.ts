@@ -69,6 +69,7 @@ export interface RemoteQueueSpec {
 export class RemoteQueue {
   /** Live counters of the queue (see CounterSlot), written by the worker. */
   readonly counters: Float64Array;
+  private readonly acks: (() => void)[] = [];
   /** Set by the pool when the worker answers a stop (or dies). */
   stopped: ((base: number | null) => void) | null = null;
 
@@ -80,23 +81,41 @@ export class RemoteQueue {
     this.counters = new Float64Array(new SharedArrayBuffer(COUNTER_SLOTS * Float64Array.BYTES_PER_ELEMENT));
   }
 
+  /*
+   * Changes to a running queue resolve once the worker applied them: the front-end gets its reply
+   * (REPLY_ACK) only then, so its next kick cannot overtake the change (the kick eventfd and the
+   * message port are separate event sources in the worker).
+   */
+
   /** A new kick fd (SET_VRING_KICK on a running ring); the worker gets a dup. */
-  setKickFd(fd: number): void {
-    this.slot.sendWithFds({ type: 'kick', index: this.index, fd: fd < 0 ? -1 : native.dup(fd) });
+  setKickFd(fd: number): Promise<void> {
+    return this.request({ type: 'kick', index: this.index, fd: fd < 0 ? -1 : native.dup(fd) });
   }
 
   /** A new call fd (SET_VRING_CALL on a running ring), or -1. */
-  setCallFd(fd: number): void {
-    this.slot.sendWithFds({ type: 'call', index: this.index, fd: fd < 0 ? -1 : native.dup(fd) });
+  setCallFd(fd: number): Promise<void> {
+    return this.request({ type: 'call', index: this.index, fd: fd < 0 ? -1 : native.dup(fd) });
   }
 
-  setEnabled(enabled: boolean): void {
-    this.slot.send({ type: 'enable', index: this.index, enabled });
+  setEnabled(enabled: boolean): Promise<void> {
+    return this.request({ type: 'enable', index: this.index, enabled });
   }
 
   /** The memory table changed: the worker maps the new regions and calls queue.setMemory. */
-  setMemory(memory: GuestMemory): void {
-    this.slot.sendWithFds({ type: 'memory', index: this.index, regions: regionMessages(memory) });
+  setMemory(memory: GuestMemory): Promise<void> {
+    return this.request({ type: 'memory', index: this.index, regions: regionMessages(memory) });
+  }
+
+  private request(message: ToWorker): Promise<void> {
+    return new Promise((resolve) => {
+      this.acks.push(resolve);
+      if (!this.slot.sendWithFds(message)) this.onDone();
+    });
+  }
+
+  /** @internal */
+  onDone(): void {
+    this.acks.shift()?.();
   }
 
   /** Stop the queue: resolves with its base once the device drained it (null if the worker died). */
@@ -112,6 +131,7 @@ export class RemoteQueue {
     const resolve = this.stopped;
     this.stopped = null;
     this.slot.queues.delete(this.index);
+    for (const done of this.acks.splice(0)) done();
     resolve?.(base);
   }
 }
@@ -140,8 +160,8 @@ class WorkerSlot {
         if (this.worker === worker) this.worker = null;
         // Queues of a dead worker: their stop resolves with no base; running ones are broken.
         for (const queue of [...this.queues.values()]) {
-          if (queue.stopped !== null) queue.finish(null);
-          else queue.onBroken(`queue worker ${this.id} exited`, 'QUEUE_WORKER_EXIT');
+          if (queue.stopped === null) queue.onBroken(`queue worker ${this.id} exited`, 'QUEUE_WORKER_EXIT');
+          queue.finish(null);
         }
         this.queues.clear();
         resolve();
@@ -197,6 +217,9 @@ class WorkerSlot {
     switch (message.type) {
       case 'stopped':
         this.queues.get(message.index)?.finish(message.base);
+        break;
+      case 'done':
+        this.queues.get(message.index)?.onDone();
         break;
       case 'broken':
         this.queues.get(message.index)?.onBroken(message.message, message.code);

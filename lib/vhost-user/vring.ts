@@ -114,24 +114,22 @@ export class Vring {
   }
 
   /** Replace the call or err fd, closing what was there. */
-  setFd(slot: 'callFd' | 'errFd', fd: number): void {
+  setFd(slot: 'callFd' | 'errFd', fd: number): Promise<void> | undefined {
     const old = this[slot];
     if (old >= 0) native.close(old);
     this[slot] = fd;
-    if (slot === 'callFd') this.remote?.setCallFd(fd);
+    return slot === 'callFd' ? this.remote?.setCallFd(fd) : undefined;
   }
 
   /** Replace the kick fd; a running ring moves its watcher to the new fd before the old one closes. */
-  setKickFd(fd: number): void {
+  setKickFd(fd: number): Promise<void> | undefined {
     this.watcher?.stop();
     this.watcher = null;
     if (this.kickFd >= 0) native.close(this.kickFd);
     this.kickFd = fd;
-    if (this.remote !== null) {
-      if (fd >= 0) this.remote.setKickFd(fd);
-      return;
-    }
+    if (this.remote !== null) return fd >= 0 ? this.remote.setKickFd(fd) : undefined;
     if (this.started && fd >= 0) this.watchKick();
+    return undefined;
   }
 
   private watchKick(): void {
@@ -202,29 +200,32 @@ export class Vring {
     return this.base;
   }
 
-  /** The memory table changed under a running ring. */
-  setMemory(memory: GuestMemory): void {
+  /** The memory table changed under a running ring (a worker's queue: resolves once it remapped). */
+  setMemory(memory: GuestMemory): Promise<void> | undefined {
     if (this.env !== null) this.env.memory = memory;
     if (this.remote !== null && !this.broken) {
       try {
-        this.remote.setMemory(memory);
+        return this.remote.setMemory(memory);
       } catch (err) {
         this.markBroken(err);
       }
-      return;
+      return undefined;
     }
-    if (this.queue === null || this.broken) return;
+    if (this.queue === null || this.broken) return undefined;
     try {
       this.queue.setMemory(memory);
     } catch (err) {
       this.markBroken(err);
     }
+    return undefined;
   }
 
-  setEnabled(enabled: boolean): void {
+  /** SET_VRING_ENABLE (a worker's queue: resolves once it applied the change). */
+  setEnabled(enabled: boolean): Promise<void> | undefined {
     this.enabled = enabled;
-    this.remote?.setEnabled(enabled);
+    if (this.remote !== null) return this.remote.setEnabled(enabled);
     if (enabled) this.process();
+    return undefined;
   }
 
   /** Close every fd and forget the configuration (disconnect or RESET_OWNER / RESET_DEVICE). */
