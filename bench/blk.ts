@@ -12,6 +12,7 @@
  *   node build/bench/blk.js [--runtime 5] [--warmup 1] [--repeat 1] [--queues 1] [--image-size 1G]
  *                           [--only ours|qsd] [--devices file,null] [--cases randread:1,randwrite:32]
  *                           [--image PATH] [--out build/bench/blk-results.json] [--qsd-iothread] [--poll] [--verbose]
+ *                           [--threads N]   (our daemon's --threads: queues in N worker threads)
  *
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
@@ -48,6 +49,8 @@ interface Options {
   qsdIothread: boolean;
   /** Let the load generator busy-poll the used rings instead of sleeping on call eventfds. */
   poll: boolean;
+  /** Our daemon's --threads (0: its main thread only). */
+  threads: number;
 }
 
 /** What blk-loadgen prints (the fields the runner uses; the JSON file keeps all of them). */
@@ -113,6 +116,7 @@ function parseOptions(argv: string[]): Options {
     verbose: false,
     qsdIothread: false,
     poll: false,
+    threads: 0,
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -138,6 +142,7 @@ function parseOptions(argv: string[]): Options {
       case '--verbose': case '-v': o.verbose = true; break;
       case '--qsd-iothread': o.qsdIothread = true; break;
       case '--poll': o.poll = true; break;
+      case '--threads': o.threads = Math.floor(Number(value())); break;
       case '--only': {
         const v = value();
         if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
@@ -208,7 +213,8 @@ function qsdArgs(device: Device, image: string, socket: string, o: Options): str
 
 function oursArgs(device: Device, image: string, socket: string, o: Options): string[] {
   const disk = device === 'file' ? ['--file', image] : ['--null', '--null-size', String(o.imageSize)];
-  return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), '--log-level', 'warn'];
+  const threads = o.threads > 0 ? ['--threads', String(o.threads)] : [];
+  return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, '--log-level', 'warn'];
 }
 
 interface Started {

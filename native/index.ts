@@ -131,6 +131,8 @@ export interface Native {
   isListeningUnixSocket(fd: number): boolean;
   setNonBlocking(fd: number, on: boolean): void;
   close(fd: number): void;
+  /** fcntl(fd, F_DUPFD_CLOEXEC): a new descriptor for the same file, owned by the caller. */
+  dup(fd: number): number;
 
   /** mmap(fd, length, offset, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED). */
   mmap(fd: number, length: number, offset: number, writable: boolean): Mapping;

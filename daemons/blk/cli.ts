@@ -80,6 +80,12 @@ export const options = {
     describe: 'Start in writethrough cache mode: every write is durable (O_DSYNC) before it completes',
     group: 'Device:',
   },
+  threads: {
+    type: 'number',
+    default: 0,
+    describe: 'Run the queues in this many worker threads (queue i in thread i % N), for more than one core; 0: all on the main thread',
+    group: 'Device:',
+  },
   null: {
     type: 'boolean',
     default: false,
@@ -132,6 +138,8 @@ export interface BlkConfig {
   discard: boolean;
   writeZeroes: boolean;
   writeback: boolean;
+  /** Worker threads for the queues (`--threads`); 0 or undefined: the main thread. */
+  threads?: number;
 }
 
 /** Most queues: QEMU's VIRTIO_QUEUE_MAX is 1024, but every queue costs an io_uring here. */
@@ -196,6 +204,8 @@ export function toConfig(args: Record<string, unknown>): BlkConfig {
     throw new ConfigError('CONFIG_INVALID', `--logical-block-size ${String(lbs)}: expected 512 or 4096`);
   }
 
+  const threads = integerIn('threads', args.threads ?? 0, 0, MAX_QUEUES);
+
   const nullSize = useNull ? parseSize('null-size', String(args['null-size'] ?? '1G')) : undefined;
   return {
     file: useNull ? undefined : file,
@@ -209,5 +219,6 @@ export function toConfig(args: Record<string, unknown>): BlkConfig {
     discard,
     writeZeroes,
     writeback,
+    threads,
   };
 }

@@ -5,6 +5,7 @@
 import { runDaemon } from '../../lib/cli/run-daemon';
 import { ConfigError } from '../../lib/errors';
 import type { Logger } from '../../lib/runtime/logger';
+import type { QueueWorkerOptions } from '../../lib/runtime/queue-workers';
 import { native } from '../../native/index';
 import { DESCRIPTION, EPILOGUE, EXAMPLES, PROGRAM, options, toConfig, type BlkConfig } from './cli';
 import { BlkDevice } from './device';
@@ -65,6 +66,20 @@ export function createBlkDevice(config: BlkConfig, logger: Logger): BlkDevice {
   }
 }
 
+/**
+ * The device instance a queue worker thread runs (lib/runtime/queue-workers.ts): its own image fds
+ * and executors, the same settings. Config space and features stay with the main thread's device.
+ */
+export function createBlkDeviceForWorker(config: BlkConfig, logger: Logger): BlkDevice {
+  return createBlkDevice({ ...config, threads: 0 }, { ...logger, info: logger.debug });
+}
+
+/** `--threads N`: queues in N worker threads, each building its device with {@link createBlkDeviceForWorker}. */
+export function blkQueueWorkers(config: BlkConfig): QueueWorkerOptions | undefined {
+  if (config.threads === undefined || config.threads === 0) return undefined;
+  return { threads: Math.min(config.threads, config.numQueues), modulePath: __filename, exportName: 'createBlkDeviceForWorker', config };
+}
+
 if (require.main === module) {
   runDaemon<BlkConfig>({
     program: PROGRAM,
@@ -76,6 +91,7 @@ if (require.main === module) {
     epilogue: EPILOGUE,
     toConfig,
     createDevice: createBlkDevice,
+    queueWorkers: blkQueueWorkers,
   }).catch((err: Error) => {
     process.stderr.write(`${PROGRAM}: ${err.stack ?? err.message}\n`);
     process.exit(1);

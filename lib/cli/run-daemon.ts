@@ -10,6 +10,7 @@ import { ConfigError } from '../errors';
 import { createDaemonMetrics } from '../metrics/registry';
 import { startMetricsServer, type MetricsServer } from '../metrics/server';
 import { createLogger, type Logger } from '../runtime/logger';
+import type { QueueWorkerOptions } from '../runtime/queue-workers';
 import { serve } from '../runtime/serve';
 import { sdNotify, startWatchdog } from '../systemd/notify';
 import type { DeviceBackend } from '../vhost-user/device-backend';
@@ -41,6 +42,8 @@ export interface DaemonSpec<Config> {
   /** Pure: parsed arguments → device config; throws ConfigError. */
   toConfig(args: Record<string, unknown>): Config;
   createDevice(config: Config, logger: Logger): Promise<DaemonDevice> | DaemonDevice;
+  /** Queues in worker threads for this config (e.g. `--threads N`), or undefined for one thread. */
+  queueWorkers?(config: Config): QueueWorkerOptions | undefined;
 }
 
 /** Time allowed for a clean stop before the process exits anyway. */
@@ -77,7 +80,9 @@ export async function runDaemon<Config>(spec: DaemonSpec<Config>, argv: string[]
     logger = createLogger({ level: common.logLevel });
     const config = spec.toConfig(args);
     const device = await spec.createDevice(config, logger);
-    const server = await serve(device, { socketPath: common.socketPath, fd: common.fd, connect: common.connect, logger });
+    const queueWorkers = spec.queueWorkers?.(config);
+    const server = await serve(device, { socketPath: common.socketPath, fd: common.fd, connect: common.connect, logger, queueWorkers });
+    if (queueWorkers !== undefined) logger.info(`queues run in ${queueWorkers.threads} worker thread(s)`);
     let metrics: MetricsServer | undefined;
     if (common.metrics !== undefined) {
       metrics = await startMetricsServer(createDaemonMetrics(server), common.metrics.host, common.metrics.port);

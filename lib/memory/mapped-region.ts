@@ -21,6 +21,8 @@ export class MappedRegion implements GuestRegion {
   readonly size: number;
   readonly userAddr: number;
   readonly mappingOffset: number;
+  /** Offset of the region in its fd (VhostUserMemoryRegion mmap_offset). */
+  readonly mmapOffset: number;
   /** The memory fd, kept open: workers and the balloon device need it. */
   readonly fd: number;
   private readonly mapping: Mapping;
@@ -34,6 +36,7 @@ export class MappedRegion implements GuestRegion {
     // mmap offsets must be page aligned (2 MiB covers hugetlbfs too); QEMU's mmap_offset need not be.
     const mapStart = spec.mmapOffset - (spec.mmapOffset % HUGE_PAGE_SIZE);
     this.mappingOffset = spec.mmapOffset - mapStart;
+    this.mmapOffset = spec.mmapOffset;
     this.fd = fd;
     try {
       // Touching a page past the end of the file raises SIGBUS and kills the process, so a region

@@ -15,6 +15,7 @@ import { VhostUserConnection, type DisconnectInfo, type ProtocolCounters } from 
 import type { DeviceBackend } from '../vhost-user/device-backend';
 import { Vring } from '../vhost-user/vring';
 import { silentLogger, type Logger } from './logger';
+import { QueueWorkerPool, type QueueWorkerOptions } from './queue-workers';
 
 export interface ServeOptions {
   /** Listen on this unix socket path (created; a stale socket file is replaced). */
@@ -26,6 +27,8 @@ export interface ServeOptions {
   logger?: Logger;
   /** Delay between connection attempts in `connect` mode. */
   reconnectDelayMs?: number;
+  /** Run the queues in worker threads (`--threads`); threads live while a front-end is attached. */
+  queueWorkers?: QueueWorkerOptions;
 }
 
 export interface VhostUserServer extends EventEmitter {
@@ -50,6 +53,7 @@ class Server extends EventEmitter implements VhostUserServer {
   private reconnectTimer: NodeJS.Timeout | null = null;
   private closing = false;
   private readonly logger: Logger;
+  private readonly queueWorkers: QueueWorkerPool | null;
 
   constructor(
     readonly device: DeviceBackend,
@@ -58,6 +62,7 @@ class Server extends EventEmitter implements VhostUserServer {
     super();
     this.logger = options.logger ?? silentLogger;
     this.vrings = Array.from({ length: device.numQueues }, (_, i) => new Vring(i));
+    this.queueWorkers = options.queueWorkers !== undefined ? new QueueWorkerPool(options.queueWorkers, this.logger) : null;
   }
 
   get connected(): boolean {
@@ -124,6 +129,7 @@ class Server extends EventEmitter implements VhostUserServer {
       vrings: this.vrings,
       logger: this.logger,
       counters: this.counters,
+      queueWorkers: this.queueWorkers,
     });
     this.connection = connection;
     connection.once('close', (info: DisconnectInfo) => {

@@ -14,6 +14,7 @@ import { native, POLL_READABLE, type NativeError, type RecvResult, type Watcher 
 import { ProtocolError, VhostdError } from '../errors';
 import { GuestMemory } from '../memory/guest-memory';
 import type { Logger } from '../runtime/logger';
+import type { QueueWorkerPool } from '../runtime/queue-workers';
 import type { DeviceBackend, DeviceContext } from './device-backend';
 import { BackendChannel } from './backend-channel';
 import { dispatchTable, type Message } from './handlers';
@@ -53,6 +54,8 @@ export interface ConnectionOptions {
   vrings: readonly Vring[];
   logger: Logger;
   counters: ProtocolCounters;
+  /** Run queues in these worker threads (`--threads`); ended when the connection closes. */
+  queueWorkers?: QueueWorkerPool | null;
 }
 
 export class VhostUserConnection extends EventEmitter implements DeviceContext {
@@ -79,6 +82,7 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
   readonly device: DeviceBackend;
   readonly vrings: readonly Vring[];
   readonly logger: Logger;
+  readonly queueWorkers: QueueWorkerPool | null;
   private readonly counters: ProtocolCounters;
 
   constructor(options: ConnectionOptions) {
@@ -88,6 +92,7 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     this.vrings = options.vrings;
     this.logger = options.logger;
     this.counters = options.counters;
+    this.queueWorkers = options.queueWorkers ?? null;
     this.watcher = native.watch(this.fd, POLL_READABLE, () => void this.pump());
     this.device.attach?.(this);
   }
@@ -130,6 +135,11 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
         this.logger.warn(`stopping queue ${vring.index}: ${(err as Error).message}`);
       }
       vring.release();
+    }
+    try {
+      await this.queueWorkers?.close();
+    } catch (err) {
+      this.logger.warn(`stopping queue workers: ${(err as Error).message}`);
     }
     this.device.detach?.();
     this.backendChannel?.close();

@@ -143,6 +143,8 @@ function startVring(c: VhostUserConnection, vring: Vring): void {
       packed: negotiated(c, VIRTIO_F_RING_PACKED),
       eventIdx: negotiated(c, VIRTIO_RING_F_EVENT_IDX),
       indirect: negotiated(c, VIRTIO_RING_F_INDIRECT_DESC),
+      workers: c.queueWorkers ?? undefined,
+      features: c.ackedFeatures,
     });
   } catch (err) {
     throw new ProtocolError('VHOST_USER_BAD_VRING_ADDR', `cannot start queue ${vring.index}: ${(err as Error).message}`);
@@ -175,12 +177,20 @@ function mapRegions(specs: readonly MemoryRegionNumbers[], message: Message, fir
   return mapped;
 }
 
-/** Install a new memory map: running rings re-resolve their addresses, the old map is released. */
-function replaceMemory(c: VhostUserConnection, regions: readonly GuestRegion[]): void {
+/**
+ * Install a new memory map: running rings re-resolve their addresses (rings in worker threads have
+ * remapped when this resolves), the old map is released.
+ */
+async function replaceMemory(c: VhostUserConnection, regions: readonly GuestRegion[]): Promise<void> {
   const memory = new GuestMemory(regions);
   const old = c.memory;
   c.memory = memory;
-  for (const vring of c.vrings) vring.setMemory(memory);
+  const remapping: Promise<void>[] = [];
+  for (const vring of c.vrings) {
+    const done = vring.setMemory(memory);
+    if (done !== undefined) remapping.push(done);
+  }
+  if (remapping.length > 0) await Promise.all(remapping);
   old.close();
   c.logger.info(`guest memory: ${regions.length} region(s), ${Math.round(memory.totalSize / 2 ** 20)} MiB`);
 }
@@ -219,7 +229,8 @@ const entries: Record<number, EntrySpec> = {
       c.ackedFeatures = features;
       // vhost-user.rst: without VHOST_USER_F_PROTOCOL_FEATURES, rings start enabled.
       if ((features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) {
-        for (const vring of c.vrings) vring.setEnabled(true);
+        const switching = c.vrings.map((vring) => vring.setEnabled(true)).filter((p) => p !== undefined);
+        if (switching.length > 0) return Promise.all(switching).then(() => undefined);
       }
       return undefined;
     },
@@ -249,7 +260,7 @@ const entries: Record<number, EntrySpec> = {
     // u32 nregions, u32 padding, VhostUserMemoryRegion regions[nregions]
     size: { atLeast: 8 },
     fds: 'handler',
-    handle(c, m) {
+    async handle(c, m) {
       const count = m.view.getUint32(0, true);
       checkRegionCount(count, MEMORY_BASELINE_NREGIONS);
       if (m.payload.length !== 8 + count * MEMORY_REGION_SIZE) {
@@ -262,7 +273,7 @@ const entries: Record<number, EntrySpec> = {
       for (let i = 0; i < count; i++) specs.push(checkMemoryRegion(decodeRegion(m.view, 8 + i * MEMORY_REGION_SIZE)));
       checkNoOverlap(specs);
       const regions = mapRegions(specs, m, 0);
-      replaceMemory(c, regions);
+      await replaceMemory(c, regions);
       for (const region of regions) region.release(); // the GuestMemory holds its own references
       for (const vring of c.vrings) startVring(c, vring);
       return undefined;
@@ -281,12 +292,12 @@ const entries: Record<number, EntrySpec> = {
     size: 8 + MEMORY_REGION_SIZE,
     fds: 'one',
     requires: ProtocolFeature.CONFIGURE_MEM_SLOTS,
-    handle(c, m) {
+    async handle(c, m) {
       const spec = checkMemoryRegion(decodeRegion(m.view, 8));
       checkRegionCount(c.memory.regions.length + 1, MAX_MEM_SLOTS);
       checkNoOverlap([...c.memory.regions, spec]);
       const [region] = mapRegions([spec], m, 0);
-      replaceMemory(c, [...c.memory.regions, region!]);
+      await replaceMemory(c, [...c.memory.regions, region!]);
       region!.release();
       for (const vring of c.vrings) startVring(c, vring);
       return undefined;
@@ -298,7 +309,7 @@ const entries: Record<number, EntrySpec> = {
     size: 8 + MEMORY_REGION_SIZE,
     fds: 'handler',
     requires: ProtocolFeature.CONFIGURE_MEM_SLOTS,
-    handle(c, m) {
+    async handle(c, m) {
       if (m.fds.length > 1) throw new ProtocolError('VHOST_USER_BAD_FDS', `REM_MEM_REG carries ${m.fds.length} fds`);
       const spec = checkMemoryRegion(decodeRegion(m.view, 8));
       const keep = c.memory.regions.filter(
@@ -307,7 +318,7 @@ const entries: Record<number, EntrySpec> = {
       if (keep.length === c.memory.regions.length) {
         throw new ProtocolError('VHOST_USER_BAD_MEM_REGION', `REM_MEM_REG: no region at guest address 0x${spec.guestPhysAddr.toString(16)}`);
       }
-      replaceMemory(c, keep);
+      await replaceMemory(c, keep);
       return undefined;
     },
   },
@@ -376,7 +387,8 @@ const entries: Record<number, EntrySpec> = {
       const { index, fd } = takeVringFd(m);
       const vring = vringAt(c, index);
       if (fd < 0) throw new ProtocolError('VHOST_USER_BAD_FDS', 'polling mode (no kick fd) is not supported');
-      vring.setKickFd(fd);
+      const switched = vring.setKickFd(fd); // a running queue in a worker: resolves once it switched
+      if (switched !== undefined) return switched.then(() => undefined);
       startVring(c, vring);
       return undefined;
     },
@@ -388,8 +400,7 @@ const entries: Record<number, EntrySpec> = {
     vring: 'u64',
     handle(c, m) {
       const { index, fd } = takeVringFd(m);
-      vringAt(c, index).setFd('callFd', fd);
-      return undefined;
+      return vringAt(c, index).setFd('callFd', fd)?.then(() => undefined);
     },
   },
 
@@ -414,8 +425,7 @@ const entries: Record<number, EntrySpec> = {
       const vring = vringAt(c, m.view.getUint32(0, true));
       const enable = m.view.getUint32(4, true);
       if (enable > 1) throw new ProtocolError('VHOST_USER_BAD_PAYLOAD', `SET_VRING_ENABLE value ${enable} is not 0 or 1`);
-      vring.setEnabled(enable === 1);
-      return undefined;
+      return vring.setEnabled(enable === 1)?.then(() => undefined);
     },
   },
 
@@ -457,11 +467,14 @@ const entries: Record<number, EntrySpec> = {
       // The guest driver chose these bytes, so a refused write is the guest's mistake, not the
       // front-end's: refuse the request (NACK with REPLY_ACK) and keep the connection.
       if (c.device.setConfig === undefined) throw new RequestRefused(`config space is read-only (write of ${size} bytes at ${offset})`);
+      const data = m.payload.slice(CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + size);
       try {
-        c.device.setConfig(offset, m.payload.slice(CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + size));
+        c.device.setConfig(offset, data);
       } catch (err) {
         throw new RequestRefused(`config write of ${size} bytes at ${offset} refused: ${(err as Error).message}`);
       }
+      // Devices running queues in worker threads see the same write (e.g. blk's cache mode).
+      c.queueWorkers?.setConfig(offset, data);
       return undefined;
     },
   },

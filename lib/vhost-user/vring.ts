@@ -7,6 +7,11 @@
  * VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled from the start, with it SET_VRING_ENABLE decides.
  *
  * Owns: kickFd, callFd, errFd (closed on replace, stop or release), the kick watcher and the queue.
+ *
+ * With queue workers (`env.workers`, `--threads`), the queue runs in a worker thread instead: the
+ * vring validates the ring addresses here (same errors as in-process), hands the worker dups of the
+ * memory, kick and call fds, forwards kick/call/enable/memory changes, asks it to stop, and keeps
+ * the err fd (the worker reports ring errors back). See lib/runtime/queue-workers.ts.
  */
 import { native, POLL_READABLE, type NativeError, type Watcher } from '../../native';
 import { VhostdError } from '../errors';
@@ -15,6 +20,8 @@ import { createVirtqueue } from '../virtqueue';
 import type { QueueCounters, RingAddresses, Virtqueue } from '../virtqueue/virtqueue';
 import type { DeviceBackend } from './device-backend';
 import type { Logger } from '../runtime/logger';
+import { CounterSlot } from '../runtime/queue-worker-protocol';
+import type { QueueWorkerPool, RemoteQueue } from '../runtime/queue-workers';
 
 /** What a vring needs from its connection when it starts. */
 export interface VringEnvironment {
@@ -24,6 +31,10 @@ export interface VringEnvironment {
   packed: boolean;
   eventIdx: boolean;
   indirect: boolean;
+  /** Run the queue in a worker thread of this pool instead of on this event loop. */
+  workers?: QueueWorkerPool;
+  /** Negotiated virtio features (for the worker's device instance). */
+  features?: bigint;
 }
 
 /**
@@ -44,24 +55,46 @@ export class Vring {
   /** Set when the driver broke a ring rule; the ring is then ignored until reset. */
   broken = false;
   queue: Virtqueue | null = null;
-  /** Kicks received (metrics). */
-  kicks = 0;
+  /** Kicks received on this thread plus those of retired worker queues. */
+  private kickCount = 0;
   /** Times the ring was marked broken (metrics). */
   brokenCount = 0;
   /** Counters of queues that have stopped, so totals survive reconnects (metrics are monotonic). */
   private readonly retired: QueueCounters = { requests: 0, bytesRead: 0, bytesWritten: 0, notifications: 0, batches: 0 };
   private watcher: Watcher | null = null;
   private env: VringEnvironment | null = null;
+  /** The queue when it runs in a worker thread. */
+  private remote: RemoteQueue | null = null;
 
   constructor(readonly index: number) {}
 
   get started(): boolean {
-    return this.queue !== null;
+    return this.queue !== null || this.remote !== null;
+  }
+
+  /** Kicks received (metrics), across connections. */
+  get kicks(): number {
+    return this.kickCount + (this.remote?.counters[CounterSlot.kicks] ?? 0);
+  }
+
+  /** Counters of the running queue, wherever it runs. */
+  private liveCounters(): QueueCounters | undefined {
+    const remote = this.remote?.counters;
+    if (remote !== undefined) {
+      return {
+        requests: remote[CounterSlot.requests]!,
+        bytesRead: remote[CounterSlot.bytesRead]!,
+        bytesWritten: remote[CounterSlot.bytesWritten]!,
+        notifications: remote[CounterSlot.notifications]!,
+        batches: remote[CounterSlot.batches]!,
+      };
+    }
+    return this.queue?.counters;
   }
 
   /** Counters over every queue this vring has run, across connections. */
   totals(): QueueCounters {
-    const live = this.queue?.counters;
+    const live = this.liveCounters();
     if (live === undefined) return { ...this.retired };
     const sum = { ...this.retired };
     for (const key of Object.keys(sum) as (keyof QueueCounters)[]) sum[key] += live[key];
@@ -70,28 +103,33 @@ export class Vring {
 
   /** Drop the queue, keeping its counters in the totals. */
   private retireQueue(): void {
-    const live = this.queue?.counters;
+    const live = this.liveCounters();
     if (live !== undefined) {
       for (const key of Object.keys(this.retired) as (keyof QueueCounters)[]) this.retired[key] += live[key];
     }
+    if (this.remote !== null) this.kickCount += this.remote.counters[CounterSlot.kicks]!;
     this.queue = null;
+    this.remote = null;
     this.env = null;
   }
 
   /** Replace the call or err fd, closing what was there. */
-  setFd(slot: 'callFd' | 'errFd', fd: number): void {
+  setFd(slot: 'callFd' | 'errFd', fd: number): Promise<void> | undefined {
     const old = this[slot];
     if (old >= 0) native.close(old);
     this[slot] = fd;
+    return slot === 'callFd' ? this.remote?.setCallFd(fd) : undefined;
   }
 
   /** Replace the kick fd; a running ring moves its watcher to the new fd before the old one closes. */
-  setKickFd(fd: number): void {
+  setKickFd(fd: number): Promise<void> | undefined {
     this.watcher?.stop();
     this.watcher = null;
     if (this.kickFd >= 0) native.close(this.kickFd);
     this.kickFd = fd;
+    if (this.remote !== null) return fd >= 0 ? this.remote.setKickFd(fd) : undefined;
     if (this.started && fd >= 0) this.watchKick();
+    return undefined;
   }
 
   private watchKick(): void {
@@ -105,6 +143,11 @@ export class Vring {
     }
     this.env = env;
     this.broken = false;
+    const base = this.base ?? (env.packed ? PACKED_INITIAL_BASE : 0);
+    if (env.workers !== undefined) {
+      this.startRemote(env, env.workers, base);
+      return;
+    }
     const queue = createVirtqueue(
       {
         size: this.num,
@@ -112,7 +155,7 @@ export class Vring {
         memory: env.memory,
         eventIdx: env.eventIdx,
         indirect: env.indirect,
-        base: this.base ?? (env.packed ? PACKED_INITIAL_BASE : 0),
+        base,
         notify: () => this.signalCall(),
       },
       env.packed,
@@ -124,9 +167,30 @@ export class Vring {
     this.process();
   }
 
+  /** Start the queue in a worker; ring addresses are checked here first, so errors are the same. */
+  private startRemote(env: VringEnvironment, workers: QueueWorkerPool, base: number): void {
+    const options = { size: this.num, addresses: this.addresses!, memory: env.memory, eventIdx: env.eventIdx, indirect: env.indirect, base };
+    try {
+      createVirtqueue({ ...options, notify: () => undefined }, env.packed); // throws VIRTQ_NO_RING / VIRTQ_BAD_BASE
+      this.remote = workers.start(
+        { ...options, index: this.index, packed: env.packed, features: env.features ?? 0n, enabled: this.enabled, kickFd: this.kickFd, callFd: this.callFd },
+        (message, code) => this.reportBroken(message, code),
+      );
+    } catch (err) {
+      this.env = null;
+      throw err;
+    }
+  }
+
   /** Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base. */
   async stop(): Promise<number | null> {
     this.setKickFd(-1);
+    if (this.remote !== null) {
+      const base = await this.remote.stop();
+      if (base !== null) this.base = base;
+      this.retireQueue();
+      return this.base;
+    }
     const queue = this.queue;
     if (queue !== null && this.env !== null) {
       await this.env.device.stopQueue?.(this.index);
@@ -136,20 +200,32 @@ export class Vring {
     return this.base;
   }
 
-  /** The memory table changed under a running ring. */
-  setMemory(memory: GuestMemory): void {
+  /** The memory table changed under a running ring (a worker's queue: resolves once it remapped). */
+  setMemory(memory: GuestMemory): Promise<void> | undefined {
     if (this.env !== null) this.env.memory = memory;
-    if (this.queue === null || this.broken) return;
+    if (this.remote !== null && !this.broken) {
+      try {
+        return this.remote.setMemory(memory);
+      } catch (err) {
+        this.markBroken(err);
+      }
+      return undefined;
+    }
+    if (this.queue === null || this.broken) return undefined;
     try {
       this.queue.setMemory(memory);
     } catch (err) {
       this.markBroken(err);
     }
+    return undefined;
   }
 
-  setEnabled(enabled: boolean): void {
+  /** SET_VRING_ENABLE (a worker's queue: resolves once it applied the change). */
+  setEnabled(enabled: boolean): Promise<void> | undefined {
     this.enabled = enabled;
+    if (this.remote !== null) return this.remote.setEnabled(enabled);
     if (enabled) this.process();
+    return undefined;
   }
 
   /** Close every fd and forget the configuration (disconnect or RESET_OWNER / RESET_DEVICE). */
@@ -166,7 +242,7 @@ export class Vring {
   }
 
   private onKick(): void {
-    this.kicks++;
+    this.kickCount++;
     native.eventfdRead(this.kickFd);
     this.process();
   }
@@ -180,6 +256,15 @@ export class Vring {
     } catch (err) {
       this.markBroken(err);
     }
+  }
+
+  /** The worker running this queue found it broken. */
+  private reportBroken(message: string, code: string | undefined): void {
+    if (this.remote === null || this.broken) return;
+    this.broken = true;
+    this.env?.logger.error(`queue ${this.index} broken: ${message}`, { code, queue: this.index });
+    this.brokenCount++;
+    signal(this.errFd);
   }
 
   private signalCall(): void {

@@ -315,6 +315,18 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+/** fcntl(F_DUPFD_CLOEXEC): a second descriptor for the same open file (handed to a worker thread). */
+Napi::Value Dup(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ARG_FD(fd, 0);
+  int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) {
+    ThrowErrno(env, "fcntl", errno);
+    return {};
+  }
+  return Napi::Number::New(env, copy);
+}
+
 }  // namespace
 
 void InitSocket(Napi::Env env, Napi::Object exports) {
@@ -327,6 +339,7 @@ void InitSocket(Napi::Env env, Napi::Object exports) {
   exports.Set("isListeningUnixSocket", Napi::Function::New(env, IsListeningUnixSocket, "isListeningUnixSocket"));
   exports.Set("setNonBlocking", Napi::Function::New(env, SetNonBlocking, "setNonBlocking"));
   exports.Set("close", Napi::Function::New(env, Close, "close"));
+  exports.Set("dup", Napi::Function::New(env, Dup, "dup"));
 }
 
 }  // namespace vhostd

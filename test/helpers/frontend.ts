@@ -15,6 +15,7 @@
  * Ownership: the Frontend owns every fd and mapping it creates and releases them all in `close()`.
  * Fds received from the backend are closed as soon as they are read.
  */
+import { fullFence } from '../../lib/virtqueue/barrier';
 import {
   native,
   MAP_VIEW_STRIDE,
@@ -605,6 +606,10 @@ export class SplitQueueDriver implements RingDriver {
   publish(): boolean {
     const old = this.published;
     this.ring.publish();
+    // Store avail.idx, then load avail_event: a store→load order, so a full barrier (virtio 1.2
+    // §2.7.13.4; Linux virtqueue_kick_prepare's virtio_mb). It matters once the device runs on
+    // another thread (queue workers); on one event loop the two sides never overlap.
+    fullFence();
     this.published = this.ring.availIdx;
     if (this.eventIdx) return needEvent(this.ring.availEvent(), this.published, old);
     return (this.ring.usedFlags() & VRING_USED_F_NO_NOTIFY) === 0;
@@ -677,6 +682,7 @@ export class PackedQueueDriver implements RingDriver {
 
   publish(): boolean {
     this.ring.publish();
+    fullFence(); // store the descriptors' flags, then load the device event area (see the split ring)
     const added = this.added;
     this.added = 0;
     const ev = this.ring.deviceEvent();

@@ -143,3 +143,11 @@ export class TestDevice implements DeviceBackend {
     for (const resolve of this.drained[index]!.splice(0)) resolve();
   }
 }
+
+/**
+ * Factory for queue worker threads (lib/runtime/queue-workers.ts): the worker requires this module
+ * and builds its own TestDevice from plain options.
+ */
+export function createTestDeviceForWorker(options: TestDeviceOptions): TestDevice {
+  return new TestDevice(options);
+}

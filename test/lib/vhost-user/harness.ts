@@ -10,7 +10,7 @@ import path from 'node:path';
 import type { ExecutionContext } from 'ava';
 
 import type { LogFields, Logger } from '../../../lib/runtime/logger';
-import { serve, type VhostUserServer } from '../../../lib/runtime/serve';
+import { serve, type ServeOptions, type VhostUserServer } from '../../../lib/runtime/serve';
 import type { DeviceBackend } from '../../../lib/vhost-user/device-backend';
 import { DEFAULT_LAYOUT, DEFAULT_TIMEOUT_MS, Frontend, FrontendError, type NegotiateOptions } from '../../helpers/frontend';
 import { transform } from '../../helpers/test-device';
@@ -40,7 +40,7 @@ export class TestServer {
     readonly socketPath: string,
   ) {}
 
-  static async start(device: DeviceBackend): Promise<TestServer> {
+  static async start(device: DeviceBackend, extra: Omit<ServeOptions, 'socketPath' | 'logger'> = {}): Promise<TestServer> {
     const socketPath = path.join(os.tmpdir(), `vhostd-test-${process.pid}-${serial++}.sock`);
     const ts = new TestServer(device, socketPath);
     const log =
@@ -51,7 +51,7 @@ export class TestServer {
         if (level !== 'info' || fields?.code !== undefined) ts.logs.push({ level, message, fields });
       };
     const logger: Logger = { debug: () => undefined, info: log('info'), warn: log('warn'), error: log('error') };
-    ts.server = await serve(device, { socketPath, logger });
+    ts.server = await serve(device, { ...extra, socketPath, logger });
     ts.server.on('disconnect', (info: DisconnectEvent) => {
       ts.disconnects.push({ ...info });
       ts.wake?.();

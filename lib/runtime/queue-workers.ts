@@ -1,0 +1,304 @@
+/**
+ * Queues in worker threads (`--threads N`), main-thread side. One Node event loop is one core; with
+ * a pool, queue `i` runs in worker thread `i % N`. The main thread keeps the protocol, the config
+ * space and the features (answered by the main device instance); a worker gets, per queue, only what
+ * a queue needs: the memory regions (their fds dup'ed, mapped by the worker itself), the ring
+ * addresses, size, base, ring features, and dups of the kick and call eventfds. It builds the queue
+ * with the same lib/virtqueue code, watches the kick fd, runs its own device instance (made by a
+ * factory the daemon names: module path + export + a structured-clonable config) and signals the
+ * call fd.
+ *
+ * Messages (worker-protocol.ts) are one-way except stop, which is a request/response: the worker
+ * waits for the device's stopQueue, answers with queue.base(), closes its dups and unmaps. Ring
+ * errors come back as 'broken' (the main thread counts them and writes the err fd, which it keeps).
+ * Queue counters come back through a SharedArrayBuffer per queue start ({@link COUNTER_SLOTS}
+ * Float64 values): the worker writes them, metrics read them at scrape time, no message needed.
+ *
+ * Ownership: every fd sent in a message is a dup owned by the worker from then on (closed here if
+ * the message cannot be sent). Workers live while a front-end is attached: {@link QueueWorkerPool.close}
+ * (connection close) ends them, so a disconnect leaves no thread and no fd behind.
+ */
+import path from 'node:path';
+import { Worker } from 'node:worker_threads';
+
+import { native } from '../../native';
+import type { GuestMemory } from '../memory/guest-memory';
+import { MappedRegion } from '../memory/mapped-region';
+import type { RingAddresses } from '../virtqueue/virtqueue';
+import { silentLogger, type Logger } from './logger';
+import {
+  COUNTER_SLOTS,
+  type FromWorker,
+  type RegionMessage,
+  type ToWorker,
+  type WorkerData,
+} from './queue-worker-protocol';
+
+export { COUNTER_SLOTS, CounterSlot } from './queue-worker-protocol';
+
+/** What a daemon gives to run its queues in threads. */
+export interface QueueWorkerOptions {
+  /** Worker threads; queue i runs in thread i % threads. */
+  threads: number;
+  /** Absolute path of a module a worker can `require` (the compiled .js). */
+  modulePath: string;
+  /** Its export `(config, logger) => DeviceBackend | Promise<DeviceBackend>` (a device for the worker's queues). */
+  exportName: string;
+  /** Passed to the factory; must survive structured clone. */
+  config: unknown;
+}
+
+/** A queue to start in a worker. */
+export interface RemoteQueueSpec {
+  index: number;
+  size: number;
+  addresses: RingAddresses;
+  base: number;
+  packed: boolean;
+  eventIdx: boolean;
+  indirect: boolean;
+  /** Negotiated virtio features, for the worker device's DeviceContext. */
+  features: bigint;
+  enabled: boolean;
+  memory: GuestMemory;
+  kickFd: number;
+  callFd: number;
+}
+
+/** Main-thread handle of a queue running in a worker. */
+export class RemoteQueue {
+  /** Live counters of the queue (see CounterSlot), written by the worker. */
+  readonly counters: Float64Array;
+  private readonly acks: (() => void)[] = [];
+  /** Set by the pool when the worker answers a stop (or dies). */
+  stopped: ((base: number | null) => void) | null = null;
+
+  constructor(
+    readonly index: number,
+    private readonly slot: WorkerSlot,
+    readonly onBroken: (message: string, code: string | undefined) => void,
+  ) {
+    this.counters = new Float64Array(new SharedArrayBuffer(COUNTER_SLOTS * Float64Array.BYTES_PER_ELEMENT));
+  }
+
+  /*
+   * Changes to a running queue resolve once the worker applied them: the front-end gets its reply
+   * (REPLY_ACK) only then, so its next kick cannot overtake the change (the kick eventfd and the
+   * message port are separate event sources in the worker).
+   */
+
+  /** A new kick fd (SET_VRING_KICK on a running ring); the worker gets a dup. */
+  setKickFd(fd: number): Promise<void> {
+    return this.request({ type: 'kick', index: this.index, fd: fd < 0 ? -1 : native.dup(fd) });
+  }
+
+  /** A new call fd (SET_VRING_CALL on a running ring), or -1. */
+  setCallFd(fd: number): Promise<void> {
+    return this.request({ type: 'call', index: this.index, fd: fd < 0 ? -1 : native.dup(fd) });
+  }
+
+  setEnabled(enabled: boolean): Promise<void> {
+    return this.request({ type: 'enable', index: this.index, enabled });
+  }
+
+  /** The memory table changed: the worker maps the new regions and calls queue.setMemory. */
+  setMemory(memory: GuestMemory): Promise<void> {
+    return this.request({ type: 'memory', index: this.index, regions: regionMessages(memory) });
+  }
+
+  private request(message: ToWorker): Promise<void> {
+    return new Promise((resolve) => {
+      this.acks.push(resolve);
+      if (!this.slot.sendWithFds(message)) this.onDone();
+    });
+  }
+
+  /** @internal */
+  onDone(): void {
+    this.acks.shift()?.();
+  }
+
+  /** Stop the queue: resolves with its base once the device drained it (null if the worker died). */
+  stop(): Promise<number | null> {
+    return new Promise((resolve) => {
+      this.stopped = resolve;
+      if (!this.slot.send({ type: 'stop', index: this.index })) this.finish(null);
+    });
+  }
+
+  /** @internal */
+  finish(base: number | null): void {
+    const resolve = this.stopped;
+    this.stopped = null;
+    this.slot.queues.delete(this.index);
+    for (const done of this.acks.splice(0)) done();
+    resolve?.(base);
+  }
+}
+
+/** One worker thread and the queues it runs. */
+class WorkerSlot {
+  worker: Worker | null = null;
+  readonly queues = new Map<number, RemoteQueue>();
+  private exited: Promise<void> | null = null;
+
+  constructor(
+    private readonly id: number,
+    private readonly options: QueueWorkerOptions,
+    private readonly logger: Logger,
+  ) {}
+
+  private spawn(): Worker {
+    const data: WorkerData = { modulePath: this.options.modulePath, exportName: this.options.exportName, config: this.options.config, id: this.id };
+    const worker = new Worker(path.join(__dirname, 'queue-worker-main.js'), { workerData: data });
+    // The listening socket keeps the daemon alive; a worker alone must not.
+    worker.unref();
+    worker.on('message', (message: FromWorker) => this.onMessage(message));
+    worker.on('error', (err) => this.logger.error(`queue worker ${this.id} failed: ${err.stack ?? err.message}`));
+    this.exited = new Promise((resolve) =>
+      worker.once('exit', () => {
+        if (this.worker === worker) this.worker = null;
+        // Queues of a dead worker: their stop resolves with no base; running ones are broken.
+        for (const queue of [...this.queues.values()]) {
+          if (queue.stopped === null) queue.onBroken(`queue worker ${this.id} exited`, 'QUEUE_WORKER_EXIT');
+          queue.finish(null);
+        }
+        this.queues.clear();
+        resolve();
+      }),
+    );
+    this.worker = worker;
+    return worker;
+  }
+
+  start(spec: RemoteQueueSpec, onBroken: (message: string, code: string | undefined) => void): RemoteQueue {
+    const queue = new RemoteQueue(spec.index, this, onBroken);
+    const worker = this.worker ?? this.spawn();
+    this.queues.set(spec.index, queue);
+    const sent = this.sendWithFds({
+      type: 'start',
+      index: spec.index,
+      size: spec.size,
+      addresses: spec.addresses,
+      base: spec.base,
+      packed: spec.packed,
+      eventIdx: spec.eventIdx,
+      indirect: spec.indirect,
+      features: spec.features.toString(),
+      enabled: spec.enabled,
+      regions: regionMessages(spec.memory),
+      kickFd: native.dup(spec.kickFd),
+      callFd: spec.callFd < 0 ? -1 : native.dup(spec.callFd),
+      counters: queue.counters.buffer as SharedArrayBuffer,
+    });
+    if (!sent || this.worker !== worker) throw new Error(`queue worker ${this.id} is gone`);
+    return queue;
+  }
+
+  send(message: ToWorker): boolean {
+    if (this.worker === null) return false;
+    this.worker.postMessage(message);
+    return true;
+  }
+
+  /** Send a message whose fds the worker takes over; they are closed here if it cannot be sent. */
+  sendWithFds(message: ToWorker): boolean {
+    try {
+      if (this.send(message)) return true;
+    } catch (err) {
+      closeFds(message);
+      throw err;
+    }
+    closeFds(message);
+    return false;
+  }
+
+  private onMessage(message: FromWorker): void {
+    switch (message.type) {
+      case 'stopped':
+        this.queues.get(message.index)?.finish(message.base);
+        break;
+      case 'done':
+        this.queues.get(message.index)?.onDone();
+        break;
+      case 'broken':
+        this.queues.get(message.index)?.onBroken(message.message, message.code);
+        break;
+      case 'log':
+        this.logger[message.level](message.message, { ...message.fields, worker: this.id });
+        break;
+    }
+  }
+
+  /** Ask the worker to exit (it releases its device); terminate it if it does not within `ms`. */
+  async close(ms: number): Promise<void> {
+    const worker = this.worker;
+    if (worker === null) return;
+    worker.postMessage({ type: 'exit' } satisfies ToWorker);
+    const timer = setTimeout(() => void worker.terminate(), ms);
+    await this.exited;
+    clearTimeout(timer);
+  }
+}
+
+/** Every fd a message hands over. */
+function closeFds(message: ToWorker): void {
+  const fds: number[] = [];
+  if (message.type === 'start') fds.push(message.kickFd, message.callFd);
+  if (message.type === 'kick' || message.type === 'call') fds.push(message.fd);
+  if (message.type === 'start' || message.type === 'memory') fds.push(...message.regions.map((r) => r.fd));
+  for (const fd of fds) if (fd >= 0) native.close(fd);
+}
+
+/** The regions of `memory` as a worker maps them, each with a dup of its fd. */
+function regionMessages(memory: GuestMemory): RegionMessage[] {
+  const out: RegionMessage[] = [];
+  try {
+    for (const region of memory.regions) {
+      if (!(region instanceof MappedRegion)) throw new TypeError('queue workers need regions mapped from fds');
+      out.push({ fd: native.dup(region.fd), guestPhysAddr: region.guestPhysAddr, size: region.size, userAddr: region.userAddr, mmapOffset: region.mmapOffset });
+    }
+  } catch (err) {
+    for (const r of out) native.close(r.fd);
+    throw err;
+  }
+  return out;
+}
+
+/** The worker threads of one server; threads start on first use and end with {@link close}. */
+export class QueueWorkerPool {
+  private readonly slots: WorkerSlot[];
+
+  constructor(
+    readonly options: QueueWorkerOptions,
+    logger: Logger = silentLogger,
+  ) {
+    if (!Number.isInteger(options.threads) || options.threads < 1) throw new RangeError(`threads must be a positive integer, got ${options.threads}`);
+    this.slots = Array.from({ length: options.threads }, (_, i) => new WorkerSlot(i, options, logger));
+  }
+
+  /** Which thread runs queue `index`. */
+  threadOf(index: number): number {
+    return index % this.slots.length;
+  }
+
+  /** Start queue `spec.index` in its worker. Throws if an fd cannot be dup'ed or the worker is gone. */
+  start(spec: RemoteQueueSpec, onBroken: (message: string, code: string | undefined) => void): RemoteQueue {
+    return this.slots[this.threadOf(spec.index)]!.start(spec, onBroken);
+  }
+
+  /** The driver wrote the config space (SET_CONFIG accepted by the main device): tell every worker device. */
+  setConfig(offset: number, data: Uint8Array): void {
+    for (const slot of this.slots) slot.send({ type: 'config', offset, data: data.slice() });
+  }
+
+  /** Threads running now. */
+  get running(): number {
+    return this.slots.filter((s) => s.worker !== null).length;
+  }
+
+  /** End every thread (after their queues stopped). */
+  async close(timeoutMs = 5000): Promise<void> {
+    await Promise.all(this.slots.map((s) => s.close(timeoutMs)));
+  }
+}

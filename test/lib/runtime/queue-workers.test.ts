@@ -1,0 +1,131 @@
+/**
+ * Queues in worker threads (lib/runtime/queue-workers.ts) through the real engine: the TestDevice's
+ * two queues run in two workers (each maps guest memory itself and builds its own device from the
+ * module path), while the main thread keeps the protocol and the config space.
+ */
+import test, { type ExecutionContext } from 'ava';
+import fs from 'node:fs';
+
+import { DEFAULT_LAYOUT, SplitQueueDriver, type Frontend, type QueueState } from '../../helpers/frontend';
+import { TestDevice, transform } from '../../helpers/test-device';
+import { TestServer, pattern } from '../vhost-user/harness';
+
+const WORKERS = { threads: 2, modulePath: require.resolve('../../helpers/test-device'), exportName: 'createTestDeviceForWorker', config: { numQueues: 2 } };
+
+function openFds(): number {
+  return fs.readdirSync('/proc/self/fd').length;
+}
+
+function threads(): number {
+  return Number(/^Threads:\s+(\d+)/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]);
+}
+
+async function until(check: () => boolean, ms = 5000): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) return false;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  return true;
+}
+
+async function roundTrip(t: ExecutionContext, fe: Frontend, queue: number, seed: number, region = 0): Promise<void> {
+  const data = pattern(100 + seed, seed);
+  const done = await fe.transfer(queue, { readable: [{ data, region }], writable: [{ length: data.length, region }] });
+  t.deepEqual(done.written, transform(queue, data), `queue ${queue} seed ${seed}`);
+}
+
+async function setup(device: TestDevice): Promise<{ ts: TestServer; fe: Frontend; q0: QueueState }> {
+  const ts = await TestServer.start(device, { queueWorkers: WORKERS });
+  const fe = ts.connect();
+  await fe.negotiate({ eventIdx: true });
+  await fe.setMemTable(DEFAULT_LAYOUT);
+  const q0 = await fe.setupQueue(0, 16);
+  await fe.setupQueue(1, 16, { ringRegion: 1 });
+  return { ts, fe, q0 };
+}
+
+test.serial('two queues in two workers: data moves on both, counters come back, GET_VRING_BASE resumes', async (t) => {
+  const device = new TestDevice();
+  const { ts, fe } = await setup(device);
+  t.teardown(() => ts.close());
+  t.teardown(() => fe.close());
+  for (let i = 0; i < 5; i++) {
+    await roundTrip(t, fe, 0, i);
+    await roundTrip(t, fe, 1, 100 + i);
+  }
+  // The main thread's device never saw a queue: both ran in workers.
+  t.deepEqual(device.starts, [0, 0]);
+  t.deepEqual(device.completed, [0, 0]);
+  // Config space is still answered by the main device.
+  t.deepEqual(await fe.getConfig(0, 4), Uint8Array.of(0xa0, 0xa1, 0xa2, 0xa3));
+  // Counters come back through shared memory.
+  t.true(await until(() => ts.server.vrings[1]!.totals().requests === 5));
+  t.is(ts.server.vrings[0]!.totals().requests, 5);
+  t.true(ts.server.vrings[0]!.kicks > 0);
+
+  // Stop queue 0: the base is the next avail index (5 chains popped), then resume and continue.
+  const base = await fe.getVringBase(0);
+  t.is(base, 5);
+  t.false(ts.server.vrings[0]!.started);
+  await roundTrip(t, fe, 1, 200);
+  await fe.restartQueue(0, base);
+  for (let i = 0; i < 3; i++) await roundTrip(t, fe, 0, 300 + i);
+  t.is(await fe.getVringBase(0), 8);
+  t.is(ts.server.vrings[0]!.totals().requests, 8, 'counters of the stopped queue are kept');
+});
+
+test.serial('a memory table change under running worker queues', async (t) => {
+  const { ts, fe } = await setup(new TestDevice());
+  t.teardown(() => ts.close());
+  t.teardown(() => fe.close());
+  await roundTrip(t, fe, 0, 1);
+  const added = await fe.addMemReg({ gpa: 0x4000_0000, size: 1 << 20, userAddr: 0x7f60_0000_0000, mmapOffset: 0x5000 });
+  const index = fe.memory.regions.indexOf(added);
+  await roundTrip(t, fe, 0, 2, index);
+  await roundTrip(t, fe, 1, 3, index);
+  const extra = fe.memory.add({ gpa: 0x2_0000_0000, size: 1 << 20, userAddr: 0x7f70_0000_0000 });
+  await fe.sendMemTable();
+  await roundTrip(t, fe, 1, 4, fe.memory.regions.indexOf(extra));
+  await fe.remMemReg(0x4000_0000);
+  await roundTrip(t, fe, 0, 5);
+  await roundTrip(t, fe, 1, 6);
+});
+
+test.serial('a ring violation in a worker breaks only that queue', async (t) => {
+  const { ts, fe, q0 } = await setup(new TestDevice());
+  t.teardown(() => ts.close());
+  t.teardown(() => fe.close());
+  await roundTrip(t, fe, 0, 1);
+  const driver = q0.driver as SplitQueueDriver;
+  driver.pushHead(19);
+  driver.publish();
+  fe.kick(0);
+  await fe.waitErr(0);
+  t.true(ts.logged('VIRTQ_BAD_HEAD').length > 0, 'the ring error code is logged');
+  t.is(ts.server.vrings[0]!.brokenCount, 1);
+  await roundTrip(t, fe, 1, 2);
+  t.false(fe.backendClosed);
+  t.is(ts.disconnects.length, 0);
+});
+
+test.serial('disconnect: threads exit and no fd stays open', async (t) => {
+  const ts = await TestServer.start(new TestDevice(), { queueWorkers: WORKERS });
+  t.teardown(() => ts.close());
+  const fdsBefore = openFds();
+  const threadsBefore = threads();
+  for (let round = 0; round < 2; round++) {
+    const fe = ts.connect();
+    await fe.negotiate({ eventIdx: true });
+    await fe.setMemTable(DEFAULT_LAYOUT);
+    await fe.setupQueue(0, 16);
+    await fe.setupQueue(1, 16, { ringRegion: 1 });
+    await roundTrip(t, fe, 0, round);
+    await roundTrip(t, fe, 1, round + 10);
+    t.true(threads() >= threadsBefore + 2, 'two worker threads run');
+    fe.close();
+    await ts.nextDisconnect();
+    t.true(await until(() => threads() <= threadsBefore), `threads back to ${threadsBefore} (now ${threads()})`);
+    t.true(await until(() => openFds() === fdsBefore), `fds back to ${fdsBefore} (now ${openFds()})`);
+  }
+});
