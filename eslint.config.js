@@ -23,4 +23,20 @@ module.exports = tseslint.config(
   layer(['lib/**/*.ts'], ['**/daemons/**'], 'lib/ knows nothing of any device'),
   layer(['lib/virtqueue/**/*.ts', 'lib/memory/**/*.ts'], ['**/vhost-user/**', '**/runtime/**'], 'rings and memory know nothing of vhost-user'),
   layer(['native/**/*.ts'], ['**/lib/**', '**/daemons/**'], 'native/ is syscalls only'),
+  {
+    // The protocol layer may name runtime types (Logger, the worker pool it is handed), never run its code.
+    files: ['lib/vhost-user/**/*.ts'],
+    rules: {
+      'no-restricted-imports': 'off',
+      '@typescript-eslint/no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            { group: ['**/daemons/**'], message: 'lib/ knows nothing of any device' },
+            { group: ['**/runtime/**'], message: 'the protocol layer sits below the runtime: type imports only', allowTypeImports: true },
+          ],
+        },
+      ],
+    },
+  },
 );

@@ -24,17 +24,17 @@ import { Worker } from 'node:worker_threads';
 import { native } from '../../native';
 import type { GuestMemory } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
-import type { RingAddresses } from '../virtqueue/virtqueue';
+import type { QueueCounters, RingAddresses } from '../virtqueue/virtqueue';
 import { silentLogger, type Logger } from './logger';
 import {
   COUNTER_SLOTS,
+  CounterSlot,
   type FromWorker,
   type RegionMessage,
   type ToWorker,
   type WorkerData,
 } from './queue-worker-protocol';
 
-export { COUNTER_SLOTS, CounterSlot } from './queue-worker-protocol';
 
 /** What a daemon gives to run its queues in threads. */
 export interface QueueWorkerOptions {
@@ -67,7 +67,7 @@ export interface RemoteQueueSpec {
 
 /** Main-thread handle of a queue running in a worker. */
 export class RemoteQueue {
-  /** Live counters of the queue (see CounterSlot), written by the worker. */
+  /** Live counters of the queue (see CounterSlot), written by the worker through a shared buffer. */
   readonly counters: Float64Array;
   private readonly acks: (() => void)[] = [];
   /** Set by the pool when the worker answers a stop (or dies). */
@@ -79,6 +79,23 @@ export class RemoteQueue {
     readonly onBroken: (message: string, code: string | undefined) => void,
   ) {
     this.counters = new Float64Array(new SharedArrayBuffer(COUNTER_SLOTS * Float64Array.BYTES_PER_ELEMENT));
+  }
+
+  /** The queue's counters now (the worker updates them as it runs). */
+  queueCounters(): QueueCounters {
+    const c = this.counters;
+    return {
+      requests: c[CounterSlot.requests]!,
+      bytesRead: c[CounterSlot.bytesRead]!,
+      bytesWritten: c[CounterSlot.bytesWritten]!,
+      notifications: c[CounterSlot.notifications]!,
+      batches: c[CounterSlot.batches]!,
+    };
+  }
+
+  /** Kicks the worker received. */
+  kicks(): number {
+    return this.counters[CounterSlot.kicks]!;
   }
 
   /*

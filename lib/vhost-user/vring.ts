@@ -20,7 +20,6 @@ import { createVirtqueue } from '../virtqueue';
 import type { QueueCounters, RingAddresses, Virtqueue } from '../virtqueue/virtqueue';
 import type { DeviceBackend } from './device-backend';
 import type { Logger } from '../runtime/logger';
-import { CounterSlot } from '../runtime/queue-worker-protocol';
 import type { QueueWorkerPool, RemoteQueue } from '../runtime/queue-workers';
 
 /** What a vring needs from its connection when it starts. */
@@ -74,21 +73,12 @@ export class Vring {
 
   /** Kicks received (metrics), across connections. */
   get kicks(): number {
-    return this.kickCount + (this.remote?.counters[CounterSlot.kicks] ?? 0);
+    return this.kickCount + (this.remote?.kicks() ?? 0);
   }
 
   /** Counters of the running queue, wherever it runs. */
   private liveCounters(): QueueCounters | undefined {
-    const remote = this.remote?.counters;
-    if (remote !== undefined) {
-      return {
-        requests: remote[CounterSlot.requests]!,
-        bytesRead: remote[CounterSlot.bytesRead]!,
-        bytesWritten: remote[CounterSlot.bytesWritten]!,
-        notifications: remote[CounterSlot.notifications]!,
-        batches: remote[CounterSlot.batches]!,
-      };
-    }
+    if (this.remote !== null) return this.remote.queueCounters();
     return this.queue?.counters;
   }
 
@@ -107,7 +97,7 @@ export class Vring {
     if (live !== undefined) {
       for (const key of Object.keys(this.retired) as (keyof QueueCounters)[]) this.retired[key] += live[key];
     }
-    if (this.remote !== null) this.kickCount += this.remote.counters[CounterSlot.kicks]!;
+    if (this.remote !== null) this.kickCount += this.remote.kicks();
     this.queue = null;
     this.remote = null;
     this.env = null;
