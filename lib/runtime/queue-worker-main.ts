@@ -6,11 +6,12 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 
-import { native, POLL_READABLE, type NativeError, type Watcher } from '../../native';
+import { native, POLL_READABLE, type Watcher } from '../../native';
 import { VhostdError } from '../errors';
 import { GuestMemory } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
 import type { DeviceBackend, DeviceContext } from '../vhost-user/device-backend';
+import { signalEventfd } from '../vhost-user/vring';
 import { createVirtqueue } from '../virtqueue';
 import type { Virtqueue } from '../virtqueue/virtqueue';
 import type { LogFields, LogLevel, Logger } from './logger';
@@ -47,15 +48,6 @@ function mapMemory(regions: readonly RegionMessage[]): GuestMemory {
   }
 }
 
-function signal(fd: number): void {
-  if (fd < 0) return;
-  try {
-    native.eventfdWrite(fd, 1);
-  } catch (err) {
-    if ((err as NativeError).code !== 'EAGAIN') throw err;
-  }
-}
-
 /** A queue this worker runs. */
 class WorkerQueue {
   queue: Virtqueue;
@@ -86,7 +78,7 @@ class WorkerQueue {
           eventIdx: message.eventIdx,
           indirect: message.indirect,
           base: message.base,
-          notify: () => signal(this.callFd),
+          notify: () => signalEventfd(this.callFd),
         },
         message.packed,
       );

@@ -254,11 +254,11 @@ export class Vring {
     this.broken = true;
     this.env?.logger.error(`queue ${this.index} broken: ${message}`, { code, queue: this.index });
     this.brokenCount++;
-    signal(this.errFd);
+    signalEventfd(this.errFd);
   }
 
   private signalCall(): void {
-    signal(this.callFd);
+    signalEventfd(this.callFd);
   }
 
   /**
@@ -275,7 +275,7 @@ export class Vring {
       });
     }
     this.brokenCount++;
-    signal(this.errFd);
+    signalEventfd(this.errFd);
   }
 }
 
@@ -283,7 +283,7 @@ export class Vring {
  * Write 1 to an eventfd the front-end gave us (validated as an eventfd). EAGAIN means its counter is
  * saturated, so the front-end has a notification pending anyway: nothing is lost by dropping ours.
  */
-function signal(fd: number): void {
+export function signalEventfd(fd: number): void {
   if (fd < 0) return;
   try {
     native.eventfdWrite(fd, 1);

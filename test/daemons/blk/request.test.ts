@@ -17,6 +17,7 @@ import {
 import { Translation } from '../../../lib/memory/guest-memory';
 import { DescriptorChain } from '../../../lib/virtqueue/descriptor-chain';
 import { FakeGuestMemory } from '../../helpers/fake-guest-memory';
+import { concat } from '../../lib/vhost-user/harness';
 import { blkHeader as header, discardSegment as segment } from './wire';
 
 const CAPACITY = 1 << 20; // 1 MiB image: 2048 sectors
@@ -71,16 +72,6 @@ function chainOf(...parts: Part[]): DescriptorChain {
   return chain;
 }
 
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
 function parse(chain: DescriptorChain, l: RequestLimits = limits()): BlkRequest {
   const req = new BlkRequest(8);
   if (!parseRequest(chain, l, req)) throw new Error(`malformed: ${req.reason}`);
@@ -103,7 +94,7 @@ test('IN: data and status share one writable descriptor (ANY_LAYOUT)', (t) => {
 });
 
 test('OUT: header and data in one readable descriptor', (t) => {
-  const req = parse(chainOf({ bytes: concat(header(VIRTIO_BLK_T_OUT, 2046), new Uint8Array(1024)) }, status));
+  const req = parse(chainOf({ bytes: concat([header(VIRTIO_BLK_T_OUT, 2046), new Uint8Array(1024)]) }, status));
   t.is(req.op, BlkOp.WRITE);
   t.is(req.offset, 2046 * 512);
   t.is(req.length, 1024);
@@ -132,11 +123,11 @@ test('FLUSH and GET_ID', (t) => {
 });
 
 test('DISCARD and WRITE_ZEROES segments become byte ranges', (t) => {
-  const d = parse(chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(0, 8), segment(100, 16), segment(50, 0)) }, status));
+  const d = parse(chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(0, 8), segment(100, 16), segment(50, 0)]) }, status));
   t.is(d.op, BlkOp.DISCARD);
   t.is(d.ranges, 2); // the empty segment is dropped
   t.deepEqual([d.rangeOffset[0], d.rangeLength[0], d.rangeOffset[1], d.rangeLength[1]], [0, 4096, 51200, 8192]);
-  const z = parse(chainOf({ bytes: concat(header(VIRTIO_BLK_T_WRITE_ZEROES), segment(8, 8, 1), segment(32, 8)) }, status));
+  const z = parse(chainOf({ bytes: concat([header(VIRTIO_BLK_T_WRITE_ZEROES), segment(8, 8, 1), segment(32, 8)]) }, status));
   t.is(z.op, BlkOp.WRITE_ZEROES);
   t.deepEqual([z.ranges, z.rangeUnmap[0], z.rangeUnmap[1]], [2, 1, 0]);
 });
@@ -149,23 +140,23 @@ const statusRows: [string, () => DescriptorChain, RequestLimits, number][] = [
   ['IN at a sector just above 2^32', () => chainOf({ bytes: header(VIRTIO_BLK_T_IN, 1n << 32n) }, { len: 512, writable: true }, status), limits(), VIRTIO_BLK_S_IOERR],
   ['IN unaligned to 4096-byte blocks', () => chainOf({ bytes: header(VIRTIO_BLK_T_IN, 1) }, { len: 4096, writable: true }, status), limits({ logicalBlockSize: 4096 }), VIRTIO_BLK_S_IOERR],
   ['IN length unaligned to 4096-byte blocks', () => chainOf({ bytes: header(VIRTIO_BLK_T_IN, 8) }, { len: 512, writable: true }, status), limits({ logicalBlockSize: 4096 }), VIRTIO_BLK_S_IOERR],
-  ['OUT to a read-only device', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_OUT), new Uint8Array(512)) }, status), limits({ readOnly: true }), VIRTIO_BLK_S_IOERR],
-  ['OUT past capacity', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_OUT, 2048), new Uint8Array(512)) }, status), limits(), VIRTIO_BLK_S_IOERR],
-  ['DISCARD not enabled', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(0, 8)) }, status), limits({ discard: false }), VIRTIO_BLK_S_UNSUPP],
-  ['DISCARD with the unmap flag', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(0, 8, 1)) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
-  ['DISCARD with an unknown flag', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(0, 8, 4)) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
-  ['DISCARD with too many segments', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), ...Array.from({ length: 5 }, (_, i) => segment(i * 8, 8))) }, status), limits(), VIRTIO_BLK_S_IOERR],
-  ['DISCARD segment list of 20 bytes', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(0, 8), new Uint8Array(4)) }, status), limits(), VIRTIO_BLK_S_IOERR],
+  ['OUT to a read-only device', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_OUT), new Uint8Array(512)]) }, status), limits({ readOnly: true }), VIRTIO_BLK_S_IOERR],
+  ['OUT past capacity', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_OUT, 2048), new Uint8Array(512)]) }, status), limits(), VIRTIO_BLK_S_IOERR],
+  ['DISCARD not enabled', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(0, 8)]) }, status), limits({ discard: false }), VIRTIO_BLK_S_UNSUPP],
+  ['DISCARD with the unmap flag', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(0, 8, 1)]) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
+  ['DISCARD with an unknown flag', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(0, 8, 4)]) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
+  ['DISCARD with too many segments', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), ...Array.from({ length: 5 }, (_, i) => segment(i * 8, 8))]) }, status), limits(), VIRTIO_BLK_S_IOERR],
+  ['DISCARD segment list of 20 bytes', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(0, 8), new Uint8Array(4)]) }, status), limits(), VIRTIO_BLK_S_IOERR],
   ['DISCARD without segments', () => chainOf({ bytes: header(VIRTIO_BLK_T_DISCARD) }, status), limits(), VIRTIO_BLK_S_IOERR],
-  ['DISCARD past capacity', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(2040, 16)) }, status), limits(), VIRTIO_BLK_S_IOERR],
-  ['DISCARD longer than max_discard_sectors', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(0, 1032)) }, status), limits(), VIRTIO_BLK_S_IOERR],
-  ['DISCARD unaligned to 4096-byte blocks', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(8, 4)) }, status), limits({ logicalBlockSize: 4096 }), VIRTIO_BLK_S_IOERR],
-  ['DISCARD on a read-only device', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_DISCARD), segment(0, 8)) }, status), limits({ readOnly: true }), VIRTIO_BLK_S_IOERR],
-  ['WRITE_ZEROES not enabled', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_WRITE_ZEROES), segment(0, 8)) }, status), limits({ writeZeroes: false }), VIRTIO_BLK_S_UNSUPP],
-  ['WRITE_ZEROES with an unknown flag', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_WRITE_ZEROES), segment(0, 8, 2)) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
-  ['WRITE_ZEROES past capacity', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_WRITE_ZEROES), segment(4096, 8)) }, status), limits(), VIRTIO_BLK_S_IOERR],
+  ['DISCARD past capacity', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(2040, 16)]) }, status), limits(), VIRTIO_BLK_S_IOERR],
+  ['DISCARD longer than max_discard_sectors', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(0, 1032)]) }, status), limits(), VIRTIO_BLK_S_IOERR],
+  ['DISCARD unaligned to 4096-byte blocks', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(8, 4)]) }, status), limits({ logicalBlockSize: 4096 }), VIRTIO_BLK_S_IOERR],
+  ['DISCARD on a read-only device', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_DISCARD), segment(0, 8)]) }, status), limits({ readOnly: true }), VIRTIO_BLK_S_IOERR],
+  ['WRITE_ZEROES not enabled', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_WRITE_ZEROES), segment(0, 8)]) }, status), limits({ writeZeroes: false }), VIRTIO_BLK_S_UNSUPP],
+  ['WRITE_ZEROES with an unknown flag', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_WRITE_ZEROES), segment(0, 8, 2)]) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
+  ['WRITE_ZEROES past capacity', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_WRITE_ZEROES), segment(4096, 8)]) }, status), limits(), VIRTIO_BLK_S_IOERR],
   ['GET_LIFETIME (not offered)', () => chainOf({ bytes: header(VIRTIO_BLK_T_GET_LIFETIME) }, { len: 7, writable: true }), limits(), VIRTIO_BLK_S_UNSUPP],
-  ['SECURE_ERASE (not offered)', () => chainOf({ bytes: concat(header(VIRTIO_BLK_T_SECURE_ERASE), segment(0, 8)) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
+  ['SECURE_ERASE (not offered)', () => chainOf({ bytes: concat([header(VIRTIO_BLK_T_SECURE_ERASE), segment(0, 8)]) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
   ['unknown type 0x42', () => chainOf({ bytes: header(0x42) }, status), limits(), VIRTIO_BLK_S_UNSUPP],
 ];
 
@@ -182,7 +173,7 @@ test('malformed chains: short header, no writable status byte', (t) => {
   const req = new BlkRequest(4);
   t.false(parseRequest(chainOf({ bytes: header(VIRTIO_BLK_T_IN).subarray(0, 12) }, status), limits(), req));
   t.regex(req.reason, /header/);
-  t.false(parseRequest(chainOf({ bytes: concat(header(VIRTIO_BLK_T_OUT), new Uint8Array(512)) }), limits(), req));
+  t.false(parseRequest(chainOf({ bytes: concat([header(VIRTIO_BLK_T_OUT), new Uint8Array(512)]) }), limits(), req));
   t.regex(req.reason, /status/);
   t.false(parseRequest(chainOf({ len: 4096, writable: true }), limits(), req));
 });
