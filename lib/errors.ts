@@ -61,3 +61,9 @@ export class RingError extends VhostdError<RingErrorCode> {}
 export class MemoryError extends VhostdError<MemoryErrorCode> {}
 /** An operator error: printed as one line without a stack, exit status 1. */
 export class ConfigError extends VhostdError<ConfigErrorCode> {}
+
+/**
+ * A vhost-user request that is well formed but cannot be carried out (a driver's config write the
+ * device refuses): answered with a NACK when the front-end asked for a reply; the connection stays.
+ */
+export class RequestRefused extends Error {}

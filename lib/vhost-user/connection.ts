@@ -11,7 +11,7 @@
 import { EventEmitter } from 'node:events';
 
 import { native, POLL_READABLE, type NativeError, type RecvResult, type Watcher } from '../../native';
-import { ProtocolError, VhostdError } from '../errors';
+import { ProtocolError, RequestRefused, VhostdError } from '../errors';
 import { GuestMemory } from '../memory/guest-memory';
 import type { Logger } from '../runtime/logger';
 import type { QueueWorkerPool } from '../runtime/queue-workers';
@@ -24,6 +24,7 @@ import {
   MAX_PAYLOAD_SIZE,
   ProtocolFeature,
   requestName,
+  u64,
   VHOST_USER_NEED_REPLY_MASK,
   VHOST_USER_REPLY_MASK,
   VHOST_USER_VERSION,
@@ -302,18 +303,5 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
   }
 }
 
-/**
- * A request that is well formed but cannot be carried out (a driver's config write the device
- * refuses): answered with a NACK when the front-end asked for a reply; the connection stays.
- */
-export class RequestRefused extends Error {}
-
 /** Errors that mean the front-end closed its end of the socket. */
 const PEER_GONE = new Set<string | undefined>(['EPIPE', 'ECONNRESET']);
-
-/** A u64 payload. */
-export function u64(value: bigint): Uint8Array {
-  const bytes = new Uint8Array(8);
-  new DataView(bytes.buffer).setBigUint64(0, value, true);
-  return bytes;
-}

@@ -9,7 +9,7 @@
  *
  * Security model: see connection.ts. No field of a message is trusted before a predicate checked it.
  */
-import { ProtocolError } from '../errors';
+import { ProtocolError, RequestRefused } from '../errors';
 import { GuestMemory, type GuestRegion } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
 import {
@@ -20,7 +20,7 @@ import {
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from '../virtio/constants';
-import { RequestRefused, u64, type VhostUserConnection } from './connection';
+import type { VhostUserConnection } from './connection';
 import {
   CONFIG_HEADER_SIZE,
   MAX_CONFIG_SIZE,
@@ -29,6 +29,7 @@ import {
   ProtocolFeature,
   Request,
   requestName,
+  u64,
   VRING_IDX_MASK,
   VRING_NOFD_MASK,
 } from './messages';

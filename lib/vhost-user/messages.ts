@@ -117,3 +117,10 @@ export function requestName(code: number): string {
   return REQUEST_NAMES.get(code) ?? `REQUEST_${code}`;
 }
 const REQUEST_NAMES = new Map<number, string>(Object.entries(Request).map(([name, code]) => [code, name]));
+
+/** A u64 payload (replies to GET_FEATURES, REPLY_ACK...). */
+export function u64(value: bigint): Uint8Array {
+  const bytes = new Uint8Array(8);
+  new DataView(bytes.buffer).setBigUint64(0, value, true);
+  return bytes;
+}
