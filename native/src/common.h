@@ -107,5 +107,7 @@ void InitPoll(Napi::Env env, Napi::Object exports);
 void InitSdNotify(Napi::Env env, Napi::Object exports);
 void InitIoUring(Napi::Env env, Napi::Object exports);
 void InitFile(Napi::Env env, Napi::Object exports);
+void InitTap(Napi::Env env, Napi::Object exports);
+void InitReclaim(Napi::Env env, Napi::Object exports);
 
 }  // namespace vhostd
