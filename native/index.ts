@@ -78,6 +78,7 @@ export const IORING_OP = {
 export interface IoBatch {
   opcode: Uint8Array;
   fd: Int32Array;
+  /** READV/WRITEV: the file offset, or -1 for the current position (a TAP or other character device). */
   offset: Float64Array;
   /** FSYNC flags or FALLOCATE mode. */
   arg: Uint32Array;
