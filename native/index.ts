@@ -142,7 +142,11 @@ export interface TapQueue {
 /** Result of {@link Native.tapGetIff}. */
 export interface TapInterface {
   name: string;
-  /** IFF_* flags of the device (IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE, ...). */
+  /**
+   * IFF_* flags of the device (IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE, ...), plus
+   * IFF_DETACH_QUEUE when this queue is detached. The kernel also sets 0x1000 (IFF_NOFILTER, the
+   * value of IFF_NO_PI) when the queue has no socket filter, so that bit does not prove IFF_NO_PI.
+   */
   flags: number;
 }
 
@@ -224,7 +228,7 @@ export interface Native {
   tapSetOffload(fd: number, offloads: number): void;
   /** TUNSETVNETHDRSZ: the virtio-net header size in front of every frame (10 or 12). */
   tapSetVnetHdrSize(fd: number, size: number): void;
-  /** TUNGETIFF: the interface name and flags (EBADFD on a detached queue). */
+  /** TUNGETIFF: the interface name and flags (also on a detached queue). */
   tapGetIff(fd: number): TapInterface;
   /**
    * One readv per frame (no offset). `result[i]` gets the frame's bytes or -errno. Stops at the first

@@ -67,12 +67,17 @@ test('a multi-queue TAP opens with the requested flags and its queues configure'
   native.tapSetOffload(fd, TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6); // Linux 6.2+
   t.is(nativeError(() => native.tapSetOffload(fd, 0x8000)).code, 'EINVAL', 'an unknown offload is refused');
 
-  // A detached queue leaves the device (and still names it) until it is attached again; the kernel
-  // refuses to detach it twice or to attach an attached queue.
+  // A detached queue leaves the device until it is attached again; TUNGETIFF still names the device
+  // and adds IFF_DETACH_QUEUE. The kernel refuses to detach it twice or to attach an attached queue.
+  t.is(native.tapGetIff(tap.fds[1]!).flags & IFF_DETACH_QUEUE, 0);
   native.tapSetQueue(tap.fds[1]!, IFF_DETACH_QUEUE);
-  t.is(native.tapGetIff(tap.fds[1]!).name, tap.name);
+  const detached = native.tapGetIff(tap.fds[1]!);
+  t.is(detached.name, tap.name);
+  t.not(detached.flags & IFF_DETACH_QUEUE, 0, 'TUNGETIFF reports the queue detached');
+  t.is(native.tapGetIff(tap.fds[0]!).flags & IFF_DETACH_QUEUE, 0, 'the other queue is still attached');
   t.is(nativeError(() => native.tapSetQueue(tap.fds[1]!, IFF_DETACH_QUEUE)).code, 'EINVAL');
   native.tapSetQueue(tap.fds[1]!, IFF_ATTACH_QUEUE);
+  t.is(native.tapGetIff(tap.fds[1]!).flags & IFF_DETACH_QUEUE, 0);
   t.is(nativeError(() => native.tapSetQueue(tap.fds[1]!, IFF_ATTACH_QUEUE)).code, 'EINVAL');
   t.is(nativeError(() => native.tapSetQueue(tap.fds[0]!, 0)).code, 'EINVAL', 'neither attach nor detach');
 });
