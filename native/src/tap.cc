@@ -166,12 +166,9 @@ bool ArgFrameBatch(const Napi::CallbackInfo& info, int* fd, FrameBatch* b) {
       ThrowRange(env, "frame " + std::to_string(i) + ": iovecs out of range");
       return false;
     }
-    for (uint64_t k = start; k < start + count; k++) {
-      // SAFETY: k < n[0], the length of iovBase and iovLen.
-      if (!IsIntegerIn(b->iovBase[k], 0, kMaxSafeInteger) || !IsIntegerIn(b->iovLen[k], 0, kMaxSafeInteger)) {
-        ThrowRange(env, "frame " + std::to_string(i) + ": iovBase/iovLen must be non-negative integers below 2^53");
-        return false;
-      }
+    if (!IovecsValid(b->iovBase, b->iovLen, start, count)) {
+      ThrowRange(env, "frame " + std::to_string(i) + ": iovBase/iovLen must be non-negative integers below 2^53");
+      return false;
     }
   }
   return true;
