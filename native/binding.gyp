@@ -11,7 +11,9 @@
         "src/poll.cc",
         "src/sd-notify.cc",
         "src/io-uring.cc",
-        "src/file.cc"
+        "src/file.cc",
+        "src/tap.cc",
+        "src/reclaim.cc"
       ],
       "include_dirs": ["<!@(node -p \"require('node-addon-api').include\")"],
       "defines": ["NAPI_VERSION=9", "NAPI_DISABLE_CPP_EXCEPTIONS", "_GNU_SOURCE"],

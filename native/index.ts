@@ -78,6 +78,7 @@ export const IORING_OP = {
 export interface IoBatch {
   opcode: Uint8Array;
   fd: Int32Array;
+  /** READV/WRITEV: the file offset, or -1 for the current position (a TAP or other character device). */
   offset: Float64Array;
   /** FSYNC flags or FALLOCATE mode. */
   arg: Uint32Array;
@@ -112,6 +113,46 @@ export interface IoUring {
   /** Tear down the ring and close its eventfd. In-flight requests complete in the kernel first. */
   close(): void;
 }
+
+/** TUNSETIFF / TUNSETQUEUE / TUNGETIFF flags (linux/if_tun.h). */
+export const IFF_TAP = 0x0002;
+export const IFF_NO_PI = 0x1000;
+export const IFF_VNET_HDR = 0x4000;
+export const IFF_MULTI_QUEUE = 0x0100;
+export const IFF_ATTACH_QUEUE = 0x0200;
+export const IFF_DETACH_QUEUE = 0x0400;
+
+/** TUNSETOFFLOAD bits (linux/if_tun.h): what the TAP may hand us unsegmented or unchecksummed. */
+export const TUN_F_CSUM = 0x01;
+export const TUN_F_TSO4 = 0x02;
+export const TUN_F_TSO6 = 0x04;
+export const TUN_F_TSO_ECN = 0x08;
+export const TUN_F_UFO = 0x10;
+export const TUN_F_USO4 = 0x20;
+export const TUN_F_USO6 = 0x40;
+
+/** A TAP queue from {@link Native.tapOpen}. */
+export interface TapQueue {
+  /** Nonblocking, cloexec; owned by the caller. */
+  fd: number;
+  /** The interface name the kernel used (it fills in a `%d` or empty name). */
+  name: string;
+}
+
+/** Result of {@link Native.tapGetIff}. */
+export interface TapInterface {
+  name: string;
+  /**
+   * IFF_* flags of the device (IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE, ...), plus
+   * IFF_DETACH_QUEUE when this queue is detached. The kernel also sets 0x1000 (IFF_NOFILTER, the
+   * value of IFF_NO_PI) when the queue has no socket filter, so that bit does not prove IFF_NO_PI.
+   */
+  flags: number;
+}
+
+/** madvise advice accepted by {@link Native.madvise} (asm-generic/mman-common.h). */
+export const MADV_DONTNEED = 4;
+export const MADV_REMOVE = 9;
 
 /** The raw native module. */
 export interface Native {
@@ -173,6 +214,45 @@ export interface Native {
     iovLen: Float64Array,
     callback: (result: number) => void,
   ): void;
+  /** madvise(MADV_DONTNEED | MADV_REMOVE) on `[offset, offset + length)` of mapping `id`. */
+  madvise(id: number, offset: number, length: number, advice: number): void;
+
+  // TAP devices. A frame batch (DPDK burst style): frame `i` uses iovecs `iovStart[i] ..
+  // iovStart[i] + iovCount[i] - 1` of `iovBase`/`iovLen` (host addresses, e.g. guest memory).
+
+  /** open("/dev/net/tun") (nonblocking, cloexec) + TUNSETIFF(name, flags); an empty name lets the kernel pick. */
+  tapOpen(name: string, flags: number): TapQueue;
+  /** TUNSETQUEUE: IFF_ATTACH_QUEUE or IFF_DETACH_QUEUE for this queue of a multi-queue TAP. */
+  tapSetQueue(fd: number, flags: number): void;
+  /** TUNSETOFFLOAD with TUN_F_* bits; EINVAL means the kernel does not support one of them. */
+  tapSetOffload(fd: number, offloads: number): void;
+  /** TUNSETVNETHDRSZ: the virtio-net header size in front of every frame (10 or 12). */
+  tapSetVnetHdrSize(fd: number, size: number): void;
+  /** TUNGETIFF: the interface name and flags (also on a detached queue). */
+  tapGetIff(fd: number): TapInterface;
+  /**
+   * One readv per frame (no offset). `result[i]` gets the frame's bytes or -errno. Stops at the first
+   * EAGAIN; returns how many frames got a result (0: nothing to read).
+   */
+  readFrames(
+    fd: number,
+    iovBase: Float64Array,
+    iovLen: Float64Array,
+    iovStart: Uint32Array,
+    iovCount: Uint32Array,
+    result: Int32Array,
+    count: number,
+  ): number;
+  /** One writev per frame (no offset), as {@link readFrames}: stops at EAGAIN, -errno per failed frame. */
+  writeFrames(
+    fd: number,
+    iovBase: Float64Array,
+    iovLen: Float64Array,
+    iovStart: Uint32Array,
+    iovCount: Uint32Array,
+    result: Int32Array,
+    count: number,
+  ): number;
 }
 
 function load(): Native {

@@ -1,11 +1,13 @@
 /**
  * A guest memory region mmap'ed from the fd the front-end sent (SET_MEM_TABLE / ADD_MEM_REG).
  */
-import { native, type Mapping } from '../../native';
+import { MADV_REMOVE, native, type Mapping } from '../../native';
 import { MemoryError } from '../errors';
 import type { GuestRegion } from './guest-memory';
 
 const HUGE_PAGE_SIZE = 2 << 20;
+/** The base page size of x86-64 and arm64 (4 KiB kernels); madvise needs page-aligned ranges. */
+const PAGE_SIZE = 4096;
 
 /** One region as described by VhostUserMemoryRegion, already validated. */
 export interface MemoryRegionSpec {
@@ -63,6 +65,28 @@ export class MappedRegion implements GuestRegion {
   /** Host virtual address of the first byte of the region (not of the mapping). */
   get hostAddress(): number {
     return this.mapping.address + this.mappingOffset;
+  }
+
+  /**
+   * Gives `[offset, offset + length)` of the region back to the host (the balloon's inflate): with
+   * MADV_REMOVE (the default) the fd's pages are freed and read back as zeroes; MADV_DONTNEED only
+   * drops this process's page table entries of a shared mapping. The range must be whole pages of
+   * the region.
+   */
+  discard(offset: number, length: number, advice: number = MADV_REMOVE): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new MemoryError('GUEST_ADDR_OVERFLOW', `discard of ${length} bytes at ${offset}: not a byte range`);
+    }
+    if (offset + length > this.size) {
+      throw new MemoryError(
+        'GUEST_ADDR_OVERFLOW',
+        `discard of ${length} bytes at ${offset} ends past the ${this.size}-byte region`,
+      );
+    }
+    if ((this.mappingOffset + offset) % PAGE_SIZE !== 0 || length % PAGE_SIZE !== 0) {
+      throw new MemoryError('GUEST_ADDR_OVERFLOW', `discard of ${length} bytes at ${offset}: not whole pages`);
+    }
+    native.madvise(this.mapping.id, this.mappingOffset + offset, length, advice);
   }
 
   retain(): this {

@@ -36,6 +36,18 @@ export interface DeviceBackend {
   /** Driver wrote config space (SET_CONFIG). Throw to refuse. */
   setConfig?(offset: number, data: Uint8Array): void;
 
+  /**
+   * NET_SET_MTU: the host MTU the front-end exposes to the guest (virtio-net `mtu`), already checked
+   * to be in 68..65535. Implementing it offers VHOST_USER_PROTOCOL_F_NET_MTU. Throw RequestRefused
+   * (lib/errors.ts) to refuse the value: the front-end gets a NACK and the connection stays.
+   */
+  setMtu?(mtu: number): void;
+  /**
+   * SEND_RARP: after a migration, announce the guest's `mac` (6 bytes) with a RARP broadcast, for
+   * guests without VIRTIO_NET_F_GUEST_ANNOUNCE. Implementing it offers VHOST_USER_PROTOCOL_F_RARP.
+   */
+  sendRarp?(mac: Uint8Array): void;
+
   /** A front-end attached; `context` stays valid until `detach`. */
   attach?(context: DeviceContext): void;
   /** The front-end went away or reset the device. */

@@ -26,6 +26,8 @@ import {
   MAX_CONFIG_SIZE,
   MEMORY_BASELINE_NREGIONS,
   MEMORY_REGION_SIZE,
+  NET_MTU_MAX,
+  NET_MTU_MIN,
   ProtocolFeature,
   Request,
   requestName,
@@ -105,7 +107,9 @@ function offeredFeatures(c: VhostUserConnection): bigint {
 
 function offeredProtocolFeatures(c: VhostUserConnection): bigint {
   const config = c.device.getConfig !== undefined ? bit(ProtocolFeature.CONFIG) : 0n;
-  return ENGINE_PROTOCOL_FEATURES | config | c.device.protocolFeatures();
+  const mtu = c.device.setMtu !== undefined ? bit(ProtocolFeature.NET_MTU) : 0n;
+  const rarp = c.device.sendRarp !== undefined ? bit(ProtocolFeature.RARP) : 0n;
+  return ENGINE_PROTOCOL_FEATURES | config | mtu | rarp | c.device.protocolFeatures();
 }
 
 function negotiated(c: VhostUserConnection, feature: number): boolean {
@@ -476,6 +480,37 @@ const entries: Record<number, EntrySpec> = {
       }
       // Devices running queues in worker threads see the same write (e.g. blk's cache mode).
       c.queueWorkers?.setConfig(offset, data);
+      return undefined;
+    },
+  },
+
+  [Request.SEND_RARP]: {
+    // u64 whose first 6 bytes are the guest's MAC (vhost-user.rst). QEMU copies only those 6 bytes
+    // into an uninitialized u64, so the last two are ignored rather than checked.
+    size: 8,
+    fds: 'none',
+    requires: ProtocolFeature.RARP,
+    handle(c, m) {
+      if (c.device.sendRarp === undefined) throw new ProtocolError('VHOST_USER_PROTOCOL_FEATURE_MISSING', 'device cannot send a RARP');
+      c.device.sendRarp(m.payload.slice(0, 6));
+      return undefined;
+    },
+  },
+
+  [Request.NET_SET_MTU]: {
+    size: 8,
+    fds: 'none',
+    requires: ProtocolFeature.NET_MTU,
+    handle(c, m) {
+      if (c.device.setMtu === undefined) throw new ProtocolError('VHOST_USER_PROTOCOL_FEATURE_MISSING', 'device has no MTU');
+      const mtu = m.view.getBigUint64(0, true);
+      // vhost-user.rst: the back-end answers non-zero (REPLY_ACK) for an invalid MTU, so a bad value
+      // is a refusal, not a violation. virtio 1.2 §5.1.4.1: "The device MUST set mtu to between 68
+      // and 65535 inclusive."
+      if (mtu < BigInt(NET_MTU_MIN) || mtu > BigInt(NET_MTU_MAX)) {
+        throw new RequestRefused(`MTU ${mtu} is outside ${NET_MTU_MIN}..${NET_MTU_MAX}`);
+      }
+      c.device.setMtu(Number(mtu));
       return undefined;
     },
   },

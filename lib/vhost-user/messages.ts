@@ -112,6 +112,10 @@ export const CONFIG_HEADER_SIZE = 12;
 /** vhost-user.rst: "config space ... up to 256 bytes" (VHOST_USER_MAX_CONFIG_SIZE). */
 export const MAX_CONFIG_SIZE = 256;
 
+/** NET_SET_MTU bounds: virtio 1.2 §5.1.4.1, "The device MUST set mtu to between 68 and 65535 inclusive." */
+export const NET_MTU_MIN = 68;
+export const NET_MTU_MAX = 65535;
+
 /** The request name for logs and metrics, e.g. "SET_MEM_TABLE" (or "REQUEST_99" for unknown codes). */
 export function requestName(code: number): string {
   return REQUEST_NAMES.get(code) ?? `REQUEST_${code}`;

@@ -23,6 +23,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitSdNotify(env, exports);
   InitIoUring(env, exports);
   InitFile(env, exports);
+  InitTap(env, exports);
+  InitReclaim(env, exports);
   return exports;
 }
 

@@ -70,6 +70,12 @@ bool ArgInt(const Napi::CallbackInfo& info, size_t i, const char* name, double l
 /** Whether `d` is an integer in [lo, hi] (false for NaN and infinities). */
 bool IsIntegerIn(double d, double lo, double hi);
 
+/**
+ * Whether iovecs `start .. start + count - 1` of the iovBase/iovLen arrays are integers in [0, 2^53)
+ * (an address and a length). The caller has checked that the range lies inside both arrays.
+ */
+bool IovecsValid(const double* bases, const double* lengths, uint64_t start, uint64_t count);
+
 // One-line argument declarations: `ARG_FD(fd, 0);` declares `int fd` or returns after throwing.
 #define ARG_FD(var, i) \
   int var = -1;        \
@@ -107,5 +113,7 @@ void InitPoll(Napi::Env env, Napi::Object exports);
 void InitSdNotify(Napi::Env env, Napi::Object exports);
 void InitIoUring(Napi::Env env, Napi::Object exports);
 void InitFile(Napi::Env env, Napi::Object exports);
+void InitTap(Napi::Env env, Napi::Object exports);
+void InitReclaim(Napi::Env env, Napi::Object exports);
 
 }  // namespace vhostd

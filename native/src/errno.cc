@@ -49,6 +49,14 @@ void ThrowRange(Napi::Env env, const std::string& message) {
 
 bool IsIntegerIn(double d, double lo, double hi) { return std::isfinite(d) && std::trunc(d) == d && d >= lo && d <= hi; }
 
+bool IovecsValid(const double* bases, const double* lengths, uint64_t start, uint64_t count) {
+  for (uint64_t k = start; k < start + count; k++) {
+    // SAFETY: the caller checked start + count against the length of both arrays.
+    if (!IsIntegerIn(bases[k], 0, kMaxSafeInteger) || !IsIntegerIn(lengths[k], 0, kMaxSafeInteger)) return false;
+  }
+  return true;
+}
+
 bool ArgInteger(const Napi::CallbackInfo& info, size_t i, const char* name, double lo, double hi, double* out) {
   Napi::Value value = info[i];
   if (!value.IsNumber()) {

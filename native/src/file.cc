@@ -121,19 +121,19 @@ Napi::Value IoAsync(const Napi::CallbackInfo& info) {
     ThrowRange(env, "iovBase and iovLen must have the same length");
     return {};
   }
+  const auto* bases = static_cast<const double*>(baseRaw);
+  const auto* lengths = static_cast<const double*>(lenRaw);
+  if (!IovecsValid(bases, lengths, 0, baseCount)) {
+    ThrowRange(env, "iovBase/iovLen must be non-negative integers below 2^53");
+    return {};
+  }
   auto request = std::make_unique<IoRequest>();
   request->write = write;
   request->fd = fd;
   request->offset = static_cast<off_t>(offset);
   request->iovecs.resize(baseCount);
-  const auto* bases = static_cast<const double*>(baseRaw);
-  const auto* lengths = static_cast<const double*>(lenRaw);
   for (size_t k = 0; k < baseCount; k++) {
     // SAFETY: k < baseCount == lenCount, the length of both Float64Arrays.
-    if (!IsIntegerIn(bases[k], 0, kMaxSafeInteger) || !IsIntegerIn(lengths[k], 0, kMaxSafeInteger)) {
-      ThrowRange(env, "iovBase/iovLen must be non-negative integers below 2^53");
-      return {};
-    }
     request->iovecs[k].iov_base = reinterpret_cast<void*>(static_cast<uintptr_t>(bases[k]));
     request->iovecs[k].iov_len = static_cast<size_t>(lengths[k]);
   }

@@ -94,12 +94,9 @@ bool ValidateRequest(Napi::Env env, const Batch& b, size_t i) {
         ThrowRange(env, where() + "iovecs out of range");
         return false;
       }
-      for (uint64_t k = start; k < start + count; k++) {
-        // SAFETY: k < b.iovecs, the length of iovBase and iovLen.
-        if (!IsIntegerIn(b.iovBase[k], 0, kMaxSafeInteger) || !IsIntegerIn(b.iovLen[k], 0, kMaxSafeInteger)) {
-          ThrowRange(env, where() + "iovBase/iovLen must be non-negative integers below 2^53");
-          return false;
-        }
+      if (!IovecsValid(b.iovBase, b.iovLen, start, count)) {
+        ThrowRange(env, where() + "iovBase/iovLen must be non-negative integers below 2^53");
+        return false;
       }
       return true;
     case kOpFsync:

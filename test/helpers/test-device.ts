@@ -6,6 +6,7 @@
  * Config space is 16 known bytes (0xa0 + i); bytes 8..15 are writable, 0..7 are read-only and
  * SET_CONFIG on them throws. The device counts what the engine asked of it.
  */
+import { RequestRefused } from '../../lib/errors';
 import type { DeviceBackend, DeviceContext } from '../../lib/vhost-user/device-backend';
 import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import {
@@ -150,4 +151,20 @@ export class TestDevice implements DeviceBackend {
  */
 export function createTestDeviceForWorker(options: TestDeviceOptions): TestDevice {
   return new TestDevice(options);
+}
+
+/** A TestDevice with the virtio-net hooks (NET_SET_MTU, SEND_RARP); it refuses MTUs above 9000. */
+export class NetTestDevice extends TestDevice {
+  static readonly MAX_MTU = 9000;
+  readonly mtus: number[] = [];
+  readonly rarps: Uint8Array[] = [];
+
+  setMtu(mtu: number): void {
+    if (mtu > NetTestDevice.MAX_MTU) throw new RequestRefused(`MTU ${mtu} exceeds ${NetTestDevice.MAX_MTU}`);
+    this.mtus.push(mtu);
+  }
+
+  sendRarp(mac: Uint8Array): void {
+    this.rarps.push(mac);
+  }
 }

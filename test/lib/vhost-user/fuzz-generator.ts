@@ -148,8 +148,6 @@ export const UNKNOWN_CODES = [
   0,
   Request.SET_LOG_BASE,
   Request.SET_LOG_FD,
-  Request.SEND_RARP,
-  Request.NET_SET_MTU,
   Request.IOTLB_MSG,
   Request.SET_VRING_ENDIAN,
   Request.CREATE_CRYPTO_SESSION,

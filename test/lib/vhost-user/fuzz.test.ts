@@ -43,7 +43,7 @@ import {
   type NegotiateOptions,
   type WireRegion,
 } from '../../helpers/frontend';
-import { TestDevice } from '../../helpers/test-device';
+import { NetTestDevice, TestDevice } from '../../helpers/test-device';
 import {
   Rng,
   U64_EDGES,
@@ -357,6 +357,13 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
     }
     case Request.SET_STATUS:
       payload = encodeU64(rng.chance(0.7) ? BigInt(rng.int(256)) : rng.pick(U64_EDGES));
+      break;
+    case Request.NET_SET_MTU:
+      // Around virtio-net's 68..65535 and the net test device's own 9000 limit.
+      payload = encodeU64(rng.chance(0.7) ? BigInt(rng.pick([0, 67, 68, 1500, 9000, 9001, 65535, 65536])) : rng.pick(U64_EDGES));
+      break;
+    case Request.SEND_RARP:
+      payload = rng.bytes(8);
       break;
     default:
       // GET_FEATURES, GET_PROTOCOL_FEATURES, SET_OWNER, RESET_OWNER, RESET_DEVICE, GET_QUEUE_NUM,
@@ -695,7 +702,9 @@ test.serial(`fuzz: ${ONLY_SEED !== undefined ? `seed ${ONLY_SEED}` : `${ITERATIO
     process.off('uncaughtException', onUncaught);
     process.off('unhandledRejection', onUncaught);
   });
-  const devices = [new TestDevice(), new TestDevice({ deferred: true })];
+  // The deferred device also has the net hooks, so NET_SET_MTU and SEND_RARP reach a device on half the seeds.
+  const netDevice = new NetTestDevice({ deferred: true });
+  const devices = [new TestDevice(), netDevice];
   const servers = await Promise.all(devices.map((d) => TestServer.start(d)));
   t.teardown(() => Promise.all(servers.map((ts) => ts.close())));
 
@@ -714,7 +723,7 @@ test.serial(`fuzz: ${ONLY_SEED !== undefined ? `seed ${ONLY_SEED}` : `${ITERATIO
     const k = seed % 2;
     const problems = await runSeed(servers[k]!, devices[k]!, seed);
     if (problems.length > 0) {
-      t.fail(`seed ${seed} (${k === 0 ? 'plain' : 'deferred'} device; replay: VHOSTD_FUZZ_SEED=${seed}):\n  ${problems.join('\n  ')}`);
+      t.fail(`seed ${seed} (${k === 0 ? 'plain' : 'deferred net'} device; replay: VHOSTD_FUZZ_SEED=${seed}):\n  ${problems.join('\n  ')}`);
       failed = true;
       break;
     }
@@ -725,6 +734,9 @@ test.serial(`fuzz: ${ONLY_SEED !== undefined ? `seed ${ONLY_SEED}` : `${ITERATIO
   t.log(`queues broken by the guest: ${show(stats.ringErrors)}`);
   if (failed) return;
 
+  if (seeds.length >= DEFAULT_ITERATIONS) {
+    t.true(netDevice.mtus.length > 0 && netDevice.rarps.length > 0, 'NET_SET_MTU and SEND_RARP reached the net device');
+  }
   for (const ts of servers) {
     const names = ts.server.counters.requests.size;
     t.true(names <= 64, `counters.requests has ${names} distinct request names (metrics labels must stay bounded)`);

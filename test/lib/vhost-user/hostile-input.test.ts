@@ -109,6 +109,8 @@ const rows: Row[] = [
     code: 'VHOST_USER_BAD_SIZE',
     attack: (fe) => fe.send(Request.GET_CONFIG, encodeConfig(0, 8, 0, new Uint8Array(4))),
   },
+  { name: 'NET_SET_MTU with a 4-byte payload', code: 'VHOST_USER_BAD_SIZE', attack: (fe) => fe.send(Request.NET_SET_MTU, new Uint8Array(4)) },
+  { name: 'SEND_RARP with the 6-byte MAC alone', code: 'VHOST_USER_BAD_SIZE', attack: (fe) => fe.send(Request.SEND_RARP, new Uint8Array(6)) },
   // --- fds ---------------------------------------------------------------------------------
   { name: 'SET_FEATURES carrying an fd', code: 'VHOST_USER_BAD_FDS', negotiate: false, attack: (fe, s) => fe.send(Request.SET_FEATURES, encodeU64(FEATURES), { fds: [s.eventfd()] }) },
   { name: 'SET_VRING_NUM carrying an fd', code: 'VHOST_USER_BAD_FDS', attack: (fe, s) => fe.send(Request.SET_VRING_NUM, encodeVringState(0, 64), { fds: [s.eventfd()] }) },
@@ -130,6 +132,7 @@ const rows: Row[] = [
   },
   { name: 'ADD_MEM_REG without an fd', code: 'VHOST_USER_BAD_FDS', attack: (fe) => fe.send(Request.ADD_MEM_REG, encodeSingleRegion(region(0x4000_0000, 0x10000, 0x7f5000000000))) },
   { name: 'SET_BACKEND_REQ_FD without an fd', code: 'VHOST_USER_BAD_FDS', attack: (fe) => fe.send(Request.SET_BACKEND_REQ_FD) },
+  { name: 'NET_SET_MTU carrying an fd', code: 'VHOST_USER_BAD_FDS', attack: (fe, s) => fe.send(Request.NET_SET_MTU, encodeU64(1500), { fds: [s.eventfd()] }) },
   // --- vring index -------------------------------------------------------------------------
   { name: 'SET_VRING_NUM for queue 2 of 2', code: 'VHOST_USER_BAD_VRING_INDEX', attack: (fe) => fe.send(Request.SET_VRING_NUM, encodeVringState(2, 64)) },
   {
@@ -279,6 +282,17 @@ const rows: Row[] = [
       }
       void s;
     },
+  },
+  {
+    // TestDevice has no setMtu/sendRarp hook, so NET_MTU and RARP are never offered.
+    name: 'NET_SET_MTU without NET_MTU negotiated',
+    code: 'VHOST_USER_PROTOCOL_FEATURE_MISSING',
+    attack: (fe) => fe.send(Request.NET_SET_MTU, encodeU64(1500)),
+  },
+  {
+    name: 'SEND_RARP without RARP negotiated',
+    code: 'VHOST_USER_PROTOCOL_FEATURE_MISSING',
+    attack: (fe) => fe.send(Request.SEND_RARP, encodeU64(0x5634120054520n)),
   },
   // --- features ----------------------------------------------------------------------------
   { name: 'SET_FEATURES acknowledging bit 63 (not offered)', code: 'VHOST_USER_BAD_FEATURES', negotiate: false, attack: (fe) => fe.send(Request.SET_FEATURES, encodeU64(FEATURES | (1n << 63n))) },
