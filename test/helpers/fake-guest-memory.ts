@@ -52,6 +52,10 @@ export class FakeRegion implements GuestRegion {
   readonly userAddr: number;
   readonly mappingOffset: number;
   readonly hostAddress: number;
+  /** No fd behind an ArrayBuffer: range pieces of a fake region carry only a host address. */
+  readonly fd = null;
+  readonly mmapOffset = 0;
+  readonly pageSize = 4096;
   readonly views: Uint8Array[] = [];
   /** The whole ArrayBuffer: guard | mapping | guard. */
   readonly backing: Uint8Array;
