@@ -4,6 +4,7 @@
  * - {@link ProtocolError}: the vhost-user front-end sent something invalid; the connection is dropped.
  * - {@link RingError}: the guest driver broke a virtqueue rule; that queue is marked broken.
  * - {@link MemoryError}: a guest or front-end address does not resolve inside mapped guest memory.
+ * - {@link QueueUsageError}: a device used a virtqueue against its contract (a device bug, not the driver's).
  * - {@link ConfigError}: the operator's command line or environment is wrong; printed without a stack.
  */
 
@@ -43,6 +44,8 @@ export type RingErrorCode =
 
 export type MemoryErrorCode = 'GUEST_ADDR_UNMAPPED' | 'GUEST_ADDR_OVERFLOW';
 
+export type QueueUsageErrorCode = 'VIRTQ_NOT_IN_FLIGHT' | 'VIRTQ_UNPOP_NOT_LATEST';
+
 export type ConfigErrorCode = 'CONFIG_INVALID' | 'CONFIG_MISSING' | 'CONFIG_CONFLICT' | 'CONFIG_UNAVAILABLE';
 
 /** Base class: an error with a stable `code`. */
@@ -59,6 +62,7 @@ export class VhostdError<C extends string = string> extends Error {
 export class ProtocolError extends VhostdError<ProtocolErrorCode> {}
 export class RingError extends VhostdError<RingErrorCode> {}
 export class MemoryError extends VhostdError<MemoryErrorCode> {}
+export class QueueUsageError extends VhostdError<QueueUsageErrorCode> {}
 /** An operator error: printed as one line without a stack, exit status 1. */
 export class ConfigError extends VhostdError<ConfigErrorCode> {}
 

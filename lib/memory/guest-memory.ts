@@ -27,6 +27,15 @@ export interface GuestRegion {
   readonly views: readonly Uint8Array[];
   /** Host virtual address of the region's first byte (not of the mapping). */
   readonly hostAddress: number;
+  /**
+   * The fd the region is mapped from, or null for a region not backed by one (the ArrayBuffer
+   * regions of unit tests): then only `hostAddress` reaches its bytes.
+   */
+  readonly fd: number | null;
+  /** Offset of the region's first byte in `fd` (VhostUserMemoryRegion mmap_offset); 0 without an fd. */
+  readonly mmapOffset: number;
+  /** Bytes per page of the memory behind the region: 4 KiB, or the huge page size on hugetlbfs. */
+  readonly pageSize: number;
   retain(): this;
   release(): void;
 }
@@ -45,6 +54,25 @@ export class Translation {
   address = 0;
 }
 
+/**
+ * One piece of a guest physical range (see {@link GuestMemory.resolveRange}): bytes of one region,
+ * or a hole in the guest's memory map (`region` null) that no region covers.
+ */
+export type RangePiece =
+  | {
+      readonly region: GuestRegion;
+      readonly guestPhysAddr: number;
+      readonly length: number;
+      /** Offset of the piece in `region.fd` (in the region when it has no fd). */
+      readonly fileOffset: number;
+      /** Host virtual address of the piece's first byte. */
+      readonly hostAddress: number;
+    }
+  | { readonly region: null; readonly guestPhysAddr: number; readonly length: number };
+
+/** 2^53: no guest address reaches it (validate.ts refuses regions that end past it). */
+const ADDRESS_LIMIT = 2 ** 53;
+
 /** The guest's memory map: an immutable set of regions. */
 export class GuestMemory {
   /** Every view of every region, so a segment can name its bytes with one small integer. */
@@ -56,11 +84,14 @@ export class GuestMemory {
   /** First and past-the-end guest address that `views[i]` serves (its stride, clipped to the region). */
   private readonly viewGuestStart: number[] = [];
   private readonly viewGuestEnd: number[] = [];
+  /** The regions in guest address order (the front-end may send them in any order). */
+  private readonly byAddress: readonly GuestRegion[];
   private holds = 0;
   private closing = false;
 
   /** Takes one reference on each region (the caller keeps its own). */
   constructor(readonly regions: readonly GuestRegion[]) {
+    this.byAddress = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
     for (const region of regions) {
       region.retain();
       region.views.forEach((view, i) => {
@@ -107,6 +138,39 @@ export class GuestMemory {
       }
     }
     return false;
+  }
+
+  /**
+   * The guest physical range `[gpa, gpa+length)` as pieces in address order that cover it exactly:
+   * per region the bytes it holds (with their fd offset and host address, for fallocate PUNCH_HOLE or
+   * madvise), and every stretch no region covers as a hole, so a caller can count what it could not
+   * reach instead of it being skipped silently. Nothing is rounded to pages: `region.pageSize` tells
+   * the caller what it may punch. Throws MemoryError GUEST_ADDR_OVERFLOW when `gpa` or `length` is not
+   * a non-negative integer or the range ends past 2^53 (no guest address can be there).
+   */
+  resolveRange(gpa: number, length: number): RangePiece[] {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0 || length > ADDRESS_LIMIT - gpa) {
+      throw new MemoryError('GUEST_ADDR_OVERFLOW', `guest range 0x${gpa.toString(16)}+${length} is not inside the guest address space`);
+    }
+    const end = gpa + length; // exact: at most 2^53
+    const pieces: RangePiece[] = [];
+    let at = gpa;
+    for (const region of this.byAddress) {
+      if (at === end) break;
+      const regionEnd = region.guestPhysAddr + region.size;
+      if (regionEnd <= at) continue;
+      if (region.guestPhysAddr >= end) break;
+      if (region.guestPhysAddr > at) {
+        pieces.push({ region: null, guestPhysAddr: at, length: region.guestPhysAddr - at });
+        at = region.guestPhysAddr;
+      }
+      const into = at - region.guestPhysAddr;
+      const pieceEnd = Math.min(regionEnd, end);
+      pieces.push({ region, guestPhysAddr: at, length: pieceEnd - at, fileOffset: region.mmapOffset + into, hostAddress: region.hostAddress + into });
+      at = pieceEnd;
+    }
+    if (at < end) pieces.push({ region: null, guestPhysAddr: at, length: end - at });
+    return pieces;
   }
 
   /**

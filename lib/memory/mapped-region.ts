@@ -1,13 +1,14 @@
 /**
  * A guest memory region mmap'ed from the fd the front-end sent (SET_MEM_TABLE / ADD_MEM_REG).
  */
+import fs from 'node:fs';
+
 import { MADV_REMOVE, native, type Mapping } from '../../native';
 import { MemoryError } from '../errors';
 import type { GuestRegion } from './guest-memory';
 
-const HUGE_PAGE_SIZE = 2 << 20;
-/** The base page size of x86-64 and arm64 (4 KiB kernels); madvise needs page-aligned ranges. */
-const PAGE_SIZE = 4096;
+/** The smallest page size of the hosts vhostd runs on (x86-64; arm64 with 4 KiB pages). */
+const BASE_PAGE_SIZE = 4096;
 
 /** One region as described by VhostUserMemoryRegion, already validated. */
 export interface MemoryRegionSpec {
@@ -27,6 +28,7 @@ export class MappedRegion implements GuestRegion {
   readonly mmapOffset: number;
   /** The memory fd, kept open: workers and the balloon device need it. */
   readonly fd: number;
+  readonly pageSize: number;
   private readonly mapping: Mapping;
   private refs = 1;
 
@@ -35,12 +37,14 @@ export class MappedRegion implements GuestRegion {
     this.guestPhysAddr = spec.guestPhysAddr;
     this.size = spec.size;
     this.userAddr = spec.userAddr;
-    // mmap offsets must be page aligned (2 MiB covers hugetlbfs too); QEMU's mmap_offset need not be.
-    const mapStart = spec.mmapOffset - (spec.mmapOffset % HUGE_PAGE_SIZE);
-    this.mappingOffset = spec.mmapOffset - mapStart;
     this.mmapOffset = spec.mmapOffset;
     this.fd = fd;
     try {
+      this.pageSize = backingPageSize(fd);
+      // mmap offsets must be aligned to the backing's page (a huge page on hugetlbfs); QEMU's
+      // mmap_offset need not be.
+      const mapStart = spec.mmapOffset - (spec.mmapOffset % this.pageSize);
+      this.mappingOffset = spec.mmapOffset - mapStart;
       // Touching a page past the end of the file raises SIGBUS and kills the process, so a region
       // must lie inside its fd. (A front-end that shrinks the fd later can still do that; see
       // docs/security.md.)
@@ -71,7 +75,7 @@ export class MappedRegion implements GuestRegion {
    * Gives `[offset, offset + length)` of the region back to the host (the balloon's inflate): with
    * MADV_REMOVE (the default) the fd's pages are freed and read back as zeroes; MADV_DONTNEED only
    * drops this process's page table entries of a shared mapping. The range must be whole pages of
-   * the region.
+   * the region (huge pages on hugetlbfs: the kernel frees nothing smaller).
    */
   discard(offset: number, length: number, advice: number = MADV_REMOVE): void {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
@@ -83,7 +87,7 @@ export class MappedRegion implements GuestRegion {
         `discard of ${length} bytes at ${offset} ends past the ${this.size}-byte region`,
       );
     }
-    if ((this.mappingOffset + offset) % PAGE_SIZE !== 0 || length % PAGE_SIZE !== 0) {
+    if ((this.mappingOffset + offset) % this.pageSize !== 0 || length % this.pageSize !== 0) {
       throw new MemoryError('GUEST_ADDR_OVERFLOW', `discard of ${length} bytes at ${offset}: not whole pages`);
     }
     native.madvise(this.mapping.id, this.mappingOffset + offset, length, advice);
@@ -102,3 +106,12 @@ export class MappedRegion implements GuestRegion {
   }
 }
 
+/**
+ * The page size of the memory behind `fd`: fstat's st_blksize is the huge page size on hugetlbfs and
+ * the page size on memfd and tmpfs. Anything else that is not a power of two of at least a page
+ * (a file on a disk file system reports its block size) counts as one base page.
+ */
+function backingPageSize(fd: number): number {
+  const { blksize } = fs.fstatSync(fd);
+  return blksize >= BASE_PAGE_SIZE && Number.isInteger(Math.log2(blksize)) ? blksize : BASE_PAGE_SIZE;
+}

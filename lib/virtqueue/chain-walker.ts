@@ -85,10 +85,26 @@ export class ChainWalker {
   }
 
   /**
+   * Walk `chain` again from the ring descriptors recorded when it was popped, against the current
+   * memory map: every check runs again and indirect tables are read again (the driver leaves them
+   * alone until the buffer is used). Its segments then point into the current map. The ring itself is
+   * not re-read because a packed ring's slots are overwritten by the used descriptors of chains
+   * completed after this one (§2.8.6: the device writes used descriptors in completion order).
+   */
+  rewalk(chain: DescriptorChain): void {
+    const count = chain.ringDescriptors;
+    const words = chain.ringDescriptorWords;
+    this.begin(chain);
+    // descriptor() records each descriptor again, at the index it is read from.
+    for (let i = 0; i < 4 * count; i += 4) this.descriptor(chain, words[i]!, words[i + 1]!, words[i + 2]!, words[i + 3]!);
+  }
+
+  /**
    * One descriptor found in the ring (split descriptor table or packed descriptor ring), its fields
    * already read once. Appends its segments to `chain`, or walks the indirect table it points to.
    */
   descriptor(chain: DescriptorChain, addrLo: number, addrHi: number, len: number, flags: number): void {
+    chain.recordRingDescriptor(addrLo, addrHi, len, flags);
     // virtio 1.2 §2.7.5.3.1 / §2.8.17: "A driver MUST NOT create a descriptor chain longer than the
     // Queue Size of the device." Following `next` in a loop ends here too.
     if (++this.hops > this.size) {

@@ -7,6 +7,10 @@
  * segments come first (`0 .. readableSegments-1`), then device-writable ones (virtio 1.2 §2.7.4.2:
  * the driver MUST place writable descriptors after readable ones; the walker enforces it).
  *
+ * The chain also keeps a copy of the ring descriptors it was popped from (the split descriptor table
+ * entries or packed ring slots, not the entries of an indirect table), so that a held chain can be walked again against a new memory table and given back to the
+ * ring (`Virtqueue.rewalk` / `Virtqueue.unpop`; see held-buffers.ts).
+ *
  * Chains are pooled by their queue and reused: the typed arrays grow when a longer chain arrives and
  * never shrink, so the steady state allocates nothing.
  */
@@ -17,8 +21,15 @@ const INITIAL_SEGMENTS = 8;
 export class DescriptorChain {
   /** The id to return in the used element (split: head index; packed: buffer id). */
   head = 0;
-  /** Packed rings: descriptors the chain occupied in the ring (used index advances by this). */
+  /**
+   * Descriptors the chain occupied in the descriptor table (split) or ring (packed: the used index
+   * advances by this); their fields are in {@link ringDescriptorWords}.
+   */
   ringDescriptors = 0;
+  /** Four words per ring descriptor as read at pop: address low, address high, length, flags. */
+  ringDescriptorWords = new Uint32Array(4 * INITIAL_SEGMENTS);
+  /** Pops of its queue before this one (pool bookkeeping: which chain was popped last). */
+  popSerial = 0;
   /** The queue that handed this chain out and has not had it back (pool bookkeeping). */
   owner: object | null = null;
   /** The memory map the segments point into. */
@@ -32,6 +43,21 @@ export class DescriptorChain {
   viewId = new Uint32Array(INITIAL_SEGMENTS);
   offset = new Float64Array(INITIAL_SEGMENTS);
   length = new Uint32Array(INITIAL_SEGMENTS);
+
+  /** Record one ring descriptor of the chain (the walker calls this, once per ring descriptor). */
+  recordRingDescriptor(addrLo: number, addrHi: number, len: number, flags: number): void {
+    let words = this.ringDescriptorWords;
+    const at = 4 * this.ringDescriptors++;
+    if (at === words.length) {
+      words = new Uint32Array(2 * words.length);
+      words.set(this.ringDescriptorWords);
+      this.ringDescriptorWords = words;
+    }
+    words[at] = addrLo;
+    words[at + 1] = addrHi;
+    words[at + 2] = len;
+    words[at + 3] = flags;
+  }
 
   /** Reset before a new walk. */
   clear(memory: GuestMemory): void {

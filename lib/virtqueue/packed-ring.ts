@@ -131,7 +131,6 @@ export class PackedRing implements Virtqueue {
     walker.begin(chain);
     let slot = this.nextAvail;
     let wrap = this.availWrap;
-    let count = 0;
     let id = 0;
     // Bounded: the walker throws VIRTQ_CHAIN_LOOP after `size` descriptors.
     for (;;) {
@@ -141,7 +140,6 @@ export class PackedRing implements Virtqueue {
       const flags = desc16[h + 7]!;
       id = desc16[h + 6]!;
       walker.descriptor(chain, desc32[w]!, desc32[w + 1]!, desc32[w + 2]!, flags);
-      count++;
       if (++slot === this.size) {
         slot = 0;
         wrap ^= 1;
@@ -150,7 +148,6 @@ export class PackedRing implements Virtqueue {
     }
     this.pool.take(this);
     chain.head = id;
-    chain.ringDescriptors = count;
     this.nextAvail = slot;
     this.availWrap = wrap;
     this.batchPopped++;
@@ -237,6 +234,26 @@ export class PackedRing implements Virtqueue {
   setMemory(memory: GuestMemory): void {
     this.mapRings(memory);
     this.walker.setMemory(memory);
+  }
+
+  rewalk(chain: DescriptorChain): void {
+    this.pool.checkHeld(chain, this);
+    this.walker.rewalk(chain);
+  }
+
+  unpop(chain: DescriptorChain): void {
+    this.pool.untake(chain, this);
+    // The chain's slots still hold the driver's descriptors: used descriptors are written from the used
+    // position on and, per chain completed, cover as many slots as it took, so they stay behind the
+    // slots of every chain still in flight, and the latest popped chain's slots are the last of them.
+    let slot = this.nextAvail - chain.ringDescriptors;
+    if (slot < 0) {
+      slot += this.size;
+      this.availWrap ^= 1;
+    }
+    this.nextAvail = slot;
+    this.counters.requests--;
+    this.counters.bytesRead -= chain.readableLength;
   }
 
   /**

@@ -191,6 +191,20 @@ export class SplitRing implements Virtqueue {
     this.walker.setMemory(memory);
   }
 
+  rewalk(chain: DescriptorChain): void {
+    this.pool.checkHeld(chain, this);
+    this.walker.rewalk(chain);
+  }
+
+  unpop(chain: DescriptorChain): void {
+    this.pool.untake(chain, this);
+    // Its available ring entry still names its head: the driver cannot have reused that entry, which
+    // it writes again only `size` entries later, while this buffer still holds a descriptor.
+    this.lastAvail = (this.lastAvail - 1) & 0xffff;
+    this.counters.requests--;
+    this.counters.bytesRead -= chain.readableLength;
+  }
+
   /** Walk the chain starting at descriptor `head` into `chain`. */
   private walk(chain: DescriptorChain, head: number): void {
     const walker = this.walker;

@@ -96,6 +96,28 @@ export interface Virtqueue {
   /** The value to return for GET_VRING_BASE (same layout as {@link VirtqueueOptions.base}). */
   base(): number;
 
-  /** Re-resolve ring addresses after a memory table change. Throws MemoryError if they vanished. */
+  /**
+   * Re-resolve ring addresses after a memory table change. Throws MemoryError if they vanished.
+   * Chains already popped keep pointing into the old map until {@link rewalk}.
+   */
   setMemory(memory: GuestMemory): void;
+
+  /**
+   * Walk `chain` (popped from this queue, not yet used) again against the current memory map, from
+   * the ring descriptors recorded at pop, with every check applied again; its segments then point into
+   * the current map. For chains kept across a memory table change (held buffers). Throws RingError
+   * when the buffer no longer resolves, QueueUsageError VIRTQ_NOT_IN_FLIGHT for a chain this queue
+   * did not hand out or already took back.
+   */
+  rewalk(chain: DescriptorChain): void;
+
+  /**
+   * Give `chain` back to the ring unused, as libvhost-user's vu_queue_unpop: the available position
+   * moves back over it (packed: the wrap counter too), `inFlight` and the request counters go down,
+   * and the next `pop` returns the same buffer (no kick comes for it). Only the most recently popped
+   * chain that is still in flight can go back, so several go back newest first; anything else would
+   * make the next pop return a buffer already used. Throws QueueUsageError VIRTQ_UNPOP_NOT_LATEST
+   * (nothing changes) or VIRTQ_NOT_IN_FLIGHT.
+   */
+  unpop(chain: DescriptorChain): void;
 }

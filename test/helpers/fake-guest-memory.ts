@@ -52,6 +52,10 @@ export class FakeRegion implements GuestRegion {
   readonly userAddr: number;
   readonly mappingOffset: number;
   readonly hostAddress: number;
+  /** No fd behind an ArrayBuffer: range pieces of a fake region carry only a host address. */
+  readonly fd = null;
+  readonly mmapOffset = 0;
+  readonly pageSize = 4096;
   readonly views: Uint8Array[] = [];
   /** The whole ArrayBuffer: guard | mapping | guard. */
   readonly backing: Uint8Array;
@@ -109,9 +113,24 @@ export class FakeGuestMemory implements GuestPhysAccess {
   readonly regions: FakeRegion[];
   readonly memory: GuestMemory;
 
-  constructor(specs: readonly FakeRegionSpec[] = DEFAULT_REGIONS) {
-    this.regions = specs.map((spec, i) => new FakeRegion(spec, i));
+  /** `firstHostSlot`: where the invented host addresses start (distinct for a remapped copy). */
+  constructor(
+    readonly specs: readonly FakeRegionSpec[] = DEFAULT_REGIONS,
+    private readonly firstHostSlot = 0,
+  ) {
+    this.regions = specs.map((spec, i) => new FakeRegion(spec, firstHostSlot + i));
     this.memory = new GuestMemory(this.regions);
+  }
+
+  /**
+   * The same guest bytes mapped again: new backing buffers holding a copy of every region, at other
+   * host addresses, with `specs` (default: the same; may change mappingOffset or userAddr, not guest
+   * addresses or sizes). What a SET_MEM_TABLE that maps the same memfds anew gives the backend.
+   */
+  remapped(specs: readonly FakeRegionSpec[] = this.specs): FakeGuestMemory {
+    const copy = new FakeGuestMemory(specs, this.firstHostSlot + this.regions.length);
+    copy.regions.forEach((r, i) => r.bytes.set(this.regions[i]!.bytes));
+    return copy;
   }
 
   read(gpa: number, len: number): Uint8Array {
