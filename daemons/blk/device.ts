@@ -19,7 +19,7 @@ import type { Registry } from 'prom-client';
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import { RingError } from '../../lib/errors';
 import type { BackingFile } from '../../lib/io/backing-file';
-import { IoEngine, RESUBMIT_SHORT } from '../../lib/io/engine';
+import { IoEngine, MAX_RESUBMIT_LENGTH, RESUBMIT_SHORT } from '../../lib/io/engine';
 import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
@@ -404,10 +404,12 @@ export class BlkDevice implements DaemonDevice {
     return true;
   }
 
-  /** Stage the READ/WRITE of `slot`. Returns false if it needs too many iovecs. */
+  /** Stage the READ/WRITE of `slot`. Returns false if it needs too many iovecs or bytes for one op. */
   private stageReadWrite(w: QueueWorker, slot: Slot): boolean {
     const chain = slot.chain!;
     const req = slot.request;
+    // Far beyond size_max × seg_max (the driver's limits), and one op's result must fit an Int32.
+    if (req.length > MAX_RESUBMIT_LENGTH) return false;
     const engine = w.engine!;
     const read = req.op === BlkOp.READ;
     const first = read ? chain.readableSegments : 0;

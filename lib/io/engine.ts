@@ -20,7 +20,7 @@ import { grow, type OpBatch } from './op-batch';
 export const RESUBMIT_SHORT = 1;
 
 /** Largest READV/WRITEV with {@link RESUBMIT_SHORT}: its total must fit the Int32 result. */
-const MAX_RESUBMITTED_LENGTH = 0x7fffffff;
+export const MAX_RESUBMIT_LENGTH = 0x7fffffff;
 
 export class IoEngine {
   readonly kind: string;
@@ -101,12 +101,13 @@ export class IoEngine {
   /**
    * Stage a READV/WRITEV over the `iovecs` iovecs just written at {@link iovUsed}. `offset` is a
    * file offset or OFFSET_CURRENT (-1: the fd's position, for TAP fds and sockets). `flags`:
-   * {@link RESUBMIT_SHORT} or 0.
+   * {@link RESUBMIT_SHORT} or 0. Throws RangeError for a RESUBMIT_SHORT op longer than
+   * {@link MAX_RESUBMIT_LENGTH} (check lengths from a guest first).
    */
   addReadWrite(opcode: typeof IORING_OP.READV | typeof IORING_OP.WRITEV, fd: number, offset: number, iovecs: number, userData: number, flags = 0): void {
     const resubmit = (flags & RESUBMIT_SHORT) !== 0;
     const length = resubmit ? this.stagedLength(iovecs) : 0;
-    if (length > MAX_RESUBMITTED_LENGTH) throw new RangeError(`a resubmitted read/write moves at most ${MAX_RESUBMITTED_LENGTH} bytes, not ${length}`);
+    if (length > MAX_RESUBMIT_LENGTH) throw new RangeError(`a resubmitted read/write moves at most ${MAX_RESUBMIT_LENGTH} bytes, not ${length}`);
     const tag = this.takeTag(opcode, fd, offset, userData, flags);
     if (resubmit) this.keepIovecs(tag, iovecs, length);
     this.batch.addReadWrite(opcode, fd, offset, iovecs, tag);
