@@ -11,9 +11,19 @@
  */
 import path from 'node:path';
 
+import type { IoBatch } from './io-batch';
 import { MAP_VIEW_SLACK, MAP_VIEW_STRIDE } from './layout';
 
 export { MAP_VIEW_SLACK, MAP_VIEW_STRIDE };
+export {
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+  IORING_FSYNC_DATASYNC,
+  IORING_OP,
+  OFFSET_CURRENT,
+  type IoBatch,
+} from './io-batch';
 
 /** An error from a syscall made by the native helper. */
 export class NativeError extends Error {
@@ -60,34 +70,6 @@ export const POLL_WRITABLE = 2;
 export interface Watcher {
   /** Stop watching and release the handle. Idempotent. Does not close the fd. */
   stop(): void;
-}
-
-/** io_uring opcodes accepted by {@link IoUring.submit}. */
-export const IORING_OP = {
-  READV: 1,
-  WRITEV: 2,
-  FSYNC: 3,
-  FALLOCATE: 17,
-} as const;
-
-/**
- * A batch of I/O requests, in parallel typed arrays (DPDK burst style), built once and reused.
- * Request `i` uses iovecs `iovStart[i] .. iovStart[i] + iovCount[i] - 1` of `iovBase`/`iovLen`.
- * FALLOCATE: `offset` is the file offset, `iovLen[iovStart[i]]` is the length and `arg` the mode.
- */
-export interface IoBatch {
-  opcode: Uint8Array;
-  fd: Int32Array;
-  /** READV/WRITEV: the file offset, or -1 for the current position (a TAP or other character device). */
-  offset: Float64Array;
-  /** FSYNC flags or FALLOCATE mode. */
-  arg: Uint32Array;
-  iovStart: Uint32Array;
-  iovCount: Uint32Array;
-  userData: Uint32Array;
-  /** Host virtual addresses (from {@link Mapping.address} + offset) and lengths. */
-  iovBase: Float64Array;
-  iovLen: Float64Array;
 }
 
 /** A native io_uring instance whose completions signal an eventfd. */
@@ -205,7 +187,10 @@ export interface Native {
   deviceSize(fd: number): number;
   /** Logical block size of a block device (BLKSSZGET), or 0 for a regular file. */
   logicalBlockSize(fd: number): number;
-  /** preadv/pwritev fallback run on the libuv thread pool; the callback gets bytes or -errno. */
+  /**
+   * preadv/pwritev fallback run on the libuv thread pool (readv/writev at offset -1, the current
+   * position); the callback gets bytes or -errno.
+   */
   ioAsync(
     write: boolean,
     fd: number,

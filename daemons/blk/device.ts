@@ -1,6 +1,6 @@
 /**
  * The virtio-blk device (virtio 1.2 §5.2): feature bits, config space, and the datapath that turns
- * descriptor chains into I/O on a {@link BlockImage} through a {@link BlkExecutor}.
+ * descriptor chains into I/O on a {@link BackingFile} through an {@link IoEngine} per queue.
  *
  * Datapath, per queue and independent of the other queues:
  * - kick: disable notifications, pop every chain, parse it (request.ts) into a preallocated
@@ -18,6 +18,9 @@ import type { Registry } from 'prom-client';
 
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import { RingError } from '../../lib/errors';
+import type { BackingFile } from '../../lib/io/backing-file';
+import { IoEngine, MAX_RESUBMIT_LENGTH, RESUBMIT_SHORT } from '../../lib/io/engine';
+import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
 import type { DeviceContext } from '../../lib/vhost-user/device-backend';
@@ -25,17 +28,7 @@ import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import { bit } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
-import {
-  FALLOC_FL_KEEP_SIZE,
-  FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE,
-  FSYNC_DATASYNC,
-  OP_READV,
-  OP_WRITEV,
-  type BlkExecutor,
-  type ExecutorFactory,
-} from './executor';
-import type { BlockImage } from './image';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_FSYNC_DATASYNC, IORING_OP } from '../../native/io-batch';
 import { BlkQueueStats, createBlkMetrics, requestTypeIndex } from './metrics';
 import { BlkOp, BlkRequest, IOV_MAX, fillIovecs, maxIovecs, parseRequest, writeStatus, type RequestLimits } from './request';
 import {
@@ -62,7 +55,7 @@ import {
 
 const { EOPNOTSUPP, EINVAL, EIO, ENOSPC } = osConstants.errno;
 
-/** Largest discard / write-zeroes segment: 1 GiB, which one zero-buffer writev covers (image.ts). */
+/** Largest discard / write-zeroes segment: 1 GiB, which one zero-buffer writev covers (lib/io/backing-file.ts). */
 export const MAX_DISCARD_SECTORS = (1 << 30) / SECTOR_SIZE;
 /** Segments per discard / write-zeroes request (Linux caps its own at 256). */
 export const MAX_DISCARD_SEG = 32;
@@ -98,7 +91,8 @@ export interface BlkDeviceOptions {
 }
 
 export interface BlkDeviceDeps {
-  image: BlockImage;
+  image: BackingFile;
+  /** Each queue's I/O engine runs on an executor from this factory. */
   createExecutor: ExecutorFactory;
   logger: Logger;
   /** The factory's executor kind, for metrics before the first queue starts (main.ts). */
@@ -119,7 +113,7 @@ class Slot {
   /** Ops not completed yet. */
   pending = 0;
   status = VIRTIO_BLK_S_OK;
-  /** READ/WRITE: bytes done so far (short transfers are resubmitted for the rest). */
+  /** READ/WRITE: bytes moved (the engine resubmits short transfers for the rest). */
   done = 0;
   /** Bytes of zeroes written per range (write-zeroes fallback). */
   readonly rangeDone = new Float64Array(MAX_DISCARD_SEG);
@@ -135,8 +129,7 @@ class QueueWorker {
   freeTop = 0;
   /** Requests whose I/O is in flight. */
   inFlight = 0;
-  executor: BlkExecutor | null = null;
-  stopWaiters: (() => void)[] = [];
+  engine: IoEngine | null = null;
   /** Counters the metrics read (metrics.ts). */
   readonly stats = new BlkQueueStats();
 
@@ -160,7 +153,7 @@ export class BlkDevice implements DaemonDevice {
   writeback: boolean;
   readonly limits: RequestLimits;
   private readonly options: BlkDeviceOptions;
-  private readonly image: BlockImage;
+  private readonly image: BackingFile;
   private readonly logger: Logger;
   private readonly createExecutor: ExecutorFactory;
   private readonly workers: QueueWorker[];
@@ -296,19 +289,20 @@ export class BlkDevice implements DaemonDevice {
     const w = this.workers[index]!;
     w.queue = queue;
     w.ensureSlots(queue.size);
-    if (w.executor === null) {
-      w.executor = this.createExecutor(index, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n));
-      this.executorKind = w.executor.kind;
+    if (w.engine === null) {
+      w.engine = new IoEngine(this.createExecutor, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n));
+      this.executorKind = w.engine.kind;
     }
   }
 
+  /** Resolves once the queue's I/O drained: the front-end may unmap guest memory after. */
   stopQueue(index: number): Promise<void> | void {
     const w = this.workers[index]!;
-    if (w.inFlight === 0) {
+    if (w.engine === null || w.engine.inFlight === 0) {
       w.queue = null;
       return;
     }
-    return new Promise<void>((resolve) => w.stopWaiters.push(resolve)).then(() => {
+    return w.engine.drained().then(() => {
       w.queue = null;
     });
   }
@@ -316,7 +310,7 @@ export class BlkDevice implements DaemonDevice {
   processQueue(index: number, queue: Virtqueue): void {
     const w = this.workers[index]!;
     if (w.queue !== queue) this.startQueue(index, queue);
-    const executor = w.executor!;
+    const engine = w.engine!;
     let bad: DescriptorChain | null = null;
     try {
       do {
@@ -327,12 +321,12 @@ export class BlkDevice implements DaemonDevice {
             break;
           }
         }
-        executor.submit();
+        engine.submit();
         queue.flush();
       } while (bad === null && queue.enableNotification());
     } finally {
       // A RingError from pop (or the bad chain below) still lets the requests before it run.
-      executor.submit();
+      engine.submit();
       queue.flush();
     }
     if (bad !== null) {
@@ -375,7 +369,7 @@ export class BlkDevice implements DaemonDevice {
     slot.status = VIRTIO_BLK_S_OK;
     slot.done = 0;
     slot.pending = 0;
-    const batch = w.executor!.batch;
+    const engine = w.engine!;
     const userData = slot.index;
     switch (req.op) {
       case BlkOp.READ:
@@ -389,7 +383,7 @@ export class BlkDevice implements DaemonDevice {
         break;
       case BlkOp.FLUSH:
         slot.pending = 1;
-        batch.addFsync(this.image.fd, FSYNC_DATASYNC, userData);
+        engine.addFsync(this.image.fd, IORING_FSYNC_DATASYNC, userData);
         break;
       case BlkOp.DISCARD:
         if (!this.punchHole) {
@@ -399,7 +393,7 @@ export class BlkDevice implements DaemonDevice {
         }
         slot.pending = req.ranges;
         for (let r = 0; r < req.ranges; r++) {
-          batch.addFallocate(this.image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData | (r << SLOT_BITS));
+          engine.addFallocate(this.image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData | (r << SLOT_BITS));
         }
         break;
       case BlkOp.WRITE_ZEROES:
@@ -410,33 +404,35 @@ export class BlkDevice implements DaemonDevice {
     return true;
   }
 
-  /** Stage the (rest of the) READ/WRITE of `slot`. Returns false if it needs too many iovecs. */
+  /** Stage the READ/WRITE of `slot`. Returns false if it needs too many iovecs or bytes for one op. */
   private stageReadWrite(w: QueueWorker, slot: Slot): boolean {
     const chain = slot.chain!;
     const req = slot.request;
-    const batch = w.executor!.batch;
+    // Far beyond size_max × seg_max (the driver's limits), and one op's result must fit an Int32.
+    if (req.length > MAX_RESUBMIT_LENGTH) return false;
+    const engine = w.engine!;
     const read = req.op === BlkOp.READ;
     const first = read ? chain.readableSegments : 0;
     const end = read ? chain.segments : chain.readableSegments;
-    const skip = (read ? 0 : REQUEST_HEADER_SIZE) + slot.done;
-    batch.reserveIovecs(maxIovecs(chain, req.op));
-    const n = fillIovecs(chain, first, end, skip, req.length - slot.done, batch.iovBase, batch.iovLen, batch.iovUsed, IOV_MAX);
+    const skip = read ? 0 : REQUEST_HEADER_SIZE;
+    engine.reserveIovecs(maxIovecs(chain, req.op));
+    const n = fillIovecs(chain, first, end, skip, req.length, engine.iovBase, engine.iovLen, engine.iovUsed, IOV_MAX);
     if (n < 0) return false;
     const fd = read || this.effectiveWriteback() ? this.image.fd : this.image.syncFd;
-    batch.addReadWrite(read ? OP_READV : OP_WRITEV, fd, req.offset + slot.done, n, slot.index);
+    engine.addReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, req.offset, n, slot.index, RESUBMIT_SHORT);
     return true;
   }
 
   /** Stage range `r` of a WRITE_ZEROES: fallocate when the file system allows it, else zero writes. */
   private stageWriteZeroes(w: QueueWorker, slot: Slot, r: number): void {
     const req = slot.request;
-    const batch = w.executor!.batch;
+    const engine = w.engine!;
     const userData = slot.index | (r << SLOT_BITS);
     slot.rangeDone[r] = 0;
     if (req.rangeUnmap[r] !== 0 && this.punchHole) {
-      batch.addFallocate(this.image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData);
+      engine.addFallocate(this.image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData);
     } else if (this.zeroRange) {
-      batch.addFallocate(this.image.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData);
+      engine.addFallocate(this.image.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, req.rangeOffset[r]!, req.rangeLength[r]!, userData);
     } else {
       this.stageZeroWrite(w, slot, r);
     }
@@ -445,22 +441,25 @@ export class BlkDevice implements DaemonDevice {
   /** Write zeroes over the rest of range `r` from the shared zero buffer (many iovecs, one buffer). */
   private stageZeroWrite(w: QueueWorker, slot: Slot, r: number): void {
     const req = slot.request;
-    const batch = w.executor!.batch;
+    const engine = w.engine!;
     const zeroes = this.image.zeroes();
     let left = req.rangeLength[r]! - slot.rangeDone[r]!;
-    batch.reserveIovecs(Math.min(IOV_MAX, Math.ceil(left / zeroes.length)));
+    engine.reserveIovecs(Math.min(IOV_MAX, Math.ceil(left / zeroes.length)));
+    const iovBase = engine.iovBase;
+    const iovLen = engine.iovLen;
+    const at = engine.iovUsed;
     let n = 0;
     for (; left > 0 && n < IOV_MAX; n++) {
       const len = Math.min(left, zeroes.length);
-      batch.iovBase[batch.iovUsed + n] = zeroes.address;
-      batch.iovLen[batch.iovUsed + n] = len;
+      iovBase[at + n] = zeroes.address;
+      iovLen[at + n] = len;
       left -= len;
     }
     const fd = this.effectiveWriteback() ? this.image.fd : this.image.syncFd;
-    batch.addReadWrite(OP_WRITEV, fd, req.rangeOffset[r]! + slot.rangeDone[r]!, n, slot.index | ((r | ZERO_WRITE) << SLOT_BITS));
+    engine.addReadWrite(IORING_OP.WRITEV, fd, req.rangeOffset[r]! + slot.rangeDone[r]!, n, slot.index | ((r | ZERO_WRITE) << SLOT_BITS), RESUBMIT_SHORT);
   }
 
-  /** A batch of completions from the executor: finish requests, then one submit and one flush. */
+  /** A batch of completions from the engine: finish requests, then one flush (the engine submits what they staged). */
   private onCompletions(w: QueueWorker, userData: Uint32Array, result: Int32Array, count: number): void {
     for (let i = 0; i < count; i++) {
       const ud = userData[i]!;
@@ -470,29 +469,18 @@ export class BlkDevice implements DaemonDevice {
         if (--slot.pending === 0) this.finish(w, slot);
       }
     }
-    w.executor?.submit();
     w.queue?.flush();
-    if (w.inFlight === 0 && w.stopWaiters.length > 0) {
-      const waiters = w.stopWaiters;
-      w.stopWaiters = [];
-      for (const resolve of waiters) resolve();
-    }
   }
 
-  /** Account one op's result. Returns false when the op was restaged (short transfer, fallback). */
+  /** Account one op's result. Returns false when the op was restaged (zero writes, fallback). */
   private opCompleted(w: QueueWorker, slot: Slot, sub: number, res: number): boolean {
     const req = slot.request;
     switch (req.op) {
       case BlkOp.READ:
       case BlkOp.WRITE:
-        if (res > 0 && slot.done + res < req.length) {
-          // A short transfer (signal, page cache pressure): continue where it stopped.
-          slot.done += res;
-          if (this.stageReadWrite(w, slot)) return false;
-          return this.fail(slot, -EIO);
-        }
-        if (res >= 0) slot.done += res;
+        // The engine resubmitted short transfers: fewer bytes than asked means the end of the file.
         if (res < 0) return this.fail(slot, res);
+        slot.done = res;
         if (slot.done < req.length) return this.fail(slot, req.op === BlkOp.READ ? -EIO : -ENOSPC);
         return true;
       case BlkOp.FLUSH:
@@ -588,11 +576,11 @@ export class BlkDevice implements DaemonDevice {
     }
   }
 
-  /** Release the executors and the image (after every queue stopped). */
+  /** Release the engines and the image (after every queue stopped). */
   close(): void {
     for (const w of this.workers) {
-      w.executor?.close();
-      w.executor = null;
+      w.engine?.close();
+      w.engine = null;
     }
     this.image.close();
   }

@@ -4,34 +4,26 @@
  */
 import { runDaemon } from '../../lib/cli/run-daemon';
 import { ConfigError } from '../../lib/errors';
+import { nullBackingFile, openBackingFile, type BackingFile } from '../../lib/io/backing-file';
+import { chooseExecutor } from '../../lib/io/choose-executor';
+import { NullExecutor, type ExecutorFactory } from '../../lib/io/executor';
 import type { Logger } from '../../lib/runtime/logger';
 import type { QueueWorkerOptions } from '../../lib/runtime/queue-workers';
-import { native } from '../../native/index';
 import { DESCRIPTION, EPILOGUE, EXAMPLES, PROGRAM, options, toConfig, type BlkConfig } from './cli';
 import { BlkDevice } from './device';
-import { NullExecutor, type ExecutorFactory } from './executor';
-import { nullImage, openImage, type BlockImage } from './image';
-import { IoUringExecutor } from './io-uring-executor';
-import { ThreadPoolExecutor } from './thread-pool-executor';
 
-/**
- * io_uring when the kernel allows it, else preadv/pwritev on the thread pool (said once, at start).
- */
+/** The null backend (--null) does no I/O; otherwise io_uring when the kernel allows it, else the thread pool. */
 export function executorFactory(config: BlkConfig, logger: Logger): { kind: string; create: ExecutorFactory } {
-  if (config.nullSize !== undefined) return { kind: 'null', create: (_i, size, sink) => new NullExecutor(size, sink) };
-  try {
-    native.createIoUring(8).close();
-  } catch (err) {
-    logger.warn(`io_uring is unavailable (${(err as Error).message}); using preadv/pwritev on the libuv thread pool`);
-    return { kind: 'thread-pool', create: (_i, size, sink) => new ThreadPoolExecutor(size, sink) };
-  }
-  return { kind: 'io_uring', create: (_i, size, sink) => new IoUringExecutor(size, sink, logger) };
+  if (config.nullSize !== undefined) return { kind: 'null', create: (capacity, sink) => new NullExecutor(capacity, sink) };
+  return chooseExecutor(logger);
 }
 
 /** Open the image and build the device (the image is closed again if that fails). */
 export function createBlkDevice(config: BlkConfig, logger: Logger): BlkDevice {
-  const image: BlockImage =
-    config.nullSize !== undefined ? nullImage(config.nullSize) : openImage({ path: config.file!, readOnly: config.readOnly, direct: config.direct });
+  const image: BackingFile =
+    config.nullSize !== undefined
+      ? nullBackingFile(config.nullSize)
+      : openBackingFile({ path: config.file!, readOnly: config.readOnly, direct: config.direct });
   try {
     const deviceBlock = image.nativeBlockSize;
     const lbs = config.logicalBlockSize ?? (deviceBlock === 4096 ? 4096 : 512);

@@ -60,7 +60,7 @@ export interface BlkMetricsSource {
   inFlight(index: number): number;
   /** Capacity the guest sees, in bytes (whole logical blocks of the image). */
   readonly limits: { readonly capacityBytes: number };
-  /** The active executor: "io_uring", "thread-pool", "null" (executor.ts). */
+  /** The active executor: "io_uring", "thread-pool", "null" (lib/io/executor.ts). */
   readonly executorKind: string;
 }
 

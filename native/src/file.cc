@@ -82,11 +82,16 @@ void ExecuteIo(napi_env, void* data) {
   auto* request = static_cast<IoRequest*>(data);
   ssize_t n;
   int count = static_cast<int>(request->iovecs.size());
+  const iovec* iov = request->iovecs.data();
   do {
     // SAFETY: the iovecs hold caller-given addresses (mapped guest or memfd memory); the kernel checks
     // them against the process's mappings and fails with EFAULT otherwise.
-    n = request->write ? ::pwritev(request->fd, request->iovecs.data(), count, request->offset)
-                       : ::preadv(request->fd, request->iovecs.data(), count, request->offset);
+    if (request->offset < 0) {  // the current position (sockets, TAP, pipes)
+      n = request->write ? ::writev(request->fd, iov, count) : ::readv(request->fd, iov, count);
+    } else {
+      n = request->write ? ::pwritev(request->fd, iov, count, request->offset)
+                         : ::preadv(request->fd, iov, count, request->offset);
+    }
   } while (n < 0 && errno == EINTR);
   request->result = n < 0 ? -errno : n;
 }
@@ -108,7 +113,8 @@ Napi::Value IoAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ARG_BOOL(write, 0);
   ARG_FD(fd, 1);
-  ARG_U64(offset, 2);
+  double offset = 0;  // -1: the current position (readv/writev)
+  if (!ArgInteger(info, 2, "offset", -1, kMaxSafeInteger, &offset)) return {};
   void* baseRaw = nullptr;
   void* lenRaw = nullptr;
   size_t baseCount = 0, lenCount = 0;

@@ -23,7 +23,8 @@ constexpr uint8_t kOpWritev = IORING_OP_WRITEV;
 constexpr uint8_t kOpFsync = IORING_OP_FSYNC;
 constexpr uint8_t kOpFallocate = IORING_OP_FALLOCATE;
 static_assert(kOpReadv == 1 && kOpWritev == 2 && kOpFsync == 3 && kOpFallocate == 17,
-              "opcodes must match IORING_OP in native/index.ts");
+              "opcodes must match IORING_OP in native/io-batch.ts");
+static_assert(IORING_FSYNC_DATASYNC == 1, "must match IORING_FSYNC_DATASYNC in native/io-batch.ts");
 
 /** The typed arrays of one IoBatch. */
 struct Batch {

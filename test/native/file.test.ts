@@ -81,6 +81,9 @@ test('ioAsync reports errors as -errno', async (t) => {
   t.throws(() => native.ioAsync(true, s.fd, 0, new Float64Array(1), new Float64Array(1), 1 as never), {
     instanceOf: TypeError,
   });
+  t.throws(() => native.ioAsync(true, s.fd, -2, new Float64Array(0), new Float64Array(0), () => undefined), {
+    instanceOf: RangeError,
+  }, 'offsets below -1 (the current position) are refused');
   s.free();
 });
 

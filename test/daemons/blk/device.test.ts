@@ -6,7 +6,8 @@ import test from 'ava';
 import { constants as osConstants } from 'node:os';
 
 import { BlkDevice, type BlkDeviceOptions } from '../../../daemons/blk/device';
-import { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, NullExecutor, OP_FALLOCATE, OP_FSYNC, OP_WRITEV } from '../../../daemons/blk/executor';
+import { NullExecutor } from '../../../lib/io/executor';
+import { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_OP } from '../../../native/io-batch';
 import {
   CONFIG_SIZE,
   VIRTIO_BLK_F_DISCARD,
@@ -69,7 +70,7 @@ function rig(over: Partial<BlkDeviceOptions> = {}, execOptions: FakeExecutorOpti
   let exec: FakeDiskExecutor | null = null;
   const device = new BlkDevice(options(over), {
     image,
-    createExecutor: (_i, _size, sink) => (exec = new FakeDiskExecutor(image, s.fake, sink, execOptions)),
+    createExecutor: (_capacity, sink) => (exec = new FakeDiskExecutor(image, s.fake, sink, execOptions)),
     logger: silentLogger,
   });
   device.startQueue(0, s.queue);
@@ -164,7 +165,7 @@ test('FLUSH is an fdatasync; GET_ID returns the serial', async (t) => {
   ]);
   t.is(used.length, 2);
   t.is(r.statusAt(flushStatus), VIRTIO_BLK_S_OK);
-  t.true(r.exec.seen.some((op) => op.opcode === OP_FSYNC));
+  t.true(r.exec.seen.some((op) => op.opcode === IORING_OP.FSYNC));
   t.is(Buffer.from(r.s.fake.read(id.addr, 20)).toString('latin1'), 'vhostd-test-serial\0\0');
   t.is(r.statusAt(id), VIRTIO_BLK_S_OK);
   t.is(used.find((u) => u.len === 21)?.len, 21);
@@ -187,7 +188,7 @@ test('discard and write zeroes zero their ranges with fallocate', async (t) => {
   t.true(zero(64, 8));
   t.is(r.image.disk[7 * 512], 0x77);
   t.is(r.image.disk[48 * 512], 0x77);
-  const modes = r.exec.seen.filter((op) => op.opcode === OP_FALLOCATE).map((op) => op.arg & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE));
+  const modes = r.exec.seen.filter((op) => op.opcode === IORING_OP.FALLOCATE).map((op) => op.arg & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE));
   t.deepEqual(modes, [FALLOC_FL_PUNCH_HOLE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE]);
 });
 
@@ -200,13 +201,13 @@ test('write zeroes falls back to writing zeroes when the file system refuses fal
   t.true(r.image.disk.subarray(0, 300 * 512).every((b) => b === 0));
   t.is(r.image.disk[300 * 512], 0x77);
   t.true(r.image.zeroesUsed > 0);
-  t.true(r.exec.seen.some((op) => op.opcode === OP_WRITEV && op.iovecs > 1), 'one writev of many zero-buffer iovecs');
+  t.true(r.exec.seen.some((op) => op.opcode === IORING_OP.WRITEV && op.iovecs > 1), 'one writev of many zero-buffer iovecs');
   // Later requests skip the refused modes.
   const before = r.exec.seen.length;
   const s2 = writable(r, 1);
   await r.run([[readable(r, new Uint8Array([...header(VIRTIO_BLK_T_WRITE_ZEROES), ...segment(400, 8)])), s2]]);
   t.is(r.statusAt(s2), VIRTIO_BLK_S_OK);
-  t.deepEqual(r.exec.seen.slice(before).map((op) => op.opcode), [OP_WRITEV]);
+  t.deepEqual(r.exec.seen.slice(before).map((op) => op.opcode), [IORING_OP.WRITEV]);
   // A discard the file system cannot do is still a success (discard is a hint).
   const s3 = writable(r, 1);
   await r.run([[readable(r, new Uint8Array([...header(VIRTIO_BLK_T_DISCARD), ...segment(0, 8)])), s3]]);
@@ -264,7 +265,7 @@ test('short transfers are resubmitted for the rest', async (t) => {
   await r.run([[readable(r, header(VIRTIO_BLK_T_OUT, 4)), readable(r, data.subarray(0, 1536)), readable(r, data.subarray(1536)), status]]);
   t.is(r.statusAt(status), VIRTIO_BLK_S_OK);
   t.deepEqual(r.image.disk.subarray(2048, 2048 + 4096), data);
-  t.is(r.exec.seen.filter((op) => op.opcode === OP_WRITEV).length, 5);
+  t.is(r.exec.seen.filter((op) => op.opcode === IORING_OP.WRITEV).length, 5);
 });
 
 test('a chain without a status byte breaks the queue after the chains before it complete', async (t) => {
@@ -389,7 +390,7 @@ test('reload: a grown image changes capacity and notifies the front-end', async 
 test('null executor: every request completes at once', async (t) => {
   const image = new FakeImage(IMAGE_SIZE);
   const s = splitSetup({ size: 64 });
-  const device = new BlkDevice(options(), { image, createExecutor: (_i, size, sink) => new NullExecutor(size, sink), logger: silentLogger });
+  const device = new BlkDevice(options(), { image, createExecutor: (capacity, sink) => new NullExecutor(capacity, sink), logger: silentLogger });
   device.startQueue(0, s.queue);
   for (let i = 0; i < 20; i++) {
     s.driver.addChain([

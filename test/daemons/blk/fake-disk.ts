@@ -6,18 +6,10 @@
  */
 import { constants as osConstants } from 'node:os';
 
-import {
-  OpBatch,
-  OP_FALLOCATE,
-  OP_FSYNC,
-  OP_READV,
-  OP_WRITEV,
-  FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE,
-  type BlkExecutor,
-  type CompletionSink,
-} from '../../../daemons/blk/executor';
-import type { BlockImage } from '../../../daemons/blk/image';
+import type { BackingFile } from '../../../lib/io/backing-file';
+import type { CompletionSink, IoExecutor } from '../../../lib/io/executor';
+import { OpBatch } from '../../../lib/io/op-batch';
+import { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_OP } from '../../../native/io-batch';
 import type { FakeGuestMemory } from '../../helpers/fake-guest-memory';
 
 const { EOPNOTSUPP, EIO } = osConstants.errno;
@@ -26,7 +18,7 @@ const { EOPNOTSUPP, EIO } = osConstants.errno;
 export const ZERO_ADDRESS = 0x1000_0000;
 export const ZERO_LENGTH = 64 * 1024;
 
-export class FakeImage implements BlockImage {
+export class FakeImage implements BackingFile {
   readonly path = 'fake.img';
   readonly fd = 3;
   readonly syncFd = 4;
@@ -79,7 +71,7 @@ export interface SeenOp {
 }
 
 /** Performs ops on a {@link FakeImage}; completes them on a later event-loop turn, in one batch. */
-export class FakeDiskExecutor implements BlkExecutor {
+export class FakeDiskExecutor implements IoExecutor {
   readonly kind = 'fake';
   readonly batch = new OpBatch(4, 4);
   readonly seen: SeenOp[] = [];
@@ -141,27 +133,27 @@ export class FakeDiskExecutor implements BlkExecutor {
     const start = b.iovStart[i]!;
     const count = b.iovCount[i]!;
     const offset = b.offset[i]!;
-    this.seen.push({ opcode: op, fd: b.fd[i]!, offset, arg: b.arg[i]!, iovecs: count, length: op === OP_FALLOCATE ? b.iovLen[start]! : b.opLength(i) });
+    this.seen.push({ opcode: op, fd: b.fd[i]!, offset, arg: b.arg[i]!, iovecs: count, length: op === IORING_OP.FALLOCATE ? b.iovLen[start]! : b.opLength(i) });
     if (this.options.failWith !== undefined) return this.options.failWith;
     const disk = this.image.disk;
     switch (op) {
-      case OP_READV:
-      case OP_WRITEV: {
+      case IORING_OP.READV:
+      case IORING_OP.WRITEV: {
         let pos = offset;
         let budget = this.options.shortTransfer ?? Infinity;
         for (let k = start; k < start + count && budget > 0; k++) {
           const len = Math.min(b.iovLen[k]!, budget);
           const mem = this.resolve(b.iovBase[k]!, len);
-          if (op === OP_READV) mem.set(disk.subarray(pos, pos + len));
+          if (op === IORING_OP.READV) mem.set(disk.subarray(pos, pos + len));
           else disk.set(mem, pos);
           pos += len;
           budget -= len;
         }
         return pos - offset;
       }
-      case OP_FSYNC:
+      case IORING_OP.FSYNC:
         return 0;
-      case OP_FALLOCATE: {
+      case IORING_OP.FALLOCATE: {
         const mode = b.arg[i]!;
         if ((mode & (this.options.refuseModes ?? 0)) !== 0) return -EOPNOTSUPP;
         if ((mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) === 0) return -EIO;

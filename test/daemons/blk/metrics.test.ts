@@ -11,8 +11,6 @@ import path from 'node:path';
 
 import type { BlkConfig } from '../../../daemons/blk/cli';
 import { BlkDevice } from '../../../daemons/blk/device';
-import { NullExecutor, type CompletionSink, type ExecutorFactory } from '../../../daemons/blk/executor';
-import { nullImage } from '../../../daemons/blk/image';
 import { createBlkDevice, executorFactory } from '../../../daemons/blk/main';
 import {
   VIRTIO_BLK_S_IOERR,
@@ -26,6 +24,8 @@ import {
   VIRTIO_BLK_T_OUT,
   VIRTIO_BLK_T_WRITE_ZEROES,
 } from '../../../daemons/blk/virtio-blk';
+import { nullBackingFile } from '../../../lib/io/backing-file';
+import { NullExecutor, type CompletionSink, type ExecutorFactory } from '../../../lib/io/executor';
 import { createDaemonMetrics } from '../../../lib/metrics/registry';
 import { silentLogger } from '../../../lib/runtime/logger';
 import type { ChainSpec, Frontend } from '../../helpers/frontend';
@@ -134,8 +134,8 @@ test.serial('a real image: requests by type, bytes read and written, errors, cap
 function heldExecutor(opts: { fail: boolean }) {
   let held: { sink: CompletionSink; userData: Uint32Array; result: Int32Array; count: number }[] = [];
   return {
-    create: (_index: number, size: number, sink: CompletionSink) =>
-      new NullExecutor(size, (userData, result, count) => {
+    create: (capacity: number, sink: CompletionSink) =>
+      new NullExecutor(capacity, (userData, result, count) => {
         if (opts.fail) result.fill(-EIO, 0, count);
         held.push({ sink, userData: userData.slice(0, count), result: result.slice(0, count), count });
       }),
@@ -150,7 +150,7 @@ function heldExecutor(opts: { fail: boolean }) {
 function nullDevice(createExecutor: ExecutorFactory): BlkDevice {
   return new BlkDevice(
     { readOnly: false, serial: '', numQueues: 1, queueSize: 64, logicalBlockSize: 512, discard: false, writeZeroes: false, writeback: true },
-    { image: nullImage(1 << 20), createExecutor, logger: silentLogger, executorKind: 'null' },
+    { image: nullBackingFile(1 << 20), createExecutor, logger: silentLogger, executorKind: 'null' },
   );
 }
 

@@ -11,9 +11,7 @@ import path from 'node:path';
 
 import type { BlkConfig } from '../../../daemons/blk/cli';
 import { BlkDevice } from '../../../daemons/blk/device';
-import { openImage } from '../../../daemons/blk/image';
 import { createBlkDevice } from '../../../daemons/blk/main';
-import { ThreadPoolExecutor } from '../../../daemons/blk/thread-pool-executor';
 import {
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
@@ -25,6 +23,8 @@ import {
   VIRTIO_BLK_T_WRITE_ZEROES,
 } from '../../../daemons/blk/virtio-blk';
 import { ConfigError } from '../../../lib/errors';
+import { openBackingFile } from '../../../lib/io/backing-file';
+import { ThreadPoolExecutor } from '../../../lib/io/thread-pool-executor';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { BackendRequest } from '../../../lib/vhost-user/messages';
 import { Frontend, type ChainSpec, type SegmentSpec } from '../../helpers/frontend';
@@ -201,10 +201,10 @@ test.serial('GET_CONFIG, and a grown image reaches the front-end as CONFIG_CHANG
 
 test.serial('thread-pool fallback executor moves the same data', async (t) => {
   const file = tempImage();
-  const image = openImage({ path: file, readOnly: false, direct: false });
+  const image = openBackingFile({ path: file, readOnly: false, direct: false });
   const device = new BlkDevice(
     { readOnly: false, serial: '', numQueues: 1, queueSize: 256, logicalBlockSize: 512, discard: true, writeZeroes: true, writeback: false },
-    { image, createExecutor: (_i, size, sink) => new ThreadPoolExecutor(size, sink), logger: silentLogger },
+    { image, createExecutor: (capacity, sink) => new ThreadPoolExecutor(capacity, sink), logger: silentLogger },
   );
   const { ts, fe } = await attach(device);
   const data = pattern(64 * 1024, 42);

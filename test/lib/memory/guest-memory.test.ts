@@ -2,7 +2,7 @@ import fs from 'node:fs';
 
 import test from 'ava';
 
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from '../../../daemons/blk/executor';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from '../../../native/io-batch';
 import { MemoryError } from '../../../lib/errors';
 import { GuestMemory, Translation, type RangePiece } from '../../../lib/memory/guest-memory';
 import { MappedRegion, type MemoryRegionSpec } from '../../../lib/memory/mapped-region';

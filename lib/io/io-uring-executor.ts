@@ -1,24 +1,25 @@
 /**
- * The io_uring executor: one ring per queue, one `submit` (one io_uring_enter) per batch, iovecs that
- * point straight into guest memory. libuv watches the ring fd itself, which is readable exactly while
+ * The io_uring executor: one ring per I/O context (a device queue), one `submit` (one io_uring_enter)
+ * per batch, iovecs that point straight into the caller's memory (guest pages: zero copy). libuv watches the ring fd itself, which is readable exactly while
  * completions wait in the completion queue (level-triggered, nothing to reset: no eventfd read per
  * wakeup); each wakeup reaps completions in chunks of the preallocated result arrays, one sink call
  * (and so one used-ring flush) per chunk.
  */
 import { native, POLL_READABLE, type IoUring, type Watcher } from '../../native/index';
-import type { Logger } from '../../lib/runtime/logger';
-import { OpBatch, type BlkExecutor, type CompletionSink } from './executor';
+import type { Logger } from '../runtime/logger';
+import type { CompletionSink, IoExecutor } from './executor';
+import { OpBatch } from './op-batch';
 
 const EIO = 5;
 
-/** Ring entries for a queue of `queueSize` (a power of two; the kernel caps entries at 32768). */
-export function ringEntries(queueSize: number): number {
+/** Ring entries for `capacity` ops in flight (a power of two; the kernel caps entries at 32768). */
+export function ringEntries(capacity: number): number {
   let n = 1;
-  while (n < queueSize) n *= 2;
+  while (n < capacity) n *= 2;
   return Math.min(n, 4096);
 }
 
-export class IoUringExecutor implements BlkExecutor {
+export class IoUringExecutor implements IoExecutor {
   readonly kind = 'io_uring';
   readonly batch: OpBatch;
   private readonly ring: IoUring;
@@ -31,13 +32,13 @@ export class IoUringExecutor implements BlkExecutor {
 
   /** Throws (NativeError) when io_uring cannot be set up: the caller falls back. */
   constructor(
-    queueSize: number,
+    capacity: number,
     private readonly sink: CompletionSink,
     private readonly logger: Logger,
   ) {
-    this.ring = native.createIoUring(ringEntries(queueSize));
-    this.batch = new OpBatch(queueSize * 2, queueSize * 4);
-    this.userData = new Uint32Array(Math.max(64, queueSize));
+    this.ring = native.createIoUring(ringEntries(capacity));
+    this.batch = new OpBatch(capacity * 2, capacity * 4);
+    this.userData = new Uint32Array(Math.max(64, capacity));
     this.result = new Int32Array(this.userData.length);
     this.watcher = native.watch(this.ring.ringFd, POLL_READABLE, () => this.reap());
   }

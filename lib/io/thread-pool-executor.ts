@@ -1,6 +1,7 @@
 /**
  * The fallback executor when io_uring is unavailable (old kernel, seccomp, io_uring_disabled sysctl):
- * preadv/pwritev on the libuv thread pool, still zero copy (the iovecs point into guest memory),
+ * preadv/pwritev on the libuv thread pool (readv/writev at OFFSET_CURRENT), still zero copy (the
+ * iovecs point into the caller's memory),
  * fdatasync through node:fs, fallocate synchronously (it only changes file metadata). Completions
  * that arrive in one event-loop turn go to the sink together, one flush per turn.
  *
@@ -9,12 +10,13 @@
  */
 import fs from 'node:fs';
 
-import { native, NativeError } from '../../native/index';
-import { OpBatch, OP_FALLOCATE, OP_FSYNC, OP_READV, OP_WRITEV, FSYNC_DATASYNC, type BlkExecutor, type CompletionSink } from './executor';
+import { IORING_FSYNC_DATASYNC, IORING_OP, native, NativeError } from '../../native/index';
+import type { CompletionSink, IoExecutor } from './executor';
+import { OpBatch } from './op-batch';
 
 const EIO = 5;
 
-export class ThreadPoolExecutor implements BlkExecutor {
+export class ThreadPoolExecutor implements IoExecutor {
   readonly kind = 'thread-pool';
   readonly batch: OpBatch;
   private doneUserData: Uint32Array;
@@ -24,12 +26,12 @@ export class ThreadPoolExecutor implements BlkExecutor {
   private closed = false;
 
   constructor(
-    queueSize: number,
+    capacity: number,
     private readonly sink: CompletionSink,
   ) {
-    this.batch = new OpBatch(queueSize * 2, queueSize * 4);
-    this.doneUserData = new Uint32Array(queueSize * 2);
-    this.doneResult = new Int32Array(queueSize * 2);
+    this.batch = new OpBatch(capacity * 2, capacity * 4);
+    this.doneUserData = new Uint32Array(capacity * 2);
+    this.doneResult = new Int32Array(capacity * 2);
   }
 
   submit(): void {
@@ -39,21 +41,21 @@ export class ThreadPoolExecutor implements BlkExecutor {
       const fd = b.fd[i]!;
       const complete = (result: number) => this.complete(userData, result);
       switch (b.opcode[i]) {
-        case OP_READV:
-        case OP_WRITEV: {
+        case IORING_OP.READV:
+        case IORING_OP.WRITEV: {
           const start = b.iovStart[i]!;
           const end = start + b.iovCount[i]!;
           // ioAsync copies the iovecs before returning, so the batch can be reused at once.
-          native.ioAsync(b.opcode[i] === OP_WRITEV, fd, b.offset[i]!, b.iovBase.subarray(start, end), b.iovLen.subarray(start, end), complete);
+          native.ioAsync(b.opcode[i] === IORING_OP.WRITEV, fd, b.offset[i]!, b.iovBase.subarray(start, end), b.iovLen.subarray(start, end), complete);
           break;
         }
-        case OP_FSYNC: {
+        case IORING_OP.FSYNC: {
           const callback = (err: NodeJS.ErrnoException | null) => complete(err === null ? 0 : -(Math.abs(err.errno ?? EIO)));
-          if ((b.arg[i]! & FSYNC_DATASYNC) !== 0) fs.fdatasync(fd, callback);
+          if ((b.arg[i]! & IORING_FSYNC_DATASYNC) !== 0) fs.fdatasync(fd, callback);
           else fs.fsync(fd, callback);
           break;
         }
-        case OP_FALLOCATE: {
+        case IORING_OP.FALLOCATE: {
           let result = 0;
           try {
             native.fallocate(fd, b.arg[i]!, b.offset[i]!, b.iovLen[b.iovStart[i]!]!);

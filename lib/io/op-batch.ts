@@ -1,32 +1,9 @@
 /**
- * How a queue's I/O reaches the image: the device stages operations into an {@link OpBatch} (parallel
- * typed arrays, the native IoBatch layout) and calls {@link BlkExecutor.submit} once per batch; the
- * executor reports completions to a sink in batches. Three executors share this interface:
- * io_uring (io-uring-executor.ts), preadv/pwritev on the libuv thread pool (thread-pool-executor.ts,
- * the fallback when io_uring is unavailable) and {@link NullExecutor} (no I/O at all, for overhead
- * benchmarks like QEMU's null-co driver).
- *
- * Each op carries a 32-bit `userData` that comes back with its result; results follow the io_uring
- * convention: bytes transferred, or -errno.
+ * Staged operations in the native {@link IoBatch} layout (parallel typed arrays), reused batch after
+ * batch. An executor (executor.ts) reads it on submit; devices stage through an IoEngine (engine.ts),
+ * which tags every op and keeps what a resubmission needs.
  */
-import type { IoBatch } from '../../native/index';
-
-/** io_uring opcodes (same values as native IORING_OP; repeated here so this file loads without the addon). */
-export const OP_READV = 1;
-export const OP_WRITEV = 2;
-export const OP_FSYNC = 3;
-export const OP_FALLOCATE = 17;
-
-/** fsync flag: fdatasync semantics (IORING_FSYNC_DATASYNC). */
-export const FSYNC_DATASYNC = 1;
-
-// linux/falloc.h
-export const FALLOC_FL_KEEP_SIZE = 0x01;
-export const FALLOC_FL_PUNCH_HOLE = 0x02;
-export const FALLOC_FL_ZERO_RANGE = 0x10;
-
-/** Receives completions: `count` pairs of `userData[i]` and `result[i]` (bytes or -errno). */
-export type CompletionSink = (userData: Uint32Array, result: Int32Array, count: number) => void;
+import { IORING_OP, type IoBatch } from '../../native/io-batch';
 
 /** Staged operations, reused batch after batch. Arrays grow (rarely) and never shrink. */
 export class OpBatch implements IoBatch {
@@ -84,7 +61,7 @@ export class OpBatch implements IoBatch {
 
   addFsync(fd: number, flags: number, userData: number): void {
     const i = this.next();
-    this.opcode[i] = OP_FSYNC;
+    this.opcode[i] = IORING_OP.FSYNC;
     this.fd[i] = fd;
     this.offset[i] = 0;
     this.arg[i] = flags;
@@ -97,7 +74,7 @@ export class OpBatch implements IoBatch {
   addFallocate(fd: number, mode: number, offset: number, length: number, userData: number): void {
     this.reserveIovecs(1);
     const i = this.next();
-    this.opcode[i] = OP_FALLOCATE;
+    this.opcode[i] = IORING_OP.FALLOCATE;
     this.fd[i] = fd;
     this.offset[i] = offset;
     this.arg[i] = mode;
@@ -160,60 +137,8 @@ export class OpBatch implements IoBatch {
   }
 }
 
-function grow<T extends { set(src: ArrayLike<number>): void }>(old: ArrayLike<number>, bigger: T): T {
+/** `bigger` with the contents of `old` at its start (typed arrays growing by replacement). */
+export function grow<T extends { set(src: ArrayLike<number>): void }>(old: ArrayLike<number>, bigger: T): T {
   bigger.set(old);
   return bigger;
-}
-
-/** One queue's I/O engine. */
-export interface BlkExecutor {
-  /** "io_uring", "thread-pool" or "null" (logs, metrics). */
-  readonly kind: string;
-  /** Where the device stages operations before {@link submit}. */
-  readonly batch: OpBatch;
-  /** Hand every staged op to the kernel (one system call for io_uring) and clear the batch. */
-  submit(): void;
-  /** Release the ring or handles. Call only once nothing is in flight. */
-  close(): void;
-}
-
-/** Creates the executor of queue `index`, sized for `queueSize` requests in flight. */
-export type ExecutorFactory = (index: number, queueSize: number, sink: CompletionSink) => BlkExecutor;
-
-/**
- * Completes every op at once without touching any file (reads leave guest memory as it was), so a
- * benchmark measures the daemon's own overhead, like QEMU's null-co driver. Completions are reported
- * from inside `submit`, one sink call per batch.
- */
-export class NullExecutor implements BlkExecutor {
-  readonly kind = 'null';
-  readonly batch: OpBatch;
-  private readonly userData: Uint32Array;
-  private readonly result: Int32Array;
-
-  constructor(
-    queueSize: number,
-    private readonly sink: CompletionSink,
-  ) {
-    this.batch = new OpBatch(queueSize * 2, queueSize * 4);
-    this.userData = new Uint32Array(queueSize * 2);
-    this.result = new Int32Array(queueSize * 2);
-  }
-
-  submit(): void {
-    const b = this.batch;
-    while (b.count > 0) {
-      // Completions of one submit go out in chunks of the result arrays' size.
-      const n = Math.min(b.count, this.userData.length);
-      for (let i = 0; i < n; i++) {
-        const op = b.opcode[i];
-        this.userData[i] = b.userData[i]!;
-        this.result[i] = op === OP_READV || op === OP_WRITEV ? b.opLength(i) : 0;
-      }
-      b.consume(n);
-      this.sink(this.userData, this.result, n);
-    }
-  }
-
-  close(): void {}
 }

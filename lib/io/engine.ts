@@ -1,0 +1,242 @@
+/**
+ * A device's I/O context (one per queue, shared by every file the queue serves): stage operations
+ * with a 32-bit `userData`, {@link IoEngine.submit} once per batch, receive completions in batches.
+ * On top of its {@link IoExecutor} the engine
+ * - resubmits the rest of a short READV/WRITEV when the op asked for it ({@link RESUBMIT_SHORT}): on
+ *   a file a short transfer is a signal or memory pressure, not the end, and the device sees one
+ *   result for the whole op; on a TAP fd or a socket a short transfer is the answer, so it is the
+ *   op's choice;
+ * - counts the ops in flight and resolves {@link IoEngine.drained} once none are left, which is what
+ *   a device's stopQueue waits for (guest pages must not be unmapped under the kernel's I/O).
+ *
+ * Every staged op gets a tag (an index into the engine's tables) as the executor's userData; the
+ * caller's userData comes back with the result.
+ */
+import { IORING_OP } from '../../native/io-batch';
+import type { CompletionSink, ExecutorFactory, IoExecutor } from './executor';
+import { grow, type OpBatch } from './op-batch';
+
+/** Op flag: resubmit a short READV/WRITEV for the rest (files and block devices). */
+export const RESUBMIT_SHORT = 1;
+
+/** Largest READV/WRITEV with {@link RESUBMIT_SHORT}: its total must fit the Int32 result. */
+export const MAX_RESUBMIT_LENGTH = 0x7fffffff;
+
+export class IoEngine {
+  readonly kind: string;
+  private readonly executor: IoExecutor;
+  private readonly batch: OpBatch;
+  // Per tag: what a completion and a resubmission need.
+  private userData: Uint32Array;
+  private opcode: Uint8Array;
+  private fd: Int32Array;
+  private offset: Float64Array;
+  private flags: Uint8Array;
+  /** Bytes asked for (RESUBMIT_SHORT ops). */
+  private length: Float64Array;
+  /** Bytes moved by earlier attempts (RESUBMIT_SHORT ops). */
+  private done: Float64Array;
+  /** The op's iovecs (RESUBMIT_SHORT ops), kept per tag and reused: the batch's are gone after submit. */
+  private iovBases: Float64Array[] = [];
+  private iovLens: Float64Array[] = [];
+  private iovCount: Uint32Array;
+  private freeTags: Uint32Array;
+  private freeTop = 0;
+  private waiters: (() => void)[] = [];
+
+  /**
+   * `capacity`: ops expected in flight at once (the tables grow past it); `sink` receives the
+   * callers' userData and results (whole-op byte counts for RESUBMIT_SHORT ops, or -errno).
+   */
+  constructor(
+    createExecutor: ExecutorFactory,
+    capacity: number,
+    private readonly sink: CompletionSink,
+  ) {
+    this.executor = createExecutor(capacity, (tags, result, count) => this.complete(tags, result, count));
+    this.kind = this.executor.kind;
+    this.batch = this.executor.batch;
+    const n = Math.max(capacity * 2, 16);
+    this.userData = new Uint32Array(n);
+    this.opcode = new Uint8Array(n);
+    this.fd = new Int32Array(n);
+    this.offset = new Float64Array(n);
+    this.flags = new Uint8Array(n);
+    this.length = new Float64Array(n);
+    this.done = new Float64Array(n);
+    this.iovCount = new Uint32Array(n);
+    this.freeTags = new Uint32Array(n);
+    for (let t = n - 1; t >= 0; t--) this.freeTags[this.freeTop++] = t;
+  }
+
+  /** Ops staged or submitted whose completion has not been delivered yet. */
+  get inFlight(): number {
+    return this.userData.length - this.freeTop;
+  }
+
+  /** Resolves once nothing is in flight (at once when nothing is). */
+  drained(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => this.waiters.push(resolve));
+  }
+
+  /** Iovec slots: call {@link reserveIovecs}, write entries from {@link iovUsed}, then stage the op. */
+  get iovBase(): Float64Array {
+    return this.batch.iovBase;
+  }
+
+  get iovLen(): Float64Array {
+    return this.batch.iovLen;
+  }
+
+  get iovUsed(): number {
+    return this.batch.iovUsed;
+  }
+
+  /** Make room for `n` more iovecs (the arrays may be replaced: read {@link iovBase} after). */
+  reserveIovecs(n: number): void {
+    this.batch.reserveIovecs(n);
+  }
+
+  /**
+   * Stage a READV/WRITEV over the `iovecs` iovecs just written at {@link iovUsed}. `offset` is a
+   * file offset or OFFSET_CURRENT (-1: the fd's position, for TAP fds and sockets). `flags`:
+   * {@link RESUBMIT_SHORT} or 0. Throws RangeError for a RESUBMIT_SHORT op longer than
+   * {@link MAX_RESUBMIT_LENGTH} (check lengths from a guest first).
+   */
+  addReadWrite(opcode: typeof IORING_OP.READV | typeof IORING_OP.WRITEV, fd: number, offset: number, iovecs: number, userData: number, flags = 0): void {
+    const resubmit = (flags & RESUBMIT_SHORT) !== 0;
+    const length = resubmit ? this.stagedLength(iovecs) : 0;
+    if (length > MAX_RESUBMIT_LENGTH) throw new RangeError(`a resubmitted read/write moves at most ${MAX_RESUBMIT_LENGTH} bytes, not ${length}`);
+    const tag = this.takeTag(opcode, fd, offset, userData, flags);
+    if (resubmit) this.keepIovecs(tag, iovecs, length);
+    this.batch.addReadWrite(opcode, fd, offset, iovecs, tag);
+  }
+
+  /** Stage an fsync; `flags` IORING_FSYNC_DATASYNC for fdatasync. */
+  addFsync(fd: number, flags: number, userData: number): void {
+    this.batch.addFsync(fd, flags, this.takeTag(IORING_OP.FSYNC, fd, 0, userData, 0));
+  }
+
+  /** Stage fallocate(fd, mode, offset, length) (FALLOC_FL_* modes). */
+  addFallocate(fd: number, mode: number, offset: number, length: number, userData: number): void {
+    this.batch.addFallocate(fd, mode, offset, length, this.takeTag(IORING_OP.FALLOCATE, fd, offset, userData, 0));
+  }
+
+  /** Hand every staged op to the kernel (one system call for io_uring). */
+  submit(): void {
+    this.executor.submit();
+  }
+
+  /** Release the executor. Call only once {@link drained} resolved. */
+  close(): void {
+    this.executor.close();
+  }
+
+  private takeTag(opcode: number, fd: number, offset: number, userData: number, flags: number): number {
+    if (this.freeTop === 0) this.growTables();
+    const tag = this.freeTags[--this.freeTop]!;
+    this.userData[tag] = userData;
+    this.opcode[tag] = opcode;
+    this.fd[tag] = fd;
+    this.offset[tag] = offset;
+    this.flags[tag] = flags;
+    this.done[tag] = 0;
+    return tag;
+  }
+
+  /** Bytes of the `count` iovecs written at {@link iovUsed}. */
+  private stagedLength(count: number): number {
+    const b = this.batch;
+    let total = 0;
+    for (let k = b.iovUsed; k < b.iovUsed + count; k++) total += b.iovLen[k]!;
+    return total;
+  }
+
+  /** Copy the `count` iovecs at {@link iovUsed} (the batch reuses them once submitted). */
+  private keepIovecs(tag: number, count: number, length: number): void {
+    let base = this.iovBases[tag];
+    let len = this.iovLens[tag];
+    if (base === undefined || len === undefined || base.length < count) {
+      base = this.iovBases[tag] = new Float64Array(Math.max(count, 4));
+      len = this.iovLens[tag] = new Float64Array(base.length);
+    }
+    const b = this.batch;
+    for (let k = 0; k < count; k++) {
+      base[k] = b.iovBase[b.iovUsed + k]!;
+      len[k] = b.iovLen[b.iovUsed + k]!;
+    }
+    this.iovCount[tag] = count;
+    this.length[tag] = length;
+  }
+
+  /** Double the tag tables. */
+  private growTables(): void {
+    const old = this.userData.length;
+    const n = old * 2;
+    this.userData = grow(this.userData, new Uint32Array(n));
+    this.opcode = grow(this.opcode, new Uint8Array(n));
+    this.fd = grow(this.fd, new Int32Array(n));
+    this.offset = grow(this.offset, new Float64Array(n));
+    this.flags = grow(this.flags, new Uint8Array(n));
+    this.length = grow(this.length, new Float64Array(n));
+    this.done = grow(this.done, new Float64Array(n));
+    this.iovCount = grow(this.iovCount, new Uint32Array(n));
+    // Only called with every tag taken: the free list holds the new ones.
+    this.freeTags = new Uint32Array(n);
+    for (let t = n - 1; t >= old; t--) this.freeTags[this.freeTop++] = t;
+  }
+
+  /**
+   * The executor's completions: resubmit short transfers, rewrite the rest in place into the callers'
+   * userData and whole-op results, deliver them, submit what the sink (or a resubmission) staged,
+   * and wake {@link drained} waiters when nothing is left in flight.
+   */
+  private complete(tags: Uint32Array, result: Int32Array, count: number): void {
+    let out = 0;
+    for (let i = 0; i < count; i++) {
+      const tag = tags[i]!;
+      const res = result[i]!;
+      if ((this.flags[tag]! & RESUBMIT_SHORT) !== 0 && res > 0) {
+        const done = this.done[tag]! + res;
+        if (done < this.length[tag]!) {
+          this.done[tag] = done;
+          this.restage(tag, done);
+          continue;
+        }
+      }
+      tags[out] = this.userData[tag]!;
+      // An error after partial progress is still an error: the caller cannot use half an op.
+      result[out] = res < 0 ? res : this.done[tag]! + res;
+      out++;
+      this.freeTags[this.freeTop++] = tag;
+    }
+    if (out > 0) this.sink(tags, result, out);
+    this.executor.submit();
+    if (this.freeTop === this.userData.length && this.waiters.length > 0) {
+      const waiters = this.waiters;
+      this.waiters = [];
+      for (const resolve of waiters) resolve();
+    }
+  }
+
+  /** Stage the rest of READV/WRITEV `tag` after its first `done` bytes, under the same tag. */
+  private restage(tag: number, done: number): void {
+    const base = this.iovBases[tag]!;
+    const len = this.iovLens[tag]!;
+    const count = this.iovCount[tag]!;
+    let k = 0;
+    let skip = done;
+    while (skip >= len[k]!) skip -= len[k++]!; // done < length: stops inside the iovecs
+    const b = this.batch;
+    b.reserveIovecs(count - k);
+    const at = b.iovUsed;
+    for (let j = k; j < count; j++) {
+      const cut = j === k ? skip : 0;
+      b.iovBase[at + j - k] = base[j]! + cut;
+      b.iovLen[at + j - k] = len[j]! - cut;
+    }
+    const offset = this.offset[tag]!;
+    b.addReadWrite(this.opcode[tag]!, this.fd[tag]!, offset < 0 ? offset : offset + done, count - k, tag);
+  }
+}
