@@ -20,6 +20,8 @@ import { checkParams, ControlError, DEVICE_PARAM, RpcErrorCode, type ControlMeth
 
 /** Longest request line; a client sending more without a newline is answered and closed. */
 export const MAX_LINE_BYTES = 64 * 1024;
+/** How long a client told to go may keep sending before it is cut off. */
+const CLOSE_GRACE_MS = 2000;
 /** Clients connected at once; more are closed at accept. */
 const MAX_CLIENTS = 32;
 
@@ -158,12 +160,16 @@ function serveClient(socket: net.Socket, dispatcher: ControlDispatcher, logger: 
   const enqueue = (line: Buffer) => {
     answered = answered.then(() => dispatcher.handleLine(line)).then(send);
   };
+  // Stop reading requests, answer the last, close our side. What the client still sends is read and
+  // dropped until it closes too (or the grace time is over): closing with unread data would reset the
+  // connection, and the client might lose the answer.
   const finish = (response?: Response) => {
     done = true;
-    socket.pause();
     answered = answered.then(() => {
       send(response);
-      socket.end(() => socket.destroy());
+      socket.end();
+      const timer = setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
+      socket.once('close', () => clearTimeout(timer));
     });
   };
 
