@@ -10,10 +10,22 @@ import path from 'node:path';
 
 import test, { type ExecutionContext } from 'ava';
 
-import { ControlError, RpcErrorCode, type ControlMethod } from '../../../lib/control/protocol';
+import { ControlError, RpcErrorCode, type ControlMethod, type RpcErrorObject } from '../../../lib/control/protocol';
 import { MAX_LINE_BYTES, startControlServer } from '../../../lib/control/server';
 import { ConfigError } from '../../../lib/errors';
 import { silentLogger } from '../../../lib/runtime/logger';
+
+interface Answer {
+  jsonrpc: string;
+  id: unknown;
+  result?: unknown;
+  error?: RpcErrorObject;
+}
+
+/** The `text` an `echo` call answered. */
+function echoed(answer: Answer | null): unknown {
+  return (answer?.result as { text?: unknown } | undefined)?.text;
+}
 
 /** A line-oriented raw client: send bytes, read answers one line at a time. */
 class RawClient {
@@ -62,18 +74,18 @@ class RawClient {
   }
 
   /** The next answer, parsed; null when the server closed the connection first. */
-  next(timeoutMs = 5000): Promise<Record<string, any> | null> {
+  next(timeoutMs = 5000): Promise<Answer | null> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error('no answer')), timeoutMs);
       this.waiting = (line) => {
         clearTimeout(timer);
-        resolve(line === null ? null : (JSON.parse(line) as Record<string, any>));
+        resolve(line === null ? null : (JSON.parse(line) as Answer));
       };
       this.wake();
     });
   }
 
-  async call(method: string, params?: unknown, id: number | string = 1): Promise<Record<string, any> | null> {
+  async call(method: string, params?: unknown, id: number | string = 1): Promise<Answer | null> {
     this.send(`${JSON.stringify({ jsonrpc: '2.0', id, method, params })}\n`);
     return this.next();
   }
@@ -186,7 +198,7 @@ test('every bad input gets its JSON-RPC error, and the same and a new connection
     const after = await client.call('echo', { text: bad.name }, 'next');
     t.deepEqual(after, { jsonrpc: '2.0', id: 'next', result: { text: bad.name } }, `after ${bad.name}: the same connection answers`);
     const fresh = await RawClient.connect(socketPath);
-    t.is((await fresh.call('echo', { text: 'fresh' }))?.result?.text, 'fresh', `after ${bad.name}: a new connection answers`);
+    t.is(echoed(await fresh.call('echo', { text: 'fresh' })), 'fresh', `after ${bad.name}: a new connection answers`);
     fresh.close();
   }
 });
@@ -206,9 +218,9 @@ test('params: all valid kinds pass, the device param is accepted when it names t
   t.teardown(() => client.close());
   const answer = await client.call('echo', { text: 'x', count: 10, loud: false, mode: 'b', device: 'test' });
   t.deepEqual(answer?.result, { text: 'x', count: 10, loud: false, mode: 'b' }, 'the device param is consumed by the server');
-  const listing = await client.call('methods');
-  t.deepEqual(Object.keys(listing?.result ?? {}).sort(), ['bigint', 'echo', 'fail', 'methods', 'record', 'sleep']);
-  t.is(listing?.result?.echo?.params?.device?.type, 'string', 'every method lists the device param');
+  const listing = (await client.call('methods'))?.result as Record<string, { params: Record<string, { type: string }> }>;
+  t.deepEqual(Object.keys(listing).sort(), ['bigint', 'echo', 'fail', 'methods', 'record', 'sleep']);
+  t.is(listing.echo?.params.device?.type, 'string', 'every method lists the device param');
 });
 
 test('a line longer than the limit gets -32600 and closes only that client', async (t) => {
@@ -222,7 +234,7 @@ test('a line longer than the limit gets -32600 and closes only that client', asy
   t.is(answer?.id, null);
   t.is(await greedy.next(), null, 'then the server closes the connection');
   await greedy.closed;
-  t.is((await other.call('echo', { text: 'still here' }))?.result?.text, 'still here');
+  t.is(echoed(await other.call('echo', { text: 'still here' })), 'still here');
 });
 
 test('a line that never ends is cut off at the limit', async (t) => {
@@ -240,7 +252,7 @@ test('a line that never ends is cut off at the limit', async (t) => {
   t.is((await answered)?.error?.code, RpcErrorCode.INVALID_REQUEST);
   await endless.closed;
   const fresh = await RawClient.connect(socketPath);
-  t.is((await fresh.call('echo', { text: 'ok' }))?.result?.text, 'ok');
+  t.is(echoed(await fresh.call('echo', { text: 'ok' })), 'ok');
   fresh.close();
 });
 
@@ -274,7 +286,7 @@ test('one connection is answered in order; a slow client does not hold up anothe
   });
   slow.send(request({ id: 1, method: 'sleep', params: { ms: 300 } }) + request({ id: 2, method: 'echo', params: { text: 'second' } }));
   const started = Date.now();
-  t.is((await quick.call('echo', { text: 'quick' }))?.result?.text, 'quick');
+  t.is(echoed(await quick.call('echo', { text: 'quick' })), 'quick');
   t.true(Date.now() - started < 250, 'the other connection answered while the slow method ran');
   t.is((await slow.next())?.id, 1, 'answers come in request order');
   t.is((await slow.next())?.id, 2);
@@ -302,7 +314,7 @@ test('a client that disconnects mid-request harms nobody', async (t) => {
   await sleep(200);
   t.deepEqual(calls, ['slept 100'], 'the method ran to its end');
   const client = await RawClient.connect(socketPath);
-  t.is((await client.call('echo', { text: 'alive' }))?.result?.text, 'alive');
+  t.is(echoed(await client.call('echo', { text: 'alive' })), 'alive');
   client.close();
 });
 

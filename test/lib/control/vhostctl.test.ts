@@ -2,7 +2,6 @@
  * vhostctl against real daemons (spawned as an operator would): what it prints, with and without
  * --json, and exit status 1 with a clear message for every failure.
  */
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,25 +12,7 @@ import { RpcErrorCode } from '../../../lib/control/protocol';
 import { native } from '../../../native';
 import { startDaemon, type RunningDaemon } from '../../helpers/daemon';
 import { Frontend } from '../../helpers/frontend';
-import { repoRoot } from '../../helpers/guest-image';
-
-const vhostctlMain = path.join(repoRoot(), 'build', 'lib', 'control', 'vhostctl.js');
-
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Run vhostctl to its end (asynchronously: the daemon under test lives in another process anyway). */
-function vhostctl(...args: string[]): Promise<Run> {
-  const child = spawn(process.execPath, [vhostctlMain, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  return new Promise((resolve) => child.once('close', (status) => resolve({ status, stdout, stderr })));
-}
+import { vhostctl } from '../../helpers/vhostctl';
 
 function tempDir(t: ExecutionContext): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-vhostctl-'));
