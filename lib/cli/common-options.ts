@@ -151,6 +151,9 @@ export function toCommonConfig(args: CommonArgs, env: NodeJS.ProcessEnv = proces
     controlFd = activatedControl[0]?.fd;
   }
   checkFd('control-fd', controlFd);
+  if (args.control !== undefined && args.control === args['socket-path']) {
+    throw new ConfigError('CONFIG_CONFLICT', `--control ${args.control}: the vhost-user socket has this path; give the control socket its own`);
+  }
 
   const group = args['socket-group'];
   if (group !== undefined && args['socket-path'] === undefined && args.control === undefined) {

@@ -112,7 +112,12 @@ export async function runDaemon<Config>(spec: DaemonSpec<Config>, argv: string[]
         if (Object.hasOwn(methods, name)) throw new Error(`${device.name} defines control method "${name}", which every daemon has`);
         methods[name] = method;
       }
-      control = await startControlServer({ path: common.controlPath, group: common.socketGroup, fd: common.controlFd, device: device.name, methods, logger });
+      const controlOptions = { path: common.controlPath, group: common.socketGroup, fd: common.controlFd, device: device.name, methods, logger };
+      // A control socket that cannot be created ends the daemon: leave no vhost-user socket behind.
+      control = await startControlServer(controlOptions).catch(async (err: unknown) => {
+        await server.close();
+        throw err;
+      });
       logger.info(`control socket on ${common.controlPath ?? `fd ${common.controlFd}`}`);
     }
     const where = common.socketPath ?? (common.connect !== undefined ? `connect ${common.connect}` : `fd ${common.fd}`);

@@ -128,8 +128,13 @@ export class ControlDispatcher {
       JSON.stringify(result);
       return notification ? undefined : { jsonrpc: '2.0', id, result: result ?? null };
     } catch (err) {
+      if (err instanceof RequestFailure) {
+        // A notification gets no answer, but a line that is not a valid request is not a notification
+        // (JSON-RPC 2.0 §5: Invalid Request is answered with id null).
+        const malformed = err.error.code === RpcErrorCode.PARSE_ERROR || err.error.code === RpcErrorCode.INVALID_REQUEST;
+        return notification && !malformed ? undefined : { jsonrpc: '2.0', id: err.id, error: err.error };
+      }
       if (notification) return undefined;
-      if (err instanceof RequestFailure) return { jsonrpc: '2.0', id: err.id, error: err.error };
       if (err instanceof ControlError) return { jsonrpc: '2.0', id, error: { code: err.code, message: err.message } };
       const error: RpcErrorObject = { code: RpcErrorCode.INTERNAL_ERROR, message: (err as Error).message };
       if (err instanceof VhostdError) error.data = { code: err.code };

@@ -55,6 +55,8 @@ test('--control and --control-fd exclude each other; --control-fd must be an fd'
   const negative = t.throws(() => toCommonConfig({ 'socket-path': '/a', 'control-fd': -1, 'log-level': 'info' }, {}), { instanceOf: ConfigError });
   t.is(negative?.code, 'CONFIG_INVALID');
   t.is(toCommonConfig({ 'socket-path': '/a', control: '/c', 'log-level': 'info' }, {}).controlPath, '/c');
+  const same = t.throws(() => toCommonConfig({ 'socket-path': '/a', control: '/a', 'log-level': 'info' }, {}), { instanceOf: ConfigError });
+  t.is(same?.code, 'CONFIG_CONFLICT');
 });
 
 test('--socket-group takes a group name or a gid', (t) => {

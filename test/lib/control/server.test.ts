@@ -163,6 +163,7 @@ const badInputs: { name: string; line: string | Uint8Array; code: number; id?: u
   { name: 'an empty batch', line: '[]\n', code: RpcErrorCode.INVALID_REQUEST, id: null },
   { name: 'a number', line: '42\n', code: RpcErrorCode.INVALID_REQUEST, id: null },
   { name: 'null', line: 'null\n', code: RpcErrorCode.INVALID_REQUEST, id: null },
+  { name: 'no id and a bad method (invalid, so not a notification)', line: '{"jsonrpc":"2.0","method":1}\n', code: RpcErrorCode.INVALID_REQUEST, id: null },
   { name: 'jsonrpc 1.0', line: request({ jsonrpc: '1.0', method: 'echo' }), code: RpcErrorCode.INVALID_REQUEST, id: 9 },
   { name: 'no method', line: request({}), code: RpcErrorCode.INVALID_REQUEST, id: 9 },
   { name: 'a method that is not a string', line: request({ method: 7 }), code: RpcErrorCode.INVALID_REQUEST, id: 9 },

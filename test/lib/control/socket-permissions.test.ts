@@ -55,7 +55,7 @@ test('--socket-group makes both sockets 0660 with that group', async (t) => {
   }
 });
 
-test('an unknown group, or --socket-group without a socket to create, is exit 1 with a message', (t) => {
+test('an unknown group, a control socket that cannot be created, or --socket-group without a socket to create: exit 1 with a message', (t) => {
   const main = path.join(repoRoot(), 'build', 'daemons', 'rng', 'main.js');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-perm-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -66,6 +66,14 @@ test('an unknown group, or --socket-group without a socket to create, is exit 1 
   t.is(unknown.status, 1);
   t.regex(unknown.stderr, /--socket-group no-such-group-vhostd: no such group/);
   t.false(fs.existsSync(path.join(dir, 'rng.sock')), 'no socket is left behind');
+
+  const noDir = spawnSync(process.execPath, [main, '--socket-path', path.join(dir, 'rng.sock'), '--control', path.join(dir, 'missing', 'control.sock')], {
+    encoding: 'utf8',
+    env: daemonEnv(),
+  });
+  t.is(noDir.status, 1, noDir.stderr);
+  t.regex(noDir.stderr, /cannot listen on .*control\.sock/);
+  t.false(fs.existsSync(path.join(dir, 'rng.sock')), 'the vhost-user socket is removed again');
 
   const nothing = spawnSync(process.execPath, [main, '--connect', path.join(dir, 'qemu.sock'), '--socket-group', GROUP], { encoding: 'utf8', env: daemonEnv() });
   t.is(nothing.status, 1);
