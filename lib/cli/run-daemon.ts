@@ -107,11 +107,7 @@ export async function runDaemon<Config>(spec: DaemonSpec<Config>, argv: string[]
     }
     let control: ControlServer | undefined;
     if (withControl) {
-      const methods = { ...device.controlMethods?.() };
-      for (const [name, method] of Object.entries(daemonControlMethods(server, registry!, logger))) {
-        if (Object.hasOwn(methods, name)) throw new Error(`${device.name} defines control method "${name}", which every daemon has`);
-        methods[name] = method;
-      }
+      const methods = daemonControlMethods(server, registry!, logger, device.controlMethods?.());
       const controlOptions = { path: common.controlPath, group: common.socketGroup, fd: common.controlFd, device: device.name, methods, logger };
       // A control socket that cannot be created ends the daemon: leave no vhost-user socket behind.
       control = await startControlServer(controlOptions).catch(async (err: unknown) => {

@@ -13,7 +13,22 @@ function hex(bits: bigint): string {
   return `0x${bits.toString(16)}`;
 }
 
-export function daemonControlMethods(server: VhostUserServer, registry: Registry, logger: LevelLogger): Record<string, ControlMethod> {
+/** The common methods plus the device's own (`deviceMethods`), which must not take a common name. */
+export function daemonControlMethods(
+  server: VhostUserServer,
+  registry: Registry,
+  logger: LevelLogger,
+  deviceMethods: Record<string, ControlMethod> = {},
+): Record<string, ControlMethod> {
+  const device = server.device.name;
+  const common = commonMethods(server, registry, logger);
+  for (const name of Object.keys(deviceMethods)) {
+    if (Object.hasOwn(common, name)) throw new Error(`${device} defines control method "${name}", which every daemon has`);
+  }
+  return { ...deviceMethods, ...common };
+}
+
+function commonMethods(server: VhostUserServer, registry: Registry, logger: LevelLogger): Record<string, ControlMethod> {
   const device = server.device.name;
   return {
     status: {

@@ -90,8 +90,19 @@ export class ControlDispatcher {
     };
   }
 
-  /** Answer one line (without its newline); undefined for a notification or a blank line. */
-  async handleLine(line: Uint8Array): Promise<Response | undefined> {
+  /** Answer one line (without its newline) with a serialized response; undefined for a notification or a blank line. */
+  async handleLine(line: Uint8Array): Promise<string | undefined> {
+    const response = await this.respond(line);
+    if (response === undefined) return undefined;
+    try {
+      return JSON.stringify(response);
+    } catch (err) {
+      // A result JSON cannot carry (a bigint, a cycle) is this request's error.
+      return JSON.stringify({ jsonrpc: '2.0', id: response.id, error: { code: RpcErrorCode.INTERNAL_ERROR, message: `result: ${(err as Error).message}` } });
+    }
+  }
+
+  private async respond(line: Uint8Array): Promise<Response | undefined> {
     let id: RequestId = null;
     let notification = false;
     try {
@@ -124,8 +135,6 @@ export class ControlDispatcher {
       if (Array.isArray(params)) throw new RequestFailure(id, { code: RpcErrorCode.INVALID_PARAMS, message: 'params by position are not supported: pass an object' });
       if (!isPlainObject(params)) throw new RequestFailure(id, { code: RpcErrorCode.INVALID_REQUEST, message: 'params must be an object' });
       const result = await this.call(method, params);
-      // Serialize here so that a result JSON cannot carry becomes this request's error.
-      JSON.stringify(result);
       return notification ? undefined : { jsonrpc: '2.0', id, result: result ?? null };
     } catch (err) {
       if (err instanceof RequestFailure) {
@@ -159,8 +168,8 @@ function serveClient(socket: net.Socket, dispatcher: ControlDispatcher, logger: 
   let answered: Promise<void> = Promise.resolve();
   let done = false;
 
-  const send = (response: Response | undefined) => {
-    if (response !== undefined && socket.writable) socket.write(`${JSON.stringify(response)}\n`);
+  const send = (response: string | undefined) => {
+    if (response !== undefined && socket.writable) socket.write(`${response}\n`);
   };
   const enqueue = (line: Buffer) => {
     answered = answered.then(() => dispatcher.handleLine(line)).then(send);
@@ -168,7 +177,7 @@ function serveClient(socket: net.Socket, dispatcher: ControlDispatcher, logger: 
   // Stop reading requests, answer the last, close our side. What the client still sends is read and
   // dropped until it closes too (or the grace time is over): closing with unread data would reset the
   // connection, and the client might lose the answer.
-  const finish = (response?: Response) => {
+  const finish = (response?: string) => {
     done = true;
     answered = answered.then(() => {
       send(response);
@@ -193,7 +202,8 @@ function serveClient(socket: net.Socket, dispatcher: ControlDispatcher, logger: 
     const rest = chunk.subarray(start);
     if (tooLong || pendingBytes + rest.length > MAX_LINE_BYTES) {
       logger.warn('control client sent a line longer than the limit; closing it', { limit: MAX_LINE_BYTES });
-      finish({ jsonrpc: '2.0', id: null, error: { code: RpcErrorCode.INVALID_REQUEST, message: `request line longer than ${MAX_LINE_BYTES} bytes` } });
+      const error = { code: RpcErrorCode.INVALID_REQUEST, message: `request line longer than ${MAX_LINE_BYTES} bytes` };
+      finish(JSON.stringify({ jsonrpc: '2.0', id: null, error }));
       return;
     }
     if (rest.length > 0) {
