@@ -12,8 +12,8 @@ export const PROGRAM = 'vhost-user-blk';
 export const DESCRIPTION =
   'Serve a raw disk image or a block device as a virtio-blk device (virtio 1.2 §5.2) to a vhost-user ' +
   'front-end such as QEMU. I/O goes through io_uring straight into guest memory; without io_uring it ' +
-  'falls back to preadv/pwritev on the thread pool. SIGHUP re-reads the image size and tells the guest ' +
-  'when it changed.';
+  'falls back to preadv/pwritev on the thread pool. SIGHUP (or vhostctl resize on the --control socket) ' +
+  're-reads the image size and tells the guest when it changed.';
 
 export const options = {
   file: {
@@ -120,7 +120,8 @@ libvirt (domain XML):
     <target dev='vda' bus='virtio'/>
   </disk>
 
-Signals: SIGHUP re-reads the image size (grow the file, then kill -HUP), SIGTERM stops.`;
+Resize: grow the file, then vhostctl --control PATH resize (a daemon started with --control PATH), or kill -HUP.
+Signals: SIGHUP re-reads the image size, SIGTERM stops.`;
 
 /** What the daemon runs with. */
 export interface BlkConfig {

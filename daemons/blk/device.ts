@@ -17,6 +17,7 @@ import { constants as osConstants } from 'node:os';
 import type { Registry } from 'prom-client';
 
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
+import type { ControlMethod } from '../../lib/control/protocol';
 import { RingError } from '../../lib/errors';
 import type { BackingFile } from '../../lib/io/backing-file';
 import { IoEngine, MAX_RESUBMIT_LENGTH, RESUBMIT_SHORT } from '../../lib/io/engine';
@@ -574,6 +575,20 @@ export class BlkDevice implements DaemonDevice {
     if (this.context !== null && !(await this.context.notifyConfigChange())) {
       this.logger.warn('the front-end gave no backend channel: the guest sees the new size only after it re-reads the config space');
     }
+  }
+
+  /** Control socket: `resize` does what SIGHUP does and answers the capacity before and after, in sectors. */
+  controlMethods(): Record<string, ControlMethod> {
+    return {
+      resize: {
+        description: 'Re-read the image size (after growing it) and tell the guest when it changed',
+        call: async () => {
+          const previousSectors = this.capacity;
+          await this.reload();
+          return { device: this.name, previousSectors, sectors: this.capacity, bytes: this.capacity * SECTOR_SIZE };
+        },
+      },
+    };
   }
 
   /** Release the engines and the image (after every queue stopped). */

@@ -1,11 +1,17 @@
 /**
  * Options every daemon shares, in the vhost-user.rst "Backend program conventions" shape:
- * `--socket-path` xor `--fd` (plus our `--connect`), `--print-capabilities`, and the metrics and log
- * switches. A pure `toCommonConfig` turns parsed arguments into a config or throws ConfigError.
+ * `--socket-path` xor `--fd` (plus our `--connect`), `--print-capabilities`, `--socket-group`
+ * (virtiofsd's), the control socket, and the metrics and log switches. `toCommonConfig` turns parsed
+ * arguments into a config or throws ConfigError; it reads only LISTEN_FDS and the group database.
  */
+import { execFileSync } from 'node:child_process';
+
 import { ConfigError } from '../errors';
-import type { LogLevel } from '../runtime/logger';
+import { LOG_LEVELS, type LogLevel } from '../runtime/logger';
 import { listenFds } from '../systemd/listen-fds';
+
+/** LISTEN_FDNAMES name of the control socket (the control socket unit's FileDescriptorName=). */
+export const CONTROL_FD_NAME = 'control';
 
 export const commonOptions = {
   'socket-path': {
@@ -23,6 +29,11 @@ export const commonOptions = {
     describe: 'Connect to a front-end listening on this socket (QEMU -chardev socket,server=on), reconnecting after it leaves',
     group: 'Connection:',
   },
+  'socket-group': {
+    type: 'string',
+    describe: 'Make the sockets the daemon creates (--socket-path, --control) mode 0660 with this group (name or gid) instead of 0600',
+    group: 'Connection:',
+  },
   'print-capabilities': {
     type: 'boolean',
     describe: 'Print the vhost-user capabilities as JSON and exit',
@@ -34,9 +45,19 @@ export const commonOptions = {
     group: 'Operation:',
   },
   'log-level': {
-    choices: ['debug', 'info', 'warn', 'error'],
+    choices: LOG_LEVELS,
     default: 'info',
-    describe: 'Least severe log level written to stderr',
+    describe: 'Least severe log level written to stderr (change it at run time: vhostctl call log-level)',
+    group: 'Operation:',
+  },
+  control: {
+    type: 'string',
+    describe: 'Control socket (JSON-RPC 2.0, one object per line; vhostctl speaks it) at this path, mode 0600',
+    group: 'Operation:',
+  },
+  'control-fd': {
+    type: 'number',
+    describe: `Use this inherited, listening unix socket as the control socket (socket activation passes it by itself when named "${CONTROL_FD_NAME}")`,
     group: 'Operation:',
   },
 } as const;
@@ -45,16 +66,24 @@ export interface CommonArgs {
   'socket-path'?: string;
   fd?: number;
   connect?: string;
+  'socket-group'?: string;
   metrics?: string;
   'log-level': string;
+  control?: string;
+  'control-fd'?: number;
 }
 
 export interface CommonConfig {
   socketPath?: string;
   fd?: number;
   connect?: string;
+  /** gid for the sockets the daemon creates (mode 0660), or undefined for 0600. */
+  socketGroup?: number;
   metrics?: { host: string; port: number };
   logLevel: LogLevel;
+  /** Control socket: a path to create, or an inherited listening fd. */
+  controlPath?: string;
+  controlFd?: number;
 }
 
 /** Parse `[HOST:]PORT` (IPv6 hosts in brackets). */
@@ -67,16 +96,41 @@ export function parseListenAddress(value: string): { host: string; port: number 
   return { host: match[1] ?? match[2] ?? '127.0.0.1', port };
 }
 
-/** Turn parsed common arguments into a config. Socket activation (LISTEN_FDS) stands in for --fd. */
+/** A group name or number → gid, through the system's group database (getent: files, LDAP...). */
+export function resolveGroup(group: string): number {
+  if (/^\d+$/.test(group)) return Number(group);
+  let entry = '';
+  try {
+    entry = execFileSync('getent', ['group', group], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  } catch {
+    // getent exits 2 for an unknown group; the check below says so.
+  }
+  const gid = Number(entry.split(':')[2]);
+  if (entry === '' || !Number.isInteger(gid)) throw new ConfigError('CONFIG_INVALID', `--socket-group ${group}: no such group`);
+  return gid;
+}
+
+function checkFd(option: string, fd: number | undefined): void {
+  if (fd !== undefined && (!Number.isInteger(fd) || fd < 0)) {
+    throw new ConfigError('CONFIG_INVALID', `--${option} ${fd}: expected a file descriptor number`);
+  }
+}
+
+/**
+ * Turn parsed common arguments into a config. Socket activation (LISTEN_FDS) stands in for --fd, and
+ * for --control-fd with the socket named "control" (LISTEN_FDNAMES).
+ */
 export function toCommonConfig(args: CommonArgs, env: NodeJS.ProcessEnv = process.env): CommonConfig {
+  const activated = listenFds(env);
+  const activatedControl = activated.filter((s) => s.name === CONTROL_FD_NAME);
+  const activatedVhostUser = activated.filter((s) => s.name !== CONTROL_FD_NAME);
   let fd = args.fd;
   const given = [args['socket-path'], fd, args.connect].filter((v) => v !== undefined).length;
   if (given === 0) {
-    const activated = listenFds(env);
-    if (activated.length > 1) {
-      throw new ConfigError('CONFIG_INVALID', `systemd passed ${activated.length} sockets; the unit must pass exactly one`);
+    if (activatedVhostUser.length > 1) {
+      throw new ConfigError('CONFIG_INVALID', `systemd passed ${activatedVhostUser.length} vhost-user sockets; the unit must pass exactly one`);
     }
-    fd = activated[0];
+    fd = activatedVhostUser[0]?.fd;
   }
   if (given > 1) {
     throw new ConfigError('CONFIG_CONFLICT', '--socket-path, --fd and --connect exclude each other: give one');
@@ -84,14 +138,35 @@ export function toCommonConfig(args: CommonArgs, env: NodeJS.ProcessEnv = proces
   if (given === 0 && fd === undefined) {
     throw new ConfigError('CONFIG_MISSING', 'no socket: give --socket-path PATH (or --fd N, or --connect PATH, or start under systemd socket activation)');
   }
-  if (fd !== undefined && (!Number.isInteger(fd) || fd < 0)) {
-    throw new ConfigError('CONFIG_INVALID', `--fd ${fd}: expected a file descriptor number`);
+  checkFd('fd', fd);
+
+  let controlFd = args['control-fd'];
+  if (args.control !== undefined && controlFd !== undefined) {
+    throw new ConfigError('CONFIG_CONFLICT', '--control and --control-fd exclude each other: give one');
+  }
+  if (args.control === undefined && controlFd === undefined) {
+    if (activatedControl.length > 1) {
+      throw new ConfigError('CONFIG_INVALID', `systemd passed ${activatedControl.length} sockets named "${CONTROL_FD_NAME}"; the unit must pass at most one`);
+    }
+    controlFd = activatedControl[0]?.fd;
+  }
+  checkFd('control-fd', controlFd);
+  if (args.control !== undefined && args.control === args['socket-path']) {
+    throw new ConfigError('CONFIG_CONFLICT', `--control ${args.control}: the vhost-user socket has this path; give the control socket its own`);
+  }
+
+  const group = args['socket-group'];
+  if (group !== undefined && args['socket-path'] === undefined && args.control === undefined) {
+    throw new ConfigError('CONFIG_INVALID', '--socket-group applies to the sockets the daemon creates: give --socket-path or --control too');
   }
   return {
     socketPath: args['socket-path'],
     fd,
     connect: args.connect,
+    socketGroup: group === undefined ? undefined : resolveGroup(group),
     metrics: args.metrics === undefined ? undefined : parseListenAddress(args.metrics),
     logLevel: args['log-level'] as LogLevel,
+    controlPath: args.control,
+    controlFd,
   };
 }

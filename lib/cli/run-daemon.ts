@@ -6,10 +6,13 @@
  */
 import yargs, { type Options } from 'yargs';
 
+import { daemonControlMethods } from '../control/daemon-methods';
+import type { ControlMethod } from '../control/protocol';
+import { startControlServer, type ControlServer } from '../control/server';
 import { ConfigError } from '../errors';
 import { createDaemonMetrics } from '../metrics/registry';
 import { startMetricsServer, type MetricsServer } from '../metrics/server';
-import { createLogger, type Logger } from '../runtime/logger';
+import { createLogger, type LevelLogger, type Logger } from '../runtime/logger';
 import type { QueueWorkerOptions } from '../runtime/queue-workers';
 import { serve } from '../runtime/serve';
 import { sdNotify, startWatchdog } from '../systemd/notify';
@@ -22,6 +25,11 @@ export interface DaemonDevice extends DeviceBackend {
   close?(): Promise<void> | void;
   /** SIGHUP: re-read what can change at run time (e.g. a grown image). */
   reload?(): Promise<void> | void;
+  /**
+   * The device's own control socket methods (blk `resize`), next to the common `status`, `metrics`
+   * and `log-level`; their params are checked against each method's `params` before `call`.
+   */
+  controlMethods?(): Record<string, ControlMethod>;
 }
 
 export interface DaemonSpec<Config> {
@@ -74,19 +82,39 @@ export async function runDaemon<Config>(spec: DaemonSpec<Config>, argv: string[]
     return;
   }
 
-  let logger: Logger | undefined;
+  let logger: LevelLogger | undefined;
   try {
     const common = toCommonConfig(args);
     logger = createLogger({ level: common.logLevel });
     const config = spec.toConfig(args);
     const device = await spec.createDevice(config, logger);
     const queueWorkers = spec.queueWorkers?.(config);
-    const server = await serve(device, { socketPath: common.socketPath, fd: common.fd, connect: common.connect, logger, queueWorkers });
+    const server = await serve(device, {
+      socketPath: common.socketPath,
+      socketGroup: common.socketGroup,
+      fd: common.fd,
+      connect: common.connect,
+      logger,
+      queueWorkers,
+    });
     if (queueWorkers !== undefined) logger.info(`queues run in ${queueWorkers.threads} worker thread(s)`);
+    const withControl = common.controlPath !== undefined || common.controlFd !== undefined;
+    const registry = common.metrics !== undefined || withControl ? createDaemonMetrics(server) : undefined;
     let metrics: MetricsServer | undefined;
     if (common.metrics !== undefined) {
-      metrics = await startMetricsServer(createDaemonMetrics(server), common.metrics.host, common.metrics.port);
+      metrics = await startMetricsServer(registry!, common.metrics.host, common.metrics.port);
       logger.info(`metrics on http://${metrics.address.host}:${metrics.address.port}/metrics`);
+    }
+    let control: ControlServer | undefined;
+    if (withControl) {
+      const methods = daemonControlMethods(server, registry!, logger, device.controlMethods?.());
+      const controlOptions = { path: common.controlPath, group: common.socketGroup, fd: common.controlFd, device: device.name, methods, logger };
+      // A control socket that cannot be created ends the daemon: leave no vhost-user socket behind.
+      control = await startControlServer(controlOptions).catch(async (err: unknown) => {
+        await server.close();
+        throw err;
+      });
+      logger.info(`control socket on ${common.controlPath ?? `fd ${common.controlFd}`}`);
     }
     const where = common.socketPath ?? (common.connect !== undefined ? `connect ${common.connect}` : `fd ${common.fd}`);
     logger.info(`${spec.program} serving ${device.name} on ${where}`);
@@ -104,6 +132,7 @@ export async function runDaemon<Config>(spec: DaemonSpec<Config>, argv: string[]
         process.exit(1);
       }, STOP_TIMEOUT_MS).unref();
       stopWatchdog();
+      await control?.close();
       await server.close();
       await device.close?.();
       await metrics?.close();

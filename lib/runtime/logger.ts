@@ -5,6 +5,7 @@
  */
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+export const LOG_LEVELS: readonly LogLevel[] = ['debug', 'info', 'warn', 'error'];
 export type LogFields = Record<string, string | number | boolean | undefined>;
 
 export interface Logger {
@@ -12,6 +13,11 @@ export interface Logger {
   info(message: string, fields?: LogFields): void;
   warn(message: string, fields?: LogFields): void;
   error(message: string, fields?: LogFields): void;
+}
+
+/** The daemon's logger: its least severe level can change at run time (control API `log-level`). */
+export interface LevelLogger extends Logger {
+  level: LogLevel;
 }
 
 const RANK: Record<LogLevel, number> = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -26,10 +32,10 @@ export interface StderrLoggerOptions {
   write?: (line: string) => void;
 }
 
-export function createLogger(options: StderrLoggerOptions): Logger {
+export function createLogger(options: StderrLoggerOptions): LevelLogger {
   const journal = options.journal ?? process.env.JOURNAL_STREAM !== undefined;
   const write = options.write ?? ((line: string) => process.stderr.write(line));
-  const min = RANK[options.level];
+  let min = RANK[options.level];
   const log = (level: LogLevel) => (message: string, fields?: LogFields) => {
     if (RANK[level] < min) return;
     let line = journal ? `<${SYSLOG_PRIORITY[level]}>${message}` : `${level}: ${message}`;
@@ -40,7 +46,18 @@ export function createLogger(options: StderrLoggerOptions): Logger {
     }
     write(line.replace(/\n/g, ' | ') + '\n');
   };
-  return { debug: log('debug'), info: log('info'), warn: log('warn'), error: log('error') };
+  return {
+    debug: log('debug'),
+    info: log('info'),
+    warn: log('warn'),
+    error: log('error'),
+    get level(): LogLevel {
+      return LOG_LEVELS[min]!;
+    },
+    set level(level: LogLevel) {
+      min = RANK[level];
+    },
+  };
 }
 
 /** A logger that drops everything (library default and quiet tests). */

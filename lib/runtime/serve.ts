@@ -15,11 +15,14 @@ import { VhostUserConnection, type DisconnectInfo, type ProtocolCounters } from 
 import type { DeviceBackend } from '../vhost-user/device-backend';
 import { Vring } from '../vhost-user/vring';
 import { silentLogger, type Logger } from './logger';
+import { listenPrivateUnixSocket } from './private-socket';
 import { QueueWorkerPool, type QueueWorkerOptions } from './queue-workers';
 
 export interface ServeOptions {
-  /** Listen on this unix socket path (created; a stale socket file is replaced). */
+  /** Listen on this unix socket path (created mode 0600; a stale socket file is replaced). */
   socketPath?: string;
+  /** With `socketPath`: mode 0660 and this group (a gid), for a front-end running as another user. */
+  socketGroup?: number;
   /** Use this already-listening unix socket fd (systemd LISTEN_FDS, `--fd`). */
   fd?: number;
   /** Connect to a front-end listening on this path, and again after every disconnect. */
@@ -38,6 +41,8 @@ export interface VhostUserServer extends EventEmitter {
   readonly counters: ProtocolCounters;
   /** Whether a front-end is attached now. */
   readonly connected: boolean;
+  /** Virtio and protocol features the attached front-end acked (0n without one). */
+  readonly negotiated: { features: bigint; protocolFeatures: bigint };
   /** Stop accepting, drop the front-end, release everything. */
   close(): Promise<void>;
   on(event: 'connection', listener: () => void): this;
@@ -69,6 +74,10 @@ class Server extends EventEmitter implements VhostUserServer {
     return this.connection !== null;
   }
 
+  get negotiated(): { features: bigint; protocolFeatures: bigint } {
+    return { features: this.connection?.ackedFeatures ?? 0n, protocolFeatures: this.connection?.ackedProtocolFeatures ?? 0n };
+  }
+
   start(): void {
     const { socketPath, fd, connect } = this.options;
     const modes = [socketPath, fd, connect].filter((m) => m !== undefined).length;
@@ -86,11 +95,7 @@ class Server extends EventEmitter implements VhostUserServer {
       native.setNonBlocking(fd, true);
       this.listenFd = fd;
     } else {
-      try {
-        this.listenFd = native.listenUnix(socketPath!, 1);
-      } catch (err) {
-        throw new ConfigError('CONFIG_INVALID', `cannot listen on ${socketPath}: ${(err as Error).message}`);
-      }
+      this.listenFd = listenPrivateUnixSocket(socketPath!, 1, this.options.socketGroup);
     }
     this.watchListener();
   }

@@ -1,0 +1,24 @@
+/**
+ * Run the built vhostctl (build/lib/control/vhostctl.js) as an operator would, to its end.
+ */
+import { spawn } from 'node:child_process';
+import path from 'node:path';
+
+import { repoRoot } from './guest-image';
+
+export interface VhostctlRun {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Asynchronous, so that a daemon or guest in this process's event loop keeps running meanwhile. */
+export function vhostctl(...args: string[]): Promise<VhostctlRun> {
+  const main = path.join(repoRoot(), 'build', 'lib', 'control', 'vhostctl.js');
+  const child = spawn(process.execPath, [main, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  return new Promise((resolve) => child.once('close', (status) => resolve({ status, stdout, stderr })));
+}
