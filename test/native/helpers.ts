@@ -108,3 +108,25 @@ export function run(command: string, args: string[]): Promise<{ status: number |
     });
   });
 }
+
+/** A memfd mapped read-write: `view` is its bytes, `address` their host address (for iovecs). */
+export function mappedMemfd(size: number, name = 'vhostd-test') {
+  const fd = native.memfdCreate(name, size);
+  const m = native.mmap(fd, size, 0, true);
+  return {
+    view: m.views[0]!,
+    address: m.address,
+    free() {
+      native.munmap(m.id);
+      native.close(fd);
+    },
+  };
+}
+
+/** A sparse file of `size` bytes in a fresh temp directory, opened read-write. */
+export function tempFile(size: number): { fd: number; file: string } {
+  const file = path.join(tempDir(), 'disk.img');
+  fs.writeFileSync(file, Buffer.alloc(0));
+  fs.truncateSync(file, size);
+  return { fd: fs.openSync(file, 'r+'), file };
+}

@@ -1,37 +1,15 @@
 import fs from 'node:fs';
-import path from 'node:path';
 
 import test from 'ava';
 
 import { IORING_OP, POLL_READABLE, native } from '../../native';
-import { collect, fdCount, makeBatch, nativeError, tempDir } from './helpers';
+import { collect, fdCount, makeBatch, mappedMemfd, nativeError, tempFile } from './helpers';
 
 const PAGE = 4096;
 
-/** A memfd-backed mapping with a file-like pattern in its first `size` bytes. */
-function memory(size: number) {
-  const fd = native.memfdCreate('io-uring-test', size);
-  const m = native.mmap(fd, size, 0, true);
-  return {
-    view: m.views[0]!,
-    address: m.address,
-    free() {
-      native.munmap(m.id);
-      native.close(fd);
-    },
-  };
-}
-
-function tempFile(size: number): { fd: number; file: string } {
-  const file = path.join(tempDir(), 'disk.img');
-  fs.writeFileSync(file, Buffer.alloc(0));
-  fs.truncateSync(file, size);
-  return { fd: fs.openSync(file, 'r+'), file };
-}
-
 test('writes a file from mmap-ed memfd memory and reads it back elsewhere (zero copy), fsync, punch hole', async (t) => {
   const ring = native.createIoUring(8);
-  const mem = memory(16 * PAGE);
+  const mem = mappedMemfd(16 * PAGE);
   const { fd, file } = tempFile(8 * PAGE);
   for (let i = 0; i < 2 * PAGE; i++) mem.view[i] = (i * 7 + 3) & 0xff;
 
@@ -90,7 +68,7 @@ test('writes a file from mmap-ed memfd memory and reads it back elsewhere (zero 
 
 test('errors come back as negative results', async (t) => {
   const ring = native.createIoUring(4);
-  const mem = memory(PAGE);
+  const mem = mappedMemfd(PAGE);
   const { fd } = tempFile(PAGE);
   const batch = makeBatch(3, 3);
   // Bad fd.
@@ -128,7 +106,7 @@ test('errors come back as negative results', async (t) => {
 
 test('more requests than SQ entries are all queued and complete (CQ overflow included)', async (t) => {
   const ring = native.createIoUring(4);
-  const mem = memory(64 * PAGE);
+  const mem = mappedMemfd(64 * PAGE);
   const { fd, file } = tempFile(0);
   const n = 40;
   const batch = makeBatch(n, n);
@@ -156,7 +134,7 @@ test('more requests than SQ entries are all queued and complete (CQ overflow inc
 
 test('iovec storage of one submit is not disturbed by the next (the kernel copied it)', async (t) => {
   const ring = native.createIoUring(8);
-  const mem = memory(4 * PAGE);
+  const mem = mappedMemfd(4 * PAGE);
   const { fd, file } = tempFile(0);
   mem.view.fill(0xaa, 0, PAGE);
   mem.view.fill(0xbb, PAGE, 2 * PAGE);
@@ -183,7 +161,7 @@ test('iovec storage of one submit is not disturbed by the next (the kernel copie
 
 test('bindBatch + submitBound: the bound arrays are used until the next bind, with submit\'s checks', async (t) => {
   const ring = native.createIoUring(8);
-  const mem = memory(4 * PAGE);
+  const mem = mappedMemfd(4 * PAGE);
   const { fd, file } = tempFile(0);
   mem.view.fill(0x11, 0, PAGE);
   mem.view.fill(0x22, PAGE, 2 * PAGE);

@@ -3,8 +3,6 @@
  * from memfd-backed memory as guest memory would be.
  */
 import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 
 import test from 'ava';
 
@@ -14,7 +12,7 @@ import { IoUringExecutor } from '../../../lib/io/io-uring-executor';
 import { ThreadPoolExecutor } from '../../../lib/io/thread-pool-executor';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, IORING_FSYNC_DATASYNC, IORING_OP, OFFSET_CURRENT, native } from '../../../native';
-import { fdCount } from '../../native/helpers';
+import { fdCount, mappedMemfd, tempFile } from '../../native/helpers';
 
 const PAGE = 4096;
 
@@ -22,26 +20,6 @@ const executors: [string, ExecutorFactory][] = [
   ['io_uring', (capacity, sink) => new IoUringExecutor(capacity, sink, silentLogger)],
   ['thread-pool', (capacity, sink) => new ThreadPoolExecutor(capacity, sink)],
 ];
-
-function memory(size: number) {
-  const fd = native.memfdCreate('io-engine-test', size);
-  const m = native.mmap(fd, size, 0, true);
-  return {
-    view: m.views[0]!,
-    address: m.address,
-    free() {
-      native.munmap(m.id);
-      native.close(fd);
-    },
-  };
-}
-
-function tempFile(size: number): { fd: number; file: string } {
-  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-io-')), 'disk.img');
-  fs.writeFileSync(file, Buffer.alloc(0));
-  fs.truncateSync(file, size);
-  return { fd: fs.openSync(file, 'r+'), file };
-}
 
 /** An engine whose completions resolve `next(n)` once n have arrived (map userData → result). */
 function engineOn(create: ExecutorFactory, capacity = 8) {
@@ -83,7 +61,7 @@ for (const [kind, create] of executors) {
     const before = fdCount();
     const { engine, run } = engineOn(create);
     t.is(engine.kind, kind);
-    const mem = memory(16 * PAGE);
+    const mem = mappedMemfd(16 * PAGE);
     const { fd, file } = tempFile(4 * PAGE);
     for (let i = 0; i < 2 * PAGE; i++) mem.view[i] = (i * 13 + 5) & 0xff;
 
@@ -118,7 +96,7 @@ for (const [kind, create] of executors) {
 
   test.serial(`${kind}: READV/WRITEV at OFFSET_CURRENT on a socket (no file position, like a TAP fd)`, async (t) => {
     const { engine, run } = engineOn(create);
-    const mem = memory(PAGE);
+    const mem = mappedMemfd(PAGE);
     const [readEnd, writeEnd] = native.socketPair();
     mem.view.set([1, 2, 3, 4, 5], 0);
     stage(engine, IORING_OP.WRITEV, writeEnd, OFFSET_CURRENT, [[mem.address, 3], [mem.address + 3, 2]], 1, 0);
@@ -136,7 +114,7 @@ for (const [kind, create] of executors) {
 
 test.serial('io_uring: more ops than ring entries all complete (the submission queue refills as completions free it)', async (t) => {
   const { engine, run } = engineOn(executors[0]![1], 2);
-  const mem = memory(64 * PAGE);
+  const mem = mappedMemfd(64 * PAGE);
   const { fd, file } = tempFile(0);
   const n = 48;
   for (let i = 0; i < n; i++) {
