@@ -136,6 +136,21 @@ export interface TapInterface {
 export const MADV_DONTNEED = 4;
 export const MADV_REMOVE = 9;
 
+/**
+ * A batch of `count` frames on a TAP (or other offset-less) fd: frame `i` is the iovecs
+ * `iovStart[i] .. iovStart[i] + iovCount[i] - 1` of `iovBase`/`iovLen`; `result[i]` gets its bytes or
+ * -errno. Returns how many frames got a result.
+ */
+export type FrameTransfer = (
+  fd: number,
+  iovBase: Float64Array,
+  iovLen: Float64Array,
+  iovStart: Uint32Array,
+  iovCount: Uint32Array,
+  result: Int32Array,
+  count: number,
+) => number;
+
 /** The raw native module. */
 export interface Native {
   /** Bind + listen a SOCK_STREAM unix socket (nonblocking, cloexec). Unlinks a stale socket file first. */
@@ -219,25 +234,9 @@ export interface Native {
    * One readv per frame (no offset). `result[i]` gets the frame's bytes or -errno. Stops at the first
    * EAGAIN; returns how many frames got a result (0: nothing to read).
    */
-  readFrames(
-    fd: number,
-    iovBase: Float64Array,
-    iovLen: Float64Array,
-    iovStart: Uint32Array,
-    iovCount: Uint32Array,
-    result: Int32Array,
-    count: number,
-  ): number;
+  readFrames: FrameTransfer;
   /** One writev per frame (no offset), as {@link readFrames}: stops at EAGAIN, -errno per failed frame. */
-  writeFrames(
-    fd: number,
-    iovBase: Float64Array,
-    iovLen: Float64Array,
-    iovStart: Uint32Array,
-    iovCount: Uint32Array,
-    result: Int32Array,
-    count: number,
-  ): number;
+  writeFrames: FrameTransfer;
 }
 
 function load(): Native {
