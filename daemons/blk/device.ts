@@ -24,6 +24,7 @@ import type { DeviceContext } from '../../lib/vhost-user/device-backend';
 import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import { bit } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import { drainQueue } from '../../lib/virtqueue/drain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import {
   FALLOC_FL_KEEP_SIZE,
@@ -317,27 +318,14 @@ export class BlkDevice implements DaemonDevice {
     const w = this.workers[index]!;
     if (w.queue !== queue) this.startQueue(index, queue);
     const executor = w.executor!;
-    let bad: DescriptorChain | null = null;
-    try {
-      do {
-        queue.disableNotification();
-        for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
-          if (!this.startRequest(w, queue, chain)) {
-            bad = chain;
-            break;
-          }
-        }
-        executor.submit();
-        queue.flush();
-      } while (bad === null && queue.enableNotification());
-    } finally {
-      // A RingError from pop (or the bad chain below) still lets the requests before it run.
-      executor.submit();
-      queue.flush();
-    }
-    if (bad !== null) {
-      throw new RingError('VIRTQ_BAD_REQUEST', `queue ${index}: chain ${bad.head}: ${this.badReason}`);
-    }
+    // A malformed chain breaks the queue; the requests before it still run (drainQueue's policy).
+    drainQueue(queue, {
+      handle: (chain) => {
+        if (!this.startRequest(w, queue, chain)) throw new RingError('VIRTQ_BAD_REQUEST', `queue ${index}: chain ${chain.head}: ${this.badReason}`);
+        return true;
+      },
+      endBatch: () => executor.submit(),
+    });
   }
 
   /** Parse and start one chain. Returns false for a malformed chain (nothing is completed for it). */
