@@ -12,6 +12,9 @@ import { TestServer, pattern } from './harness';
 const REGIONS = DEFAULT_LAYOUT.length;
 const ADDED = { gpa: 0x4000_0000, size: 1 << 20, userAddr: 0x7f60_0000_0000, mmapOffset: 0x5000 };
 
+/** The calls up to both queues running. A ring starts at SET_VRING_KICK; SET_VRING_ENABLE (or the implicit enable) follows. */
+const RUNNING = ['attach', `memory ${REGIONS}`, 'start 0', 'enabled 0 true', 'start 1', 'enabled 1 true'];
+
 async function roundTrip(t: ExecutionContext, fe: Frontend, queue: number, seed: number): Promise<void> {
   const data = pattern(64, seed);
   const done = await fe.transfer(queue, { readable: [{ data }], writable: [{ length: data.length }] });
@@ -50,13 +53,7 @@ test('queues on the main thread: hooks in order, enable changes reported once, r
   t.teardown(() => ts.close());
   await session(t, ts);
   t.deepEqual(device.calls, [
-    'attach',
-    `memory ${REGIONS}`,
-    // A ring starts at SET_VRING_KICK and is enabled by SET_VRING_ENABLE after it.
-    'start 0',
-    'enabled 0 true',
-    'start 1',
-    'enabled 1 true',
+    ...RUNNING,
     'enabled 1 false',
     'enabled 1 true',
     `memory ${REGIONS + 1}`,
@@ -73,19 +70,7 @@ test('a front-end without protocol features: rings are enabled implicitly, repor
   const ts = await TestServer.start(device);
   t.teardown(() => ts.close());
   await session(t, ts, true);
-  t.deepEqual(device.calls, [
-    'attach',
-    `memory ${REGIONS}`,
-    'start 0',
-    'enabled 0 true',
-    'start 1',
-    'enabled 1 true',
-    `memory ${REGIONS + 1}`,
-    'stop 0',
-    'stop 1',
-    'reset',
-    'detach',
-  ]);
+  t.deepEqual(device.calls, [...RUNNING, `memory ${REGIONS + 1}`, 'stop 0', 'stop 1', 'reset', 'detach']);
 });
 
 test.serial('queues in worker threads: each worker device sees its queue hooks, the main device the rest', async (t) => {
