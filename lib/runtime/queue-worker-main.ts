@@ -116,6 +116,7 @@ const context: DeviceContext = {
   // The backend channel belongs to the main thread, whose device instance owns the config space.
   notifyConfigChange: () => Promise.resolve(false),
 };
+let attached = false;
 /** Completions arrive outside processQueue; refresh the shared counters a few times a second. */
 let counterTimer: NodeJS.Timeout | null = null;
 
@@ -131,7 +132,9 @@ function startQueue(message: Extract<ToWorker, { type: 'start' }>): void {
   }
   queues.set(message.index, q);
   features = BigInt(message.features);
-  device.attach?.(context);
+  // A worker lives for one front-end connection: its device is attached once, with its first queue.
+  if (!attached) device.attach?.(context);
+  attached = true;
   q.driver.start();
   counterTimer ??= setInterval(() => {
     for (const queue of queues.values()) queue.syncCounters();

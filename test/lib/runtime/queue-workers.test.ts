@@ -131,7 +131,7 @@ test.serial('disconnect: threads exit and no fd stays open', async (t) => {
 });
 
 /** Start a 4-queue TestDevice with `queueGroups` over two threads, move data on every queue, say where each queue ran. */
-async function placement(t: ExecutionContext, queueGroups: (number | null)[]): Promise<{ device: TestDevice; threadOf: (number | 'main')[] }> {
+async function placement(t: ExecutionContext, queueGroups: (number | null)[]): Promise<{ device: TestDevice; ts: TestServer; threadOf: (number | 'main')[] }> {
   const device = new TestDevice({ numQueues: 4, queueGroups });
   const ts = await TestServer.start(device, { queueWorkers: { ...WORKERS, config: { numQueues: 4 } } });
   t.teardown(() => ts.close());
@@ -146,12 +146,14 @@ async function placement(t: ExecutionContext, queueGroups: (number | null)[]): P
     const start = ts.logs.find((e) => e.fields?.call === `start ${i}`);
     return start === undefined ? -1 : Number(start.fields!.worker);
   });
-  return { device, threadOf };
+  return { device, ts, threadOf };
 }
 
 test.serial('queue groups: a net-like pair per thread, rx and tx of a pair together', async (t) => {
-  const { device, threadOf } = await placement(t, [0, 0, 1, 1]);
+  const { device, ts, threadOf } = await placement(t, [0, 0, 1, 1]);
   t.deepEqual(device.starts, [0, 0, 0, 0], 'no queue on the main thread');
+  const attaches = ts.logs.filter((e) => e.fields?.call === 'attach').map((e) => e.fields!.worker);
+  t.deepEqual(attaches.sort(), [0, 1], 'each worker device is attached once, for its two queues');
   t.is(threadOf[0], threadOf[1], 'queues 0 and 1 share a thread');
   t.is(threadOf[2], threadOf[3], 'queues 2 and 3 share a thread');
   t.not(threadOf[0], threadOf[2], 'the two pairs run in different threads');
