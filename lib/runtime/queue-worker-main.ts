@@ -49,11 +49,21 @@ class WorkerQueue {
     this.counters = new Float64Array(message.counters);
     this.memory = mapRegions(message.regions);
     try {
+      const { index, size, addresses, base, packed, eventIdx, indirect, enabled, kickFd, callFd } = message;
       this.driver = new QueueDriver({
-        ...message,
+        index,
+        size,
+        addresses,
+        base,
+        packed,
+        eventIdx,
+        indirect,
+        enabled,
+        kickFd,
+        callFd,
         memory: this.memory,
         device,
-        onBroken: (text, code) => post({ type: 'broken', index: message.index, message: text, code }),
+        onBroken: (text, code) => post({ type: 'broken', index, message: text, code }),
         afterProcess: () => this.syncCounters(),
       });
     } catch (err) {
