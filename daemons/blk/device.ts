@@ -28,6 +28,7 @@ import type { DeviceContext } from '../../lib/vhost-user/device-backend';
 import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import { bit } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import { drainQueue } from '../../lib/virtqueue/drain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_FSYNC_DATASYNC, IORING_OP } from '../../native/io-batch';
 import { BlkQueueStats, createBlkMetrics, requestTypeIndex } from './metrics';
@@ -312,27 +313,14 @@ export class BlkDevice implements DaemonDevice {
     const w = this.workers[index]!;
     if (w.queue !== queue) this.startQueue(index, queue);
     const engine = w.engine!;
-    let bad: DescriptorChain | null = null;
-    try {
-      do {
-        queue.disableNotification();
-        for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
-          if (!this.startRequest(w, queue, chain)) {
-            bad = chain;
-            break;
-          }
-        }
-        engine.submit();
-        queue.flush();
-      } while (bad === null && queue.enableNotification());
-    } finally {
-      // A RingError from pop (or the bad chain below) still lets the requests before it run.
-      engine.submit();
-      queue.flush();
-    }
-    if (bad !== null) {
-      throw new RingError('VIRTQ_BAD_REQUEST', `queue ${index}: chain ${bad.head}: ${this.badReason}`);
-    }
+    // A malformed chain breaks the queue; the requests before it still run (drainQueue's policy).
+    drainQueue(queue, {
+      handle: (chain) => {
+        if (!this.startRequest(w, queue, chain)) throw new RingError('VIRTQ_BAD_REQUEST', `queue ${index}: chain ${chain.head}: ${this.badReason}`);
+        return true;
+      },
+      endBatch: () => engine.submit(),
+    });
   }
 
   /** Parse and start one chain. Returns false for a malformed chain (nothing is completed for it). */

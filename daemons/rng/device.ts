@@ -12,6 +12,7 @@ import type { Registry } from 'prom-client';
 import type { Logger } from '../../lib/runtime/logger';
 import type { DeviceBackend } from '../../lib/vhost-user/device-backend';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import { drainQueue } from '../../lib/virtqueue/drain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import type { EntropySource } from './entropy-source';
 import { RngStats, createRngMetrics } from './metrics';
@@ -45,7 +46,7 @@ export class RngDevice implements DeviceBackend {
   private retryTimer: NodeJS.Timeout | null = null;
   private retryStep: (() => void) | null = null;
   private lastError = '';
-  /** Set when the rate-limit timer woke the queue: chains popped before the ring runs empty waited for it. */
+  /** Set when the rate-limit timer woke the queue: chains popped until the ring is found empty waited for it. */
   private delayed = false;
   /** Counters the metrics read (metrics.ts). */
   readonly stats = new RngStats();
@@ -101,33 +102,29 @@ export class RngDevice implements DeviceBackend {
     this.source.close();
   }
 
-  /** The vhu_rng loop: disable notifications, drain, publish once, re-enable, re-check. */
+  /**
+   * Fill chains until the ring is empty (then a later timer wake no longer counts as a delay), the
+   * rate limit's quota is spent (wake at the next period), or an asynchronous source must fill one
+   * chain at a time (start it once the chains before it are published; it drains again when done).
+   */
   private drain(queue: Virtqueue): void {
-    do {
-      queue.disableNotification();
-      for (;;) {
-        const quota = this.limiter.available();
-        if (quota === 0) {
-          this.wakeAfter(this.limiter.msUntilRefill());
-          queue.flush();
-          return;
-        }
-        const chain = queue.pop();
-        if (chain === null) {
-          this.delayed = false;
-          break;
-        }
+    let asyncChain = null as DescriptorChain | null;
+    const result = drainQueue(queue, {
+      ready: () => this.limiter.available() > 0,
+      handle: (chain) => {
         if (!this.source.synchronous) {
-          queue.flush();
-          this.fillAsync(queue, chain);
-          return;
+          asyncChain = chain;
+          return false;
         }
         const written = this.fillSync(chain, this.grant(chain));
         this.stats.deliveredBytes += written;
         queue.pushUsed(chain, written);
-      }
-      queue.flush();
-    } while (queue.enableNotification());
+        return true;
+      },
+    });
+    if (asyncChain !== null) this.fillAsync(queue, asyncChain);
+    else if (result === 'paused') this.wakeAfter(this.limiter.msUntilRefill());
+    else this.delayed = false;
   }
 
   /** Take quota for `chain`; counts the request as rate limited if it waited or gets less than it asked. */

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 
 import { MADV_REMOVE, native, type Mapping } from '../../native';
 import { MemoryError } from '../errors';
-import type { GuestRegion } from './guest-memory';
+import { GuestMemory, type GuestRegion } from './guest-memory';
 
 /** The smallest page size of the hosts vhostd runs on (x86-64; arm64 with 4 KiB pages). */
 const BASE_PAGE_SIZE = 4096;
@@ -114,4 +114,27 @@ export class MappedRegion implements GuestRegion {
 function backingPageSize(fd: number): number {
   const { blksize } = fs.fstatSync(fd);
   return blksize >= BASE_PAGE_SIZE && Number.isInteger(Math.log2(blksize)) ? blksize : BASE_PAGE_SIZE;
+}
+
+/**
+ * Map `specs[i]` from `fds[i]` into a {@link GuestMemory} that also keeps the regions of `kept`
+ * (ADD_MEM_REG adds to the map it has). Takes every fd: on failure each one is closed, mapped or not,
+ * and the regions mapped so far are released. The one mapping path of the main thread (SET_MEM_TABLE,
+ * ADD_MEM_REG) and of queue workers.
+ */
+export function mapGuestMemory(specs: readonly MemoryRegionSpec[], fds: readonly number[], kept: readonly GuestRegion[] = []): GuestMemory {
+  const mapped: MappedRegion[] = [];
+  try {
+    for (let i = 0; i < specs.length; i++) {
+      try {
+        mapped.push(new MappedRegion(specs[i]!, fds[i]!)); // takes the fd, closes it on failure
+      } catch (err) {
+        for (const fd of fds.slice(i + 1)) native.close(fd);
+        throw err;
+      }
+    }
+    return new GuestMemory([...kept, ...mapped]);
+  } finally {
+    for (const region of mapped) region.release(); // the GuestMemory holds its own references
+  }
 }

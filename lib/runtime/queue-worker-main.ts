@@ -1,19 +1,17 @@
 /**
  * Entry of a queue worker thread (see queue-workers.ts). Generic: it loads the device module the
  * daemon named, builds a device from the serializable config, and runs the queues the main thread
- * sends it, each with its own mapping of guest memory, kick watch and call signalling. The main
- * thread keeps the protocol, config space and err fds.
+ * sends it through the same QueueDriver as the main thread, each with its own mapping of guest
+ * memory. The main thread keeps the protocol, config space and err fds.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 
-import { native, POLL_READABLE, type Watcher } from '../../native';
-import { VhostdError } from '../errors';
-import { GuestMemory } from '../memory/guest-memory';
-import { MappedRegion } from '../memory/mapped-region';
+import { native } from '../../native';
+import type { VhostdError } from '../errors';
+import type { GuestMemory } from '../memory/guest-memory';
+import { mapGuestMemory } from '../memory/mapped-region';
 import type { DeviceBackend, DeviceContext } from '../vhost-user/device-backend';
-import { signalEventfd } from '../vhost-user/vring';
-import { createVirtqueue } from '../virtqueue';
-import type { Virtqueue } from '../virtqueue/virtqueue';
+import { QueueDriver } from '../vhost-user/queue-driver';
 import type { LogFields, LogLevel, Logger } from './logger';
 import { CounterSlot, type FromWorker, type RegionMessage, type ToWorker, type WorkerData } from './queue-worker-protocol';
 
@@ -29,137 +27,87 @@ const logger: Logger = Object.fromEntries(
   (['debug', 'info', 'warn', 'error'] as LogLevel[]).map((level) => [level, (message: string, fields?: LogFields) => post({ type: 'log', level, message, fields })]),
 ) as unknown as Logger;
 
-/** Map the regions (taking their fds) into a GuestMemory; on failure every fd is closed. */
-function mapMemory(regions: readonly RegionMessage[]): GuestMemory {
-  const mapped: MappedRegion[] = [];
-  try {
-    for (let i = 0; i < regions.length; i++) {
-      const r = regions[i]!;
-      try {
-        mapped.push(new MappedRegion(r, r.fd)); // takes the fd, closes it on failure
-      } catch (err) {
-        for (const rest of regions.slice(i + 1)) native.close(rest.fd);
-        throw err;
-      }
-    }
-    return new GuestMemory(mapped);
-  } finally {
-    for (const region of mapped) region.release(); // the GuestMemory holds its own references
-  }
+/** Map the regions of a message, taking their fds (closed on failure). */
+function mapRegions(regions: readonly RegionMessage[]): GuestMemory {
+  return mapGuestMemory(regions, regions.map((r) => r.fd));
 }
 
-/** A queue this worker runs. */
-class WorkerQueue {
-  queue: Virtqueue;
-  memory: GuestMemory;
-  kickFd: number;
-  callFd: number;
-  enabled: boolean;
-  broken = false;
-  kicks = 0;
-  private watcher: Watcher | null = null;
-  readonly counters: Float64Array;
+function closeFd(fd: number): void {
+  if (fd >= 0) native.close(fd);
+}
 
-  constructor(
-    readonly index: number,
-    message: Extract<ToWorker, { type: 'start' }>,
-  ) {
-    this.kickFd = message.kickFd;
-    this.callFd = message.callFd;
-    this.enabled = message.enabled;
+/**
+ * A queue this worker runs: the shared {@link QueueDriver}, plus what the worker owns for it (the dups
+ * of the kick and call fds, its own mapping of guest memory) and the counters it shares.
+ */
+class WorkerQueue {
+  readonly driver: QueueDriver;
+  private memory: GuestMemory;
+  private readonly counters: Float64Array;
+
+  constructor(message: Extract<ToWorker, { type: 'start' }>) {
     this.counters = new Float64Array(message.counters);
-    this.memory = mapMemory(message.regions);
+    this.memory = mapRegions(message.regions);
     try {
-      this.queue = createVirtqueue(
-        {
-          size: message.size,
-          addresses: message.addresses,
-          memory: this.memory,
-          eventIdx: message.eventIdx,
-          indirect: message.indirect,
-          base: message.base,
-          notify: () => signalEventfd(this.callFd),
-        },
-        message.packed,
-      );
+      const { index, size, addresses, base, packed, eventIdx, indirect, enabled, kickFd, callFd } = message;
+      this.driver = new QueueDriver({
+        index,
+        size,
+        addresses,
+        base,
+        packed,
+        eventIdx,
+        indirect,
+        enabled,
+        kickFd,
+        callFd,
+        memory: this.memory,
+        device,
+        onBroken: (text, code) => post({ type: 'broken', index, message: text, code }),
+        afterProcess: () => this.syncCounters(),
+      });
     } catch (err) {
       this.memory.close();
       throw err;
     }
   }
 
-  watch(): void {
-    this.watcher?.stop();
-    this.watcher = this.kickFd >= 0 ? native.watch(this.kickFd, POLL_READABLE, () => this.onKick()) : null;
-  }
-
   setKickFd(fd: number): void {
-    this.watcher?.stop();
-    this.watcher = null;
-    if (this.kickFd >= 0) native.close(this.kickFd);
-    this.kickFd = fd;
-    this.watch();
+    const old = this.driver.kickFd;
+    this.driver.setKickFd(fd);
+    closeFd(old);
   }
 
   setCallFd(fd: number): void {
-    if (this.callFd >= 0) native.close(this.callFd);
-    this.callFd = fd;
+    const old = this.driver.callFd;
+    this.driver.setCallFd(fd);
+    closeFd(old);
   }
 
-  private onKick(): void {
-    this.kicks++;
-    native.eventfdRead(this.kickFd);
-    this.process();
-  }
-
-  process(): void {
-    if (!this.enabled || this.broken) return;
-    try {
-      device.processQueue(this.index, this.queue);
-    } catch (err) {
-      this.markBroken(err);
-    }
-    this.syncCounters();
-  }
-
+  /** Map the new table, switch the queue to it, tell the device, unmap the old one. */
   setMemory(regions: RegionMessage[]): void {
-    const memory = mapMemory(regions);
+    const memory = mapRegions(regions);
     const old = this.memory;
     this.memory = memory;
-    if (!this.broken) {
-      try {
-        this.queue.setMemory(memory);
-      } catch (err) {
-        this.markBroken(err);
-      }
-    }
+    this.driver.setMemory(memory);
+    device.memoryChanged?.(memory);
     old.close();
   }
 
-  markBroken(err: unknown): void {
-    this.broken = true;
-    const code = err instanceof VhostdError ? err.code : undefined;
-    const message = err instanceof VhostdError ? err.message : `internal error: ${(err as Error)?.stack ?? String(err)}`;
-    post({ type: 'broken', index: this.index, message, code });
-  }
-
   syncCounters(): void {
-    const c = this.queue.counters;
+    const c = this.driver.queue.counters;
     const out = this.counters;
     out[CounterSlot.requests] = c.requests;
     out[CounterSlot.bytesRead] = c.bytesRead;
     out[CounterSlot.bytesWritten] = c.bytesWritten;
     out[CounterSlot.notifications] = c.notifications;
     out[CounterSlot.batches] = c.batches;
-    out[CounterSlot.kicks] = this.kicks;
+    out[CounterSlot.kicks] = this.driver.kicks;
   }
 
-  /** Stop watching, wait for the device, report the base, release fds and memory. */
+  /** Wait for the device, report the base, release fds and memory. */
   async stop(): Promise<number> {
-    this.watcher?.stop();
-    this.watcher = null;
-    await device.stopQueue?.(this.index);
-    const base = this.queue.base();
+    const base = await this.driver.stop();
     this.syncCounters();
     this.setKickFd(-1);
     this.setCallFd(-1);
@@ -178,13 +126,14 @@ const context: DeviceContext = {
   // The backend channel belongs to the main thread, whose device instance owns the config space.
   notifyConfigChange: () => Promise.resolve(false),
 };
+let attached = false;
 /** Completions arrive outside processQueue; refresh the shared counters a few times a second. */
 let counterTimer: NodeJS.Timeout | null = null;
 
 function startQueue(message: Extract<ToWorker, { type: 'start' }>): void {
   let q: WorkerQueue;
   try {
-    q = new WorkerQueue(message.index, message);
+    q = new WorkerQueue(message);
   } catch (err) {
     native.close(message.kickFd);
     if (message.callFd >= 0) native.close(message.callFd);
@@ -193,11 +142,10 @@ function startQueue(message: Extract<ToWorker, { type: 'start' }>): void {
   }
   queues.set(message.index, q);
   features = BigInt(message.features);
-  device.attach?.(context);
-  device.startQueue?.(message.index, q.queue);
-  q.watch();
-  // A kick may have come before the watch; processing an empty ring is harmless.
-  q.process();
+  // A worker lives for one front-end connection: its device is attached once, with its first queue.
+  if (!attached) device.attach?.(context);
+  attached = true;
+  q.driver.start();
   counterTimer ??= setInterval(() => {
     for (const queue of queues.values()) queue.syncCounters();
   }, 250);
@@ -217,9 +165,7 @@ function apply(message: Extract<ToWorker, { type: 'kick' | 'call' | 'enable' | '
       } else q.setCallFd(message.fd);
       return;
     case 'enable':
-      if (q === undefined) return;
-      q.enabled = message.enabled;
-      if (message.enabled) q.process();
+      q?.driver.setEnabled(message.enabled);
       return;
     case 'memory':
       if (q === undefined) {
@@ -229,7 +175,8 @@ function apply(message: Extract<ToWorker, { type: 'kick' | 'call' | 'enable' | '
       try {
         q.setMemory(message.regions);
       } catch (err) {
-        q.markBroken(err);
+        // Not mapped here: the queue must not go on with the old map, which the main thread closes.
+        q.driver.markBroken(err);
       }
       return;
   }

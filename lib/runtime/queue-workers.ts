@@ -1,12 +1,13 @@
 /**
  * Queues in worker threads (`--threads N`), main-thread side. One Node event loop is one core; with
- * a pool, queue `i` runs in worker thread `i % N`. The main thread keeps the protocol, the config
+ * a pool, the queues of one group (the device's `queueGroup`, by default one queue per group) run in
+ * one worker thread, group `g` in thread `g % N`; queues of no group stay on the main thread. The
+ * main thread keeps the protocol, the config
  * space and the features (answered by the main device instance); a worker gets, per queue, only what
  * a queue needs: the memory regions (their fds dup'ed, mapped by the worker itself), the ring
- * addresses, size, base, ring features, and dups of the kick and call eventfds. It builds the queue
- * with the same lib/virtqueue code, watches the kick fd, runs its own device instance (made by a
- * factory the daemon names: module path + export + a structured-clonable config) and signals the
- * call fd.
+ * addresses, size, base, ring features, and dups of the kick and call eventfds. It runs the queue
+ * with the same QueueDriver (lib/vhost-user/queue-driver.ts) as the main thread, for its own device instance (made by a
+ * factory the daemon names: module path + export + a structured-clonable config).
  *
  * Messages (worker-protocol.ts) are one-way except stop, which is a request/response: the worker
  * waits for the device's stopQueue, answers with queue.base(), closes its dups and unmaps. Ring
@@ -38,7 +39,7 @@ import {
 
 /** What a daemon gives to run its queues in threads. */
 export interface QueueWorkerOptions {
-  /** Worker threads; queue i runs in thread i % threads. */
+  /** Worker threads; queue group g runs in thread g % threads. */
   threads: number;
   /** Absolute path of a module a worker can `require` (the compiled .js). */
   modulePath: string;
@@ -51,6 +52,8 @@ export interface QueueWorkerOptions {
 /** A queue to start in a worker. */
 export interface RemoteQueueSpec {
   index: number;
+  /** The device's queue group: queues of one group share a thread. */
+  group: number;
   size: number;
   addresses: RingAddresses;
   base: number;
@@ -63,6 +66,8 @@ export interface RemoteQueueSpec {
   memory: GuestMemory;
   kickFd: number;
   callFd: number;
+  /** The worker found the ring broken (or died). */
+  onBroken(message: string, code: string | undefined): void;
 }
 
 /** Main-thread handle of a queue running in a worker. */
@@ -188,8 +193,8 @@ class WorkerSlot {
     return worker;
   }
 
-  start(spec: RemoteQueueSpec, onBroken: (message: string, code: string | undefined) => void): RemoteQueue {
-    const queue = new RemoteQueue(spec.index, this, onBroken);
+  start(spec: RemoteQueueSpec): RemoteQueue {
+    const queue = new RemoteQueue(spec.index, this, spec.onBroken);
     const worker = this.worker ?? this.spawn();
     this.queues.set(spec.index, queue);
     const sent = this.sendWithFds({
@@ -294,14 +299,15 @@ export class QueueWorkerPool {
     this.slots = Array.from({ length: options.threads }, (_, i) => new WorkerSlot(i, options, logger));
   }
 
-  /** Which thread runs queue `index`. */
-  threadOf(index: number): number {
-    return index % this.slots.length;
+  /** Which thread runs the queues of `group`. */
+  threadOf(group: number): number {
+    if (!Number.isSafeInteger(group) || group < 0) throw new RangeError(`queue group must be a non-negative integer, got ${group}`);
+    return group % this.slots.length;
   }
 
-  /** Start queue `spec.index` in its worker. Throws if an fd cannot be dup'ed or the worker is gone. */
-  start(spec: RemoteQueueSpec, onBroken: (message: string, code: string | undefined) => void): RemoteQueue {
-    return this.slots[this.threadOf(spec.index)]!.start(spec, onBroken);
+  /** Start queue `spec.index` in its group's worker. Throws if an fd cannot be dup'ed or the worker is gone. */
+  start(spec: RemoteQueueSpec): RemoteQueue {
+    return this.slots[this.threadOf(spec.group)]!.start(spec);
   }
 
   /** The driver wrote the config space (SET_CONFIG accepted by the main device): tell every worker device. */

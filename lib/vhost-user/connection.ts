@@ -129,19 +129,13 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     if (this.closed) return;
     this.closed = true;
     this.watcher.stop();
-    for (const vring of this.vrings) {
-      try {
-        await vring.stop();
-      } catch (err) {
-        this.logger.warn(`stopping queue ${vring.index}: ${(err as Error).message}`);
-      }
-      vring.release();
-    }
+    await this.stopVrings();
     try {
       await this.queueWorkers?.close();
     } catch (err) {
       this.logger.warn(`stopping queue workers: ${(err as Error).message}`);
     }
+    this.device.reset?.();
     this.device.detach?.();
     this.backendChannel?.close();
     this.backendChannel = null;
@@ -151,6 +145,18 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     this.pendingFds = [];
     native.close(this.fd);
     this.emit('close', info);
+  }
+
+  /** Stop every ring (the device drains each) and forget their configuration: reset or disconnect. */
+  async stopVrings(): Promise<void> {
+    for (const vring of this.vrings) {
+      try {
+        await vring.stop();
+      } catch (err) {
+        this.logger.warn(`stopping queue ${vring.index}: ${(err as Error).message}`);
+      }
+      vring.release();
+    }
   }
 
   /** Read and handle every complete message; one at a time, in order. */

@@ -1,10 +1,31 @@
 /**
  * What a device implements. A device never sees a vhost-user message: the protocol engine negotiates,
  * maps memory, builds queues and calls these hooks (shaped after rust-vmm's VhostUserBackend and
- * libvhost-user's VuDevIface).
+ * libvhost-user's VuDevIface). Every hook but `processQueue` is optional; a missing one does nothing.
+ *
+ * Order of calls, per connection, on the device instance that runs a queue (the main device for
+ * queues on the main thread, a worker's own instance for queues in a worker thread):
+ * ```
+ * attach(context)
+ *   memoryChanged(memory)          each SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG
+ *   startQueue(i, queue)           the ring has memory, size, addresses and a kick fd
+ *   queueEnabled(i, true)          right after startQueue if the ring is enabled, else when it is
+ *   processQueue(i, queue)*        kicks, while enabled and not broken
+ *   queueEnabled(i, false)         SET_VRING_ENABLE 0 (and true again on 1)
+ *   stopQueue(i)                   GET_VRING_BASE, reset, disconnect; awaited before the base is read
+ * reset()                          RESET_OWNER, RESET_DEVICE, disconnect: after every queue stopped
+ * detach()                         disconnect (worker instances: when the worker thread ends)
+ * ```
+ * The main device gets `memoryChanged` once per table change, after running queues switched to the
+ * new map and before the old one is closed; a worker instance gets it once per queue it runs, with
+ * the map that queue uses now (a worker maps memory per queue). `queueEnabled` reports changes only:
+ * a ring enabled twice is reported once; the implicit enable of a front-end that did not negotiate
+ * VHOST_USER_F_PROTOCOL_FEATURES arrives as `queueEnabled(i, true)` after `startQueue`. `reset` and
+ * `queueGroup` are asked of the main device only.
  */
 import type { Registry } from 'prom-client';
 
+import type { GuestMemory } from '../memory/guest-memory';
 import type { Virtqueue } from '../virtqueue/virtqueue';
 
 /** Services the engine offers a device while a front-end is attached. */
@@ -50,8 +71,21 @@ export interface DeviceBackend {
 
   /** A front-end attached; `context` stays valid until `detach`. */
   attach?(context: DeviceContext): void;
-  /** The front-end went away or reset the device. */
+  /** The front-end went away. */
   detach?(): void;
+  /**
+   * The device was reset (RESET_OWNER, RESET_DEVICE, or the front-end went away): every queue has
+   * stopped; forget per-driver state (net: MAC filters, offloads; balloon: the target).
+   */
+  reset?(): void;
+
+  /**
+   * Which queues run together in one thread when the daemon runs queues in worker threads: queues
+   * with the same group number share a thread (net: rx and tx of a pair), `null` keeps the queue on
+   * the main thread (scsi's control and event queues, every balloon queue). Groups are spread over
+   * the threads (group g runs in thread g mod N). Without this hook each queue is its own group.
+   */
+  queueGroup?(index: number): number | null;
 
   /** Queue `index` is running (it has memory, addresses, a kick fd and is enabled). */
   startQueue?(index: number, queue: Virtqueue): void;
@@ -60,6 +94,11 @@ export interface DeviceBackend {
    * queue is in flight any more: the engine then reads the ring base.
    */
   stopQueue?(index: number): Promise<void> | void;
+
+  /** The ring's enabled state changed (SET_VRING_ENABLE; see the order of calls above). */
+  queueEnabled?(index: number, enabled: boolean): void;
+  /** The memory table changed; `memory` is what the queues use from now on (see above). */
+  memoryChanged?(memory: GuestMemory): void;
 
   /** The driver kicked queue `index`: pop, process, complete, flush. A RingError thrown here (from
    * `pop`) marks the queue broken; the daemon keeps serving. */

@@ -11,7 +11,7 @@
  */
 import { ProtocolError, RequestRefused } from '../errors';
 import { GuestMemory, type GuestRegion } from '../memory/guest-memory';
-import { MappedRegion } from '../memory/mapped-region';
+import { mapGuestMemory } from '../memory/mapped-region';
 import {
   bit,
   VHOST_USER_F_PROTOCOL_FEATURES,
@@ -166,28 +166,25 @@ function decodeRegion(view: DataView, offset: number): RawMemoryRegion {
   };
 }
 
-/** Map validated regions, taking their fds. On failure every fd is closed and mapped ones released. */
-function mapRegions(specs: readonly MemoryRegionNumbers[], message: Message, firstFd: number): MappedRegion[] {
-  const mapped: MappedRegion[] = [];
+/**
+ * Map validated regions, one per fd of the message, into a memory map beside `kept`. The fds are
+ * taken (set to -1) even if mapping fails; then every one is closed.
+ */
+function mapMessageRegions(specs: readonly MemoryRegionNumbers[], message: Message, kept: readonly GuestRegion[] = []): GuestMemory {
+  const fds = message.fds.slice(0, specs.length);
+  message.fds.fill(-1, 0, specs.length);
   try {
-    specs.forEach((spec, i) => {
-      const fd = message.fds[firstFd + i]!;
-      message.fds[firstFd + i] = -1; // MappedRegion owns it now, even if mmap fails
-      mapped.push(new MappedRegion(spec, fd));
-    });
+    return mapGuestMemory(specs, fds, kept);
   } catch (err) {
-    for (const region of mapped) region.release();
     throw new ProtocolError('VHOST_USER_BAD_MEM_REGION', `cannot map memory region: ${(err as Error).message}`);
   }
-  return mapped;
 }
 
 /**
  * Install a new memory map: running rings re-resolve their addresses (rings in worker threads have
- * remapped when this resolves), the old map is released.
+ * remapped when this resolves), the device hears of it (`memoryChanged`), the old map is released.
  */
-async function replaceMemory(c: VhostUserConnection, regions: readonly GuestRegion[]): Promise<void> {
-  const memory = new GuestMemory(regions);
+async function replaceMemory(c: VhostUserConnection, memory: GuestMemory): Promise<void> {
   const old = c.memory;
   c.memory = memory;
   const remapping: Promise<void>[] = [];
@@ -196,8 +193,9 @@ async function replaceMemory(c: VhostUserConnection, regions: readonly GuestRegi
     if (done !== undefined) remapping.push(done);
   }
   if (remapping.length > 0) await Promise.all(remapping);
+  c.device.memoryChanged?.(memory);
   old.close();
-  c.logger.info(`guest memory: ${regions.length} region(s), ${Math.round(memory.totalSize / 2 ** 20)} MiB`);
+  c.logger.info(`guest memory: ${memory.regions.length} region(s), ${Math.round(memory.totalSize / 2 ** 20)} MiB`);
 }
 
 /**
@@ -277,9 +275,7 @@ const entries: Record<number, EntrySpec> = {
       const specs: MemoryRegionNumbers[] = [];
       for (let i = 0; i < count; i++) specs.push(checkMemoryRegion(decodeRegion(m.view, 8 + i * MEMORY_REGION_SIZE)));
       checkNoOverlap(specs);
-      const regions = mapRegions(specs, m, 0);
-      await replaceMemory(c, regions);
-      for (const region of regions) region.release(); // the GuestMemory holds its own references
+      await replaceMemory(c, mapMessageRegions(specs, m));
       for (const vring of c.vrings) startVring(c, vring);
       return undefined;
     },
@@ -301,9 +297,7 @@ const entries: Record<number, EntrySpec> = {
       const spec = checkMemoryRegion(decodeRegion(m.view, 8));
       checkRegionCount(c.memory.regions.length + 1, MAX_MEM_SLOTS);
       checkNoOverlap([...c.memory.regions, spec]);
-      const [region] = mapRegions([spec], m, 0);
-      await replaceMemory(c, [...c.memory.regions, region!]);
-      region!.release();
+      await replaceMemory(c, mapMessageRegions([spec], m, c.memory.regions));
       for (const vring of c.vrings) startVring(c, vring);
       return undefined;
     },
@@ -323,7 +317,7 @@ const entries: Record<number, EntrySpec> = {
       if (keep.length === c.memory.regions.length) {
         throw new ProtocolError('VHOST_USER_BAD_MEM_REGION', `REM_MEM_REG: no region at guest address 0x${spec.guestPhysAddr.toString(16)}`);
       }
-      await replaceMemory(c, keep);
+      await replaceMemory(c, new GuestMemory(keep));
       return undefined;
     },
   },
@@ -545,10 +539,8 @@ function checkConfigRequest(m: Message): { offset: number; size: number } {
 
 /** RESET_OWNER / RESET_DEVICE: stop every ring and forget negotiated state; the connection stays. */
 async function resetDevice(c: VhostUserConnection): Promise<undefined> {
-  for (const vring of c.vrings) {
-    await vring.stop();
-    vring.release();
-  }
+  await c.stopVrings();
+  c.device.reset?.();
   c.ackedFeatures = 0n;
   c.status = 0;
   return undefined;

@@ -7,6 +7,7 @@ import { SplitRing } from './split-ring';
 import type { Virtqueue, VirtqueueOptions } from './virtqueue';
 
 export { DescriptorChain } from './descriptor-chain';
+export { drainQueue, type DrainHandler, type DrainResult } from './drain';
 export { HeldBuffers } from './held-buffers';
 export { PackedRing } from './packed-ring';
 export { SplitRing } from './split-ring';

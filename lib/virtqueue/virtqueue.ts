@@ -3,16 +3,9 @@
  * of the notification mechanism (a callback). Devices pop {@link DescriptorChain}s, complete them
  * (possibly later and out of order), and flush once per batch.
  *
- * Usage, per kick (virtio 1.2 §2.7.10 / rust-vmm vhu_rng.rs):
- * ```ts
- * do {
- *   queue.disableNotification();
- *   for (let chain; (chain = queue.pop()) !== null; ) { ...; queue.pushUsed(chain, written); }
- *   queue.flush();
- * } while (queue.enableNotification());
- * ```
- * Any ring rule the driver breaks throws a {@link RingError} from `pop`; the owner then marks the
- * queue broken and stops using it.
+ * Devices drain a queue per kick with `drainQueue` (drain.ts: disable notifications, pop, handle,
+ * flush, enable, re-check; virtio 1.2 §2.7.10). Any ring rule the driver breaks throws a
+ * {@link RingError} from `pop`; the owner then marks the queue broken and stops using it.
  */
 import type { GuestMemory } from '../memory/guest-memory';
 import type { DescriptorChain } from './descriptor-chain';

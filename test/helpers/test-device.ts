@@ -4,9 +4,13 @@
  * written, so a test can tell both queues apart and check every byte that crossed guest memory.
  *
  * Config space is 16 known bytes (0xa0 + i); bytes 8..15 are writable, 0..7 are read-only and
- * SET_CONFIG on them throws. The device counts what the engine asked of it.
+ * SET_CONFIG on them throws. The device counts what the engine asked of it and records the order
+ * of its lifecycle hooks in `calls` (a worker's instance also logs each as `{ call }`, which reaches
+ * the main thread's logger).
  */
 import { RequestRefused } from '../../lib/errors';
+import type { GuestMemory } from '../../lib/memory/guest-memory';
+import type { Logger } from '../../lib/runtime/logger';
 import type { DeviceBackend, DeviceContext } from '../../lib/vhost-user/device-backend';
 import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import {
@@ -17,6 +21,7 @@ import {
   bit,
 } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import { drainQueue } from '../../lib/virtqueue/drain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 
 export const TEST_CONFIG_SIZE = 16;
@@ -36,6 +41,8 @@ export interface TestDeviceOptions {
   maxQueueSize?: number;
   /** Complete chains from a later event-loop turn, in reverse pop order (out-of-order completion). */
   deferred?: boolean;
+  /** `queueGroup(i)` answers `queueGroups[i]` (null: main thread); without it the engine's default. */
+  queueGroups?: (number | null)[];
 }
 
 export class TestDevice implements DeviceBackend {
@@ -52,12 +59,21 @@ export class TestDevice implements DeviceBackend {
   attaches = 0;
   detaches = 0;
   context: DeviceContext | null = null;
+  /** Lifecycle hooks in the order they came: "attach", "memory 2" (regions), "start 0", "enabled 0 true", "stop 0", "reset", "detach". */
+  readonly calls: string[] = [];
   private readonly deferred: boolean;
   private readonly pending: Array<Array<{ queue: Virtqueue; chain: DescriptorChain; written: number }>>;
   private readonly drained: Array<Array<() => void>>;
 
-  constructor(opts: TestDeviceOptions = {}) {
+  constructor(
+    opts: TestDeviceOptions = {},
+    private readonly logger?: Logger,
+  ) {
     this.numQueues = opts.numQueues ?? 2;
+    if (opts.queueGroups !== undefined) {
+      const groups = opts.queueGroups;
+      this.queueGroup = (index) => groups[index] ?? null;
+    }
     this.maxQueueSize = opts.maxQueueSize ?? 32768;
     this.deferred = opts.deferred ?? false;
     this.starts = new Array<number>(this.numQueues).fill(0);
@@ -89,31 +105,53 @@ export class TestDevice implements DeviceBackend {
     this.config.set(data, offset);
   }
 
+  queueGroup?: (index: number) => number | null;
+
+  private record(call: string): void {
+    this.calls.push(call);
+    this.logger?.info(`device call ${call}`, { call });
+  }
+
   attach(context: DeviceContext): void {
     this.attaches++;
     this.context = context;
+    this.record('attach');
   }
 
   detach(): void {
     this.detaches++;
     this.context = null;
+    this.record('detach');
+  }
+
+  reset(): void {
+    this.record('reset');
+  }
+
+  memoryChanged(memory: GuestMemory): void {
+    this.record(`memory ${memory.regions.length}`);
+  }
+
+  queueEnabled(index: number, enabled: boolean): void {
+    this.record(`enabled ${index} ${enabled}`);
   }
 
   startQueue(index: number): void {
     this.starts[index]!++;
+    this.record(`start ${index}`);
   }
 
   stopQueue(index: number): Promise<void> | void {
     this.stops[index]!++;
+    this.record(`stop ${index}`);
     if (this.pending[index]!.length === 0) return;
     return new Promise((resolve) => this.drained[index]!.push(resolve));
   }
 
   processQueue(index: number, queue: Virtqueue): void {
     try {
-      do {
-        queue.disableNotification();
-        for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+      drainQueue(queue, {
+        handle: (chain) => {
           const input = new Uint8Array(chain.readableLength);
           chain.read(0, input);
           const output = transform(index, input);
@@ -125,9 +163,9 @@ export class TestDevice implements DeviceBackend {
             queue.pushUsed(chain, written);
             this.completed[index]!++;
           }
-        }
-        if (!this.deferred) queue.flush();
-      } while (queue.enableNotification());
+          return true;
+        },
+      });
     } catch (err) {
       this.errors[index]!.push(err as Error);
       throw err;
@@ -149,8 +187,8 @@ export class TestDevice implements DeviceBackend {
  * Factory for queue worker threads (lib/runtime/queue-workers.ts): the worker requires this module
  * and builds its own TestDevice from plain options.
  */
-export function createTestDeviceForWorker(options: TestDeviceOptions): TestDevice {
-  return new TestDevice(options);
+export function createTestDeviceForWorker(options: TestDeviceOptions, logger: Logger): TestDevice {
+  return new TestDevice(options, logger);
 }
 
 /** A TestDevice with the virtio-net hooks (NET_SET_MTU, SEND_RARP); it refuses MTUs above 9000. */

@@ -129,3 +129,43 @@ test.serial('disconnect: threads exit and no fd stays open', async (t) => {
     t.true(await until(() => openFds() === fdsBefore), `fds back to ${fdsBefore} (now ${openFds()})`);
   }
 });
+
+/** Start a 4-queue TestDevice with `queueGroups` over two threads, move data on every queue, say where each queue ran. */
+async function placement(t: ExecutionContext, queueGroups: (number | null)[]): Promise<{ device: TestDevice; ts: TestServer; threadOf: (number | 'main')[] }> {
+  const device = new TestDevice({ numQueues: 4, queueGroups });
+  const ts = await TestServer.start(device, { queueWorkers: { ...WORKERS, config: { numQueues: 4 } } });
+  t.teardown(() => ts.close());
+  const fe = ts.connect();
+  t.teardown(() => fe.close());
+  await fe.negotiate({ eventIdx: true });
+  await fe.setMemTable(DEFAULT_LAYOUT);
+  for (let i = 0; i < 4; i++) await fe.setupQueue(i, 16);
+  for (let i = 0; i < 4; i++) await roundTrip(t, fe, i, i);
+  const threadOf = [0, 1, 2, 3].map((i): number | 'main' => {
+    if (device.starts[i] === 1) return 'main';
+    const start = ts.logs.find((e) => e.fields?.call === `start ${i}`);
+    return start === undefined ? -1 : Number(start.fields!.worker);
+  });
+  return { device, ts, threadOf };
+}
+
+test.serial('queue groups: a net-like pair per thread, rx and tx of a pair together', async (t) => {
+  const { device, ts, threadOf } = await placement(t, [0, 0, 1, 1]);
+  t.deepEqual(device.starts, [0, 0, 0, 0], 'no queue on the main thread');
+  const attaches = ts.logs.filter((e) => e.fields?.call === 'attach').map((e) => e.fields!.worker);
+  t.deepEqual(attaches.sort(), [0, 1], 'each worker device is attached once, for its two queues');
+  t.is(threadOf[0], threadOf[1], 'queues 0 and 1 share a thread');
+  t.is(threadOf[2], threadOf[3], 'queues 2 and 3 share a thread');
+  t.not(threadOf[0], threadOf[2], 'the two pairs run in different threads');
+  t.deepEqual(threadOf.map((w) => typeof w), ['number', 'number', 'number', 'number']);
+});
+
+test.serial('queue groups: a scsi-like layout keeps control and event on the main thread, spreads the request queues', async (t) => {
+  const { device, threadOf } = await placement(t, [null, null, 0, 1]);
+  t.deepEqual(threadOf.slice(0, 2), ['main', 'main']);
+  t.deepEqual(device.completed.slice(0, 2), [1, 1], 'the main device processed queues 0 and 1');
+  t.deepEqual(device.completed.slice(2), [0, 0]);
+  t.true(typeof threadOf[2] === 'number' && threadOf[2] >= 0);
+  t.true(typeof threadOf[3] === 'number' && threadOf[3] >= 0);
+  t.not(threadOf[2], threadOf[3], 'one request queue per thread');
+});

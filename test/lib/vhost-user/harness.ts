@@ -46,9 +46,9 @@ export class TestServer {
     const log =
       (level: string) =>
       (message: string, fields?: LogFields): void => {
-        // Keep what tests look at (problems and coded events), not the per-connection chatter, so
-        // that long runs do not grow the heap.
-        if (level !== 'info' || fields?.code !== undefined) ts.logs.push({ level, message, fields });
+        // Keep what tests look at (problems, coded events, a worker TestDevice's hook calls), not the
+        // per-connection chatter, so that long runs do not grow the heap.
+        if (level !== 'info' || fields?.code !== undefined || fields?.call !== undefined) ts.logs.push({ level, message, fields });
       };
     const logger: Logger = { debug: () => undefined, info: log('info'), warn: log('warn'), error: log('error') };
     ts.server = await serve(device, { ...extra, socketPath, logger });

@@ -1,0 +1,61 @@
+/**
+ * The one loop that empties a queue after a kick (virtio 1.2 §2.7.10, rust-vmm vhu_rng.rs):
+ * ```
+ * do {
+ *   disableNotification → (ready? → pop → handle)* → endBatch → flush
+ * } while (enableNotification())        // chains that came meanwhile: drain again
+ * ```
+ * Ring-error policy: a RingError from `pop`, or thrown by `handle` for a malformed chain, still lets
+ * the chains before it finish (`endBatch`, then `flush` publishes what they completed), then
+ * propagates, so the queue's owner marks the queue broken.
+ *
+ * Pausing: `ready` returning false leaves the next chain in the ring (a rate limit), `handle`
+ * returning false stops after that chain (an asynchronous fill in flight). Either way notifications
+ * stay disabled and the device calls `drainQueue` again when it can go on.
+ */
+import type { DescriptorChain } from './descriptor-chain';
+import type { Virtqueue } from './virtqueue';
+
+export interface DrainHandler {
+  /** Asked before each pop: false pauses with the next chain left in the ring. */
+  ready?(): boolean;
+  /**
+   * Take one chain: complete it (`pushUsed`) now or later. Return false to pause after it. Throw a
+   * RingError for a malformed chain (nothing is completed for it).
+   */
+  handle(chain: DescriptorChain): boolean;
+  /** End of a batch, before the flush (blk submits the I/O it staged). Runs on errors too. */
+  endBatch?(): void;
+}
+
+/**
+ * How a drain ended: 'idle', the ring was empty with notifications enabled; 'paused', the handler
+ * paused and notifications are still disabled.
+ */
+export type DrainResult = 'idle' | 'paused';
+
+/** Drain `queue` through `handler` (see the file comment). Throws what `pop` or `handle` threw. */
+export function drainQueue(queue: Virtqueue, handler: DrainHandler): DrainResult {
+  let paused = false;
+  do {
+    queue.disableNotification();
+    try {
+      for (;;) {
+        if (handler.ready !== undefined && !handler.ready()) {
+          paused = true;
+          break;
+        }
+        const chain = queue.pop();
+        if (chain === null) break;
+        if (!handler.handle(chain)) {
+          paused = true;
+          break;
+        }
+      }
+    } finally {
+      handler.endBatch?.();
+      queue.flush();
+    }
+  } while (!paused && queue.enableNotification());
+  return paused ? 'paused' : 'idle';
+}
