@@ -1,7 +1,9 @@
 /**
  * `npm run demo`: start every vhostd daemon, boot a real Linux guest under QEMU with all of them
  * attached, use each device from inside the guest, then print what the guest saw and what the
- * daemons' metrics say, and clean up.
+ * daemons' metrics say, and clean up. Halfway, the demo acts as an operator would on a running
+ * guest: it grows the blk image and runs `vhostctl status` and `vhostctl resize` on the daemon's
+ * control socket; the guest sees the bigger disk without a reboot.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -9,6 +11,7 @@ import path from 'node:path';
 
 import { startDaemon, type RunningDaemon } from '../test/helpers/daemon';
 import { runGuest } from '../test/helpers/qemu-guest';
+import { vhostctl, type VhostctlRun } from '../test/helpers/vhostctl';
 
 interface DemoDevice {
   name: string;
@@ -20,6 +23,8 @@ interface DemoDevice {
   script: string[];
   /** One line of summary from the guest's marks. */
   summary(mark: (key: string) => string | undefined): string;
+  /** Run on the host when the guest marks `operator=<name>` (the guest waits for the effect). */
+  operator?(): Promise<VhostctlRun[]>;
 }
 
 function metricsPort(daemon: RunningDaemon): string | undefined {
@@ -29,6 +34,7 @@ function metricsPort(daemon: RunningDaemon): string | undefined {
 async function main(): Promise<void> {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-demo-'));
   const image = path.join(work, 'disk.img');
+  const blkControl = path.join(work, 'blk-control.sock');
   fs.writeFileSync(image, Buffer.alloc(0));
   fs.truncateSync(image, 64 << 20);
 
@@ -46,7 +52,7 @@ async function main(): Promise<void> {
     },
     {
       name: 'blk',
-      args: ['--file', image, '--serial', 'vhostd-demo', '--num-queues', '2'],
+      args: ['--file', image, '--serial', 'vhostd-demo', '--num-queues', '2', '--control', blkControl],
       qemu: (s) => ['-chardev', `socket,id=blk0,path=${s}`, '-device', 'vhost-user-blk-pci,chardev=blk0,num-queues=2'],
       script: [
         'mark blk_size "$(cat /sys/block/vda/size)"',
@@ -56,9 +62,17 @@ async function main(): Promise<void> {
         'echo 3 > /proc/sys/vm/drop_caches',
         'mark blk_readback "$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n1)"',
         'mark blk_queues "$(ls /sys/block/vda/mq | wc -l)"',
+        'mark operator blk',
+        `wait_for 30 sh -c '[ "$(cat /sys/block/vda/size)" -gt ${(64 << 20) / 512} ]'; mark blk_grown "$(cat /sys/block/vda/size)"`,
       ],
       summary: (m) =>
-        `blk: /dev/vda ${Number(m('blk_size')) / 2048} MiB, serial ${m('blk_serial')}, ${m('blk_queues')} queues, wrote and read back "${m('blk_readback')}"`,
+        `blk: /dev/vda ${Number(m('blk_size')) / 2048} MiB, serial ${m('blk_serial')}, ${m('blk_queues')} queues, wrote and read back "${m('blk_readback')}"; ` +
+        `after vhostctl resize: ${Number(m('blk_grown')) / 2048} MiB`,
+      async operator() {
+        fs.truncateSync(image, 96 << 20);
+        const status = await vhostctl('--control', blkControl, 'status');
+        return [status, await vhostctl('--control', blkControl, 'resize')];
+      },
     },
   ];
   const devices = everyDevice.filter((d) => fs.existsSync(path.join(__dirname, '..', 'daemons', d.name, 'main.js')));
@@ -67,13 +81,24 @@ async function main(): Promise<void> {
   try {
     for (const device of devices) daemons.push(await startDaemon(device.name, [...device.args, '--metrics', '0']));
     process.stdout.write(`started ${devices.map((d) => `vhost-user-${d.name}`).join(', ')}; booting the guest (TCG, ~10 s)...\n`);
+    const operatorRuns: Promise<{ name: string; runs: VhostctlRun[] }>[] = [];
     const result = await runGuest({
       qemuArgs: ['-smp', '2', ...devices.flatMap((d, i) => d.qemu(daemons[i]!.socketPath))],
+      onConsoleLine: (line) => {
+        const name = /VHOSTD-MARK operator=(\w+)/.exec(line)?.[1];
+        const device = devices.find((d) => d.name === name);
+        if (device?.operator !== undefined) operatorRuns.push(device.operator().then((runs) => ({ name: device.name, runs })));
+      },
       script: devices.flatMap((d) => d.script).join('\n'),
       timeoutMs: 180_000,
     });
     process.stdout.write(`\nguest booted in ${((result.bootMs ?? 0) / 1000).toFixed(1)} s and says:\n`);
     for (const device of devices) process.stdout.write(`  ${device.summary((key) => result.mark(key))}\n`);
+    for (const { name, runs } of await Promise.all(operatorRuns)) {
+      process.stdout.write(`\nthe operator, while the guest ran (${name}'s control socket):\n`);
+      for (const run of runs) process.stdout.write(`${`${run.stdout}${run.stderr}`.trimEnd().replace(/^/gm, '  ')}\n`);
+      if (runs.some((r) => r.status !== 0)) throw new Error(`vhostctl failed on ${name}'s control socket`);
+    }
     process.stdout.write('\ndaemon metrics (selected):\n');
     for (const [i, device] of devices.entries()) {
       const port = metricsPort(daemons[i]!);
