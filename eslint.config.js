@@ -26,7 +26,8 @@ const layers = [
     files: ['lib/vhost-user/**/*.ts'],
     forbidden: [devices, cli, ...services(true)],
   },
-  { files: ['lib/virtqueue/**/*.ts', 'lib/memory/**/*.ts'], forbidden: [devices, cli, ...services(), protocol] },
+  { files: ['lib/virtqueue/**/*.ts'], forbidden: [devices, cli, ...services(), protocol] },
+  { files: ['lib/memory/**/*.ts'], forbidden: [devices, cli, ...services(), protocol, forbid('virtqueue', 'guest memory sits below the rings')] },
   {
     // Files and io_uring: on native only, so every layer above may use it.
     files: ['lib/io/**/*.ts'],
