@@ -1,6 +1,6 @@
 /**
- * Where the entropy comes from. The default is the kernel's getrandom (Node's randomFillSync, which
- * writes straight into guest memory). `--source PATH` reads a file or device such as /dev/hwrng on
+ * Where the entropy comes from. The default is the kernel's getrandom (Node's randomFillSync, drawn
+ * 64 KiB at a time; see GetrandomSource). `--source PATH` reads a file or device such as /dev/hwrng on
  * the libuv thread pool, so a slow source never blocks the event loop: requests wait instead.
  */
 import { randomFillSync } from 'node:crypto';
