@@ -19,9 +19,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 npx ava "$@" 2>&1 | tee "$log" || status=$?
-count() { grep -Eo "[0-9]+ (tests? )?$1" "$log" | grep -Eo '^[0-9]+' | tail -n 1 || true; }
-passed=$(count passed)
-failed=$(count failed)
+plain=$(sed 's/\x1b\[[0-9;]*m//g' "$log")
+# ava's closing "N tests failed / N known failures / N tests skipped" lines, 0 when absent.
+total() { grep -Eo "^ *[0-9]+ (tests? )?$1" <<<"$plain" | grep -Eo '[0-9]+' | tail -n 1 || echo 0; }
+# ava prints "N tests passed" only when nothing failed: count the per-test lines instead. A known
+# failure (test.failing) shows as "✔ [expected fail]"; it and a skip are not passes.
+passed=$(grep -E '^ *✔ ' <<<"$plain" | grep -cv '✔ \[expected fail\]' || true)
 # The plain closing line CI reads, whatever the reporter printed above it.
-echo "ava: ${passed:-0} passed, ${failed:-0} failed"
+echo "ava: ${passed} passed, $(total failed) failed, $(total 'known failures?') known failures, $(total skipped) skipped"
 exit "$status"

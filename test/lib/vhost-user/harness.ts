@@ -136,20 +136,20 @@ export function expectedOutput(queue: number, readable: readonly Uint8Array[], w
 }
 
 /** Number of open fds of this process. */
-export function openFds(): number {
-  return fs.readdirSync('/proc/self/fd').length;
+export function openFds(pid: number | 'self' = 'self'): number {
+  return fs.readdirSync(`/proc/${pid}/fd`).length;
 }
 
 /**
- * Wait until the open fd count is back to `baseline` (releases can trail the disconnect event by a
- * turn of the event loop); returns the last count seen.
+ * Wait until the open fd count (of this process or of `pid`) is back to `baseline` (releases can
+ * trail the disconnect event by a turn of the event loop); returns the last count seen.
  */
-export async function settleFds(baseline: number, timeoutMs = 2000): Promise<number> {
+export async function settleFds(baseline: number, timeoutMs = 2000, pid: number | 'self' = 'self'): Promise<number> {
   const deadline = Date.now() + timeoutMs;
-  let n = openFds();
+  let n = openFds(pid);
   while (n !== baseline && Date.now() < deadline) {
     await new Promise((resolve) => setTimeout(resolve, 10));
-    n = openFds();
+    n = openFds(pid);
   }
   return n;
 }

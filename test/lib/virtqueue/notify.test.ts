@@ -1,6 +1,5 @@
 import test from 'ava';
 
-import { fullFence } from '../../../lib/virtqueue/barrier';
 import { packedNeedEvent, vringNeedEvent } from '../../../lib/virtqueue/notify';
 import {
   VRING_AVAIL_F_NO_INTERRUPT,
@@ -36,11 +35,6 @@ test('packed need_event unwraps positions and the event wrap counter', (t) => {
   t.false(packedNeedEvent(2, 8, 6, 2, 0), 'this lap, not yet');
   t.true(packedNeedEvent(4 | (1 << 15), 8, 3, 5, 1), 'no wrap');
   t.false(packedNeedEvent(5 | (1 << 15), 8, 3, 5, 1), 'no wrap, not yet');
-});
-
-test('fullFence is callable on the hot path', (t) => {
-  for (let i = 0; i < 1000; i++) fullFence();
-  t.pass();
 });
 
 test('split EVENT_IDX: one notification per flush, none until used_event is passed', (t) => {
