@@ -13,7 +13,8 @@
         "src/io-uring.cc",
         "src/file.cc",
         "src/tap.cc",
-        "src/reclaim.cc"
+        "src/reclaim.cc",
+        "src/random.cc"
       ],
       "include_dirs": ["<!@(node -p \"require('node-addon-api').include\")"],
       "defines": ["NAPI_VERSION=9", "NAPI_DISABLE_CPP_EXCEPTIONS", "_GNU_SOURCE"],

@@ -196,6 +196,11 @@ export interface Native {
   /** io_uring_queue_init(entries) with an eventfd registered for completions. */
   createIoUring(entries: number): IoUring;
 
+  /**
+   * getrandom(2) into `view[offset .. offset + n)`, no copy; returns n, which is less than `length` only
+   * for requests of 32 MiB and more (loop). Blocks only until the kernel's pool is first initialized.
+   */
+  getrandom(view: Uint8Array, offset: number, length: number): number;
   /** fallocate(fd, mode, offset, length). */
   fallocate(fd: number, mode: number, offset: number, length: number): void;
   /** Size in bytes of a regular file, memfd (fstat) or block device (BLKGETSIZE64). */

@@ -1,12 +1,12 @@
 /**
- * Where the entropy comes from. The default is the kernel's getrandom (Node's randomFillSync, drawn
- * 64 KiB at a time; see GetrandomSource). `--source PATH` reads a file or device such as /dev/hwrng on
- * the libuv thread pool, so a slow source never blocks the event loop: requests wait instead.
+ * Where the entropy comes from. The default is the kernel's getrandom, straight into guest memory.
+ * `--source PATH` reads a file or device such as /dev/hwrng on the libuv thread pool, so a slow source
+ * never blocks the event loop: requests wait instead.
  */
-import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 
 import { ConfigError } from '../../lib/errors';
+import { native } from '../../native';
 
 export interface EntropySource {
   /** Human-readable name for logs. */
@@ -21,41 +21,19 @@ export interface EntropySource {
 }
 
 /**
- * Draw this many bytes from the kernel at a time. Every randomFillSync call allocates a native job
- * (about 260 bytes of malloc) that lives until V8 collects its JavaScript wrapper; one call per
- * request, at 100k small requests a second, interleaved those with each connection's long-lived
- * native allocations and fragmented the malloc heap: RSS grew with every connection that did I/O.
- */
-const POOL_BYTES = 64 * 1024;
-
-/**
- * getrandom(2) through Node's crypto: never blocks once the kernel's pool is initialized. Small
- * requests are served from a pool refilled POOL_BYTES at a time (each byte handed out once); larger
- * ones are filled straight into guest memory.
+ * getrandom(2) straight into guest memory (native, one syscall per request, no copy). Node's
+ * randomFillSync was used here before: each call allocates a native job (about 260 bytes of malloc)
+ * that lives until V8 collects its wrapper, and at 100k small requests a second those interleaved with
+ * each connection's long-lived native allocations and fragmented the malloc heap, so RSS grew with
+ * every connection that did I/O (test/daemons/churn.test.ts).
  */
 export class GetrandomSource implements EntropySource {
   readonly name = 'getrandom';
   readonly synchronous = true;
-  private readonly pool = new Uint8Array(POOL_BYTES);
-  /** Bytes of `pool` already handed out. */
-  private used = POOL_BYTES;
 
   fillSync(view: Uint8Array, offset: number, length: number): void {
-    if (length >= POOL_BYTES) {
-      randomFillSync(view, offset, length);
-      return;
-    }
-    let done = 0;
-    while (done < length) {
-      if (this.used === POOL_BYTES) {
-        randomFillSync(this.pool);
-        this.used = 0;
-      }
-      const n = Math.min(length - done, POOL_BYTES - this.used);
-      view.set(this.pool.subarray(this.used, this.used + n), offset + done);
-      this.used += n;
-      done += n;
-    }
+    // One call fills any guest buffer (the kernel shortens only requests of 32 MiB and more).
+    for (let done = 0; done < length; ) done += native.getrandom(view, offset + done, length - done);
   }
 
   fill(view: Uint8Array, offset: number, length: number, done: (err: Error | null, bytes: number) => void): void {

@@ -25,6 +25,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFile(env, exports);
   InitTap(env, exports);
   InitReclaim(env, exports);
+  InitRandom(env, exports);
   return exports;
 }
 

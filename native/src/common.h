@@ -108,6 +108,7 @@ int MakeUnixAddress(const std::string& path, sockaddr_un* addr, socklen_t* lengt
 // Registration of each file's functions on the exports object.
 void InitSocket(Napi::Env env, Napi::Object exports);
 void InitMmap(Napi::Env env, Napi::Object exports);
+void InitRandom(Napi::Env env, Napi::Object exports);
 void InitEventfd(Napi::Env env, Napi::Object exports);
 void InitPoll(Napi::Env env, Napi::Object exports);
 void InitSdNotify(Napi::Env env, Napi::Object exports);

@@ -1,7 +1,6 @@
 /**
- * The getrandom source serves small requests from a pool: every byte it hands out is fresh (never
- * handed out twice, whatever the request sizes and however they straddle a refill), and requests of
- * every size are filled whole.
+ * The getrandom source fills requests of every size whole, with fresh bytes (never the same bytes
+ * twice, whatever the request sizes), and nothing outside the requested range.
  */
 import test from 'ava';
 
@@ -10,7 +9,7 @@ import { GetrandomSource } from '../../../daemons/rng/entropy-source';
 test('requests of every size are filled with bytes never handed out before', (t) => {
   const source = new GetrandomSource();
   const out = new Uint8Array(512 * 1024);
-  // Sizes from 1 byte to past the pool, so requests straddle refills and take the direct path.
+  // Sizes from 1 byte to 100 kB, as drivers post them.
   const sizes = [1, 7, 64, 4095, 4096, 65_535, 65_536, 100_000, 3, 16_384];
   let at = 0;
   for (let i = 0; at < out.length; i++) {
@@ -21,7 +20,7 @@ test('requests of every size are filled with bytes never handed out before', (t)
   // Random bytes: about 1/256 zeros overall (an unfilled stretch would be all zeros).
   const zeros = out.reduce((n, b) => n + (b === 0 ? 1 : 0), 0);
   t.true(zeros < (out.length / 256) * 1.5, `${zeros} zero bytes of ${out.length}`);
-  // No 8 bytes twice at any offset: bytes handed out again from the pool would repeat (random
+  // No 8 bytes twice at any offset: a source that handed bytes out again would repeat (random
   // collisions among 2^19 windows of 2^64 values are negligible).
   const dv = new DataView(out.buffer);
   const seen = new Set<bigint>();
