@@ -31,7 +31,7 @@ import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import { bit } from '../../lib/virtio/constants';
 import { planReport } from './free-page-reporting';
 import { applyDeflate, BALLOON_PAGE_SIZE, BalloonPages, HugePageTracker, planInflate, readPfns } from './inflate-deflate';
-import { BalloonStats, createBalloonMetrics } from './metrics';
+import { BalloonStats, createBalloonMetrics, type BalloonMetrics } from './metrics';
 import { PageReleaser, type ReleaseResult } from './release';
 import { StatsQueue, type GuestStats } from './stats';
 
@@ -101,6 +101,7 @@ export class BalloonDevice implements DaemonDevice {
   private guestStatsAt: Date | null = null;
   private notifying = false;
   private notifyAgain = false;
+  private metrics: BalloonMetrics | null = null;
 
   constructor(options: BalloonDeviceOptions) {
     this.options = options;
@@ -295,6 +296,7 @@ export class BalloonDevice implements DaemonDevice {
   private onGuestStats(stats: GuestStats): void {
     this.guest = stats;
     this.guestStatsAt = new Date();
+    this.metrics?.addGuestStats(Object.keys(stats.values));
     this.stats.statsUpdates++;
     const waiters = this.statsWaiters;
     this.statsWaiters = [];
@@ -395,6 +397,7 @@ export class BalloonDevice implements DaemonDevice {
   }
 
   registerMetrics(registry: Registry): void {
-    createBalloonMetrics(registry, this.stats, this);
+    this.metrics = createBalloonMetrics(registry, this.stats, this);
+    this.metrics.addGuestStats(Object.keys(this.guest.values));
   }
 }

@@ -14,10 +14,10 @@ runDaemon({
   program: 'vhost-user-balloon',
   type: 'balloon',
   description:
-    'Serve a virtio-balloon device over vhost-user: the host takes memory back from the guest. Pages the guest\n' +
-    'puts in the balloon (or reports free, with --free-page-reporting) are released from the guest memory fds\n' +
-    '(fallocate PUNCH_HOLE on the memfd or hugetlbfs file). The target is set with --target or at run time with\n' +
-    'vhostctl set-target; the guest\'s memory statistics become metrics and vhostctl status.',
+    'Serve a virtio-balloon device over vhost-user: the host takes memory back from the guest.\n' +
+    'Pages the guest puts in the balloon (or reports free, with --free-page-reporting) are freed\n' +
+    'on the host: holes punched in the guest memory fds (memfd or hugetlbfs). Set the target with\n' +
+    '--target or at run time with vhostctl set-target; guest memory statistics become metrics.',
   options: balloonOptions,
   examples: [
     ['$0 --socket-path /run/vhostd/balloon.sock --control /run/vhostd/balloon.ctl', 'serve a balloon, empty at start'],
@@ -27,9 +27,13 @@ runDaemon({
   epilogue: [
     'QEMU (10.2 or later: vhost-user-test-device-pci forwards the queues and config space; num_vqs is 2,',
     '3 with statistics, 4 with --free-page-reporting; start the daemon first, with a plain chardev):',
-    '  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=4G,share=on -machine memory-backend=mem \\',
+    '  qemu-system-x86_64 ... \\',
+    '    -object memory-backend-memfd,id=mem,size=4G,share=on -machine memory-backend=mem \\',
     '    -chardev socket,id=bal0,path=/run/vhostd/balloon.sock \\',
     '    -device vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=3,config_size=8',
+    '',
+    'libvirt: the same -chardev/-device in <qemu:commandline>, <memballoon model=\'none\'/>, and',
+    '  <memoryBacking><source type=\'memfd\'/><access mode=\'shared\'/></memoryBacking>.',
     '',
     'systemd: systemctl enable --now vhost-user-balloon@vm1.socket (socket /run/vhostd/balloon-vm1.sock).',
     'Every option can also be set in the environment as VHOSTD_<OPTION> (e.g. VHOSTD_STATS_INTERVAL=5).',

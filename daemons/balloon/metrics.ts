@@ -35,22 +35,25 @@ export interface BalloonState {
   readonly guestStats: Readonly<Record<string, number>>;
 }
 
-function gauge(registry: Registry, name: string, help: string, read: () => number | undefined): Gauge<never> {
+function gauge(registry: Registry, name: string, help: string, read: () => number): Gauge<never> {
   return new Gauge<never>({
     name,
     help,
     registers: [registry],
     collect() {
-      this.reset();
-      const value = read();
-      if (value !== undefined) this.set(value);
+      this.set(read());
     },
   });
 }
 
-/** Register the `vhostd_balloon_*` metrics reading `stats` and `state` in `registry`. */
+/**
+ * Register the `vhostd_balloon_*` metrics reading `stats` and `state` in `registry`. The guest's
+ * statistics (`vhostd_balloon_guest_*`) appear once the guest sent them, through `addGuestStats`
+ * (a gauge without a sample would read 0, which for free memory says something false).
+ */
 export function createBalloonMetrics(registry: Registry, stats: BalloonStats, state: BalloonState) {
   const counter = (name: string, help: string, read: () => number) => valueCounter(registry, name, help, read);
+  const guest = new Map<string, Gauge<never>>();
   return {
     targetPages: gauge(registry, 'vhostd_balloon_target_pages', 'Balloon size asked of the guest (num_pages), in 4 KiB pages', () => state.targetPages),
     actualPages: gauge(registry, 'vhostd_balloon_actual_pages', 'Balloon size the guest reports (actual), in 4 KiB pages', () => state.actualPages),
@@ -71,7 +74,14 @@ export function createBalloonMetrics(registry: Registry, stats: BalloonStats, st
     ),
     releaseErrors: counter('vhostd_balloon_release_errors_total', 'Ranges the host refused to release (fallocate and madvise failed)', () => stats.releaseErrors),
     statsUpdates: counter('vhostd_balloon_stats_updates_total', 'Statistics buffers received from the guest', () => stats.statsUpdates),
-    guest: STAT_TAGS.map(({ name, help }) => gauge(registry, `vhostd_balloon_guest_${name}`, `Guest statistic: ${help}`, () => state.guestStats[name])),
+    /** Register the gauges of the statistics in `names` (STAT_TAGS names) not registered yet. */
+    addGuestStats(names: Iterable<string>): void {
+      for (const name of names) {
+        const tag = STAT_TAGS.find((t) => t.name === name);
+        if (tag === undefined || guest.has(name)) continue;
+        guest.set(name, gauge(registry, `vhostd_balloon_guest_${name}`, `Guest statistic: ${tag.help}`, () => state.guestStats[name] ?? 0));
+      }
+    },
   };
 }
 

@@ -12,7 +12,7 @@ import test, { type ExecutionContext } from 'ava';
 
 import { BalloonDevice, VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ } from '../../../daemons/balloon/device';
 import { chooseExecutor } from '../../../lib/io/choose-executor';
-import type { Logger } from '../../../lib/runtime/logger';
+import { silentLogger } from '../../../lib/runtime/logger';
 import { BackendRequest } from '../../../lib/vhost-user/messages';
 import { bit, VIRTIO_F_VERSION_1 } from '../../../lib/virtio/constants';
 import type { Frontend, FrontendRegion } from '../../helpers/frontend';
@@ -20,7 +20,7 @@ import { TestServer } from '../../lib/vhost-user/harness';
 
 const PAGE = 4096;
 const TIMEOUT = 20_000;
-const quiet: Logger = { debug: () => undefined, info: () => undefined, warn: () => undefined, error: () => undefined };
+
 
 function device(opts: { freePageReporting?: boolean; statsIntervalMs?: number } = {}): BalloonDevice {
   return new BalloonDevice({
@@ -29,8 +29,8 @@ function device(opts: { freePageReporting?: boolean; statsIntervalMs?: number } 
     deflateOnOom: false,
     freePageReporting: opts.freePageReporting ?? false,
     queueSize: 256,
-    createExecutor: chooseExecutor(quiet).create,
-    logger: quiet,
+    createExecutor: chooseExecutor(silentLogger).create,
+    logger: silentLogger,
   });
 }
 
