@@ -81,7 +81,7 @@ test('set-target: the balloon takes a size, tells an attached guest, and status 
   const { control, daemon } = await daemonWithControl(t, 'balloon', ['--target', '1M']);
   const before = await vhostctl('--control', control, 'status');
   t.is(before.status, 0, before.stderr);
-  t.regex(before.stdout, /\n  targetPages: 256\n/);
+  t.regex(before.stdout, /\n {2}targetPages: 256\n/);
 
   const idle = await vhostctl('--control', control, 'set-target', '512M');
   t.is(idle.status, 0, idle.stderr);
