@@ -14,7 +14,7 @@ import { BalloonDevice, VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORT
 import { chooseExecutor } from '../../../lib/io/choose-executor';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { BackendRequest } from '../../../lib/vhost-user/messages';
-import { bit, VIRTIO_F_VERSION_1 } from '../../../lib/virtio/constants';
+import { bit, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from '../../../lib/virtio/constants';
 import type { Frontend, FrontendRegion } from '../../helpers/frontend';
 import { TestServer } from '../../lib/vhost-user/harness';
 
@@ -69,21 +69,39 @@ async function setup(t: ExecutionContext, dev: BalloonDevice, features: bigint, 
   return { ts, fe };
 }
 
+/** The rings the tests run on: split, and packed with indirect descriptors and EVENT_IDX. */
+const RINGS = [
+  { name: 'split ring', features: 0n, indirect: false, base: (avail: number) => avail },
+  {
+    name: 'packed ring, indirect',
+    features: bit(VIRTIO_F_RING_PACKED) | bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX),
+    indirect: true,
+    // GET_VRING_BASE of a packed ring (vhost-user.rst): avail index and wrap counter (bit 15) in the
+    // low half, used index and wrap counter in the high half.
+    base: (avail: number, used: number) => ((((used | 0x8000) << 16) | avail | 0x8000) >>> 0),
+  },
+] as const;
+
 // DEFAULT_LAYOUT: region 0 at 0 (1 MiB, rings and buffers live here), region 1 at 8 MiB (1 MiB),
 // region 2 at 4 GiB (2 MiB); gaps between them.
 const REGION1 = 0x80_0000;
 const REGION2 = 0x1_0000_0000;
 
-test('inflate punches the pages out of the memfds before the buffer is used; deflate gives them back to write', async (t) => {
+for (const ring of RINGS) {
+test(`${ring.name}: inflate punches the pages out of the memfds before the buffer is used; deflate gives them back to write`, async (t) => {
   const dev = device();
-  const { fe } = await setup(t, dev, 0n, 2);
+  const { fe } = await setup(t, dev, ring.features, 2);
+  const indirect = ring.indirect;
   const [, r1, r2] = fe.memory.regions;
   dirty(fe, REGION1, 16);
   dirty(fe, REGION2, 64);
   const before = [allocated(r1!), allocated(r2!)];
   const pfns = [...Array.from({ length: 64 }, (_, i) => REGION2 / PAGE + i), ...Array.from({ length: 16 }, (_, i) => REGION1 / PAGE + i)];
   // Linux sends 256 PFNs per buffer at most: two buffers.
-  fe.submit(0, [{ readable: [{ data: pfnBuffer(pfns.slice(0, 40)) }] }, { readable: [{ data: pfnBuffer(pfns.slice(40)) }] }]);
+  fe.submit(0, [
+    { readable: [{ data: pfnBuffer(pfns.slice(0, 40)) }], indirect },
+    { readable: [{ data: pfnBuffer(pfns.slice(40, 60)) }, { data: pfnBuffer(pfns.slice(60)) }], indirect },
+  ]);
   const used = await fe.collect(0, 2, TIMEOUT);
   t.deepEqual(used.map((u) => u.len), [0, 0]);
   t.is(allocated(r1!), before[0]! - 16 * PAGE, 'region 1 gave back its 16 pages');
@@ -92,13 +110,14 @@ test('inflate punches the pages out of the memfds before the buffer is used; def
   t.is(dev.balloonPages, 80);
   t.is(dev.stats.releasedInflateBytes, 80 * PAGE);
 
-  const deflated = await fe.transfer(1, { readable: [{ data: pfnBuffer(pfns) }] }, TIMEOUT);
+  const deflated = await fe.transfer(1, { readable: [{ data: pfnBuffer(pfns) }], indirect }, TIMEOUT);
   t.is(deflated.len, 0);
   t.is(dev.balloonPages, 0);
   t.is(dev.stats.deflatedPages, 80);
   dirty(fe, REGION2, 64);
   t.is(allocated(r2!), before[1]!, 'deflated pages are memory again');
 });
+}
 
 test('hostile inflate buffers are skipped and counted, nothing outside them is punched, and the queue goes on', async (t) => {
   const dev = device();
@@ -129,14 +148,19 @@ test('hostile inflate buffers are skipped and counted, nothing outside them is p
   t.is(dev.balloonPages, 2);
 });
 
-test('free page reporting releases each reported range and uses the buffer', async (t) => {
+for (const ring of RINGS) {
+test(`${ring.name}: free page reporting releases each reported range and uses the buffer`, async (t) => {
   const dev = device({ freePageReporting: true });
   // Without STATS_VQ the reporting queue is index 2 (an absent queue takes no index).
-  const { fe } = await setup(t, dev, bit(VIRTIO_BALLOON_F_REPORTING), 3);
+  const { fe } = await setup(t, dev, bit(VIRTIO_BALLOON_F_REPORTING) | ring.features, 3);
   const r2 = fe.memory.regions[2]!;
   dirty(fe, REGION2, 512);
   const before = allocated(r2);
-  const used = await fe.transfer(2, { writable: [{ gpa: REGION2, length: 1 << 20 }, { gpa: REGION2 + (1 << 20), length: 256 * 1024 }] }, TIMEOUT);
+  const used = await fe.transfer(
+    2,
+    { writable: [{ gpa: REGION2, length: 1 << 20 }, { gpa: REGION2 + (1 << 20), length: 256 * 1024 }], indirect: ring.indirect },
+    TIMEOUT,
+  );
   t.is(used.len, 0);
   t.is(allocated(r2), before - (1 << 20) - 256 * 1024);
   t.is(dev.stats.releasedReportingBytes, (1 << 20) + 256 * 1024);
@@ -144,6 +168,7 @@ test('free page reporting releases each reported range and uses the buffer', asy
   dirty(fe, REGION2, 512);
   t.is(allocated(r2), before, 'and it writes them again at will');
 });
+}
 
 /** A stats buffer: le16 tag, le64 value entries. */
 function statsBuffer(entries: [number, number][]): Uint8Array {
@@ -164,9 +189,10 @@ async function until(condition: () => boolean, what: string): Promise<void> {
   }
 }
 
-test('the stats buffer is held, handed back for fresh numbers, and returned to the ring by GET_VRING_BASE', async (t) => {
+for (const ring of RINGS) {
+test(`${ring.name}: the stats buffer is held, handed back for fresh numbers, and returned to the ring by GET_VRING_BASE`, async (t) => {
   const dev = device();
-  const { fe } = await setup(t, dev, bit(VIRTIO_BALLOON_F_STATS_VQ), 3);
+  const { fe } = await setup(t, dev, bit(VIRTIO_BALLOON_F_STATS_VQ) | ring.features, 3);
   fe.submit(2, { readable: [{ data: statsBuffer([[4, 100 << 20], [5, 512 << 20], [99, 1]]) }] });
   await until(() => dev.stats.statsUpdates === 1, 'the first stats buffer');
   t.deepEqual(dev.guestStats, { free_bytes: 100 << 20, total_bytes: 512 << 20 });
@@ -181,12 +207,13 @@ test('the stats buffer is held, handed back for fresh numbers, and returned to t
 
   // Stopping the ring gives the held buffer back: the base points at it, and a restart pops it again.
   const base = await fe.getVringBase(2);
-  t.is(base, 1, 'one buffer used, the held one back in the ring');
+  t.is(base, ring.base(1, 1), 'one buffer used, the held one back in the ring');
   await fe.restartQueue(2, base);
   fe.kick(2);
   await until(() => dev.stats.statsUpdates === 3, 'the held buffer popped again');
   t.deepEqual(dev.guestStats, { free_bytes: 50 << 20, major_faults: 7 });
 });
+}
 
 test('the target travels in num_pages with a config change notification; the guest writes only actual', async (t) => {
   const dev = device();
@@ -217,4 +244,41 @@ test('the target travels in num_pages with a config change notification; the gue
   t.is(byPages.targetPages, 10);
   const refused = await t.throwsAsync(async () => setTarget.call({ pages: 1, bytes: 4096 }));
   t.is((refused as { code?: number }).code, -32602);
+});
+
+test('a new driver starts with an empty balloon; the operator\'s target stays', async (t) => {
+  const dev = device();
+  const { ts, fe } = await setup(t, dev, 0n, 2);
+  await dev.setTarget(100);
+  await fe.transfer(0, { readable: [{ data: pfnBuffer([REGION1 / PAGE, REGION1 / PAGE + 1]) }] }, TIMEOUT);
+  const actual = new Uint8Array(8);
+  new DataView(actual.buffer).setUint32(4, 2, true);
+  await fe.setConfig(0, actual);
+  t.is(dev.balloonPages, 2);
+  fe.close();
+  await ts.nextDisconnect(TIMEOUT);
+  t.is(dev.balloonPages, 0);
+  t.is(dev.actualPages, 0);
+  t.is(dev.targetPages, 100);
+  // The same pages inflate again for the next driver: they are not repeats.
+  const next = ts.connect();
+  t.teardown(() => next.close());
+  await next.negotiate({ features: bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_BALLOON_F_MUST_TELL_HOST) });
+  await next.setMemTable();
+  await next.setupQueue(0, 64);
+  await next.transfer(0, { readable: [{ data: pfnBuffer([REGION1 / PAGE, REGION1 / PAGE + 1]) }] }, TIMEOUT);
+  t.is(dev.balloonPages, 2);
+  t.is(dev.stats.badPfns.repeated, 0);
+});
+
+test('targets set while a notification is on its way: the driver is told again and reads the last one', async (t) => {
+  const dev = device();
+  const { fe } = await setup(t, dev, 0n, 0);
+  await fe.setBackendChannel();
+  const results = await Promise.all([dev.setTarget(1), dev.setTarget(2), dev.setTarget(3)]);
+  t.deepEqual(results, [true, true, true]);
+  await fe.waitBackendMessage(BackendRequest.CONFIG_CHANGE_MSG, TIMEOUT);
+  await fe.waitBackendMessage(BackendRequest.CONFIG_CHANGE_MSG, TIMEOUT);
+  const config = await fe.getConfig(0, 8);
+  t.is(new DataView(config.buffer, config.byteOffset, 8).getUint32(0, true), 3);
 });
