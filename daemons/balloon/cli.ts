@@ -56,7 +56,7 @@ export interface BalloonConfig {
 const MAX_STATS_INTERVAL_S = 86400;
 
 export function toConfig(args: Record<string, unknown>): BalloonConfig {
-  const targetBytes = parseSize('target', String(args.target ?? '0'));
+  const targetBytes = parseSize('--target', String(args.target ?? '0'));
   const targetPages = Math.floor(targetBytes / BALLOON_PAGE_SIZE);
   if (targetPages > MAX_TARGET_PAGES) {
     throw new ConfigError('CONFIG_INVALID', `--target ${String(args.target)}: the balloon holds at most ${MAX_TARGET_PAGES} pages of 4 KiB`);

@@ -196,7 +196,7 @@ export function toConfig(args: Record<string, unknown>): BlkConfig {
 
   const threads = integerIn('threads', args.threads ?? 0, 0, MAX_QUEUES);
 
-  const nullSize = useNull ? parseSize('null-size', String(args['null-size'] ?? '1G'), 512) : undefined;
+  const nullSize = useNull ? parseSize('--null-size', String(args['null-size'] ?? '1G'), 512) : undefined;
   return {
     file: useNull ? undefined : file,
     nullSize,

@@ -103,7 +103,7 @@ export async function main(argv: string[]): Promise<number> {
       'Set the balloon size, the memory to take from the guest, e.g. 512M, 2G or 0 (balloon)',
       (y) => y.positional('size', { type: 'string', demandOption: true }),
       (args) => {
-        invocation = { method: 'set-target', params: { bytes: parseSize('size', args.size) }, format: (r) => formatTarget(r as Target) };
+        invocation = { method: 'set-target', params: { bytes: parseSize('set-target', args.size) }, format: (r) => formatTarget(r as Target) };
       },
     )
     .command(

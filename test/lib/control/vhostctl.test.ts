@@ -105,7 +105,7 @@ test('set-target: the balloon takes a size, tells an attached guest, and status 
 
   const bad = await vhostctl('--control', control, 'set-target', 'lots');
   t.is(bad.status, 1);
-  t.regex(bad.stderr, /^vhostctl: --size lots: expected a size/);
+  t.regex(bad.stderr, /^vhostctl: set-target lots: expected a size/);
 });
 
 test('call: any method with JSON params; log-level changes what the daemon logs', async (t) => {
