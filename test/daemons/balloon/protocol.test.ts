@@ -282,3 +282,14 @@ test('targets set while a notification is on its way: the driver is told again a
   const config = await fe.getConfig(0, 8);
   t.is(new DataView(config.buffer, config.byteOffset, 8).getUint32(0, true), 3);
 });
+
+test('with --stats-interval the device hands the stats buffer back by itself, again and again', async (t) => {
+  const dev = device({ statsIntervalMs: 50 });
+  const { fe } = await setup(t, dev, bit(VIRTIO_BALLOON_F_STATS_VQ), 3);
+  for (let round = 1; round <= 3; round++) {
+    fe.submit(2, { readable: [{ data: statsBuffer([[4, round]]) }] });
+    await fe.collect(2, 1, TIMEOUT); // given back without being asked
+    t.is(dev.guestStats.free_bytes, round);
+  }
+  t.is(dev.stats.statsUpdates, 3);
+});
