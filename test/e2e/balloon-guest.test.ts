@@ -2,9 +2,10 @@
  * The balloon under a real guest: QEMU 10.2's vhost-user-test-device-pci (virtio-id 5) in front of
  * vhost-user-balloon, Linux's virtio_balloon driver in a 512 MiB guest. `vhostctl set-target` asks
  * for 256 MiB; the guest inflates, its MemTotal drops, the daemon punches the pages out of the guest's
- * memfd (its allocated size drops) and the guest reports `actual`; the guest's statistics arrive as
- * metrics; the target goes back to 0 and the guest uses that memory again. With free page reporting,
- * memory a guest process frees goes back to the host without any target.
+ * memfd (its allocated size and QEMU's resident shared memory drop) and the guest reports `actual`;
+ * the guest's statistics arrive as metrics; the target goes back to 0 and the guest uses that memory
+ * again. With free page reporting, memory a guest process frees goes back to the host without any
+ * target.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -32,6 +33,28 @@ function memfdAllocated(pid: number): number {
   }
   if (seen.size === 0) throw new Error(`daemon ${pid} holds no memfd`);
   return [...seen.values()].reduce((a, b) => a + b, 0);
+}
+
+/** QEMU's pid: the process whose command line names the daemon's socket. */
+function qemuPid(socketPath: string): number {
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    let cmdline: string[];
+    try {
+      cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue; // a process that ended meanwhile
+    }
+    if (cmdline.some((arg) => arg.includes('vhost-user-test-device-pci')) && cmdline.some((arg) => arg.includes(socketPath))) return Number(entry);
+  }
+  throw new Error(`no QEMU runs with ${socketPath}`);
+}
+
+/** The shared memory QEMU has resident (RssShmem: the guest RAM it touched, in the memfd). */
+function qemuRssShmem(pid: number): number {
+  const kib = /RssShmem:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
+  if (kib === undefined) throw new Error(`no RssShmem in /proc/${pid}/status`);
+  return Number(kib) * 1024;
 }
 
 interface BalloonState {
@@ -86,6 +109,9 @@ guestTest(
       const steps: Promise<void>[] = [];
       let beforeInflate = 0;
       let afterInflate = 0;
+      let qemu = 0;
+      let qemuBefore = 0;
+      let qemuAfter = 0;
       let inflated: BalloonState | undefined;
       let deflated: BalloonState | undefined;
       let freshStats = false;
@@ -97,11 +123,14 @@ guestTest(
         onConsoleLine: (line) => {
           if (line.includes('VHOSTD-MARK inflate=now')) {
             beforeInflate = memfdAllocated(pid);
+            qemu = qemuPid(daemon.socketPath);
+            qemuBefore = qemuRssShmem(qemu);
             steps.push(vhostctl('--control', control, 'set-target', '256M').then((r) => void t.is(r.status, 0, r.stderr)));
           } else if (line.includes('VHOSTD-MARK memtotal_inflated=')) {
             steps.push(
               (async () => {
                 afterInflate = memfdAllocated(pid);
+                qemuAfter = qemuRssShmem(qemu);
                 inflated = await balloonState(t, control);
                 const stats = await vhostctl('--control', control, '--json', 'call', 'stats');
                 t.is(stats.status, 0, stats.stderr);
@@ -145,6 +174,8 @@ guestTest(
       t.is(inflated?.releasedBytes.inflate, TARGET, 'every inflated page was released');
       t.log(`memfd allocated: ${beforeInflate / MiB} MiB before the inflate, ${afterInflate / MiB} MiB after`);
       t.true(afterInflate <= beforeInflate - 192 * MiB, `the memfd shrank: ${beforeInflate} -> ${afterInflate} bytes`);
+      t.log(`QEMU RssShmem: ${qemuBefore / MiB} MiB before the inflate, ${qemuAfter / MiB} MiB after`);
+      t.true(qemuAfter <= qemuBefore - 192 * MiB, `QEMU's resident guest memory shrank: ${qemuBefore} -> ${qemuAfter} bytes`);
       t.is(deflated?.actualPages, 0);
       t.is(deflated?.balloonPages, 0);
 
