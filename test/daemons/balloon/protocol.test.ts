@@ -10,7 +10,13 @@ import fs from 'node:fs';
 
 import test, { type ExecutionContext } from 'ava';
 
-import { BalloonDevice, VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ } from '../../../daemons/balloon/device';
+import {
+  BalloonDevice,
+  VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+  VIRTIO_BALLOON_F_MUST_TELL_HOST,
+  VIRTIO_BALLOON_F_REPORTING,
+  VIRTIO_BALLOON_F_STATS_VQ,
+} from '../../../daemons/balloon/device';
 import { chooseExecutor } from '../../../lib/io/choose-executor';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { BackendRequest } from '../../../lib/vhost-user/messages';
@@ -22,11 +28,11 @@ const PAGE = 4096;
 const TIMEOUT = 20_000;
 
 
-function device(opts: { freePageReporting?: boolean; statsIntervalMs?: number } = {}): BalloonDevice {
+function device(opts: { freePageReporting?: boolean; statsIntervalMs?: number; deflateOnOom?: boolean } = {}): BalloonDevice {
   return new BalloonDevice({
     targetPages: 0,
     statsIntervalMs: opts.statsIntervalMs ?? 0,
-    deflateOnOom: false,
+    deflateOnOom: opts.deflateOnOom ?? false,
     freePageReporting: opts.freePageReporting ?? false,
     queueSize: 256,
     createExecutor: chooseExecutor(silentLogger).create,
@@ -292,4 +298,26 @@ test('with --stats-interval the device hands the stats buffer back by itself, ag
     t.is(dev.guestStats.free_bytes, round);
   }
   t.is(dev.stats.statsUpdates, 3);
+});
+
+test('offered features: MUST_TELL_HOST and STATS_VQ always, DEFLATE_ON_OOM and REPORTING when asked, never FREE_PAGE_HINT or PAGE_POISON', async (t) => {
+  const plain = await TestServer.start(device());
+  const asked = await TestServer.start(device({ deflateOnOom: true, freePageReporting: true }));
+  t.teardown(async () => {
+    await plain.close();
+    await asked.close();
+  });
+  const offered = async (ts: TestServer) => {
+    const fe = ts.connect();
+    try {
+      return (await fe.getFeatures()) & 0xffffffn; // virtio 1.2 §6: bits 0 to 23 are the device type's
+    } finally {
+      fe.close();
+    }
+  };
+  t.is(await offered(plain), bit(VIRTIO_BALLOON_F_MUST_TELL_HOST) | bit(VIRTIO_BALLOON_F_STATS_VQ));
+  t.is(
+    await offered(asked),
+    bit(VIRTIO_BALLOON_F_MUST_TELL_HOST) | bit(VIRTIO_BALLOON_F_STATS_VQ) | bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | bit(VIRTIO_BALLOON_F_REPORTING),
+  );
 });
