@@ -5,6 +5,7 @@
  */
 import type { Options } from 'yargs';
 
+import { parseSize } from '../../lib/cli/size';
 import { ConfigError } from '../../lib/errors';
 
 export const PROGRAM = 'vhost-user-blk';
@@ -146,18 +147,6 @@ export interface BlkConfig {
 /** Most queues: QEMU's VIRTIO_QUEUE_MAX is 1024, but every queue costs an io_uring here. */
 export const MAX_QUEUES = 64;
 
-const SIZE_SUFFIX: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
-
-/** Parse `1G`, `512M`, `1048576`. */
-export function parseSize(option: string, value: string): number {
-  const m = /^(\d+)([KMGT]?)(?:i?B)?$/i.exec(value.trim());
-  const size = m === null ? NaN : Number(m[1]) * SIZE_SUFFIX[m[2]!.toUpperCase()]!;
-  if (!Number.isSafeInteger(size) || size < 512) {
-    throw new ConfigError('CONFIG_INVALID', `--${option} ${value}: expected a size of at least 512 bytes, e.g. 1G or 268435456`);
-  }
-  return size;
-}
-
 function integerIn(option: string, value: unknown, min: number, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
     throw new ConfigError('CONFIG_INVALID', `--${option} ${String(value)}: expected an integer from ${min} to ${max}`);
@@ -207,7 +196,7 @@ export function toConfig(args: Record<string, unknown>): BlkConfig {
 
   const threads = integerIn('threads', args.threads ?? 0, 0, MAX_QUEUES);
 
-  const nullSize = useNull ? parseSize('null-size', String(args['null-size'] ?? '1G')) : undefined;
+  const nullSize = useNull ? parseSize('--null-size', String(args['null-size'] ?? '1G'), 512) : undefined;
   return {
     file: useNull ? undefined : file,
     nullSize,

@@ -30,6 +30,8 @@ export interface DaemonDevice extends DeviceBackend {
    * and `log-level`; their params are checked against each method's `params` before `call`.
    */
   controlMethods?(): Record<string, ControlMethod>;
+  /** The device's own state for the control `status` method (balloon: target, actual, guest stats). */
+  status?(): Record<string, unknown>;
 }
 
 export interface DaemonSpec<Config> {
@@ -107,7 +109,7 @@ export async function runDaemon<Config>(spec: DaemonSpec<Config>, argv: string[]
     }
     let control: ControlServer | undefined;
     if (withControl) {
-      const methods = daemonControlMethods(server, registry!, logger, device.controlMethods?.());
+      const methods = daemonControlMethods(server, registry!, logger, device.controlMethods?.(), device.status?.bind(device));
       const controlOptions = { path: common.controlPath, group: common.socketGroup, fd: common.controlFd, device: device.name, methods, logger };
       // A control socket that cannot be created ends the daemon: leave no vhost-user socket behind.
       control = await startControlServer(controlOptions).catch(async (err: unknown) => {

@@ -13,22 +13,31 @@ function hex(bits: bigint): string {
   return `0x${bits.toString(16)}`;
 }
 
-/** The common methods plus the device's own (`deviceMethods`), which must not take a common name. */
+/**
+ * The common methods plus the device's own (`deviceMethods`), which must not take a common name.
+ * `deviceStatus`, when given, adds the device's own state to `status` as `state`.
+ */
 export function daemonControlMethods(
   server: VhostUserServer,
   registry: Registry,
   logger: LevelLogger,
   deviceMethods: Record<string, ControlMethod> = {},
+  deviceStatus?: () => Record<string, unknown>,
 ): Record<string, ControlMethod> {
   const device = server.device.name;
-  const common = commonMethods(server, registry, logger);
+  const common = commonMethods(server, registry, logger, deviceStatus);
   for (const name of Object.keys(deviceMethods)) {
     if (Object.hasOwn(common, name)) throw new Error(`${device} defines control method "${name}", which every daemon has`);
   }
   return { ...deviceMethods, ...common };
 }
 
-function commonMethods(server: VhostUserServer, registry: Registry, logger: LevelLogger): Record<string, ControlMethod> {
+function commonMethods(
+  server: VhostUserServer,
+  registry: Registry,
+  logger: LevelLogger,
+  deviceStatus: (() => Record<string, unknown>) | undefined,
+): Record<string, ControlMethod> {
   const device = server.device.name;
   return {
     status: {
@@ -48,6 +57,7 @@ function commonMethods(server: VhostUserServer, registry: Registry, logger: Leve
             kicks: vring.kicks,
             requests: vring.totals().requests,
           })),
+          ...(deviceStatus === undefined ? {} : { state: deviceStatus() }),
         };
       },
     },

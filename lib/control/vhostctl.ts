@@ -11,6 +11,7 @@
  */
 import yargs from 'yargs';
 
+import { parseSize } from '../cli/size';
 import { ControlClient, ControlClientError } from './client';
 
 const PROGRAM = 'vhostctl';
@@ -30,6 +31,8 @@ interface Status {
   pid: number;
   frontend: { connected: boolean; features: string; protocolFeatures: string };
   queues: QueueStatus[];
+  /** The device's own state (balloon: target, actual, guest statistics). */
+  state?: Record<string, unknown>;
 }
 
 interface Resize {
@@ -47,7 +50,24 @@ function formatStatus(status: Status): string {
     const state = q.broken ? 'broken' : q.started ? 'running' : q.enabled ? 'enabled' : 'stopped';
     lines.push(`  queue ${q.index}: ${state}, size ${q.size}, ${q.kicks} kicks, ${q.requests} requests`);
   }
+  for (const [key, value] of Object.entries(status.state ?? {})) lines.push(`  ${key}: ${typeof value === 'object' ? JSON.stringify(value) : String(value)}`);
   return lines.join('\n');
+}
+
+interface Target {
+  device: string;
+  previousPages: number;
+  targetPages: number;
+  targetBytes: number;
+  actualPages: number;
+  notified: boolean;
+}
+
+function formatTarget(r: Target): string {
+  return (
+    `${r.device}: target ${r.targetBytes} bytes (${r.targetPages} pages, was ${r.previousPages}); the guest reports ${r.actualPages} pages` +
+    (r.notified ? '' : '\n  (no front-end was told: the guest reads the target when it next looks)')
+  );
 }
 
 function formatResize(r: Resize): string {
@@ -79,6 +99,14 @@ export async function main(argv: string[]): Promise<number> {
       invocation = { method: 'resize', params: {}, format: (r) => formatResize(r as Resize) };
     })
     .command(
+      'set-target <size>',
+      'Set the balloon size, the memory to take from the guest, e.g. 512M, 2G or 0 (balloon)',
+      (y) => y.positional('size', { type: 'string', demandOption: true }),
+      (args) => {
+        invocation = { method: 'set-target', params: { bytes: parseSize('set-target', args.size) }, format: (r) => formatTarget(r as Target) };
+      },
+    )
+    .command(
       'call <method> [params]',
       'Call any method (`call methods` lists them) with params as a JSON object',
       (y) => y.positional('method', { type: 'string', demandOption: true }).positional('params', { type: 'string', describe: 'e.g. \'{"level":"debug"}\'' }),
@@ -97,10 +125,11 @@ export async function main(argv: string[]): Promise<number> {
         invocation = { method: args.method, params: params as Record<string, unknown>, format: (r) => JSON.stringify(r, null, 2) };
       },
     )
-    .demandCommand(1, 'give a command: status, resize or call')
+    .demandCommand(1, 'give a command: status, resize, set-target or call')
     .strict()
     .example('$0 --control /run/vhostd/blk0.ctl status', 'What the daemon serves and its queues')
     .example('$0 --control /run/vhostd/blk0.ctl resize', 'After truncate -s +1G disk.img: the guest sees the new size')
+    .example('$0 --control /run/vhostd/balloon0.ctl set-target 1G', 'The guest gives 1 GiB back to the host')
     .example('$0 --control /run/vhostd/blk0.ctl call log-level \'{"level":"debug"}\'', 'Log more, without a restart')
     .wrap(Math.min(110, process.stdout.columns ?? 100))
     .help()

@@ -174,6 +174,15 @@ export class GuestMemory {
   }
 
   /**
+   * The guest physical address of byte `offset` of `views[viewId]`: a chain segment's guest address,
+   * for a device that needs the range's backing (balloon free page reporting gets guest ranges as
+   * device-writable buffers and releases them with {@link resolveRange}).
+   */
+  guestAddress(viewId: number, offset: number): number {
+    return this.viewGuestBase[viewId]! + offset;
+  }
+
+  /**
    * A contiguous view of `len` bytes at front-end virtual address `userAddr` (vring addresses are
    * front-end addresses, vhost-user.rst SET_VRING_ADDR). `len` must be at most MAP_VIEW_SLACK.
    */

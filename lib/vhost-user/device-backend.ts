@@ -75,7 +75,7 @@ export interface DeviceBackend {
   detach?(): void;
   /**
    * The device was reset (RESET_OWNER, RESET_DEVICE, or the front-end went away): every queue has
-   * stopped; forget per-driver state (net: MAC filters, offloads; balloon: the target).
+   * stopped; forget per-driver state (net: MAC filters, offloads; balloon: the pages in the balloon).
    */
   reset?(): void;
 

@@ -4,7 +4,7 @@
  */
 import test, { type ExecutionContext, type ImplementationFn } from 'ava';
 
-import { qemuMissingReason } from './qemu-guest';
+import { qemu102, qemuMissingReason } from './qemu-guest';
 
 export interface GuestTestOptions {
   /**
@@ -12,6 +12,8 @@ export interface GuestTestOptions {
    * run stays green while it fails and goes red, asking for this option to go, once it passes.
    */
   readonly knownFailure?: string;
+  /** The test runs QEMU 10.2 ({@link qemu102}), not the default QEMU: skipped (failed in CI) without it. */
+  readonly qemu102?: boolean;
 }
 
 /**
@@ -19,7 +21,8 @@ export interface GuestTestOptions {
  * title; but when `CI` is set a missing QEMU fails the test instead, since CI installs it.
  */
 export function guestTest(title: string, impl: ImplementationFn<[]>, options: GuestTestOptions = {}): void {
-  const missing = qemuMissingReason();
+  const q102 = options.qemu102 === true ? qemu102() : undefined;
+  const missing = q102 !== undefined && 'missing' in q102 ? q102.missing : qemuMissingReason();
   if (missing === undefined) {
     if (options.knownFailure !== undefined) test.failing(`${title} [known failure: ${options.knownFailure}]`, impl);
     else test(title, impl);

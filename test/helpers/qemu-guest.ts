@@ -20,7 +20,7 @@ import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promis
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { GUEST_LIBRARY_PATH, GUEST_SCRIPT_PATH, guestImage, writeTestInitrd, type GuestFile, type GuestImage } from './guest-image';
+import { GUEST_LIBRARY_PATH, GUEST_SCRIPT_PATH, guestImage, repoRoot, writeTestInitrd, type GuestFile, type GuestImage } from './guest-image';
 
 export const DEFAULT_MEMORY = '256M';
 export const DEFAULT_TIMEOUT_MS = 120_000;
@@ -74,6 +74,8 @@ export interface RunGuestOptions {
   readonly append?: string;
   /** The image to boot; default `guestImage()`. */
   readonly image?: GuestImage;
+  /** The QEMU binary; default {@link qemuBinary} (e.g. the `binary` of {@link qemu102}). */
+  readonly qemu?: string;
 }
 
 /** A section printed by the guest library's `section NAME CMD...`. */
@@ -126,6 +128,40 @@ export class GuestRunError extends Error {
 /** The QEMU system emulator to run: `$VHOSTD_QEMU` or `qemu-system-x86_64` from PATH. */
 export function qemuBinary(): string {
   return process.env['VHOSTD_QEMU'] || 'qemu-system-x86_64';
+}
+
+let qemu102Check: { binary: string } | { missing: string } | undefined;
+
+/**
+ * QEMU 10.2, for the tests that need a front-end only it has (`vhost-user-test-device-pci`: the
+ * balloon): `$VHOSTD_QEMU_10_2`, else the wrapper `scripts/qemu-10.2.sh` prints, which builds it into
+ * the cache the first time (about 10 minutes; scripts/test.sh and .ci/run do that before ava starts,
+ * and set `VHOSTD_QEMU_10_2`, or `VHOSTD_QEMU_10_2_ERROR` with the reason the build failed).
+ */
+export function qemu102(): { binary: string } | { missing: string } {
+  if (qemu102Check !== undefined) return qemu102Check;
+  const failed = process.env['VHOSTD_QEMU_10_2_ERROR'];
+  let binary = process.env['VHOSTD_QEMU_10_2'];
+  if (failed) {
+    qemu102Check = { missing: `QEMU 10.2 could not be built: ${failed}` };
+    return qemu102Check;
+  }
+  if (!binary) {
+    const script = join(repoRoot(), 'scripts', 'qemu-10.2.sh');
+    const r = spawnSync('bash', [script], { encoding: 'utf8', timeout: 60 * 60_000, maxBuffer: 64 << 20 });
+    if (r.error !== undefined || r.status !== 0) {
+      const tail = (r.stderr ?? '').trim().split('\n').slice(-5).join(' | ');
+      qemu102Check = { missing: `scripts/qemu-10.2.sh failed (${r.error?.message ?? `exit status ${String(r.status)}`}): ${tail}` };
+      return qemu102Check;
+    }
+    binary = r.stdout.trim().split('\n').pop() ?? '';
+  }
+  const v = spawnSync(binary, ['--version'], { encoding: 'utf8', timeout: 30_000 });
+  qemu102Check =
+    v.status === 0 && /^QEMU emulator version 10\.2/.test(v.stdout)
+      ? { binary }
+      : { missing: `${binary} is not QEMU 10.2 (${v.error?.message ?? (v.stdout.split('\n')[0] || v.stderr.trim())})` };
+  return qemu102Check;
 }
 
 let qemuCheck: { version: string } | { missing: string } | undefined;
@@ -264,7 +300,7 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestResult> {
     keep = envFlag('VHOSTD_GUEST_KEEP');
     const slot = await acquireSlot();
     try {
-      return await runQemu(qemuArgs(image, initrd, opts), timeoutMs, opts.onConsoleLine);
+      return await runQemu(opts.qemu ?? qemuBinary(), qemuArgs(image, initrd, opts), timeoutMs, opts.onConsoleLine);
     } finally {
       await releaseSlot(slot);
     }
@@ -278,9 +314,9 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestResult> {
   }
 }
 
-function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => void) | undefined): Promise<GuestResult> {
+function runQemu(qemu: string, args: string[], timeoutMs: number, onLine: ((line: string) => void) | undefined): Promise<GuestResult> {
   const echo = envFlag('VHOSTD_GUEST_CONSOLE');
-  const command = [qemuBinary(), ...args].map(shellQuote).join(' ');
+  const command = [qemu, ...args].map(shellQuote).join(' ');
   const start = Date.now();
   return new Promise((resolve, reject) => {
     const lines: string[] = [];
@@ -304,8 +340,8 @@ function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => v
 
     const child =
       PDEATHSIG === undefined
-        ? spawn(qemuBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] })
-        : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemuBinary(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+        ? spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+        : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     live.add(child);
     const timer = setTimeout(() => fail('GUEST_TIMEOUT', `guest did not finish within ${timeoutMs} ms`), timeoutMs);
 
@@ -333,7 +369,7 @@ function runQemu(args: string[], timeoutMs: number, onLine: ((line: string) => v
       stderr += chunk;
     });
     child.on('error', (err) => {
-      fail('GUEST_QEMU_SPAWN', `cannot run ${qemuBinary()}: ${err.message}`);
+      fail('GUEST_QEMU_SPAWN', `cannot run ${qemu}: ${err.message}`);
     });
     child.on('close', (code, signal) => {
       clearTimeout(timer);

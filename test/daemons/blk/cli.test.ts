@@ -1,6 +1,6 @@
 import test from 'ava';
 
-import { toConfig, parseSize, type BlkConfig } from '../../../daemons/blk/cli';
+import { toConfig, type BlkConfig } from '../../../daemons/blk/cli';
 import { ConfigError } from '../../../lib/errors';
 
 /** Arguments as yargs hands them over (defaults filled in). */
@@ -63,10 +63,3 @@ for (const [name, given, code] of invalid) {
     t.notRegex(err!.message, /\n/, 'one line');
   });
 }
-
-test('parseSize', (t) => {
-  t.is(parseSize('x', '512'), 512);
-  t.is(parseSize('x', '4k'), 4096);
-  t.is(parseSize('x', '2G'), 2 ** 31);
-  t.is(parseSize('x', '1TiB'), 2 ** 40);
-});

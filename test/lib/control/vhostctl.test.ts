@@ -77,6 +77,37 @@ test('resize: blk re-reads a grown image and says so; unchanged says that', asyn
   t.deepEqual(JSON.parse(json.stdout), { device: 'blk', previousSectors: 8192, sectors: 8192, bytes: 4 << 20 });
 });
 
+test('set-target: the balloon takes a size, tells an attached guest, and status shows the balloon state', async (t) => {
+  const { control, daemon } = await daemonWithControl(t, 'balloon', ['--target', '1M']);
+  const before = await vhostctl('--control', control, 'status');
+  t.is(before.status, 0, before.stderr);
+  t.regex(before.stdout, /\n {2}targetPages: 256\n/);
+
+  const idle = await vhostctl('--control', control, 'set-target', '512M');
+  t.is(idle.status, 0, idle.stderr);
+  t.is(
+    idle.stdout,
+    'balloon: target 536870912 bytes (131072 pages, was 256); the guest reports 0 pages\n  (no front-end was told: the guest reads the target when it next looks)\n',
+  );
+
+  const frontend = Frontend.connect(daemon.socketPath);
+  t.teardown(() => frontend.close());
+  await frontend.negotiate();
+  await frontend.setBackendChannel();
+  const told = await vhostctl('--control', control, '--json', 'set-target', '1G');
+  t.is(told.status, 0, told.stderr);
+  const result = JSON.parse(told.stdout) as { previousPages: number; targetPages: number; notified: boolean };
+  t.like(result, { previousPages: 131072, targetPages: 262144, notified: true });
+  await frontend.waitBackendMessage();
+
+  const json = JSON.parse((await vhostctl('--control', control, '--json', 'status')).stdout) as { state: Record<string, unknown> };
+  t.like(json.state, { targetPages: 262144, targetBytes: 1 << 30, actualPages: 0, balloonPages: 0, guestStatsAt: null });
+
+  const bad = await vhostctl('--control', control, 'set-target', 'lots');
+  t.is(bad.status, 1);
+  t.regex(bad.stderr, /^vhostctl: set-target lots: expected a size/);
+});
+
 test('call: any method with JSON params; log-level changes what the daemon logs', async (t) => {
   const { daemon, control } = await daemonWithControl(t, 'rng');
   const set = await vhostctl('--control', control, '--json', 'call', 'log-level', '{"level":"debug"}');

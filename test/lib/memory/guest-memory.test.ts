@@ -165,3 +165,12 @@ test('a region without an fd (test fake) gives pieces with a host address and a 
   t.is(piece.fileOffset, 0x10);
   t.is(piece.hostAddress, fake.regions[1]!.hostAddress + 0x10);
 });
+
+test('guestAddress turns a translated view offset back into the guest address, in every region and view', (t) => {
+  const fake = new FakeGuestMemory();
+  const out = new Translation();
+  for (const gpa of [0x0, 0x1234, 0x1f_f000, 0x20_0000, 0x20_0abc, 0x2f_ffff, 0x1_0000_0000, 0x1_000f_f000]) {
+    t.true(fake.memory.translate(gpa, 16, out), `0x${gpa.toString(16)} is mapped`);
+    t.is(fake.memory.guestAddress(out.viewId, out.offset), gpa);
+  }
+});
