@@ -1,5 +1,5 @@
 /**
- * Run the built vhostctl (build/lib/control/vhostctl.js) as an operator would, to its end.
+ * Run the built vhostctl (build/lib/cli/vhostctl.js) as an operator would, to its end.
  */
 import { spawn } from 'node:child_process';
 import path from 'node:path';
@@ -14,7 +14,7 @@ export interface VhostctlRun {
 
 /** Asynchronous, so that a daemon or guest in this process's event loop keeps running meanwhile. */
 export function vhostctl(...args: string[]): Promise<VhostctlRun> {
-  const main = path.join(repoRoot(), 'build', 'lib', 'control', 'vhostctl.js');
+  const main = path.join(repoRoot(), 'build', 'lib', 'cli', 'vhostctl.js');
   const child = spawn(process.execPath, [main, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';

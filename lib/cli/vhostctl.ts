@@ -11,8 +11,8 @@
  */
 import yargs from 'yargs';
 
-import { parseSize } from '../cli/size';
-import { ControlClient, ControlClientError } from './client';
+import { ControlClient, ControlClientError } from '../control/client';
+import { parseSize } from './size';
 
 const PROGRAM = 'vhostctl';
 
