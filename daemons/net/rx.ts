@@ -1,0 +1,216 @@
+/**
+ * Receive: TAP → guest. The kernel writes the virtio-net header and the frame straight into the
+ * guest's buffers (readv into the chains' device-writable segments, native.readFrames); the daemon
+ * only fills in num_buffers (virtio 1.2 §5.1.6.4, which TAP leaves untouched).
+ *
+ * - Without VIRTIO_NET_F_MRG_RXBUF every frame takes one chain, which must hold it whole (a frame
+ *   that does not fit is lost in the kernel's readv and counted as a TAP error); frames are read in
+ *   batches, one readv each.
+ * - With MRG_RXBUF a frame spreads over as many chains as it needs: the device gathers chains until
+ *   they hold the largest frame the TAP can deliver (65562 bytes with GSO), reads one frame over all
+ *   of them, completes those the frame used and sets num_buffers to their count (§5.1.6.4.2).
+ * - Chains popped for a read that found nothing (EAGAIN), or not used by the frame, go back to the
+ *   ring (Virtqueue.unpop) before the event loop runs anything else, so no chain is held across a
+ *   memory table change or a stop and no frame already read is lost.
+ * - When the ring has too few buffers the device stops watching the TAP (the kernel queues, then
+ *   drops, as for any slow NIC) and asks the driver to kick when it adds some (§2.7.10).
+ */
+import { POLL_READABLE, native, type Watcher } from '../../native';
+import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
+import type { NetQueueStats } from './metrics';
+import { MAX_IOV } from './tx';
+import { HDR_GSO_TYPE, HDR_NUM_BUFFERS, VNET_HDR_SIZE } from './virtio-net';
+
+/** Frames per readFrames call without MRG_RXBUF. */
+export const RX_BATCH = 64;
+/** Frames per TAP wakeup before yielding to the event loop (tx and other queues). */
+const RX_BUDGET = 256;
+
+export interface RxOptions {
+  /** Header size in front of every frame (12, or 10 for a legacy driver). */
+  headerSize: number;
+  /** VIRTIO_NET_F_MRG_RXBUF negotiated. */
+  mergeable: boolean;
+  /** With mergeable buffers: header plus the largest frame the TAP may hand over. */
+  maxFrame: number;
+}
+
+export class RxPath {
+  private readonly chains: DescriptorChain[] = [];
+  private readonly iovBase = new Float64Array(MAX_IOV);
+  private readonly iovLen = new Float64Array(MAX_IOV);
+  private readonly iovStart = new Uint32Array(RX_BATCH);
+  private readonly iovCount = new Uint32Array(RX_BATCH);
+  private readonly result = new Int32Array(RX_BATCH);
+  private readonly numBuffers = new Uint8Array(2);
+  private readable: Watcher | null = null;
+  private running = false;
+
+  constructor(
+    private readonly queue: Virtqueue,
+    private readonly fd: number,
+    private readonly options: RxOptions,
+    private readonly stats: NetQueueStats,
+  ) {}
+
+  /** Start moving frames (the queue is enabled and its TAP queue attached). */
+  start(): void {
+    this.running = true;
+    this.watch();
+  }
+
+  /** Stop reading the TAP (queue disabled or stopping); nothing is held. */
+  stop(): void {
+    this.running = false;
+    this.unwatch();
+  }
+
+  /** The driver kicked: it added buffers after the ring ran dry. */
+  kick(): void {
+    if (this.running && this.readable === null) this.watch();
+  }
+
+  private watch(): void {
+    if (this.readable !== null) return;
+    this.queue.disableNotification(); // while the TAP is watched, buffers are looked for on each wakeup
+    this.readable = native.watch(this.fd, POLL_READABLE, () => this.receive());
+  }
+
+  private unwatch(): void {
+    this.readable?.stop();
+    this.readable = null;
+  }
+
+  /** The TAP has frames: move up to RX_BUDGET of them, publish once. */
+  private receive(): void {
+    try {
+      if (this.options.mergeable) this.receiveMergeable();
+      else this.receiveWhole();
+    } finally {
+      this.giveBack();
+      this.queue.flush();
+    }
+  }
+
+  /** Pop chains until `want` bytes of buffer are at hand; false when the ring has too few. */
+  private gather(want: number, capacity: number, maxChains: number): number {
+    while (capacity < want && this.chains.length < maxChains) {
+      const chain = this.queue.pop();
+      if (chain === null) {
+        // Ask for a kick before concluding the ring is empty (the race of virtio 1.2 §2.7.10).
+        if (this.queue.enableNotification()) continue;
+        this.stats.ringEmpty++;
+        this.unwatch();
+        return capacity;
+      }
+      if (chain.writableLength < this.options.headerSize) {
+        // A buffer that cannot even hold the header is the driver's mistake: hand it back empty.
+        this.queue.pushUsed(chain, 0);
+        continue;
+      }
+      this.chains.push(chain);
+      capacity += chain.writableLength;
+    }
+    return capacity;
+  }
+
+  private receiveWhole(): void {
+    let frames = 0;
+    while (frames < RX_BUDGET && this.readable !== null) {
+      this.gather(Infinity, 0, RX_BATCH);
+      const count = this.chains.length;
+      if (count === 0) return;
+      let iov = 0;
+      for (let f = 0; f < count; f++) {
+        const start = iov;
+        iov = this.addWritable(this.chains[f]!, iov, MAX_IOV - (count - f - 1));
+        this.iovStart[f] = start;
+        this.iovCount[f] = iov - start;
+      }
+      const done = native.readFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, count);
+      for (let f = 0; f < done; f++) this.deliver(f, f + 1, this.result[f]!);
+      // Delivered chains leave the list; the rest (not read into: EAGAIN) go back to the ring.
+      this.chains.splice(0, done);
+      frames += done;
+      if (done < count) return;
+    }
+  }
+
+  private receiveMergeable(): void {
+    const want = this.options.maxFrame;
+    let capacity = 0;
+    for (let frames = 0; frames < RX_BUDGET && this.readable !== null; frames++) {
+      capacity = this.gather(want, capacity, MAX_IOV);
+      if (this.chains.length === 0 || capacity < want) return;
+      let iov = 0;
+      for (const chain of this.chains) iov = this.addWritable(chain, iov, MAX_IOV);
+      this.iovStart[0] = 0;
+      this.iovCount[0] = iov;
+      if (native.readFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, 1) === 0) return;
+      const bytes = this.result[0]!;
+      if (bytes < 0) {
+        // The frame is lost (readv failed); the buffers stay for the next one.
+        this.stats.tapErrors++;
+        continue;
+      }
+      // The chains the frame filled, in order: the last one partly.
+      let used = 0;
+      for (let left = bytes; left > 0 && used < this.chains.length; used++) left -= this.chains[used]!.writableLength;
+      this.deliver(0, used, bytes);
+      for (let i = 0; i < used; i++) capacity -= this.chains[i]!.writableLength;
+      this.chains.splice(0, used);
+    }
+  }
+
+  /** Append `chain`'s writable segments to the iovecs from `iov`, at most up to `limit`; returns the new end. */
+  private addWritable(chain: DescriptorChain, iov: number, limit: number): number {
+    for (let i = chain.readableSegments; i < chain.segments && iov < limit; i++) {
+      this.iovBase[iov] = chain.address(i);
+      this.iovLen[iov++] = chain.length[i]!;
+    }
+    return iov;
+  }
+
+  /** Complete chains `first .. end-1` holding one frame of `bytes` (header included), or lost on error. */
+  private deliver(first: number, end: number, bytes: number): void {
+    const head = this.chains[first]!;
+    if (bytes < 0) {
+      this.stats.tapErrors++;
+      for (let i = first; i < end; i++) this.queue.pushUsed(this.chains[i]!, 0);
+      return;
+    }
+    const hdrSize = this.options.headerSize;
+    if (hdrSize === VNET_HDR_SIZE) {
+      // §5.1.6.4: num_buffers is the number of buffers the frame took (1 without MRG_RXBUF).
+      this.numBuffers[0] = (end - first) & 0xff;
+      this.numBuffers[1] = (end - first) >> 8;
+      head.write(HDR_NUM_BUFFERS, this.numBuffers);
+    }
+    if (writableByte(head, HDR_GSO_TYPE) !== 0) this.stats.gsoFrames++;
+    this.stats.frames++;
+    this.stats.bytes += bytes - hdrSize;
+    let left = bytes;
+    for (let i = first; i < end; i++) {
+      const chain = this.chains[i]!;
+      const written = Math.min(left, chain.writableLength);
+      this.queue.pushUsed(chain, written);
+      left -= written;
+    }
+  }
+
+  /** Chains not read into go back to the ring, newest first (Virtqueue.unpop's rule). */
+  private giveBack(): void {
+    while (this.chains.length > 0) this.queue.unpop(this.chains.pop()!);
+  }
+}
+
+/** Byte `at` of `chain`'s device-writable part (what the kernel wrote there). */
+function writableByte(chain: DescriptorChain, at: number): number {
+  for (let i = chain.readableSegments; i < chain.segments; i++) {
+    const length = chain.length[i]!;
+    if (at < length) return chain.memory.views[chain.viewId[i]!]![chain.offset[i]! + at]!;
+    at -= length;
+  }
+  return 0;
+}
