@@ -56,13 +56,14 @@ function expectedDownload(): string {
 }
 
 /** A network namespace holding a multi-queue vnet_hdr TAP with HOST_IP; removed at teardown. */
-function namespaceWithTap(t: ExecutionContext, queues: number): { namespace: string; tap: string } {
+function namespaceWithTap(t: ExecutionContext, queues: number, mtu = 1500): { namespace: string; tap: string } {
   const namespace = `vhtn${process.pid % 100000}q${queues}`;
   const tap = `${namespace}t`;
   execFileSync('ip', ['netns', 'add', namespace]);
   t.teardown(() => execFileSync('ip', ['netns', 'del', namespace]));
   const ip = (...args: string[]) => execFileSync('ip', ['-n', namespace, ...args]);
   ip('tuntap', 'add', 'dev', tap, 'mode', 'tap', 'multi_queue', 'vnet_hdr');
+  ip('link', 'set', 'dev', tap, 'mtu', String(mtu));
   ip('addr', 'add', `${HOST_IP}/24`, 'dev', tap);
   ip('link', 'set', 'dev', tap, 'up');
   return { namespace, tap };
@@ -147,6 +148,69 @@ guestTest('the guest pings the TAP side and back, and 8 MiB cross each way with 
     t.true(value('vhostd_net_gso_frames_total', 0) > 0, 'GSO frames TAP → guest');
     t.true(value('vhostd_net_gso_frames_total', 1) > 0, 'GSO frames guest → TAP');
     t.deepEqual(values('vhostd_net_tx_dropped_total').filter((v) => v.value > 0), []);
+  } finally {
+    const code = await daemon.stop();
+    t.is(code, 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr()}`);
+  }
+});
+
+guestTest('two queue pairs in two threads each carry traffic; 9000-byte MTU from host_mtu, jumbo pings both ways', async (t) => {
+  const { namespace, tap } = namespaceWithTap(t, 2, 9000);
+  const control = `/tmp/vhostd-net-control-${process.pid}-mq.sock`;
+  const daemon = await startDaemon('net', ['--tap', tap, '--queues', '2', '--threads', '2', '--mtu', '9000', '--control', control], 10_000, {
+    prefix: ['ip', 'netns', 'exec', namespace],
+  });
+  let hostPing: Promise<string> | undefined;
+  try {
+    const result = await runGuest({
+      qemuArgs: [
+        '-smp', '2',
+        '-chardev', `socket,id=c0,path=${daemon.socketPath}`,
+        '-netdev', 'vhost-user,id=n0,chardev=c0,queues=2',
+        '-device', 'virtio-net-pci,netdev=n0,mq=on,host_mtu=9000,mac=52:54:00:78:00:03',
+      ],
+      timeoutMs: 240_000,
+      onConsoleLine: (line) => {
+        if (line.includes('VHOSTD-MARK configured') && hostPing === undefined) {
+          hostPing = new Promise((resolve) => {
+            const ping = spawn('ip', ['netns', 'exec', namespace, BUSYBOX, 'ping', '-c', '5', '-s', '8972', '-W', '60', GUEST_IP], { stdio: ['ignore', 'pipe', 'pipe'] });
+            let out = '';
+            ping.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+            ping.stderr.on('data', (chunk: Buffer) => (out += chunk.toString()));
+            ping.once('exit', () => resolve(out));
+          });
+        }
+      },
+      script: [
+        'mark queues "$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)"',
+        // VIRTIO_NET_F_MTU: the driver starts at the MTU QEMU's host_mtu= announced (after NET_SET_MTU).
+        'mark initial_mtu "$(cat /sys/class/net/eth0/mtu)"',
+        'ip link set eth0 mtu 9000 up',
+        `ip addr add ${GUEST_IP}/24 dev eth0`,
+        'mark configured',
+        // virtio_net maps CPU i to tx queue i (XPS): a ping on each CPU uses each queue pair.
+        `section cpu0 taskset 1 ping -c 5 -s 8972 -W 60 ${HOST_IP}`,
+        `section cpu1 taskset 2 ping -c 5 -s 8972 -W 60 ${HOST_IP}`,
+        `echos() { awk '/^Icmp:/ { n++; if (n == 1) for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i; if (n == 2) print $c }' /proc/net/snmp; }`,
+        'echos_at_least() { [ "$(echos)" -ge "$1" ]; }',
+        'wait_for 120 echos_at_least 5',
+      ].join('\n'),
+    });
+    t.is(result.exitStatus, 0, result.tail(40));
+    t.is(result.mark('queues'), '2');
+    t.is(result.mark('initial_mtu'), '9000');
+    for (const cpu of ['cpu0', 'cpu1']) t.regex(result.section(cpu)?.output ?? '', /5 packets transmitted, 5 packets received/, cpu);
+    t.regex((await hostPing) ?? '', /5 packets transmitted, 5 packets received/);
+
+    // Both tx queues (1 and 3) moved frames; the worker threads' queue counters reach the main thread.
+    const run = await vhostctl('--control', control, '--json', 'call', 'metrics');
+    t.is(run.status, 0, run.stderr);
+    const metrics = (JSON.parse(run.stdout) as { metrics: Metric[] }).metrics;
+    const requests = metrics.find((m) => m.name === 'vhostd_queue_requests_total')?.values ?? [];
+    const perQueue = (q: number) => requests.find((v) => v.labels.queue === String(q))?.value ?? 0;
+    t.true(perQueue(1) >= 5 && perQueue(3) >= 5, `tx requests: queue 1 ${perQueue(1)}, queue 3 ${perQueue(3)}`);
+    t.true(perQueue(0) + perQueue(2) >= 10, `rx requests: queue 0 ${perQueue(0)}, queue 2 ${perQueue(2)}`);
+    t.regex(daemon.stderr(), /queues run in 2 worker thread/);
   } finally {
     const code = await daemon.stop();
     t.is(code, 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr()}`);
