@@ -2,16 +2,13 @@
 /**
  * vhost-user-net: parse the command line, open and check the TAP, serve.
  */
-import fs from 'node:fs';
-
 import { runDaemon } from '../../lib/cli/run-daemon';
-import { ConfigError } from '../../lib/errors';
 import type { Logger } from '../../lib/runtime/logger';
 import type { QueueWorkerOptions } from '../../lib/runtime/queue-workers';
 import { native } from '../../native';
 import { DESCRIPTION, EPILOGUE, EXAMPLES, PROGRAM, options, toConfig, type NetConfig } from './cli';
 import { NetDevice } from './device';
-import { openTapQueue, probeOffloads, setTapQueueAttached, tapCreateHint, tapExists } from './tap';
+import { openTapQueue, probeOffloads, setTapQueueAttached, tapExists } from './tap';
 import { VNET_HDR_SIZE } from './virtio-net';
 
 function deviceOptions(config: NetConfig, logger: Logger) {
@@ -23,12 +20,8 @@ function deviceOptions(config: NetConfig, logger: Logger) {
  * its offloads, then detach the anchor so the kernel steers no frame to it.
  */
 export function createNetDevice(config: NetConfig, logger: Logger): NetDevice {
-  // TUNSETIFF makes a missing TAP when it can (CAP_NET_ADMIN): only --create-tap may.
-  const existed = tapExists(config.tap, fs.existsSync);
-  if (!existed && !config.createTap) {
-    throw new ConfigError('CONFIG_UNAVAILABLE', `--tap ${config.tap}: no such interface; as root run: ${tapCreateHint(config.tap)} (or give --create-tap with CAP_NET_ADMIN)`);
-  }
-  const anchor = openTapQueue(config.tap);
+  const existed = tapExists(config.tap);
+  const anchor = openTapQueue(config.tap, config.createTap);
   try {
     native.tapSetVnetHdrSize(anchor, VNET_HDR_SIZE);
     const offloads = probeOffloads(anchor);

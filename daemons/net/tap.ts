@@ -8,6 +8,8 @@
  * opens attached; it is detached (TUNSETQUEUE IFF_DETACH_QUEUE) while its pair is disabled so the
  * kernel stops steering packets to a queue nobody reads.
  */
+import fs from 'node:fs';
+
 import { ConfigError } from '../../lib/errors';
 import {
   IFF_ATTACH_QUEUE,
@@ -51,8 +53,14 @@ export function tapCreateHint(name: string): string {
   return `ip tuntap add dev ${name} mode tap multi_queue vnet_hdr user $(id -un)`;
 }
 
-/** Open one queue of TAP `name`, turning the kernel's errors into what the operator must do. */
-export function openTapQueue(name: string): number {
+/**
+ * Open one queue of TAP `name`, turning the kernel's errors into what the operator must do. TUNSETIFF
+ * makes a missing TAP when the caller has CAP_NET_ADMIN: only with `create` (--create-tap) may it.
+ */
+export function openTapQueue(name: string, create = false): number {
+  if (!create && !tapExists(name)) {
+    throw new ConfigError('CONFIG_UNAVAILABLE', `--tap ${name}: no such interface; as root run: ${tapCreateHint(name)} (or give --create-tap with CAP_NET_ADMIN)`);
+  }
   let fd: number;
   try {
     fd = native.tapOpen(name, TAP_FLAGS).fd;
@@ -87,12 +95,9 @@ export function openTapQueue(name: string): number {
   return fd;
 }
 
-/**
- * Whether TAP `name` exists in this network namespace (sysfs). TUNSETIFF on a missing name creates a
- * TAP when the caller has CAP_NET_ADMIN, so without --create-tap the daemon asks first.
- */
-export function tapExists(name: string, exists: (path: string) => boolean): boolean {
-  return exists(`/sys/class/net/${name}/tun_flags`);
+/** Whether TAP (or TUN) `name` exists in this network namespace (sysfs). */
+export function tapExists(name: string): boolean {
+  return fs.existsSync(`/sys/class/net/${name}/tun_flags`);
 }
 
 /** Probe which optional offloads the kernel's TAP accepts, on queue `fd`; leaves offloads off. */

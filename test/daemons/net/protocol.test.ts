@@ -7,6 +7,7 @@
  * Needs root (a TAP, a bridge, a network namespace).
  */
 import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
 
 import test, { type ExecutionContext } from 'ava';
 
@@ -24,7 +25,8 @@ import {
 import { ConfigError } from '../../../lib/errors';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit } from '../../../lib/virtio/constants';
-import type { Frontend } from '../../helpers/frontend';
+import { encodeU64, type Frontend } from '../../helpers/frontend';
+import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
 import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
 import { until } from '../../native/helpers';
 import { TestServer } from '../../lib/vhost-user/harness';
@@ -72,6 +74,7 @@ function config(tap: string, over: Partial<NetConfig> = {}): NetConfig {
 interface Guest {
   fe: Frontend;
   device: NetDevice;
+  tap: string;
 }
 
 async function start(t: ExecutionContext, features: bigint, opts: { rxBuffers?: number; rxSize?: number } = {}): Promise<Guest> {
@@ -89,7 +92,7 @@ async function start(t: ExecutionContext, features: bigint, opts: { rxBuffers?: 
   await fe.setupQueue(RX, 256);
   await fe.setupQueue(TX, 256);
   postRx(fe, opts.rxBuffers ?? 32, opts.rxSize ?? 2048);
-  return { fe, device };
+  return { fe, device, tap };
 }
 
 function postRx(fe: Frontend, count: number, size: number): void {
@@ -199,4 +202,33 @@ test('a missing TAP, and one without multi_queue, fail at start with the ip tunt
   const err = t.throws(() => createNetDevice(config(single), silentLogger), { instanceOf: ConfigError });
   t.is(err?.code, 'CONFIG_UNAVAILABLE');
   t.regex(err?.message ?? '', /multi_queue/);
+});
+
+/** A counter of the TAP interface (/sys/class/net/TAP/statistics). */
+function tapCounter(tap: string, name: string): number {
+  return Number(fs.readFileSync(`/sys/class/net/${tap}/statistics/${name}`, 'utf8'));
+}
+
+test('SEND_RARP puts one RARP broadcast from the guest MAC into the TAP; NET_SET_MTU above --mtu is refused', async (t) => {
+  const { fe, tap } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF));
+  t.true(fe.hasProtocolFeature(ProtocolFeature.RARP));
+  t.true(fe.hasProtocolFeature(ProtocolFeature.NET_MTU));
+  // Frames the daemon writes into the TAP are what the TAP interface receives.
+  const before = tapCounter(tap, 'rx_packets');
+  await fe.request(Request.SEND_RARP, Uint8Array.from([...GUEST_MAC, 0, 0]));
+  t.is(tapCounter(tap, 'rx_packets'), before + 1);
+
+  await fe.request(Request.NET_SET_MTU, encodeU64(1500n));
+  // 9000 is above --mtu 1500: REPLY_ACK carries the refusal and the connection stays.
+  await t.throwsAsync(fe.request(Request.NET_SET_MTU, encodeU64(9000n)), { code: 'FRONTEND_NACK' });
+  await ping(fe, 3);
+});
+
+test('--create-tap makes a missing TAP, which goes away with the daemon', async (t) => {
+  const name = `vhn${process.pid % 100000}c`;
+  const device = createNetDevice(config(name, { createTap: true }), silentLogger);
+  t.true(fs.existsSync(`/sys/class/net/${name}`));
+  device.close();
+  await until(() => !fs.existsSync(`/sys/class/net/${name}`));
+  t.pass();
 });
