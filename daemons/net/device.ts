@@ -196,12 +196,13 @@ export class NetDevice implements DeviceBackend {
       pair.fd = fd;
     }
     const stats = this.stats[index]!;
+    const broken = (err: unknown) => this.context?.queueBroken?.(index, err);
     if (index % 2 === 0) {
       const gso = has(VIRTIO_NET_F_GUEST_TSO4) || has(VIRTIO_NET_F_GUEST_TSO6) || has(VIRTIO_NET_F_GUEST_UFO) || has(VIRTIO_NET_F_GUEST_USO4) || has(VIRTIO_NET_F_GUEST_USO6);
       const maxFrame = headerSize + (gso ? MAX_GSO_PAYLOAD : this.options.mtu) + ETH_HLEN + VLAN_HLEN;
-      pair.rx = new RxPath(queue, pair.fd, { headerSize, mergeable: has(VIRTIO_NET_F_MRG_RXBUF), maxFrame }, stats);
+      pair.rx = new RxPath(queue, pair.fd, { headerSize, mergeable: has(VIRTIO_NET_F_MRG_RXBUF), maxFrame }, stats, broken);
     } else {
-      pair.tx = new TxPath(queue, pair.fd, txLimits(features, headerSize, this.options.mtu), stats);
+      pair.tx = new TxPath(queue, pair.fd, txLimits(features, headerSize, this.options.mtu), stats, broken);
     }
   }
 

@@ -52,6 +52,8 @@ export class RxPath {
     private readonly fd: number,
     private readonly options: RxOptions,
     private readonly stats: NetQueueStats,
+    /** A RingError in work started by the TAP (not by a kick): the device reports the queue broken. */
+    private readonly onError: (err: unknown) => void,
   ) {}
 
   /** Start moving frames (the queue is enabled and its TAP queue attached). */
@@ -87,6 +89,10 @@ export class RxPath {
     try {
       if (this.options.mergeable) this.receiveMergeable();
       else this.receiveWhole();
+    } catch (err) {
+      // The frames delivered before it still go to the guest (drain.ts's ring-error policy).
+      this.stop();
+      this.onError(err);
     } finally {
       this.giveBack();
       this.queue.flush();

@@ -47,6 +47,8 @@ export class TxPath {
     private readonly fd: number,
     private readonly limits: TxLimits,
     private readonly stats: NetQueueStats,
+    /** A RingError in work started by the TAP's writability (not by a kick): the device reports the queue broken. */
+    private readonly onError: (err: unknown) => void,
   ) {
     const memfd = native.memfdCreate('vhostd-net-tx-headers', TX_BATCH * HEADER_SLOT);
     try {
@@ -196,7 +198,12 @@ export class TxPath {
     this.queue.flush();
     if (this.sent === 0 && this.staged === 0) {
       this.unblock();
-      this.drain();
+      try {
+        this.drain();
+      } catch (err) {
+        this.settle();
+        this.onError(err);
+      }
     }
   }
 }
