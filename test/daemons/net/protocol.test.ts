@@ -27,6 +27,7 @@ import { silentLogger } from '../../../lib/runtime/logger';
 import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit } from '../../../lib/virtio/constants';
 import { encodeU64, type Frontend, type SplitQueueDriver } from '../../helpers/frontend';
 import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
+import { createBridgedTap } from '../../helpers/net-topology';
 import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
 import { until } from '../../native/helpers';
 import { TestServer } from '../../lib/vhost-user/harness';
@@ -43,28 +44,10 @@ let serial = 0;
 
 /** A TAP on a bridge with a veth whose peer (PEER_MAC, PEER_IP) is in its own namespace. */
 function bridgedTap(t: ExecutionContext): string {
-  const base = `vhn${process.pid % 100000}x${serial++}`;
-  const [tap, bridge, veth, peer, namespace] = [`${base}t`, `${base}b`, `${base}v`, `${base}p`, base];
-  const run = (...args: string[]) => execFileSync(args[0]!, args.slice(1));
-  const quiet = (name: string) => run('sysctl', '-qw', `net.ipv6.conf.${name}.disable_ipv6=1`);
-  run('ip', 'netns', 'add', namespace);
-  t.teardown(() => {
-    for (const dev of [tap, bridge, veth]) execFileSync('ip', ['link', 'del', dev], { stdio: 'ignore' });
-    run('ip', 'netns', 'del', namespace);
-  });
-  run('ip', 'tuntap', 'add', 'dev', tap, 'mode', 'tap', 'multi_queue', 'vnet_hdr');
-  run('ip', 'link', 'add', bridge, 'type', 'bridge');
-  run('ip', 'link', 'add', veth, 'type', 'veth', 'peer', 'name', peer);
-  for (const dev of [tap, bridge, veth]) quiet(dev);
-  run('ip', 'link', 'set', tap, 'master', bridge);
-  run('ip', 'link', 'set', veth, 'master', bridge);
-  run('ip', 'link', 'set', peer, 'netns', namespace);
-  run('ip', 'netns', 'exec', namespace, 'sysctl', '-qw', `net.ipv6.conf.${peer}.disable_ipv6=1`);
-  run('ip', '-n', namespace, 'link', 'set', peer, 'address', PEER_MAC.map((b) => b.toString(16).padStart(2, '0')).join(':'));
-  run('ip', '-n', namespace, 'addr', 'add', `${PEER_IP.join('.')}/24`, 'dev', peer);
-  run('ip', '-n', namespace, 'link', 'set', peer, 'up');
-  for (const dev of [tap, veth, bridge]) run('ip', 'link', 'set', dev, 'up');
-  return tap;
+  const mac = PEER_MAC.map((b) => b.toString(16).padStart(2, '0')).join(':');
+  const topology = createBridgedTap(`vhn${process.pid % 100000}x${serial++}`, mac, `${PEER_IP.join('.')}/24`);
+  t.teardown(() => topology.close());
+  return topology.tap;
 }
 
 function config(tap: string, over: Partial<NetConfig> = {}): NetConfig {
