@@ -6,7 +6,7 @@
  *
  * Needs root (a TAP, a bridge, a network namespace).
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 
 import test, { type ExecutionContext } from 'ava';
@@ -27,7 +27,7 @@ import { silentLogger } from '../../../lib/runtime/logger';
 import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit } from '../../../lib/virtio/constants';
 import { encodeU64, type Frontend, type SplitQueueDriver } from '../../helpers/frontend';
 import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
-import { createBridgedTap } from '../../helpers/net-topology';
+import { createBridgedTap, type BridgedTap } from '../../helpers/net-topology';
 import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
 import { until } from '../../native/helpers';
 import { TestServer } from '../../lib/vhost-user/harness';
@@ -43,11 +43,11 @@ const HDR = 12;
 let serial = 0;
 
 /** A TAP on a bridge with a veth whose peer (PEER_MAC, PEER_IP) is in its own namespace. */
-function bridgedTap(t: ExecutionContext): string {
+function bridgedTap(t: ExecutionContext): BridgedTap {
   const mac = PEER_MAC.map((b) => b.toString(16).padStart(2, '0')).join(':');
   const topology = createBridgedTap(`vhn${process.pid % 100000}x${serial++}`, mac, `${PEER_IP.join('.')}/24`);
   t.teardown(() => topology.close());
-  return topology.tap;
+  return topology;
 }
 
 function config(tap: string, over: Partial<NetConfig> = {}): NetConfig {
@@ -58,10 +58,11 @@ interface Guest {
   fe: Frontend;
   device: NetDevice;
   tap: string;
+  namespace: string;
 }
 
 async function start(t: ExecutionContext, features: bigint, opts: { rxBuffers?: number; rxSize?: number } = {}): Promise<Guest> {
-  const tap = bridgedTap(t);
+  const { tap, namespace } = bridgedTap(t);
   const device = createNetDevice(config(tap), silentLogger);
   const ts = await TestServer.start(device);
   const fe = ts.connect();
@@ -75,7 +76,7 @@ async function start(t: ExecutionContext, features: bigint, opts: { rxBuffers?: 
   await fe.setupQueue(RX, 256);
   await fe.setupQueue(TX, 256);
   postRx(fe, opts.rxBuffers ?? 32, opts.rxSize ?? 2048);
-  return { fe, device, tap };
+  return { fe, device, tap, namespace };
 }
 
 function postRx(fe: Frontend, count: number, size: number): void {
@@ -230,4 +231,18 @@ test('a ring error met while reading the TAP breaks the rx queue (err fd), and t
   await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
   t.is(device.queueStats(TX).frames, 2);
   t.false(fe.backendClosed);
+});
+
+test('a queue pair the guest disables is detached from the TAP (the kernel drops instead of queueing), and attached again', async (t) => {
+  const { fe, tap, namespace } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF));
+  await ping(fe, 11);
+  await fe.setVringEnable(RX, false);
+  await fe.setVringEnable(TX, false);
+  // The peer's ARP broadcasts for the guest reach the TAP, which has no attached queue now.
+  const dropped = tapCounter(tap, 'tx_dropped');
+  spawnSync('ip', ['netns', 'exec', namespace, '/usr/bin/busybox', 'ping', '-c', '2', '-W', '1', GUEST_IP.join('.')]);
+  t.true(tapCounter(tap, 'tx_dropped') > dropped, 'frames for a detached queue are dropped by the kernel');
+  await fe.setVringEnable(RX, true);
+  await fe.setVringEnable(TX, true);
+  await ping(fe, 12);
 });
