@@ -215,6 +215,9 @@ export class NetDevice implements DeviceBackend {
     if (index % 2 === 0) {
       if (enabled) pair.rx?.start();
       else pair.rx?.stop();
+    } else if (!enabled) {
+      // A disabled ring is not processed (vhost-user.rst): finish or drop what was taken, wait for enable.
+      pair.tx?.settle();
     }
   }
 
@@ -224,8 +227,12 @@ export class NetDevice implements DeviceBackend {
     else pair.tx?.kick();
   }
 
+  /** Frames staged for transmission point into the old map: finish them, then go on in the new one. */
   memoryChanged(): void {
-    for (const pair of this.pairs) pair.tx?.settle();
+    for (const pair of this.pairs) {
+      pair.tx?.settle();
+      if (pair.txEnabled) pair.tx?.kick();
+    }
   }
 
   stopQueue(index: number): void {

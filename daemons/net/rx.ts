@@ -99,15 +99,22 @@ export class RxPath {
     }
   }
 
-  /** Pop chains until `want` bytes of buffer are at hand; false when the ring has too few. */
+  /**
+   * Pop chains until `want` bytes of buffer are at hand (or `maxChains` chains); returns the capacity.
+   * Short of buffers, it stops watching the TAP until the driver kicks.
+   */
   private gather(want: number, capacity: number, maxChains: number): number {
-    while (capacity < want && this.chains.length < maxChains) {
+    while (capacity < want) {
+      if (this.chains.length === maxChains) {
+        // Receive buffers so small that the most a readv takes cannot hold a frame: wait for more.
+        if (want !== Infinity) this.starve();
+        return capacity;
+      }
       const chain = this.queue.pop();
       if (chain === null) {
         // Ask for a kick before concluding the ring is empty (the race of virtio 1.2 §2.7.10).
         if (this.queue.enableNotification()) continue;
-        this.stats.ringEmpty++;
-        this.unwatch();
+        this.starve();
         return capacity;
       }
       if (chain.writableLength < this.options.headerSize) {
@@ -119,6 +126,13 @@ export class RxPath {
       capacity += chain.writableLength;
     }
     return capacity;
+  }
+
+  /** Too few buffers: stop watching the TAP; the driver's next kick (notifications are on) resumes. */
+  private starve(): void {
+    this.queue.enableNotification();
+    this.stats.ringEmpty++;
+    this.unwatch();
   }
 
   private receiveWhole(): void {

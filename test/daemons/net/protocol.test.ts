@@ -124,6 +124,10 @@ test('a ping crosses the TAP both ways with mergeable rx buffers; num_buffers is
   t.true(device.queueStats(RX).frames >= 2);
   t.is(device.queueStats(TX).frames, 3);
   t.is(device.queueStats(TX).bytes, 42 + 42 + 98);
+
+  // A memory table change (a hot-plugged DIMM) under running queues: traffic goes on.
+  await fe.addMemReg({ gpa: 0x2_0000_0000, size: 1 << 20, userAddr: 0x7f50_0000_0000, mmapOffset: 0 });
+  await ping(fe, 0x4243);
 });
 
 test('packed ring without mergeable buffers: each frame takes one whole buffer', async (t) => {
