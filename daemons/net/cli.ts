@@ -8,6 +8,7 @@
  */
 import type { Options } from 'yargs';
 
+import { integerOption, queueSizeOption } from '../../lib/cli/option-checks';
 import { ConfigError } from '../../lib/errors';
 
 export const PROGRAM = 'vhost-user-net';
@@ -96,13 +97,6 @@ export interface NetConfig {
 /** Most queue pairs: Linux's MAX_TAP_QUEUES is 256, QEMU's virtio-net VIRTIO_QUEUE_MAX allows 511 pairs. */
 export const MAX_QUEUE_PAIRS = 256;
 
-function integerIn(option: string, value: unknown, min: number, max: number): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
-    throw new ConfigError('CONFIG_INVALID', `--${option} ${String(value)}: expected an integer from ${min} to ${max}`);
-  }
-  return value;
-}
-
 /** Pure: parsed arguments → config. Throws ConfigError on anything wrong. */
 export function toConfig(args: Record<string, unknown>): NetConfig {
   const tap = args.tap as string | undefined;
@@ -113,14 +107,10 @@ export function toConfig(args: Record<string, unknown>): NetConfig {
   if (tap.length > 15 || !/^[A-Za-z0-9_.-]+$/.test(tap) || tap === '.' || tap === '..') {
     throw new ConfigError('CONFIG_INVALID', `--tap ${JSON.stringify(tap)}: expected an interface name of 1 to 15 letters, digits, '_', '.' or '-'`);
   }
-  const queuePairs = integerIn('queues', args.queues ?? 1, 1, MAX_QUEUE_PAIRS);
-  const threads = integerIn('threads', args.threads ?? 0, 0, MAX_QUEUE_PAIRS);
+  const queuePairs = integerOption('queues', args.queues ?? 1, 1, MAX_QUEUE_PAIRS);
+  const threads = integerOption('threads', args.threads ?? 0, 0, MAX_QUEUE_PAIRS);
   // 68: the IPv4 minimum (RFC 791), as NET_SET_MTU's range; 65535: the largest IP packet.
-  const mtu = integerIn('mtu', args.mtu ?? 1500, 68, 65535);
-  const queueSize = integerIn('queue-size', args['queue-size'] ?? 1024, 2, 32768);
-  // virtio 1.2 §2.7: split ring sizes are powers of two.
-  if ((queueSize & (queueSize - 1)) !== 0) {
-    throw new ConfigError('CONFIG_INVALID', `--queue-size ${queueSize}: expected a power of two (e.g. 256, 1024)`);
-  }
+  const mtu = integerOption('mtu', args.mtu ?? 1500, 68, 65535);
+  const queueSize = queueSizeOption(args['queue-size'] ?? 1024);
   return { tap, createTap: args['create-tap'] === true, queuePairs, threads, mtu, queueSize };
 }
