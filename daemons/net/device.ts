@@ -239,7 +239,7 @@ export class NetDevice implements DeviceBackend {
     const p = index >> 1;
     const pair = this.pairs[p]!;
     if (index % 2 === 0) {
-      pair.rx?.stop();
+      pair.rx?.close();
       pair.rx = null;
       pair.rxEnabled = false;
     } else {
@@ -259,7 +259,7 @@ export class NetDevice implements DeviceBackend {
 
   private closePair(p: number): void {
     const pair = this.pairs[p]!;
-    pair.rx?.stop();
+    pair.rx?.close();
     pair.tx?.close();
     pair.rx = pair.tx = null;
     pair.rxEnabled = pair.txEnabled = false;

@@ -15,7 +15,7 @@
  * - When the ring has too few buffers the device stops watching the TAP (the kernel queues, then
  *   drops, as for any slow NIC) and asks the driver to kick when it adds some (§2.7.10).
  */
-import { POLL_READABLE, native, type Watcher } from '../../native';
+import { POLL_READABLE, native, type Mapping, type Watcher } from '../../native';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import type { NetQueueStats } from './metrics';
@@ -24,6 +24,7 @@ import { HDR_GSO_TYPE, HDR_NUM_BUFFERS, VNET_HDR_SIZE } from './virtio-net';
 
 /** Frames per readFrames call without MRG_RXBUF. */
 export const RX_BATCH = 64;
+const OVERFLOW_BYTES = 64;
 /** Frames per TAP wakeup before yielding to the event loop (tx and other queues). */
 const RX_BUDGET = 256;
 
@@ -44,6 +45,11 @@ export class RxPath {
   private readonly iovCount = new Uint32Array(RX_BATCH);
   private readonly result = new Int32Array(RX_BATCH);
   private readonly numBuffers = new Uint8Array(2);
+  /**
+   * One byte past the buffers of every read: TAP reports a frame longer than the iovecs as the bytes it
+   * wrote, so a frame that lands here did not fit (and is dropped rather than handed over cut short).
+   */
+  private readonly overflow: Mapping;
   private readable: Watcher | null = null;
   private running = false;
 
@@ -54,7 +60,14 @@ export class RxPath {
     private readonly stats: NetQueueStats,
     /** A RingError in work started by the TAP (not by a kick): the device reports the queue broken. */
     private readonly onError: (err: unknown) => void,
-  ) {}
+  ) {
+    const memfd = native.memfdCreate('vhostd-net-rx-overflow', OVERFLOW_BYTES);
+    try {
+      this.overflow = native.mmap(memfd, OVERFLOW_BYTES, 0, true);
+    } finally {
+      native.close(memfd);
+    }
+  }
 
   /** Start moving frames (the queue is enabled and its TAP queue attached). */
   start(): void {
@@ -66,6 +79,12 @@ export class RxPath {
   stop(): void {
     this.running = false;
     this.unwatch();
+  }
+
+  /** Stop for good (the ring stopped). */
+  close(): void {
+    this.stop();
+    native.munmap(this.overflow.id);
   }
 
   /** The driver kicked: it added buffers after the ring ran dry. */
@@ -100,23 +119,13 @@ export class RxPath {
   }
 
   /**
-   * Pop chains until `want` bytes of buffer are at hand (or `maxChains` chains); returns the capacity.
-   * Short of buffers, it stops watching the TAP until the driver kicks.
+   * Pop chains until `want` bytes of buffer are at hand, `maxChains` chains are, or the ring is empty;
+   * returns the capacity.
    */
   private gather(want: number, capacity: number, maxChains: number): number {
-    while (capacity < want) {
-      if (this.chains.length === maxChains) {
-        // Receive buffers so small that the most a readv takes cannot hold a frame: wait for more.
-        if (want !== Infinity) this.starve();
-        return capacity;
-      }
+    while (capacity < want && this.chains.length < maxChains) {
       const chain = this.queue.pop();
-      if (chain === null) {
-        // Ask for a kick before concluding the ring is empty (the race of virtio 1.2 §2.7.10).
-        if (this.queue.enableNotification()) continue;
-        this.starve();
-        return capacity;
-      }
+      if (chain === null) break;
       if (chain.writableLength < this.options.headerSize) {
         // A buffer that cannot even hold the header is the driver's mistake: hand it back empty.
         this.queue.pushUsed(chain, 0);
@@ -128,23 +137,30 @@ export class RxPath {
     return capacity;
   }
 
-  /** Too few buffers: stop watching the TAP; the driver's next kick (notifications are on) resumes. */
-  private starve(): void {
-    this.queue.enableNotification();
+  /**
+   * The ring has too few buffers for the next read. Ask for a kick first (virtio 1.2 §2.7.10: buffers
+   * added meanwhile are seen now; true: look again); otherwise stop watching the TAP until the kick.
+   */
+  private starve(): boolean {
+    if (this.queue.enableNotification()) return true;
     this.stats.ringEmpty++;
     this.unwatch();
+    return false;
   }
 
   private receiveWhole(): void {
     let frames = 0;
-    while (frames < RX_BUDGET && this.readable !== null) {
+    while (frames < RX_BUDGET) {
       this.gather(Infinity, 0, RX_BATCH);
       const count = this.chains.length;
-      if (count === 0) return;
+      if (count === 0) {
+        if (this.starve()) continue;
+        return;
+      }
       let iov = 0;
       for (let f = 0; f < count; f++) {
         const start = iov;
-        iov = this.addWritable(this.chains[f]!, iov, MAX_IOV - (count - f - 1));
+        iov = this.addOverflow(this.addWritable(this.chains[f]!, iov, MAX_IOV - 2 * (count - f)));
         this.iovStart[f] = start;
         this.iovCount[f] = iov - start;
       }
@@ -160,17 +176,28 @@ export class RxPath {
   private receiveMergeable(): void {
     const want = this.options.maxFrame;
     let capacity = 0;
-    for (let frames = 0; frames < RX_BUDGET && this.readable !== null; frames++) {
+    for (let frames = 0; frames < RX_BUDGET; ) {
       capacity = this.gather(want, capacity, MAX_IOV);
-      if (this.chains.length === 0 || capacity < want) return;
+      if (capacity < want) {
+        // Retry only for an empty ring: buffers too small for a frame even at MAX_IOV wait for a kick.
+        if (this.chains.length < MAX_IOV && this.starve()) continue;
+        if (this.chains.length === MAX_IOV) {
+          this.stats.ringEmpty++;
+          this.unwatch();
+        }
+        return;
+      }
       let iov = 0;
-      for (const chain of this.chains) iov = this.addWritable(chain, iov, MAX_IOV);
+      for (const chain of this.chains) iov = this.addWritable(chain, iov, MAX_IOV - 1);
+      iov = this.addOverflow(iov);
       this.iovStart[0] = 0;
       this.iovCount[0] = iov;
       if (native.readFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, 1) === 0) return;
+      frames++;
       const bytes = this.result[0]!;
-      if (bytes < 0) {
-        // The frame is lost (readv failed); the buffers stay for the next one.
+      if (bytes < 0 || bytes > capacity) {
+        // The frame is lost (readv failed, or it was longer than the largest frame expected and
+        // reached the overflow iovec); the buffers stay for the next one.
         this.stats.tapErrors++;
         continue;
       }
@@ -192,14 +219,25 @@ export class RxPath {
     return iov;
   }
 
+  /** Append the overflow iovec (once per frame, after its buffers); returns the new end. */
+  private addOverflow(iov: number): number {
+    this.iovBase[iov] = this.overflow.address;
+    this.iovLen[iov] = OVERFLOW_BYTES;
+    return iov + 1;
+  }
+
   /** Complete chains `first .. end-1` holding one frame of `bytes` (header included), or lost on error. */
   private deliver(first: number, end: number, bytes: number): void {
-    const head = this.chains[first]!;
-    if (bytes < 0) {
+    let capacity = 0;
+    for (let i = first; i < end; i++) capacity += this.chains[i]!.writableLength;
+    if (bytes < 0 || bytes > capacity) {
+      // readv failed, or the frame was longer than the buffers (TAP then reports the whole length
+      // but wrote only what fit): the guest gets the buffers back empty and drops them.
       this.stats.tapErrors++;
       for (let i = first; i < end; i++) this.queue.pushUsed(this.chains[i]!, 0);
       return;
     }
+    const head = this.chains[first]!;
     const hdrSize = this.options.headerSize;
     if (hdrSize === VNET_HDR_SIZE) {
       // §5.1.6.4: num_buffers is the number of buffers the frame took (1 without MRG_RXBUF).

@@ -13,10 +13,11 @@ import test, { type ExecutionContext } from 'ava';
 
 import type { NetConfig } from '../../../daemons/net/cli';
 import type { NetDevice } from '../../../daemons/net/device';
-import { createNetDevice } from '../../../daemons/net/main';
+import { createNetDevice, netQueueWorkers } from '../../../daemons/net/main';
 import { TX_DROP_REASONS } from '../../../daemons/net/net-header';
 import {
   VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_MQ,
   VIRTIO_NET_F_MRG_RXBUF,
   VIRTIO_NET_HDR_F_DATA_VALID,
   VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -25,7 +26,7 @@ import {
 import { ConfigError } from '../../../lib/errors';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit } from '../../../lib/virtio/constants';
-import { encodeU64, type Frontend, type SplitQueueDriver } from '../../helpers/frontend';
+import { encodeU64, type Completion, type Frontend, type SplitQueueDriver } from '../../helpers/frontend';
 import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
 import { createBridgedTap, type BridgedTap } from '../../helpers/net-topology';
 import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
@@ -249,4 +250,74 @@ test('a queue pair the guest disables is detached from the TAP (the kernel drops
   await fe.setVringEnable(RX, true);
   await fe.setVringEnable(TX, true);
   await ping(fe, 12);
+});
+
+test('with MRG_RXBUF a frame larger than one buffer spreads over several; num_buffers counts them', async (t) => {
+  const { fe } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF), { rxBuffers: 64, rxSize: 128 });
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await receive(fe, isArpReply, 128);
+  const data = Array.from({ length: 1000 }, (_, i) => (i * 13) & 0xff);
+  await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 0x77, data)));
+  // Completions come in order; a frame's first buffer carries num_buffers for it and the ones after.
+  const completions: Completion[] = [];
+  const next = async () => {
+    if (completions.length === 0) completions.push(...(await fe.collect(RX, 1, 10_000)));
+    return completions.shift()!;
+  };
+  for (;;) {
+    const first = await next();
+    const count = first.written[10]! | (first.written[11]! << 8);
+    const rest: Completion[] = [];
+    while (rest.length < count - 1) rest.push(await next());
+    postRx(fe, count, 128);
+    const frame = Buffer.concat([first.written.subarray(HDR), ...rest.map((c) => c.written)]);
+    if (!isEchoReply(frame)) continue;
+    t.is(count, Math.ceil((HDR + frame.length) / 128), 'as many 128-byte buffers as the frame needs');
+    t.deepEqual([...frame.subarray(42)], data, 'the payload reassembles');
+    break;
+  }
+});
+
+test('without MRG_RXBUF a frame too big for its buffer is lost and counted; the queue goes on', async (t) => {
+  const { fe, device } = await start(t, 0n, { rxBuffers: 8, rxSize: 80 });
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await receive(fe, isArpReply, 80); // 12 + 42 bytes fit
+  // An echo reply with 200 bytes of data does not fit in 80 bytes.
+  await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 5, new Array<number>(200).fill(1))));
+  await until(() => device.queueStats(RX).tapErrors > 0, 10_000);
+  // Its buffer came back empty rather than holding a cut-off frame (other frames may come and go).
+  const done = fe.takeCompletions(RX);
+  t.true(done.some((c) => c.len === 0));
+  t.false(done.some((c) => c.len > 0 && isEchoReply(c.written.subarray(HDR))), 'no cut-off echo reply reached the guest');
+  // Frames that fit still arrive.
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await receive(fe, isArpReply, 80);
+});
+
+test('--threads 2: two queue pairs in two worker threads both move frames', async (t) => {
+  const topology = bridgedTap(t);
+  const netConfig = config(topology.tap, { queuePairs: 2, threads: 2 });
+  const device = createNetDevice(netConfig, silentLogger);
+  const ts = await TestServer.start(device, { queueWorkers: netQueueWorkers(netConfig) });
+  const fe = ts.connect();
+  t.teardown(async () => {
+    fe.close();
+    await ts.server.close();
+    device.close();
+  });
+  await fe.negotiate({ features: bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_MQ) });
+  await fe.setMemTable();
+  for (let q = 0; q < 4; q++) await fe.setupQueue(q, 256);
+  for (const rx of [0, 2]) fe.submit(rx, Array.from({ length: 16 }, () => ({ writable: [{ length: 2048 }] })));
+  // Each pair sends an ARP request; the replies come back on whichever rx queue the kernel picks.
+  for (const tx of [1, 3]) t.is((await fe.transfer(tx, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)))).len, 0);
+  let replies = 0;
+  await until(() => {
+    for (const rx of [0, 2]) replies += fe.takeCompletions(rx).filter((c) => isArpReply(c.written.subarray(HDR))).length;
+    return replies >= 2;
+  }, 10_000);
+  t.is(replies, 2);
+  // Worker queues publish their counters to the main thread after each pass and every 250 ms.
+  await until(() => ts.server.vrings[1]!.totals().requests === 1 && ts.server.vrings[3]!.totals().requests === 1, 10_000);
+  t.pass('each tx queue (in its worker) took one chain');
 });
