@@ -6,6 +6,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
 
 import type { ExecutionContext } from 'ava';
 
@@ -136,6 +138,14 @@ export function expectedOutput(queue: number, readable: readonly Uint8Array[], w
 }
 
 /** Number of open fds of this process. */
+/** A full garbage collection (with or without --expose-gc), before measuring memory. */
+export function collectGarbage(): void {
+  const exposed = (globalThis as { gc?: () => void }).gc;
+  if (exposed !== undefined) return exposed();
+  v8.setFlagsFromString('--expose-gc');
+  (runInNewContext('gc') as () => void)();
+}
+
 export function openFds(): number {
   return fs.readdirSync('/proc/self/fd').length;
 }
