@@ -25,7 +25,7 @@ import {
 } from '../../../daemons/net/virtio-net';
 import { ConfigError } from '../../../lib/errors';
 import { silentLogger } from '../../../lib/runtime/logger';
-import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit } from '../../../lib/virtio/constants';
+import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, bit } from '../../../lib/virtio/constants';
 import { encodeU64, type Completion, type Frontend, type SplitQueueDriver } from '../../helpers/frontend';
 import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
 import { createBridgedTap, type BridgedTap } from '../../helpers/net-topology';
@@ -320,4 +320,15 @@ test('--threads 2: two queue pairs in two worker threads both move frames', asyn
   // Worker queues publish their counters to the main thread after each pass and every 250 ms.
   await until(() => ts.server.vrings[1]!.totals().requests === 1 && ts.server.vrings[3]!.totals().requests === 1, 10_000);
   t.pass('each tx queue (in its worker) took one chain');
+});
+
+test('a frame in more pieces than one writev takes is dropped as too_many_segments; the queue goes on', async (t) => {
+  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_INDIRECT_DESC));
+  const frame = arpRequest(GUEST_MAC, GUEST_IP, PEER_IP);
+  const pieces = Array.from({ length: 1100 }, (_, i) => ({ data: Uint8Array.of(frame[i % frame.length]!) }));
+  const done = await fe.transfer(TX, { readable: [{ data: new Uint8Array(HDR) }, ...pieces], indirect: true });
+  t.is(done.len, 0);
+  t.is(device.queueStats(TX).dropped[TX_DROP_REASONS.indexOf('too_many_segments')], 1);
+  t.is(device.queueStats(TX).frames, 0);
+  await ping(fe, 21);
 });
