@@ -16,7 +16,7 @@ import type { ExecutionContext } from 'ava';
 import { startDaemon } from '../helpers/daemon';
 import { vhostctl } from '../helpers/vhostctl';
 import { guestTest } from '../helpers/guest-test';
-import { runGuest } from '../helpers/qemu-guest';
+import { reconnectOption, runGuest } from '../helpers/qemu-guest';
 
 interface Metric {
   name: string;
@@ -225,7 +225,7 @@ guestTest('packed rings, two queue pairs in two threads each carry traffic; 9000
 // Split rings: QEMU cannot give a new daemon a packed ring's position after the old one went away (it
 // learns it only from GET_VRING_BASE, which a stopped daemon cannot answer; a split ring's used index
 // is in guest memory), so a restart under a guest with packed=on loses the ring (daemons/net/README.md).
-guestTest('the daemon restarted under a running guest (chardev reconnect-ms) and traffic resumes', async (t) => {
+guestTest('the daemon restarted under a running guest (chardev reconnect) and traffic resumes', async (t) => {
   const { namespace, tap } = namespaceWithTap(t);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-net-restart-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -236,7 +236,7 @@ guestTest('the daemon restarted under a running guest (chardev reconnect-ms) and
   try {
     const result = await runGuest({
       qemuArgs: [
-        '-chardev', `socket,id=c0,path=${socketPath},reconnect-ms=1000`,
+        '-chardev', `socket,id=c0,path=${socketPath},${reconnectOption()}`,
         '-netdev', 'vhost-user,id=n0,chardev=c0',
         '-device', 'virtio-net-pci,netdev=n0,mac=52:54:00:78:00:04',
       ],

@@ -128,6 +128,16 @@ export function qemuBinary(): string {
   return process.env['VHOSTD_QEMU'] || 'qemu-system-x86_64';
 }
 
+/**
+ * The chardev option that makes QEMU reconnect after a second: `reconnect-ms=1000` from QEMU 9.2 on
+ * (where `reconnect` is deprecated), `reconnect=1` before (7.2 knows only that one).
+ */
+export function reconnectOption(): string {
+  const version = /version (\d+)\.(\d+)/.exec(spawnSync(qemuBinary(), ['--version'], { encoding: 'utf8' }).stdout ?? '');
+  const [major, minor] = [Number(version?.[1] ?? 0), Number(version?.[2] ?? 0)];
+  return major > 9 || (major === 9 && minor >= 2) ? 'reconnect-ms=1000' : 'reconnect=1';
+}
+
 let qemuCheck: { version: string } | { missing: string } | undefined;
 
 /** Why guest tests cannot run here (no usable QEMU), or undefined when they can. */
