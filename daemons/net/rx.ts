@@ -38,7 +38,9 @@ export interface RxOptions {
 }
 
 export class RxPath {
+  /** Chains popped this wakeup, in pop order; those before `first` are completed. */
   private readonly chains: DescriptorChain[] = [];
+  private first = 0;
   private readonly iovBase = new Float64Array(MAX_IOV);
   private readonly iovLen = new Float64Array(MAX_IOV);
   private readonly iovStart = new Uint32Array(RX_BATCH);
@@ -123,7 +125,7 @@ export class RxPath {
    * returns the capacity.
    */
   private gather(want: number, capacity: number, maxChains: number): number {
-    while (capacity < want && this.chains.length < maxChains) {
+    while (capacity < want && this.chains.length - this.first < maxChains) {
       const chain = this.queue.pop();
       if (chain === null) break;
       if (chain.writableLength < this.options.headerSize) {
@@ -152,7 +154,7 @@ export class RxPath {
     let frames = 0;
     while (frames < RX_BUDGET) {
       this.gather(Infinity, 0, RX_BATCH);
-      const count = this.chains.length;
+      const count = this.chains.length - this.first;
       if (count === 0) {
         if (this.starve()) continue;
         return;
@@ -160,14 +162,14 @@ export class RxPath {
       let iov = 0;
       for (let f = 0; f < count; f++) {
         const start = iov;
-        iov = this.addOverflow(this.addWritable(this.chains[f]!, iov, MAX_IOV - 2 * (count - f)));
+        iov = this.addOverflow(this.addWritable(this.chains[this.first + f]!, iov, MAX_IOV - 2 * (count - f)));
         this.iovStart[f] = start;
         this.iovCount[f] = iov - start;
       }
       const done = native.readFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, count);
-      for (let f = 0; f < done; f++) this.deliver(f, f + 1, this.result[f]!);
-      // Delivered chains leave the list; the rest (not read into: EAGAIN) go back to the ring.
-      this.chains.splice(0, done);
+      for (let f = 0; f < done; f++) this.deliver(this.first + f, this.first + f + 1, this.result[f]!);
+      // Delivered chains are done; the rest (not read into: EAGAIN) go back to the ring (giveBack).
+      this.first += done;
       frames += done;
       if (done < count) return;
     }
@@ -180,15 +182,16 @@ export class RxPath {
       capacity = this.gather(want, capacity, MAX_IOV);
       if (capacity < want) {
         // Retry only for an empty ring: buffers too small for a frame even at MAX_IOV wait for a kick.
-        if (this.chains.length < MAX_IOV && this.starve()) continue;
-        if (this.chains.length === MAX_IOV) {
+        const held = this.chains.length - this.first;
+        if (held < MAX_IOV && this.starve()) continue;
+        if (held === MAX_IOV) {
           this.stats.ringEmpty++;
           this.unwatch();
         }
         return;
       }
       let iov = 0;
-      for (const chain of this.chains) iov = this.addWritable(chain, iov, MAX_IOV - 1);
+      for (let i = this.first; i < this.chains.length; i++) iov = this.addWritable(this.chains[i]!, iov, MAX_IOV - 1);
       iov = this.addOverflow(iov);
       this.iovStart[0] = 0;
       this.iovCount[0] = iov;
@@ -203,10 +206,11 @@ export class RxPath {
       }
       // The chains the frame filled, in order: the last one partly.
       let used = 0;
-      for (let left = bytes; left > 0 && used < this.chains.length; used++) left -= this.chains[used]!.writableLength;
-      this.deliver(0, used, bytes);
-      for (let i = 0; i < used; i++) capacity -= this.chains[i]!.writableLength;
-      this.chains.splice(0, used);
+      const first = this.first;
+      for (let left = bytes; left > 0 && first + used < this.chains.length; used++) left -= this.chains[first + used]!.writableLength;
+      this.deliver(first, first + used, bytes);
+      for (let i = first; i < first + used; i++) capacity -= this.chains[i]!.writableLength;
+      this.first += used;
     }
   }
 
@@ -259,7 +263,9 @@ export class RxPath {
 
   /** Chains not read into go back to the ring, newest first (Virtqueue.unpop's rule). */
   private giveBack(): void {
-    while (this.chains.length > 0) this.queue.unpop(this.chains.pop()!);
+    while (this.chains.length > this.first) this.queue.unpop(this.chains.pop()!);
+    this.chains.length = 0;
+    this.first = 0;
   }
 }
 
