@@ -3,13 +3,15 @@
  * attached, use each device from inside the guest, then print what the guest saw and what the
  * daemons' metrics say, and clean up. Halfway, the demo acts as an operator would on a running
  * guest: it grows the blk image and runs `vhostctl status` and `vhostctl resize` on the daemon's
- * control socket; the guest sees the bigger disk without a reboot.
+ * control socket; the guest sees the bigger disk without a reboot. The net device's TAP sits on a
+ * bridge with a veth into a network namespace whose address the guest pings (root, as the demo runs).
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
 import { startDaemon, type RunningDaemon } from '../test/helpers/daemon';
+import { createBridgedTap } from '../test/helpers/net-topology';
 import { runGuest } from '../test/helpers/qemu-guest';
 import { vhostctl, type VhostctlRun } from '../test/helpers/vhostctl';
 
@@ -37,6 +39,8 @@ async function main(): Promise<void> {
   const blkControl = path.join(work, 'blk-control.sock');
   fs.writeFileSync(image, Buffer.alloc(0));
   fs.truncateSync(image, 64 << 20);
+  const netPeer = '10.79.9.1';
+  const network = createBridgedTap(`vhdemo${process.pid % 10000}`, '02:00:00:00:79:01', `${netPeer}/24`);
 
   const everyDevice: DemoDevice[] = [
     {
@@ -74,6 +78,18 @@ async function main(): Promise<void> {
         return [status, await vhostctl('--control', blkControl, 'resize')];
       },
     },
+    {
+      name: 'net',
+      args: ['--tap', network.tap],
+      qemu: (s) => ['-chardev', `socket,id=net0,path=${s}`, '-netdev', 'vhost-user,id=n0,chardev=net0', '-device', 'virtio-net-pci,netdev=n0,mac=52:54:00:79:09:02'],
+      script: [
+        'ip link set eth0 up',
+        'ip addr add 10.79.9.2/24 dev eth0',
+        'mark net_mac "$(cat /sys/class/net/eth0/address)"',
+        `mark net_ping "$(ping -c 3 -W 30 ${netPeer} | grep 'packets transmitted')"`,
+      ],
+      summary: (m) => `net: eth0 ${m('net_mac')}, ping ${netPeer} through the TAP ${network.tap}: ${m('net_ping')}`,
+    },
   ];
   const devices = everyDevice.filter((d) => fs.existsSync(path.join(__dirname, '..', 'daemons', d.name, 'main.js')));
 
@@ -104,7 +120,7 @@ async function main(): Promise<void> {
       const port = metricsPort(daemons[i]!);
       const text = port === undefined ? '' : await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
       for (const line of text.split('\n')) {
-        if (/^vhostd_(queue_(requests|written_bytes|read_bytes|kicks|notifications)_total|protocol_requests_total\{request="SET_MEM_TABLE")/.test(line)) {
+        if (/^vhostd_(queue_(requests|written_bytes|read_bytes|kicks|notifications)_total|protocol_requests_total\{request="SET_MEM_TABLE"|net_(frames|bytes)_total)/.test(line)) {
           process.stdout.write(`  [${device.name}] ${line}\n`);
         }
       }
@@ -112,6 +128,7 @@ async function main(): Promise<void> {
     if (result.exitStatus !== 0) throw new Error(`guest script failed (status ${result.exitStatus}):\n${result.tail(30)}`);
   } finally {
     for (const daemon of daemons) await daemon.stop();
+    network.close();
     fs.rmSync(work, { recursive: true, force: true });
   }
   process.stdout.write('\ndemo finished; daemons stopped.\n');

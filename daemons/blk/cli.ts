@@ -5,6 +5,7 @@
  */
 import type { Options } from 'yargs';
 
+import { integerOption, queueSizeOption } from '../../lib/cli/option-checks';
 import { parseSize } from '../../lib/cli/size';
 import { ConfigError } from '../../lib/errors';
 
@@ -147,13 +148,6 @@ export interface BlkConfig {
 /** Most queues: QEMU's VIRTIO_QUEUE_MAX is 1024, but every queue costs an io_uring here. */
 export const MAX_QUEUES = 64;
 
-function integerIn(option: string, value: unknown, min: number, max: number): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
-    throw new ConfigError('CONFIG_INVALID', `--${option} ${String(value)}: expected an integer from ${min} to ${max}`);
-  }
-  return value;
-}
-
 /** Pure: parsed arguments → config. Throws ConfigError on anything wrong or contradictory. */
 export function toConfig(args: Record<string, unknown>): BlkConfig {
   const file = args.file as string | undefined;
@@ -182,19 +176,15 @@ export function toConfig(args: Record<string, unknown>): BlkConfig {
     throw new ConfigError('CONFIG_INVALID', `--serial ${JSON.stringify(serial)}: expected at most 20 printable ASCII characters`);
   }
 
-  const numQueues = integerIn('num-queues', args['num-queues'] ?? 1, 1, MAX_QUEUES);
-  const queueSize = integerIn('queue-size', args['queue-size'] ?? 256, 2, 32768);
-  // virtio 1.2 §2.7: split ring sizes are powers of two.
-  if ((queueSize & (queueSize - 1)) !== 0) {
-    throw new ConfigError('CONFIG_INVALID', `--queue-size ${queueSize}: expected a power of two (e.g. 128, 256, 1024)`);
-  }
+  const numQueues = integerOption('num-queues', args['num-queues'] ?? 1, 1, MAX_QUEUES);
+  const queueSize = queueSizeOption(args['queue-size'] ?? 256);
 
   const lbs = args['logical-block-size'];
   if (lbs !== undefined && lbs !== 512 && lbs !== 4096) {
     throw new ConfigError('CONFIG_INVALID', `--logical-block-size ${String(lbs)}: expected 512 or 4096`);
   }
 
-  const threads = integerIn('threads', args.threads ?? 0, 0, MAX_QUEUES);
+  const threads = integerOption('threads', args.threads ?? 0, 0, MAX_QUEUES);
 
   const nullSize = useNull ? parseSize('--null-size', String(args['null-size'] ?? '1G'), 512) : undefined;
   return {

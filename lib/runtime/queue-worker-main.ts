@@ -125,6 +125,7 @@ const context: DeviceContext = {
   },
   // The backend channel belongs to the main thread, whose device instance owns the config space.
   notifyConfigChange: () => Promise.resolve(false),
+  queueBroken: (index, err) => queues.get(index)?.driver.markBroken(err),
 };
 let attached = false;
 /** Completions arrive outside processQueue; refresh the shared counters a few times a second. */

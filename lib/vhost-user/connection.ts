@@ -108,6 +108,11 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     return this.backendChannel?.sendConfigChange() ?? Promise.resolve(false);
   }
 
+  /** DeviceContext: a queue this thread runs broke in the device's own work. */
+  queueBroken(index: number, err: unknown): void {
+    this.vrings[index]?.markBroken(err);
+  }
+
   /** SET_BACKEND_REQ_FD: takes ownership of `fd`, replacing any earlier channel. */
   setBackendChannel(fd: number): void {
     this.backendChannel?.close();

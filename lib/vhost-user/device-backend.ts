@@ -37,6 +37,13 @@ export interface DeviceContext {
   notifyConfigChange(): Promise<boolean>;
   /** Negotiated virtio features (valid once the front-end sent SET_FEATURES). */
   readonly features: bigint;
+  /**
+   * Queue `index` broke outside `processQueue`, in work the device started itself (net: its TAP fd
+   * became readable or writable and a `pop` threw a RingError): the same as an error thrown from
+   * `processQueue`. The ring is left alone until it stops and the front-end is told (err fd). The
+   * engine's contexts always have it; a context a unit test builds by hand may leave it out.
+   */
+  queueBroken?(index: number, err: unknown): void;
 }
 
 export interface DeviceBackend {

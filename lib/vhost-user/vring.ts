@@ -192,6 +192,11 @@ export class Vring {
     return this.remote?.setEnabled(enabled);
   }
 
+  /** The device's own work on this ring (on this thread) hit `err`: as a throw from processQueue. */
+  markBroken(err: unknown): void {
+    this.driver?.markBroken(err);
+  }
+
   /** Close every fd and forget the configuration (disconnect or RESET_OWNER / RESET_DEVICE). */
   release(): void {
     this.setKickFd(-1);

@@ -14,7 +14,6 @@
  * taken but not completed would need VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD to be recovered, which is
  * not implemented (see daemons/blk/README.md, "Restarting the daemon").
  */
-import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -25,20 +24,10 @@ import type { ExecutionContext } from 'ava';
 import { native } from '../../native';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { guestTest } from '../helpers/guest-test';
-import { qemuBinary, runGuest, type GuestResult } from '../helpers/qemu-guest';
+import { reconnectOption, runGuest, type GuestResult } from '../helpers/qemu-guest';
 
 const MiB = 1 << 20;
 const RESTART_MARKER = 'VHOSTD-MARK restart=now';
-
-/**
- * The chardev option that makes QEMU reconnect after a second: `reconnect-ms=1000` from QEMU 9.2 on
- * (where `reconnect` is deprecated), `reconnect=1` before (7.2 knows only that one).
- */
-function reconnectOption(): string {
-  const version = /version (\d+)\.(\d+)/.exec(spawnSync(qemuBinary(), ['--version'], { encoding: 'utf8' }).stdout ?? '');
-  const [major, minor] = [Number(version?.[1] ?? 0), Number(version?.[2] ?? 0)];
-  return major > 9 || (major === 9 && minor >= 2) ? 'reconnect-ms=1000' : 'reconnect=1';
-}
 
 /** A daemon that the test replaces with a new process on the same socket path while the guest runs. */
 class RestartingDaemon {

@@ -40,6 +40,8 @@ export interface StartDaemonOptions {
    * closes) its own copy, so the socket outlives the daemon as a socket unit's does.
    */
   readonly listenFd?: number;
+  /** Run the daemon under this command, e.g. `['ip', 'netns', 'exec', NS]` (which execs it, same pid). */
+  readonly prefix?: readonly string[];
 }
 
 /**
@@ -64,10 +66,11 @@ export async function startDaemon(
   const main = path.join(repoRoot(), 'build', 'daemons', device, 'main.js');
   const { listenFd } = options;
   if (listenFd !== undefined && options.socketPath === undefined) throw new Error('startDaemon: listenFd needs socketPath');
+  const [command, ...prefixArgs] = [...(options.prefix ?? []), process.execPath];
   const child =
     listenFd === undefined
-      ? spawn(process.execPath, [main, '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'], env: daemonEnv() })
-      : spawn(process.execPath, [main, '--fd', '3', ...args], { stdio: ['ignore', 'inherit', 'pipe', listenFd], env: daemonEnv() });
+      ? spawn(command!, [...prefixArgs, main, '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'], env: daemonEnv() })
+      : spawn(command!, [...prefixArgs, main, '--fd', '3', ...args], { stdio: ['ignore', 'inherit', 'pipe', listenFd], env: daemonEnv() });
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));

@@ -164,6 +164,16 @@ export function qemu102(): { binary: string } | { missing: string } {
   return qemu102Check;
 }
 
+/**
+ * The chardev option that makes QEMU reconnect after a second: `reconnect-ms=1000` from QEMU 9.2 on
+ * (where `reconnect` is deprecated), `reconnect=1` before (7.2 knows only that one).
+ */
+export function reconnectOption(): string {
+  const version = /version (\d+)\.(\d+)/.exec(spawnSync(qemuBinary(), ['--version'], { encoding: 'utf8' }).stdout ?? '');
+  const [major, minor] = [Number(version?.[1] ?? 0), Number(version?.[2] ?? 0)];
+  return major > 9 || (major === 9 && minor >= 2) ? 'reconnect-ms=1000' : 'reconnect=1';
+}
+
 let qemuCheck: { version: string } | { missing: string } | undefined;
 
 /** Why guest tests cannot run here (no usable QEMU), or undefined when they can. */

@@ -20,6 +20,7 @@ import {
   TUN_F_USO4,
   TUN_F_USO6,
 } from '../../native';
+import { arpRequest as arpFrame, echoRequest as echoFrame, isArpReply, isEchoReply } from '../helpers/frames';
 import { collect, makeBatch, nativeError, until } from './helpers';
 
 // These tests need root (CAP_NET_ADMIN) and /dev/net/tun; each uses its own TAP (and network
@@ -130,35 +131,12 @@ const PEER_MAC = [0x02, 0x00, 0x00, 0x00, 0x77, 0x02];
 const TAP_IP = [10, 77, 0, 1];
 const PEER_IP = [10, 77, 0, 2];
 
-function ethernet(dst: number[], src: number[], etherType: number, payload: number[]): Uint8Array {
-  return Uint8Array.from([...dst, ...src, etherType >> 8, etherType & 0xff, ...payload]);
-}
-
 function arpRequest(): Uint8Array {
-  // RFC 826: Ethernet/IPv4, opcode 1, sender PEER, target TAP_IP.
-  const arp = [0, 1, 8, 0, 6, 4, 0, 1, ...PEER_MAC, ...PEER_IP, 0, 0, 0, 0, 0, 0, ...TAP_IP];
-  return ethernet([0xff, 0xff, 0xff, 0xff, 0xff, 0xff], PEER_MAC, 0x0806, arp);
-}
-
-/** RFC 1071 checksum of `bytes`. */
-function checksum(bytes: number[]): number {
-  let sum = 0;
-  for (let i = 0; i < bytes.length; i += 2) sum += (bytes[i]! << 8) | (bytes[i + 1] ?? 0);
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return ~sum & 0xffff;
+  return arpFrame(PEER_MAC, PEER_IP, TAP_IP);
 }
 
 function echoRequest(id: number, data: number[]): Uint8Array {
-  const icmp = [8, 0, 0, 0, id >> 8, id & 0xff, 0, 1, ...data];
-  const icmpSum = checksum(icmp);
-  icmp[2] = icmpSum >> 8;
-  icmp[3] = icmpSum & 0xff;
-  const length = 20 + icmp.length;
-  const ip = [0x45, 0, length >> 8, length & 0xff, 0, 0, 0x40, 0, 64, 1, 0, 0, ...PEER_IP, ...TAP_IP];
-  const ipSum = checksum(ip);
-  ip[10] = ipSum >> 8;
-  ip[11] = ipSum & 0xff;
-  return ethernet(TAP_MAC, PEER_MAC, 0x0800, [...ip, ...icmp]);
+  return echoFrame(PEER_MAC, PEER_IP, TAP_MAC, TAP_IP, id, data);
 }
 
 function ip(namespace: string, ...args: string[]): void {
@@ -232,7 +210,7 @@ test('frames move through writeFrames and readFrames with a virtio-net header', 
       t.true(rxResult[i]! > VNET_HDR_SIZE, `frame ${i}: ${rxResult[i]}`);
       const start = RX_OFFSET + i * RX_SIZE;
       const packet = memory.subarray(start + VNET_HDR_SIZE, start + rxResult[i]!);
-      if (packet[12] === 0x08 && packet[13] === 0x06 && packet[21] === 2) {
+      if (isArpReply(packet)) {
         reply = packet.slice();
         header = memory.slice(start, start + VNET_HDR_SIZE);
       }
@@ -292,7 +270,7 @@ test('io_uring READV/WRITEV at offset -1 (the current position) work on a TAP qu
     const bytes = (await collect(ring, 1)).get(0)!;
     t.true(bytes > VNET_HDR_SIZE, `read ${bytes}`);
     const packet = memory.subarray(RX_OFFSET + VNET_HDR_SIZE, RX_OFFSET + bytes);
-    if (packet[12] === 0x08 && packet[13] === 0x00 && packet[23] === 1 && packet[34] === 0) reply = packet.slice();
+    if (isEchoReply(packet)) reply = packet.slice();
   }
   t.truthy(reply, 'an ICMP echo reply arrived');
   t.deepEqual([...reply!.subarray(0, 6)], PEER_MAC);

@@ -6,6 +6,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
 
 import type { ExecutionContext } from 'ava';
 
@@ -135,7 +137,15 @@ export function expectedOutput(queue: number, readable: readonly Uint8Array[], w
   return out.subarray(0, Math.min(out.length, writable));
 }
 
-/** Number of open fds of this process. */
+/** A full garbage collection (with or without --expose-gc), before measuring memory. */
+export function collectGarbage(): void {
+  const exposed = (globalThis as { gc?: () => void }).gc;
+  if (exposed !== undefined) return exposed();
+  v8.setFlagsFromString('--expose-gc');
+  (runInNewContext('gc') as () => void)();
+}
+
+/** Number of open fds of this process, or of process `pid`. */
 export function openFds(pid: number | 'self' = 'self'): number {
   return fs.readdirSync(`/proc/${pid}/fd`).length;
 }

@@ -3,26 +3,16 @@
  * against an in-process server: afterwards the process has exactly the fds it had before, and its
  * resident memory grew by little. A leak of one fd or one mapping per connection shows here.
  */
-import { runInNewContext } from 'node:vm';
-import v8 from 'node:v8';
-
 import test from 'ava';
 
 import { DEFAULT_LAYOUT } from '../../helpers/frontend';
 import { TestDevice } from '../../helpers/test-device';
-import { TestServer, expectedOutput, openFds, pattern, settleFds } from './harness';
+import { TestServer, collectGarbage, expectedOutput, openFds, pattern, settleFds } from './harness';
 
 const CYCLES = 1000;
 // Enough for V8 to settle its heap size (heapTotal grows for the first few hundred connections).
 const WARMUP = 200;
 const MiB = 1 << 20;
-
-function collectGarbage(): void {
-  const exposed = (globalThis as { gc?: () => void }).gc;
-  if (exposed !== undefined) return exposed();
-  v8.setFlagsFromString('--expose-gc');
-  (runInNewContext('gc') as () => void)();
-}
 
 async function cycle(ts: TestServer, i: number): Promise<void> {
   const fe = ts.connect();

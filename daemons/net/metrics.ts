@@ -1,0 +1,69 @@
+/**
+ * The net daemon's own Prometheus metrics (`vhostd_net_*`, listed in daemons/net/README.md). The
+ * datapath only adds to the plain numbers of {@link NetQueueStats}; the metrics read them at scrape
+ * time. Labels are bounded: `queue` (a virtqueue index, below twice the pair count) and `reason`
+ * (the fixed list of TX_DROP_REASONS).
+ */
+import type { Registry } from 'prom-client';
+
+import { collectedCounter, queueCounter } from '../../lib/metrics/collected';
+import { TX_DROP_REASONS, type TxDropReason } from './net-header';
+
+/** Counters of one virtqueue (rx or tx): plain numbers, cumulative for the life of the device. */
+export class NetQueueStats {
+  /** Frames moved (rx: TAP → guest; tx: guest → TAP). */
+  frames = 0;
+  /** Their bytes, without the virtio-net header. */
+  bytes = 0;
+  /** Frames carrying a GSO type (TSO/UFO/USO super-frames). */
+  gsoFrames = 0;
+  /** tx frames dropped before the TAP, by TX_DROP_REASONS index. */
+  readonly dropped = new Float64Array(TX_DROP_REASONS.length);
+  /** readv/writev on the TAP failed (the frame is lost). */
+  tapErrors = 0;
+  /** rx: times reading stopped because the guest had no (or not enough) receive buffers. */
+  ringEmpty = 0;
+
+  drop(reason: TxDropReason): void {
+    this.dropped[TX_DROP_REASONS.indexOf(reason)]!++;
+  }
+}
+
+/** What the metrics read from the device. */
+export interface NetMetricsSource {
+  /** Virtqueues (rx and tx of every pair). */
+  readonly numQueues: number;
+  queueStats(index: number): NetQueueStats;
+}
+
+/** Register the `vhostd_net_*` metrics of `device` in `registry`. */
+export function createNetMetrics(registry: Registry, device: NetMetricsSource) {
+  const count = () => device.numQueues;
+  const perQueue = (name: string, help: string, read: (s: NetQueueStats) => number) =>
+    queueCounter(registry, name, help, count, (q) => read(device.queueStats(q)));
+  return {
+    frames: perQueue('vhostd_net_frames_total', 'Frames moved: on an rx queue (even index) from the TAP to the guest, on a tx queue (odd) from the guest to the TAP', (s) => s.frames),
+    bytes: perQueue('vhostd_net_bytes_total', 'Bytes of those frames, without the virtio-net header', (s) => s.bytes),
+    gsoFrames: perQueue('vhostd_net_gso_frames_total', 'Frames larger than the MTU handed over unsegmented (TSO/UFO/USO)', (s) => s.gsoFrames),
+    tapErrors: perQueue('vhostd_net_tap_errors_total', 'Frames lost because readv/writev on the TAP failed', (s) => s.tapErrors),
+    ringEmpty: perQueue(
+      'vhostd_net_rx_ring_empty_total',
+      'Times the daemon stopped reading the TAP because the guest had no receive buffers (the kernel queues, then drops: see the TAP\'s TX dropped)',
+      (s) => s.ringEmpty,
+    ),
+    dropped: collectedCounter(
+      registry,
+      'vhostd_net_tx_dropped_total',
+      'Frames from the guest dropped before the TAP: bad_header (flags, gso_type or offsets outside the frame), too_short (under 14 bytes), too_long (over MTU + 18 without GSO), too_many_segments (over 1023 descriptors)',
+      ['queue', 'reason'],
+      function* () {
+        for (let q = 0; q < device.numQueues; q++) {
+          const dropped = device.queueStats(q).dropped;
+          if (q % 2 === 1) for (let r = 0; r < TX_DROP_REASONS.length; r++) yield [{ queue: String(q), reason: TX_DROP_REASONS[r]! }, dropped[r]!];
+        }
+      },
+    ),
+  };
+}
+
+export type NetMetrics = ReturnType<typeof createNetMetrics>;

@@ -1,0 +1,143 @@
+/**
+ * The host side of the device: a persistent multi-queue TAP with virtio-net headers. The daemon
+ * attaches to an existing TAP (made by the operator with `ip tuntap add ... multi_queue vnet_hdr`, so
+ * it needs no capability) or, with --create-tap and CAP_NET_ADMIN, makes one.
+ *
+ * Each device instance (the main one, or a queue worker's) opens its own TAP queue per queue pair it
+ * runs: a TAP queue is an fd, and the kernel steers received packets over the attached ones. A queue
+ * opens attached; it is detached (TUNSETQUEUE IFF_DETACH_QUEUE) while its pair is disabled so the
+ * kernel stops steering packets to a queue nobody reads.
+ */
+import fs from 'node:fs';
+
+import { ConfigError } from '../../lib/errors';
+import {
+  IFF_ATTACH_QUEUE,
+  IFF_DETACH_QUEUE,
+  IFF_MULTI_QUEUE,
+  IFF_NO_PI,
+  IFF_TAP,
+  IFF_VNET_HDR,
+  NativeError,
+  TUN_F_CSUM,
+  TUN_F_TSO4,
+  TUN_F_TSO6,
+  TUN_F_TSO_ECN,
+  TUN_F_UFO,
+  TUN_F_USO4,
+  TUN_F_USO6,
+  native,
+} from '../../native';
+import {
+  VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_ECN,
+  VIRTIO_NET_F_GUEST_TSO4,
+  VIRTIO_NET_F_GUEST_TSO6,
+  VIRTIO_NET_F_GUEST_UFO,
+  VIRTIO_NET_F_GUEST_USO4,
+  VIRTIO_NET_F_GUEST_USO6,
+} from './virtio-net';
+
+export const TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE;
+
+/** What the host's TAP driver accepts beyond checksum and TSO (probed once with TUNSETOFFLOAD). */
+export interface TapOffloadSupport {
+  /** TUN_F_UFO: Linux dropped UFO in 4.14 and brought it back for TAP in 4.19. */
+  ufo: boolean;
+  /** TUN_F_USO4 | TUN_F_USO6: Linux 6.2 and later. */
+  uso: boolean;
+}
+
+/** The operator's command to make the TAP this daemon expects. */
+export function tapCreateHint(name: string): string {
+  return `ip tuntap add dev ${name} mode tap multi_queue vnet_hdr user $(id -un)`;
+}
+
+/**
+ * Open one queue of TAP `name`, turning the kernel's errors into what the operator must do. TUNSETIFF
+ * makes a missing TAP when the caller has CAP_NET_ADMIN: only with `create` (--create-tap) may it.
+ */
+export function openTapQueue(name: string, create = false): number {
+  if (!create && !tapExists(name)) {
+    throw new ConfigError('CONFIG_UNAVAILABLE', `--tap ${name}: no such interface; as root run: ${tapCreateHint(name)} (or give --create-tap with CAP_NET_ADMIN)`);
+  }
+  let fd: number;
+  try {
+    fd = native.tapOpen(name, TAP_FLAGS).fd;
+  } catch (err) {
+    if (!(err instanceof NativeError)) throw err;
+    const hint = tapCreateHint(name);
+    switch (err.code) {
+      case 'ENOENT':
+        throw new ConfigError('CONFIG_UNAVAILABLE', `--tap ${name}: /dev/net/tun is missing (modprobe tun)`);
+      case 'EPERM':
+      case 'EACCES':
+        throw new ConfigError(
+          'CONFIG_UNAVAILABLE',
+          `--tap ${name}: permission denied: the TAP does not exist or belongs to another user; as root run: ${hint}` +
+            ' (or give the daemon CAP_NET_ADMIN and --create-tap)',
+        );
+      case 'EINVAL':
+      case 'EBUSY':
+        throw new ConfigError(
+          'CONFIG_UNAVAILABLE',
+          `--tap ${name}: the TAP exists without multi_queue and vnet_hdr (or is a TUN device); recreate it: ip link del ${name}; ${hint}`,
+        );
+      default:
+        throw new ConfigError('CONFIG_UNAVAILABLE', `--tap ${name}: ${err.message}`);
+    }
+  }
+  const flags = native.tapGetIff(fd).flags;
+  if ((flags & (IFF_TAP | IFF_VNET_HDR | IFF_MULTI_QUEUE)) !== (IFF_TAP | IFF_VNET_HDR | IFF_MULTI_QUEUE)) {
+    native.close(fd);
+    throw new ConfigError('CONFIG_UNAVAILABLE', `--tap ${name}: the device lacks multi_queue or vnet_hdr; recreate it: ip link del ${name}; ${tapCreateHint(name)}`);
+  }
+  return fd;
+}
+
+/** Whether TAP (or TUN) `name` exists in this network namespace (sysfs). */
+export function tapExists(name: string): boolean {
+  return fs.existsSync(`/sys/class/net/${name}/tun_flags`);
+}
+
+/** Probe which optional offloads the kernel's TAP accepts, on queue `fd`; leaves offloads off. */
+export function probeOffloads(fd: number): TapOffloadSupport {
+  const accepts = (offloads: number) => {
+    try {
+      native.tapSetOffload(fd, offloads);
+      return true;
+    } catch (err) {
+      if (err instanceof NativeError && err.code === 'EINVAL') return false;
+      throw err;
+    }
+  };
+  native.tapSetOffload(fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN);
+  const support = { ufo: accepts(TUN_F_CSUM | TUN_F_UFO), uso: accepts(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6) };
+  native.tapSetOffload(fd, 0);
+  return support;
+}
+
+/**
+ * TUNSETOFFLOAD bits for the negotiated features: the TAP may hand us partially checksummed or
+ * unsegmented frames only of the kinds the guest said it can take (GUEST_*), since they go to the
+ * guest as they are. Linux requires TUN_F_CSUM for any segmentation offload.
+ */
+export function tapOffloads(features: bigint): number {
+  const has = (bitNumber: number) => (features & (1n << BigInt(bitNumber))) !== 0n;
+  if (!has(VIRTIO_NET_F_GUEST_CSUM)) return 0;
+  let offloads = TUN_F_CSUM;
+  if (has(VIRTIO_NET_F_GUEST_TSO4)) offloads |= TUN_F_TSO4;
+  if (has(VIRTIO_NET_F_GUEST_TSO6)) offloads |= TUN_F_TSO6;
+  if (has(VIRTIO_NET_F_GUEST_ECN) && (offloads & (TUN_F_TSO4 | TUN_F_TSO6)) !== 0) offloads |= TUN_F_TSO_ECN;
+  if (has(VIRTIO_NET_F_GUEST_UFO)) offloads |= TUN_F_UFO;
+  if (has(VIRTIO_NET_F_GUEST_USO4)) offloads |= TUN_F_USO4;
+  if (has(VIRTIO_NET_F_GUEST_USO6)) offloads |= TUN_F_USO6;
+  return offloads;
+}
+
+/** Attach (true) or detach the TAP queue `fd`; a queue already in that state is left alone. */
+export function setTapQueueAttached(fd: number, attached: boolean): void {
+  const detached = (native.tapGetIff(fd).flags & IFF_DETACH_QUEUE) !== 0;
+  if (detached === !attached) return;
+  native.tapSetQueue(fd, attached ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE);
+}

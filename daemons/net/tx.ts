@@ -1,0 +1,210 @@
+/**
+ * Transmit: guest → TAP. Each chain of a tx queue is one virtio-net header plus one frame (virtio 1.2
+ * §5.1.6.2), device-readable only. The header is copied out and checked (net-header.ts), and the
+ * kernel gets that checked copy, not the guest's bytes, so the driver cannot change it between the
+ * check and the kernel's read (a double fetch). The frame itself goes from guest memory to the TAP
+ * with writev and no copy, a batch of frames per native call (native.writeFrames).
+ *
+ * A full TAP (EAGAIN) stops the queue with the unsent frames kept; the TAP fd's writability resumes
+ * it. Frames never outlive their memory map: a memory table change or a queue stop first tries them
+ * once more, then completes what is left as lost (counted as TAP errors), as a NIC reset would.
+ */
+import { POLL_WRITABLE, native, type Mapping, type Watcher } from '../../native';
+import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import { drainQueue } from '../../lib/virtqueue/drain';
+import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
+import type { NetQueueStats } from './metrics';
+import { checkTxHeader, type TxLimits } from './net-header';
+import { HDR_GSO_TYPE, VNET_HDR_SIZE } from './virtio-net';
+
+/** Frames per writeFrames call. */
+export const TX_BATCH = 64;
+/** Linux's UIO_MAXIOV: iovecs of one writev, and the iovecs a batch holds. */
+export const MAX_IOV = 1024;
+/** Each frame's header copy gets this many bytes in the header area. */
+const HEADER_SLOT = 16;
+
+export class TxPath {
+  private readonly chains: (DescriptorChain | null)[] = new Array<DescriptorChain | null>(TX_BATCH).fill(null);
+  private readonly iovBase = new Float64Array(MAX_IOV);
+  private readonly iovLen = new Float64Array(MAX_IOV);
+  private readonly iovStart = new Uint32Array(TX_BATCH);
+  private readonly iovCount = new Uint32Array(TX_BATCH);
+  private readonly result = new Int32Array(TX_BATCH);
+  /** Checked header copies, one slot per frame of the batch, at a host address writev can use. */
+  private readonly headers: Mapping;
+  /** `headerSize` bytes of each slot, made once (no view allocated per frame). */
+  private readonly headerSlots: Uint8Array[];
+  /** Frames staged in the batch, and how many of them were written already. */
+  private staged = 0;
+  private sent = 0;
+  private iovUsed = 0;
+  /** The TAP said EAGAIN: wait for it to become writable. */
+  private blocked = false;
+  private writable: Watcher | null = null;
+
+  constructor(
+    private readonly queue: Virtqueue,
+    private readonly fd: number,
+    private readonly limits: TxLimits,
+    private readonly stats: NetQueueStats,
+    /** A RingError in work started by the TAP's writability (not by a kick): the device reports the queue broken. */
+    private readonly onError: (err: unknown) => void,
+  ) {
+    const memfd = native.memfdCreate('vhostd-net-tx-headers', TX_BATCH * HEADER_SLOT);
+    try {
+      this.headers = native.mmap(memfd, TX_BATCH * HEADER_SLOT, 0, true);
+    } finally {
+      native.close(memfd);
+    }
+    const view = this.headers.views[0]!;
+    this.headerSlots = Array.from({ length: TX_BATCH }, (_, i) => view.subarray(i * HEADER_SLOT, i * HEADER_SLOT + limits.headerSize));
+  }
+
+  /** The driver kicked: send what it queued (unless the TAP is full; writability resumes then). */
+  kick(): void {
+    if (!this.blocked) this.drain();
+  }
+
+  /**
+   * Memory table change or stop: the staged frames point into the old map. Try them once more, then
+   * complete the rest as lost, and publish.
+   */
+  settle(): void {
+    if (this.staged > 0) this.write();
+    for (let i = this.sent; i < this.staged; i++) {
+      this.stats.tapErrors++;
+      this.complete(i);
+    }
+    this.staged = this.sent = this.iovUsed = 0;
+    this.unblock();
+    this.queue.flush();
+  }
+
+  close(): void {
+    this.settle();
+    native.munmap(this.headers.id);
+  }
+
+  private drain(): void {
+    drainQueue(this.queue, {
+      ready: () => !this.blocked,
+      handle: (chain) => {
+        this.stage(chain);
+        return !this.blocked;
+      },
+      endBatch: () => {
+        if (this.staged > this.sent && !this.blocked) this.write();
+      },
+    });
+  }
+
+  /** Check one chain; a good frame joins the batch (written when the batch is full), a bad one is dropped. */
+  private stage(chain: DescriptorChain): void {
+    if (1 + chain.readableSegments > MAX_IOV) {
+      this.stats.drop('too_many_segments');
+      this.queue.pushUsed(chain, 0);
+      return;
+    }
+    if (this.iovUsed + 1 + chain.readableSegments > MAX_IOV) {
+      this.write();
+      if (this.blocked) {
+        // The batch is still full of unsent frames: this one waits in the ring.
+        this.queue.unpop(chain);
+        return;
+      }
+    }
+    const hdrSize = this.limits.headerSize;
+    const header = this.headerSlots[this.staged]!;
+    const frameLength = chain.readableLength - hdrSize;
+    if (chain.read(0, header) < hdrSize) {
+      this.stats.drop('too_short');
+      this.queue.pushUsed(chain, 0);
+      return;
+    }
+    const reason = checkTxHeader(header, frameLength, this.limits);
+    if (reason !== null) {
+      this.stats.drop(reason);
+      this.queue.pushUsed(chain, 0);
+      return;
+    }
+    // virtio 1.2 §5.1.6.2: num_buffers is the driver's zero; the kernel gets exactly what we checked.
+    if (hdrSize === VNET_HDR_SIZE) header[10] = header[11] = 0;
+    const frame = this.staged++;
+    this.chains[frame] = chain;
+    this.iovStart[frame] = this.iovUsed;
+    this.iovBase[this.iovUsed] = this.headers.address + frame * HEADER_SLOT;
+    this.iovLen[this.iovUsed++] = hdrSize;
+    let skip = hdrSize;
+    for (let i = 0; i < chain.readableSegments; i++) {
+      const length = chain.length[i]!;
+      if (skip >= length) {
+        skip -= length;
+        continue;
+      }
+      this.iovBase[this.iovUsed] = chain.address(i) + skip;
+      this.iovLen[this.iovUsed++] = length - skip;
+      skip = 0;
+    }
+    this.iovCount[frame] = this.iovUsed - this.iovStart[frame]!;
+    if (this.staged === TX_BATCH) this.write();
+  }
+
+  /** Write the staged frames not sent yet; EAGAIN blocks the queue until the TAP is writable. */
+  private write(): void {
+    const from = this.sent;
+    const count = this.staged - from;
+    const done =
+      from === 0
+        ? native.writeFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, count)
+        : native.writeFrames(this.fd, this.iovBase, this.iovLen, this.iovStart.subarray(from), this.iovCount.subarray(from), this.result, count);
+    for (let i = 0; i < done; i++) {
+      const bytes = this.result[i]!;
+      const frame = from + i;
+      if (bytes < 0) this.stats.tapErrors++;
+      else {
+        this.stats.frames++;
+        this.stats.bytes += bytes - this.limits.headerSize;
+        if (this.headerSlots[frame]![HDR_GSO_TYPE] !== 0) this.stats.gsoFrames++;
+      }
+      this.complete(frame);
+    }
+    this.sent += done;
+    if (this.sent < this.staged) {
+      this.block();
+      return;
+    }
+    this.staged = this.sent = this.iovUsed = 0;
+  }
+
+  private complete(frame: number): void {
+    this.queue.pushUsed(this.chains[frame]!, 0);
+    this.chains[frame] = null;
+  }
+
+  private block(): void {
+    if (this.blocked) return;
+    this.blocked = true;
+    this.writable = native.watch(this.fd, POLL_WRITABLE, () => this.onWritable());
+  }
+
+  private unblock(): void {
+    this.blocked = false;
+    this.writable?.stop();
+    this.writable = null;
+  }
+
+  private onWritable(): void {
+    this.write();
+    this.queue.flush();
+    if (this.sent === 0 && this.staged === 0) {
+      this.unblock();
+      try {
+        this.drain();
+      } catch (err) {
+        this.settle();
+        this.onError(err);
+      }
+    }
+  }
+}

@@ -1,0 +1,334 @@
+/**
+ * The net device end to end through the real protocol engine and a real TAP: a test front-end plays
+ * the guest driver (memfd guest memory, split and packed rings), the TAP sits on a bridge with one end
+ * of a veth pair whose other end lives in a network namespace with an address, so the kernel there
+ * answers ARP and ping. Nothing reaches the host's own interfaces (no address on the bridge or TAP).
+ *
+ * Needs root (a TAP, a bridge, a network namespace).
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+
+import test, { type ExecutionContext } from 'ava';
+
+import type { NetConfig } from '../../../daemons/net/cli';
+import type { NetDevice } from '../../../daemons/net/device';
+import { createNetDevice, netQueueWorkers } from '../../../daemons/net/main';
+import { TX_DROP_REASONS } from '../../../daemons/net/net-header';
+import {
+  VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_MQ,
+  VIRTIO_NET_F_MRG_RXBUF,
+  VIRTIO_NET_HDR_F_DATA_VALID,
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_GSO_TCPV4,
+} from '../../../daemons/net/virtio-net';
+import { ConfigError } from '../../../lib/errors';
+import { silentLogger } from '../../../lib/runtime/logger';
+import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, bit } from '../../../lib/virtio/constants';
+import { encodeU64, type Completion, type Frontend, type SplitQueueDriver } from '../../helpers/frontend';
+import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
+import { createBridgedTap, type BridgedTap } from '../../helpers/net-topology';
+import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
+import { until } from '../../native/helpers';
+import { TestServer } from '../../lib/vhost-user/harness';
+
+const GUEST_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0x79, 0x02];
+const GUEST_IP: Ipv4 = [10, 79, 0, 2];
+const PEER_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0x79, 0x01];
+const PEER_IP: Ipv4 = [10, 79, 0, 1];
+const RX = 0;
+const TX = 1;
+const HDR = 12;
+
+let serial = 0;
+
+/** A TAP on a bridge with a veth whose peer (PEER_MAC, PEER_IP) is in its own namespace. */
+function bridgedTap(t: ExecutionContext): BridgedTap {
+  const mac = PEER_MAC.map((b) => b.toString(16).padStart(2, '0')).join(':');
+  const topology = createBridgedTap(`vhn${process.pid % 100000}x${serial++}`, mac, `${PEER_IP.join('.')}/24`);
+  t.teardown(() => topology.close());
+  return topology;
+}
+
+function config(tap: string, over: Partial<NetConfig> = {}): NetConfig {
+  return { tap, createTap: false, queuePairs: 1, threads: 0, mtu: 1500, queueSize: 256, ...over };
+}
+
+interface Guest {
+  fe: Frontend;
+  device: NetDevice;
+  tap: string;
+  namespace: string;
+}
+
+async function start(t: ExecutionContext, features: bigint, opts: { rxBuffers?: number; rxSize?: number } = {}): Promise<Guest> {
+  const { tap, namespace } = bridgedTap(t);
+  const device = createNetDevice(config(tap), silentLogger);
+  const ts = await TestServer.start(device);
+  const fe = ts.connect();
+  t.teardown(async () => {
+    fe.close();
+    await ts.server.close();
+    device.close();
+  });
+  await fe.negotiate({ features: bit(VIRTIO_F_VERSION_1) | features });
+  await fe.setMemTable();
+  await fe.setupQueue(RX, 256);
+  await fe.setupQueue(TX, 256);
+  postRx(fe, opts.rxBuffers ?? 32, opts.rxSize ?? 2048);
+  return { fe, device, tap, namespace };
+}
+
+function postRx(fe: Frontend, count: number, size: number): void {
+  fe.submit(RX, Array.from({ length: count }, (_, i) => ({ writable: [{ length: size, region: i % 3 }] })));
+}
+
+/** A tx chain: the header, then the frame split in two descriptors (as a driver without any_layout). */
+function txChain(frame: Uint8Array, header = new Uint8Array(HDR)) {
+  const pieces = [frame.subarray(0, 20), frame.subarray(20)].filter((piece) => piece.length > 0);
+  return { readable: [{ data: header, region: 1 }, ...pieces.map((data, i) => ({ data, region: 2 - 2 * i }))] };
+}
+
+/** Receive until a frame passes `match` (reposting a buffer for each frame taken); returns header and frame. */
+async function receive(fe: Frontend, match: (frame: Uint8Array) => boolean, size = 2048): Promise<{ header: Uint8Array; frame: Uint8Array }> {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    for (const c of await fe.collect(RX, 1, 10_000)) {
+      postRx(fe, 1, size);
+      const frame = c.written.subarray(HDR);
+      if (match(frame)) return { header: c.written.subarray(0, HDR), frame };
+    }
+  }
+  throw new Error('no matching frame');
+}
+
+/** ARP for the peer, then ping it; resolves with the echo reply. */
+async function ping(fe: Frontend, id: number): Promise<Uint8Array> {
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await receive(fe, isArpReply);
+  const data = Array.from({ length: 56 }, (_, i) => (i * 7 + id) & 0xff);
+  const done = await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, id, data)));
+  if (done.len !== 0) throw new Error(`tx used length ${done.len}`);
+  const { frame } = await receive(fe, (f) => isEchoReply(f) && f[38] === id >> 8 && f[39] === (id & 0xff));
+  return frame;
+}
+
+test('a ping crosses the TAP both ways with mergeable rx buffers; num_buffers is 1 and counters move', async (t) => {
+  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_CSUM));
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  const arp = await receive(fe, isArpReply);
+  t.is(arp.header[10]! | (arp.header[11]! << 8), 1, 'num_buffers');
+  t.deepEqual([...arp.frame.subarray(22, 28)], PEER_MAC, 'the peer answered');
+  const reply = await ping(fe, 0x4242);
+  t.deepEqual([...reply.subarray(0, 6)], GUEST_MAC);
+  t.deepEqual([...reply.subarray(26, 30)], PEER_IP);
+  t.true(device.queueStats(RX).frames >= 2);
+  t.is(device.queueStats(TX).frames, 3);
+  t.is(device.queueStats(TX).bytes, 42 + 42 + 98);
+
+  // A memory table change (a hot-plugged DIMM) under running queues: traffic goes on.
+  await fe.addMemReg({ gpa: 0x2_0000_0000, size: 1 << 20, userAddr: 0x7f50_0000_0000, mmapOffset: 0 });
+  await ping(fe, 0x4243);
+});
+
+test('packed ring without mergeable buffers: each frame takes one whole buffer', async (t) => {
+  const { fe } = await start(t, bit(VIRTIO_F_RING_PACKED));
+  const reply = await ping(fe, 7);
+  t.deepEqual([...reply.subarray(0, 6)], GUEST_MAC);
+});
+
+test('hostile tx headers are dropped and counted; the queue keeps serving', async (t) => {
+  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_CSUM));
+  const frame = echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 1, [1, 2, 3, 4]);
+  const header = (bytes: number[]) => Uint8Array.from([...bytes, ...new Array<number>(HDR - bytes.length).fill(0)]);
+  const hostile = [
+    // csum_start past the frame (CVE-2024-11614 class).
+    txChain(frame, header([VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0])),
+    // DATA_VALID is the device's flag.
+    txChain(frame, header([VIRTIO_NET_HDR_F_DATA_VALID])),
+    // TSO that was not negotiated.
+    txChain(frame, header([VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 34, 0, 0x10, 0, 34, 0, 16, 0])),
+    // hdr_len past the frame.
+    txChain(frame, header([0, 0, 0xff, 0x7f])),
+    // 10 bytes: shorter than Ethernet.
+    txChain(frame.subarray(0, 10)),
+    // Over MTU + 18 without GSO.
+    txChain(new Uint8Array(1600)),
+    // Not even a whole header.
+    { readable: [{ data: new Uint8Array(6) }] },
+  ];
+  fe.submit(TX, hostile);
+  const done = await fe.collect(TX, hostile.length);
+  t.deepEqual(
+    done.map((c) => c.len),
+    hostile.map(() => 0),
+  );
+  const dropped = Object.fromEntries(TX_DROP_REASONS.map((r, i) => [r, device.queueStats(TX).dropped[i]]));
+  t.deepEqual(dropped, { bad_header: 4, too_short: 2, too_long: 1, too_many_segments: 0 });
+  t.is(device.queueStats(TX).frames, 0, 'none reached the TAP');
+  await ping(fe, 9);
+  t.is(device.queueStats(TX).frames, 2);
+});
+
+test('with no rx buffers the daemon stops reading; frames wait in the TAP until the guest posts some', async (t) => {
+  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF), { rxBuffers: 0 });
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await until(() => device.queueStats(RX).ringEmpty > 0, 10_000);
+  t.is(device.queueStats(RX).frames, 0);
+  postRx(fe, 8, 2048);
+  const arp = await receive(fe, isArpReply);
+  t.deepEqual([...arp.frame.subarray(22, 28)], PEER_MAC, 'the reply read after the buffers came is the one the kernel kept');
+});
+
+test('a missing TAP, and one without multi_queue, fail at start with the ip tuntap line to run', (t) => {
+  const missing = t.throws(() => createNetDevice(config('vhnmissing0'), silentLogger), { instanceOf: ConfigError });
+  t.is(missing?.code, 'CONFIG_UNAVAILABLE');
+  t.regex(missing?.message ?? '', /ip tuntap add dev vhnmissing0 mode tap multi_queue vnet_hdr/);
+
+  const single = `vhn${process.pid % 100000}s`;
+  execFileSync('ip', ['tuntap', 'add', 'dev', single, 'mode', 'tap', 'vnet_hdr']);
+  t.teardown(() => execFileSync('ip', ['link', 'del', single]));
+  const err = t.throws(() => createNetDevice(config(single), silentLogger), { instanceOf: ConfigError });
+  t.is(err?.code, 'CONFIG_UNAVAILABLE');
+  t.regex(err?.message ?? '', /multi_queue/);
+});
+
+/** A counter of the TAP interface (/sys/class/net/TAP/statistics). */
+function tapCounter(tap: string, name: string): number {
+  return Number(fs.readFileSync(`/sys/class/net/${tap}/statistics/${name}`, 'utf8'));
+}
+
+test('SEND_RARP puts one RARP broadcast from the guest MAC into the TAP; NET_SET_MTU above --mtu is refused', async (t) => {
+  const { fe, tap } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF));
+  t.true(fe.hasProtocolFeature(ProtocolFeature.RARP));
+  t.true(fe.hasProtocolFeature(ProtocolFeature.NET_MTU));
+  // Frames the daemon writes into the TAP are what the TAP interface receives.
+  const before = tapCounter(tap, 'rx_packets');
+  await fe.request(Request.SEND_RARP, Uint8Array.from([...GUEST_MAC, 0, 0]));
+  t.is(tapCounter(tap, 'rx_packets'), before + 1);
+
+  await fe.request(Request.NET_SET_MTU, encodeU64(1500n));
+  // 9000 is above --mtu 1500: REPLY_ACK carries the refusal and the connection stays.
+  await t.throwsAsync(fe.request(Request.NET_SET_MTU, encodeU64(9000n)), { code: 'FRONTEND_NACK' });
+  await ping(fe, 3);
+});
+
+test('--create-tap makes a missing TAP, which goes away with the daemon', async (t) => {
+  const name = `vhn${process.pid % 100000}c`;
+  const device = createNetDevice(config(name, { createTap: true }), silentLogger);
+  t.true(fs.existsSync(`/sys/class/net/${name}`));
+  device.close();
+  await until(() => !fs.existsSync(`/sys/class/net/${name}`));
+  t.pass();
+});
+
+test('a ring error met while reading the TAP breaks the rx queue (err fd), and tx keeps serving', async (t) => {
+  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF), { rxBuffers: 0 });
+  // The driver puts head 300 (not below the queue size 256) in the rx available ring, without a kick:
+  // only the TAP's readability makes the device look at it.
+  const rx = fe.queues.get(RX)!.driver as SplitQueueDriver;
+  rx.pushHead(300);
+  rx.publish();
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await fe.waitErr(RX, 10_000);
+  t.is(fe.queues.get(RX)!.errors, 1);
+  t.is(device.queueStats(RX).frames, 0);
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  t.is(device.queueStats(TX).frames, 2);
+  t.false(fe.backendClosed);
+});
+
+test('a queue pair the guest disables is detached from the TAP (the kernel drops instead of queueing), and attached again', async (t) => {
+  const { fe, tap, namespace } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF));
+  await ping(fe, 11);
+  await fe.setVringEnable(RX, false);
+  await fe.setVringEnable(TX, false);
+  // The peer's ARP broadcasts for the guest reach the TAP, which has no attached queue now.
+  const dropped = tapCounter(tap, 'tx_dropped');
+  spawnSync('ip', ['netns', 'exec', namespace, '/usr/bin/busybox', 'ping', '-c', '2', '-W', '1', GUEST_IP.join('.')]);
+  t.true(tapCounter(tap, 'tx_dropped') > dropped, 'frames for a detached queue are dropped by the kernel');
+  await fe.setVringEnable(RX, true);
+  await fe.setVringEnable(TX, true);
+  await ping(fe, 12);
+});
+
+test('with MRG_RXBUF a frame larger than one buffer spreads over several; num_buffers counts them', async (t) => {
+  const { fe } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF), { rxBuffers: 64, rxSize: 128 });
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await receive(fe, isArpReply, 128);
+  const data = Array.from({ length: 1000 }, (_, i) => (i * 13) & 0xff);
+  await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 0x77, data)));
+  // Completions come in order; a frame's first buffer carries num_buffers for it and the ones after.
+  const completions: Completion[] = [];
+  const next = async () => {
+    if (completions.length === 0) completions.push(...(await fe.collect(RX, 1, 10_000)));
+    return completions.shift()!;
+  };
+  for (;;) {
+    const first = await next();
+    const count = first.written[10]! | (first.written[11]! << 8);
+    const rest: Completion[] = [];
+    while (rest.length < count - 1) rest.push(await next());
+    postRx(fe, count, 128);
+    const frame = Buffer.concat([first.written.subarray(HDR), ...rest.map((c) => c.written)]);
+    if (!isEchoReply(frame)) continue;
+    t.is(count, Math.ceil((HDR + frame.length) / 128), 'as many 128-byte buffers as the frame needs');
+    t.deepEqual([...frame.subarray(42)], data, 'the payload reassembles');
+    break;
+  }
+});
+
+test('without MRG_RXBUF a frame too big for its buffer is lost and counted; the queue goes on', async (t) => {
+  const { fe, device } = await start(t, 0n, { rxBuffers: 8, rxSize: 80 });
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await receive(fe, isArpReply, 80); // 12 + 42 bytes fit
+  // An echo reply with 200 bytes of data does not fit in 80 bytes.
+  await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 5, new Array<number>(200).fill(1))));
+  await until(() => device.queueStats(RX).tapErrors > 0, 10_000);
+  // Its buffer came back empty rather than holding a cut-off frame (other frames may come and go).
+  const done = fe.takeCompletions(RX);
+  t.true(done.some((c) => c.len === 0));
+  t.false(done.some((c) => c.len > 0 && isEchoReply(c.written.subarray(HDR))), 'no cut-off echo reply reached the guest');
+  // Frames that fit still arrive.
+  await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await receive(fe, isArpReply, 80);
+});
+
+test('--threads 2: two queue pairs in two worker threads both move frames', async (t) => {
+  const topology = bridgedTap(t);
+  const netConfig = config(topology.tap, { queuePairs: 2, threads: 2 });
+  const device = createNetDevice(netConfig, silentLogger);
+  const ts = await TestServer.start(device, { queueWorkers: netQueueWorkers(netConfig) });
+  const fe = ts.connect();
+  t.teardown(async () => {
+    fe.close();
+    await ts.server.close();
+    device.close();
+  });
+  await fe.negotiate({ features: bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_MQ) });
+  await fe.setMemTable();
+  for (let q = 0; q < 4; q++) await fe.setupQueue(q, 256);
+  for (const rx of [0, 2]) fe.submit(rx, Array.from({ length: 16 }, () => ({ writable: [{ length: 2048 }] })));
+  // Each pair sends an ARP request; the replies come back on whichever rx queue the kernel picks.
+  for (const tx of [1, 3]) t.is((await fe.transfer(tx, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)))).len, 0);
+  let replies = 0;
+  await until(() => {
+    for (const rx of [0, 2]) replies += fe.takeCompletions(rx).filter((c) => isArpReply(c.written.subarray(HDR))).length;
+    return replies >= 2;
+  }, 10_000);
+  t.is(replies, 2);
+  // Worker queues publish their counters to the main thread after each pass and every 250 ms.
+  await until(() => ts.server.vrings[1]!.totals().requests === 1 && ts.server.vrings[3]!.totals().requests === 1, 10_000);
+  t.pass('each tx queue (in its worker) took one chain');
+});
+
+test('a frame in more pieces than one writev takes is dropped as too_many_segments; the queue goes on', async (t) => {
+  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_INDIRECT_DESC));
+  const frame = arpRequest(GUEST_MAC, GUEST_IP, PEER_IP);
+  const pieces = Array.from({ length: 1100 }, (_, i) => ({ data: Uint8Array.of(frame[i % frame.length]!) }));
+  const done = await fe.transfer(TX, { readable: [{ data: new Uint8Array(HDR) }, ...pieces], indirect: true });
+  t.is(done.len, 0);
+  t.is(device.queueStats(TX).dropped[TX_DROP_REASONS.indexOf('too_many_segments')], 1);
+  t.is(device.queueStats(TX).frames, 0);
+  await ping(fe, 21);
+});

@@ -1,0 +1,51 @@
+/**
+ * Ethernet frames for the TAP and net tests, built by hand from the RFCs (ARP: RFC 826, IPv4:
+ * RFC 791, ICMP echo: RFC 792) so that the tests do not depend on the code under test.
+ */
+
+export type Mac = readonly number[];
+export type Ipv4 = readonly number[];
+
+export const BROADCAST: Mac = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+
+export function ethernet(dst: Mac, src: Mac, etherType: number, payload: readonly number[]): Uint8Array {
+  return Uint8Array.from([...dst, ...src, etherType >> 8, etherType & 0xff, ...payload]);
+}
+
+/** An ARP request from (`mac`, `ip`) for `target`. */
+export function arpRequest(mac: Mac, ip: Ipv4, target: Ipv4): Uint8Array {
+  const arp = [0, 1, 8, 0, 6, 4, 0, 1, ...mac, ...ip, 0, 0, 0, 0, 0, 0, ...target];
+  return ethernet(BROADCAST, mac, 0x0806, arp);
+}
+
+/** RFC 1071 checksum of `bytes`. */
+export function checksum(bytes: readonly number[]): number {
+  let sum = 0;
+  for (let i = 0; i < bytes.length; i += 2) sum += (bytes[i]! << 8) | (bytes[i + 1] ?? 0);
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
+
+/** An ICMP echo request with `id`, sequence 1 and `data`, from (`srcMac`, `srcIp`) to (`dstMac`, `dstIp`). */
+export function echoRequest(srcMac: Mac, srcIp: Ipv4, dstMac: Mac, dstIp: Ipv4, id: number, data: readonly number[]): Uint8Array {
+  const icmp = [8, 0, 0, 0, id >> 8, id & 0xff, 0, 1, ...data];
+  const icmpSum = checksum(icmp);
+  icmp[2] = icmpSum >> 8;
+  icmp[3] = icmpSum & 0xff;
+  const length = 20 + icmp.length;
+  const ip = [0x45, 0, length >> 8, length & 0xff, 0, 0, 0x40, 0, 64, 1, 0, 0, ...srcIp, ...dstIp];
+  const ipSum = checksum(ip);
+  ip[10] = ipSum >> 8;
+  ip[11] = ipSum & 0xff;
+  return ethernet(dstMac, srcMac, 0x0800, [...ip, ...icmp]);
+}
+
+/** Whether `frame` is an ARP reply. */
+export function isArpReply(frame: Uint8Array): boolean {
+  return frame[12] === 0x08 && frame[13] === 0x06 && frame[21] === 2;
+}
+
+/** Whether `frame` is an ICMP echo reply (IPv4 without options). */
+export function isEchoReply(frame: Uint8Array): boolean {
+  return frame[12] === 0x08 && frame[13] === 0x00 && frame[23] === 1 && frame[34] === 0;
+}
