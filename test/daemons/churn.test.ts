@@ -52,6 +52,17 @@ interface ChurnCase {
 const BLOCK = 4096;
 const IMAGE_SIZE = 8 * MiB;
 
+/** The first page of the front-end's region 1 (DEFAULT_LAYOUT: guest address 0x800000). */
+const BALLOON_FIRST_PFN = 0x800;
+
+/** `count` consecutive 4 KiB page frame numbers from `first`, as the balloon's u32 array. */
+function pfns(first: number, count: number): Uint8Array {
+  const out = new Uint8Array(4 * count);
+  const dv = new DataView(out.buffer);
+  for (let i = 0; i < count; i++) dv.setUint32(4 * i, first + i, true);
+  return out;
+}
+
 const DAEMONS: readonly ChurnCase[] = [
   {
     device: 'rng',
@@ -77,6 +88,15 @@ const DAEMONS: readonly ChurnCase[] = [
       const status = done.written[BLOCK];
       return done.len === BLOCK + 1 && status === VIRTIO_BLK_S_OK ? null : `read of ${done.len} bytes, status ${status}`;
     },
+  },
+  {
+    device: 'balloon',
+    requests: 2048,
+    args: () => [],
+    // Inflate buffers of 16 PFNs in the front-end's region 1 (guest 8 MiB .. 9 MiB: no ring and no
+    // buffer lives there), punched out of its memfd; the driver gets nothing written back.
+    request: (i) => ({ readable: [{ data: pfns(BALLOON_FIRST_PFN + ((i * 16) % 256), 16) }] }),
+    wrong: (done) => (done.len === 0 ? null : `inflate completed with ${done.len} bytes written`),
   },
 ];
 
