@@ -55,6 +55,7 @@ import {
   TMF_ID,
   TMF_LUN,
   TMF_REQUEST_SIZE,
+  VIRTIO_SCSI_F_CHANGE,
   VIRTIO_SCSI_F_HOTPLUG,
   VIRTIO_SCSI_S_BAD_TARGET,
   VIRTIO_SCSI_S_FUNCTION_COMPLETE,
@@ -198,8 +199,13 @@ export class ScsiDevice implements DaemonDevice {
     return this.units.length;
   }
 
+  /**
+   * HOTPLUG: the event queue carries TRANSPORT_RESET events. CHANGE: QEMU's vhost-user-scsi-pci offers
+   * it to the guest whatever the backend says (param_change=on, and the bit is not among the features
+   * it asks the backend about), so the guest acknowledges it and the backend must have offered it.
+   */
   features(): bigint {
-    return bit(VIRTIO_SCSI_F_HOTPLUG);
+    return bit(VIRTIO_SCSI_F_HOTPLUG) | bit(VIRTIO_SCSI_F_CHANGE);
   }
 
   protocolFeatures(): bigint {
