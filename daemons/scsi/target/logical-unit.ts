@@ -22,6 +22,8 @@ export class LogicalUnit {
   blocks = 0;
   /** Write cache enabled (caching mode page WCE): writes complete in the host page cache, SYNCHRONIZE CACHE makes them durable. */
   writeCache = true;
+  /** Control mode page D_SENSE: CHECK CONDITIONs carry descriptor-format sense data. */
+  descriptorSense = false;
 
   constructor(
     readonly options: LogicalUnitOptions,

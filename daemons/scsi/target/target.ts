@@ -37,6 +37,24 @@ export const MAX_UNMAP_BYTES = 1 << 30;
 /** Block descriptors per UNMAP (VPD B0h MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT). */
 export const MAX_UNMAP_DESCRIPTORS = 32;
 
+/** MAINTENANCE IN service actions (SPC-4 §6.35, §6.36). */
+const SA_REPORT_SUPPORTED_OPCODES = 0x0c;
+const SA_REPORT_SUPPORTED_TMFS = 0x0d;
+
+/** The commands a unit supports: [opcode, service action or -1, CDB length]. */
+function supportedCommands(unit: LogicalUnit): [number, number, number][] {
+  const list: [number, number, number][] = [
+    [Op.TEST_UNIT_READY, -1, 6], [Op.REQUEST_SENSE, -1, 6], [Op.READ_6, -1, 6], [Op.WRITE_6, -1, 6], [Op.INQUIRY, -1, 6],
+    [Op.MODE_SELECT_6, -1, 6], [Op.MODE_SENSE_6, -1, 6], [Op.START_STOP_UNIT, -1, 6], [Op.PREVENT_ALLOW_MEDIUM_REMOVAL, -1, 6],
+    [Op.READ_CAPACITY_10, -1, 10], [Op.READ_10, -1, 10], [Op.WRITE_10, -1, 10], [Op.VERIFY_10, -1, 10], [Op.SYNCHRONIZE_CACHE_10, -1, 10],
+    [Op.MODE_SELECT_10, -1, 10], [Op.MODE_SENSE_10, -1, 10], [Op.READ_16, -1, 16], [Op.WRITE_16, -1, 16], [Op.VERIFY_16, -1, 16],
+    [Op.SYNCHRONIZE_CACHE_16, -1, 16], [Op.SERVICE_ACTION_IN_16, SAI_READ_CAPACITY_16, 16], [Op.REPORT_LUNS, -1, 12],
+    [Op.MAINTENANCE_IN, SA_REPORT_SUPPORTED_OPCODES, 12], [Op.MAINTENANCE_IN, SA_REPORT_SUPPORTED_TMFS, 12], [Op.READ_12, -1, 12], [Op.WRITE_12, -1, 12],
+  ];
+  if (unit.options.discard) list.push([Op.UNMAP, -1, 10]);
+  return list;
+}
+
 /** INQUIRY strings (SPC-4 §6.6.2: left-aligned ASCII, space padded). */
 const VENDOR = 'VHOSTD  ';
 const PRODUCT = 'VHOSTD SCSI DISK';
@@ -126,6 +144,36 @@ const PAGE_CONTROL = 0x0a;
 const PAGE_ALL = 0x3f;
 const CACHING_PAGE_LENGTH = 20;
 const CONTROL_PAGE_LENGTH = 12;
+
+/** Page control values of MODE SENSE (SPC-4 §6.11.1). */
+const PC_CURRENT = 0;
+const PC_CHANGEABLE = 1;
+const PC_DEFAULT = 2;
+const PC_SAVED = 3;
+
+/** The changeable bits: WCE (caching byte 2 bit 2) and D_SENSE (control byte 2 bit 2). */
+const WCE = 0x04;
+const D_SENSE = 0x04;
+
+/**
+ * Write mode page `page` (caching or control) as page control `control` asks at `at`; returns the
+ * end. Only WCE and D_SENSE change (MODE SELECT); everything else is fixed.
+ */
+function writeModePage(d: Uint8Array, at: number, page: number, control: number, unit: LogicalUnit): number {
+  const length = page === PAGE_CACHING ? CACHING_PAGE_LENGTH : CONTROL_PAGE_LENGTH;
+  d.fill(0, at, at + length);
+  d[at] = page;
+  d[at + 1] = length - 2;
+  if (page === PAGE_CACHING) {
+    if (control === PC_CHANGEABLE) d[at + 2] = WCE;
+    else if (control === PC_DEFAULT || unit.writeCache) d[at + 2] = WCE;
+  } else {
+    if (control === PC_CHANGEABLE) d[at + 2] = D_SENSE;
+    else if (control === PC_CURRENT && unit.descriptorSense) d[at + 2] = D_SENSE;
+    if (control !== PC_CHANGEABLE) d[at + 3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+  }
+  return at + length;
+}
 
 /** VPD pages (SPC-4 §7.8, SBC-3 §6.6). */
 const VPD_SUPPORTED = 0x00;
@@ -245,6 +293,19 @@ export class ScsiTarget {
         return this.modeSense(cdb, unit, false, out);
       case Op.MODE_SENSE_10:
         return this.modeSense(cdb, unit, true, out);
+      case Op.MODE_SELECT_6:
+        return this.modeSelect(cmd, unit, false, out);
+      case Op.MODE_SELECT_10:
+        return this.modeSelect(cmd, unit, true, out);
+      case Op.MAINTENANCE_IN:
+        switch (cdb[1]! & 0x1f) {
+          case SA_REPORT_SUPPORTED_OPCODES:
+            return this.reportSupportedOpcodes(cdb, unit, out);
+          case SA_REPORT_SUPPORTED_TMFS:
+            return this.reportSupportedTmfs(cdb, out);
+          default:
+            return this.invalidField(out, 1, 4);
+        }
       case Op.UNMAP:
         return this.unmap(cmd, unit, out);
       default:
@@ -280,7 +341,8 @@ export class ScsiTarget {
     out.status = Status.CHECK_CONDITION;
     out.dataLength = 0;
     out.info.set(key, asc, field, bit, inCdb);
-    out.senseLength = encodeSense(out.info, false, out.sense);
+    // The control page's D_SENSE (set by MODE SELECT) asks for descriptor format (SPC-4 §7.5.8).
+    out.senseLength = encodeSense(out.info, out.unit?.descriptorSense ?? false, out.sense);
   }
 
   private invalidField(out: ScsiResult, field: number, bit = -1): void {
@@ -466,7 +528,7 @@ export class ScsiTarget {
     const page = cdb[2]! & 0x3f;
     const subpage = cdb[3]!;
     const allocation = ten ? be16(cdb, 7) : cdb[4]!;
-    if (control === 3) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.SAVING_PARAMETERS_NOT_SUPPORTED, 2, 7);
+    if (control === PC_SAVED) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.SAVING_PARAMETERS_NOT_SUPPORTED, 2, 7);
     if (page !== PAGE_CACHING && page !== PAGE_CONTROL && page !== PAGE_ALL) return this.invalidField(out, 2, 5);
     if (subpage !== 0 && !(page === PAGE_ALL && subpage === 0xff)) return this.invalidField(out, 3);
     const header = ten ? 8 : 4;
@@ -483,20 +545,8 @@ export class ScsiTarget {
       put32(d, at + 4, unit.blockSize);
     }
     at += descriptor;
-    // Changeable values (page control 01b): none; current and default values otherwise.
-    const changeable = control === 1;
-    if (page === PAGE_CACHING || page === PAGE_ALL) {
-      d[at] = PAGE_CACHING;
-      d[at + 1] = CACHING_PAGE_LENGTH - 2;
-      if (!changeable && (control === 2 || unit.writeCache)) d[at + 2] = 0x04; // WCE
-      at += CACHING_PAGE_LENGTH;
-    }
-    if (page === PAGE_CONTROL || page === PAGE_ALL) {
-      d[at] = PAGE_CONTROL;
-      d[at + 1] = CONTROL_PAGE_LENGTH - 2;
-      if (!changeable) d[at + 3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
-      at += CONTROL_PAGE_LENGTH;
-    }
+    if (page === PAGE_CACHING || page === PAGE_ALL) at = writeModePage(d, at, PAGE_CACHING, control, unit);
+    if (page === PAGE_CONTROL || page === PAGE_ALL) at = writeModePage(d, at, PAGE_CONTROL, control, unit);
     // Device-specific parameter (SBC-3 §6.4.1): WP for a read-only unit, DPOFUA (FUA is honoured).
     const specific = (unit.options.readOnly ? 0x80 : 0) | 0x10;
     if (ten) {
@@ -510,6 +560,107 @@ export class ScsiTarget {
       d[3] = descriptor;
     }
     this.dataIn(out, at, allocation);
+  }
+
+  /**
+   * MODE SELECT(6)/(10) (SPC-4 §6.9, §6.10): the caching page's WCE and the control page's D_SENSE
+   * change; any other field must keep its current value (else INVALID FIELD IN PARAMETER LIST).
+   */
+  private modeSelect(cmd: ScsiCommand, unit: LogicalUnit, ten: boolean, out: ScsiResult): void {
+    const cdb = cmd.cdb;
+    if ((cdb[1]! & 0x01) !== 0) return this.invalidField(out, 1, 0); // SP: saving is not supported
+    const listLength = ten ? be16(cdb, 7) : cdb[4]!;
+    if (listLength === 0) return;
+    const header = ten ? 8 : 4;
+    const p = this.parameters;
+    if (listLength > p.length) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR);
+    const got = cmd.readDataOut(p.subarray(0, listLength));
+    if (got < listLength || listLength < header) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR);
+    const descriptors = ten ? be16(p, 6) : p[3]!;
+    let at = header;
+    if (descriptors !== 0) {
+      // One block descriptor, whose block length must be the unit's (the last 3 or 4 bytes).
+      const size = ten && (p[4]! & 1) !== 0 ? 16 : 8;
+      if (descriptors !== size || at + size > listLength) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, ten ? 6 : 3, -1, false);
+      const blockLength = size === 16 ? be32(p, at + 12) : be32(p, at + 4) & 0xffffff;
+      if (blockLength !== unit.blockSize) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at + size - 3, -1, false);
+      at += size;
+    }
+    const current = this.modePage;
+    let writeCache = unit.writeCache;
+    let descriptorSense = unit.descriptorSense;
+    while (at < listLength) {
+      const page = p[at]! & 0x3f;
+      if ((p[at]! & 0x40) !== 0 || (page !== PAGE_CACHING && page !== PAGE_CONTROL)) {
+        return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at, -1, false);
+      }
+      const end = writeModePage(current, 0, page, PC_CURRENT, unit);
+      if (at + 1 >= listLength || p[at + 1] !== end - 2 || at + end > listLength) {
+        return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at + 1, -1, false);
+      }
+      for (let i = 2; i < end; i++) {
+        const mask = i === 2 ? ~WCE & 0xff : 0xff; // WCE and D_SENSE are both bit 2 of byte 2
+        if ((p[at + i]! & mask) !== (current[i]! & mask)) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at + i, -1, false);
+      }
+      if (page === PAGE_CACHING) writeCache = (p[at + 2]! & WCE) !== 0;
+      else descriptorSense = (p[at + 2]! & D_SENSE) !== 0;
+      at += end;
+    }
+    unit.writeCache = writeCache;
+    unit.descriptorSense = descriptorSense;
+  }
+
+  private readonly modePage = new Uint8Array(CACHING_PAGE_LENGTH);
+
+  /**
+   * REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35): every command with its CDB length (reporting
+   * options 000b), or one command's support and usage data (001b, 010b).
+   */
+  private reportSupportedOpcodes(cdb: Uint8Array, unit: LogicalUnit, out: ScsiResult): void {
+    const options = cdb[2]! & 0x07;
+    const allocation = be32(cdb, 6);
+    const supported = supportedCommands(unit);
+    if (options === 0) {
+      const d = out.reserve(4 + 8 * supported.length);
+      put32(d, 0, 8 * supported.length);
+      supported.forEach(([op, sa, length], i) => {
+        const at = 4 + 8 * i;
+        d[at] = op;
+        put16(d, at + 2, sa < 0 ? 0 : sa);
+        d[at + 5] = sa < 0 ? 0 : 0x01; // SERVACTV
+        put16(d, at + 6, length);
+      });
+      return this.dataIn(out, 4 + 8 * supported.length, allocation);
+    }
+    if (options !== 1 && options !== 2) return this.invalidField(out, 2, 2);
+    const op = cdb[3]!;
+    const sa = be16(cdb, 4);
+    const hasActions = supported.some(([o, s]) => o === op && s >= 0);
+    // Option 1 names a command without service actions, option 2 one with (SPC-4 table 204).
+    if ((options === 1) === hasActions) return this.invalidField(out, 2, 2);
+    const entry = supported.find(([o, s]) => o === op && (options === 1 || s === sa));
+    const length = entry?.[2] ?? 0;
+    const d = out.reserve(4 + length);
+    d[1] = entry === undefined ? 0x01 : 0x03; // SUPPORT: not supported / supported as the standard says
+    put16(d, 2, length);
+    if (entry !== undefined) {
+      // The CDB usage map: the bits the command looks at (all of them here, the opcode first).
+      d.fill(0xff, 4, 4 + length);
+      d[4] = op;
+      if (options === 2) d[5] = sa & 0x1f;
+    }
+    this.dataIn(out, 4 + length, allocation);
+  }
+
+  /** REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-4 §6.36): what the control queue answers. */
+  private reportSupportedTmfs(cdb: Uint8Array, out: ScsiResult): void {
+    const extended = (cdb[2]! & 0x80) !== 0; // REPD: the 16-byte extended format
+    const length = extended ? 16 : 4;
+    const d = out.reserve(length);
+    d[0] = 0x80 | 0x40 | 0x10 | 0x08 | 0x04; // ATS, ATSS, CTSS, LURS, QTS (no CLEAR ACA)
+    d[1] = 0x03; // QTSS, ITNRS
+    if (extended) d[3] = 0x0c; // ADDITIONAL DATA LENGTH
+    this.dataIn(out, length, be32(cdb, 6));
   }
 
   private readonly parameters = new Uint8Array(8 + 16 * MAX_UNMAP_DESCRIPTORS);

@@ -270,7 +270,7 @@ test('MODE SENSE(6)/(10): caching page WCE, control page, block descriptors, WP 
   t.is(be32(long, 12), BLOCKS);
   t.is(long[24 + 2]! & 0x04, 0, 'WCE off');
   const changeable = data(run(tg, 0, [Op.MODE_SENSE_6, 0x08, 0x48, 0, 255, 0]));
-  t.is(changeable[4 + 2], 0, 'nothing changeable');
+  t.is(changeable[4 + 2], 0x04, 'only WCE is changeable');
   t.is(data(run(tg, 0, [Op.MODE_SENSE_6, 0, 0x3f, 0, 4, 0])).length, 4, 'cut to the allocation length');
 });
 
@@ -339,4 +339,81 @@ test('hostile CDBs: every opcode with random bytes yields GOOD or a well-formed 
       }
     }
   }
+});
+
+/** A MODE SELECT(10) parameter list: header, optional block descriptor, pages. */
+function modeList(pages: number[][], blockLength?: number): Uint8Array {
+  const descriptor = blockLength === undefined ? [] : [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (blockLength >>> 24) & 0xff, (blockLength >>> 16) & 0xff, (blockLength >>> 8) & 0xff, blockLength & 0xff];
+  const header = [0, 0, 0, 0, blockLength === undefined ? 0 : 1, 0, 0, descriptor.length];
+  return Uint8Array.from([...header, ...descriptor, ...pages.flat()]);
+}
+
+function currentPage(tg: ScsiTarget, page: number): number[] {
+  const d = data(run(tg, 0, [Op.MODE_SENSE_6, 0x08, page, 0, 255, 0]));
+  return [...d.subarray(4)];
+}
+
+test('MODE SELECT: WCE and D_SENSE change; other fields, saving and unknown pages are refused', (t) => {
+  const tg = target();
+  const caching = currentPage(tg, 0x08);
+  caching[2] = 0; // WCE off
+  const list = modeList([caching], 512);
+  const out = run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, list.length, 0], list);
+  t.is(out.status, Status.GOOD);
+  t.false(tg.unit(0)!.writeCache);
+  t.true(run(tg, 0, [Op.WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0]).fua, 'writes are durable with the cache off');
+  t.is(currentPage(tg, 0x08)[2]! & 0x04, 0);
+
+  const control = currentPage(tg, 0x0a);
+  control[2] = 0x04; // D_SENSE
+  const six = modeList([control]).subarray(8);
+  const header6 = Uint8Array.from([0, 0, 0, 0, ...six]);
+  t.is(run(tg, 0, [Op.MODE_SELECT_6, 0x10, 0, 0, header6.length, 0], header6).status, Status.GOOD);
+  const bad = run(tg, 0, [0xd7]);
+  t.deepEqual([...bad.sense.subarray(0, 4)], [0x72, SenseKey.ILLEGAL_REQUEST, 0x20, 0x00], 'descriptor format after D_SENSE');
+  t.is(bad.senseLength, 16);
+  t.deepEqual([bad.sense[8], bad.sense[9], bad.sense[12]! & 0xc0, bad.sense[14]], [0x02, 0x06, 0xc0, 0], 'field pointer descriptor: byte 0 of the CDB');
+
+  const fixed = target();
+  const changed = currentPage(fixed, 0x0a);
+  changed[3] = 0x00; // QUEUE ALGORITHM MODIFIER is not changeable
+  const refused = modeList([changed]);
+  const r = run(fixed, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, refused.length, 0], refused);
+  t.deepEqual(sense(r), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, 8 + 3, -1]);
+  t.deepEqual(sense(run(fixed, 0, [Op.MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0, refused.length, 0], refused)), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 0], 'SP');
+  const unknown = modeList([[0x1c, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]);
+  t.deepEqual(sense(run(fixed, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, unknown.length, 0], unknown)).slice(0, 3), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, 8]);
+  const wrongBlock = modeList([currentPage(fixed, 0x08)], 4096);
+  t.deepEqual(sense(run(fixed, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, wrongBlock.length, 0], wrongBlock)).slice(0, 2), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST]);
+  const truncated = run(fixed, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, 40, 0], new Uint8Array(10));
+  t.deepEqual(sense(truncated).slice(0, 2), [SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR]);
+  t.true(fixed.unit(0)!.writeCache && !fixed.unit(0)!.descriptorSense, 'refused lists change nothing');
+  const changeable = data(run(fixed, 0, [Op.MODE_SENSE_6, 0x08, 0x7f, 0, 255, 0]));
+  t.deepEqual([changeable[4 + 2], changeable[24 + 2]], [0x04, 0x04], 'WCE and D_SENSE are changeable');
+});
+
+test('REPORT SUPPORTED OPERATION CODES: all commands, one command, one service action', (t) => {
+  const tg = target();
+  const all = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0]));
+  const count = be32(all, 0) / 8;
+  const ops = Array.from({ length: count }, (_, i) => all[4 + 8 * i]);
+  t.true(ops.includes(Op.READ_16) && ops.includes(Op.UNMAP) && ops.includes(Op.MODE_SELECT_10));
+  t.false(data(run(tg, 1, [Op.MAINTENANCE_IN, 0x0c, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0])).subarray(4).some((b, i) => i % 8 === 0 && b === Op.UNMAP), 'no UNMAP without discard');
+  const one = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, Op.WRITE_10, 0, 0, 0, 0, 0, 64, 0, 0]));
+  t.deepEqual([one[1]! & 7, (one[2]! << 8) | one[3]!, one[4]], [3, 10, Op.WRITE_10]);
+  const none = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, 0x41, 0, 0, 0, 0, 0, 64, 0, 0]));
+  t.deepEqual([none[1]! & 7, none.length], [1, 4], 'WRITE SAME(10) is not supported');
+  const sa = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 2, Op.SERVICE_ACTION_IN_16, 0, 0x10, 0, 0, 0, 64, 0, 0]));
+  t.deepEqual([sa[1]! & 7, sa[4], sa[5]], [3, Op.SERVICE_ACTION_IN_16, 0x10]);
+  t.deepEqual(sense(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, Op.SERVICE_ACTION_IN_16, 0, 0, 0, 0, 0, 64, 0, 0])), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 2, 2]);
+  t.deepEqual(sense(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 5, 0, 0, 0, 0, 0, 0, 64, 0, 0])), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 2, 2]);
+  t.deepEqual(sense(run(tg, 0, [Op.MAINTENANCE_IN, 0x05, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0])), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 4]);
+});
+
+test('REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS: the functions the control queue answers', (t) => {
+  const tg = target();
+  const d = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0d, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0]));
+  t.deepEqual([...d], [0xdc, 0x03, 0, 0]);
+  const ext = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0d, 0x80, 0, 0, 0, 0, 0, 0, 16, 0, 0]));
+  t.deepEqual([ext.length, ext[3]], [16, 0x0c]);
 });
