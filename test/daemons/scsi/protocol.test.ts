@@ -10,13 +10,15 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { toConfig, type ScsiConfig } from '../../../daemons/scsi/cli';
-import type { ScsiDevice } from '../../../daemons/scsi/device';
+import { ImageUnit, ScsiDevice } from '../../../daemons/scsi/device';
 import { createScsiDevice } from '../../../daemons/scsi/main';
 import { Asc, Op, SenseKey, Status } from '../../../daemons/scsi/target/constants';
+import { naaDesignator } from '../../../daemons/scsi/target/logical-unit';
 import {
   VIRTIO_SCSI_S_BAD_TARGET,
   VIRTIO_SCSI_S_FUNCTION_COMPLETE,
   VIRTIO_SCSI_S_FUNCTION_REJECTED,
+  VIRTIO_SCSI_S_FUNCTION_SUCCEEDED,
   VIRTIO_SCSI_S_INCORRECT_LUN,
   VIRTIO_SCSI_S_OK,
   VIRTIO_SCSI_S_OVERRUN,
@@ -26,6 +28,9 @@ import {
   VIRTIO_SCSI_T_TMF_QUERY_TASK,
 } from '../../../daemons/scsi/virtio-scsi';
 import { ConfigError, type ConfigErrorCode } from '../../../lib/errors';
+import { openBackingFile } from '../../../lib/io/backing-file';
+import { chooseExecutor } from '../../../lib/io/choose-executor';
+import type { CompletionSink, ExecutorFactory } from '../../../lib/io/executor';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { Frontend } from '../../helpers/frontend';
 import { TestServer, pattern } from '../../lib/vhost-user/harness';
@@ -279,5 +284,35 @@ test.serial('seeded fuzz: random LUN fields, CDBs and buffer sizes always get a 
     t.true((seen.get(kind) ?? 0) > 0, `${kind} in ${JSON.stringify([...seen])}`);
   }
   t.deepEqual(ts.logs.filter((l) => l.level === 'error' || l.fields?.code !== undefined), [], 'no queue broke');
+  await detach(ts, fe, device);
+});
+
+test.serial('a LOGICAL UNIT RESET waits for the commands in flight; QUERY TASK finds them', async (t) => {
+  const dir = tempDir();
+  const file = image(dir, 'gated.img');
+  // Completions are held back until the test releases them: the write stays in flight.
+  const held: [Uint32Array, Int32Array, number, CompletionSink][] = [];
+  const real = chooseExecutor(silentLogger).create;
+  const createExecutor: ExecutorFactory = (capacity, sink) => real(capacity, (u, r, n) => held.push([u.slice(0, n), r.slice(0, n), n, sink]));
+  const unit = new ImageUnit({ blockSize: 512, readOnly: false, discard: false, serial: 'G', naa: naaDesignator('G') }, openBackingFile({ path: file, readOnly: false, direct: false }), 0, 0);
+  const device = new ScsiDevice({ requestQueues: 1, queueSize: 128 }, { units: [unit], createExecutor, logger: silentLogger });
+  const { ts, fe } = await attach(device);
+  const popped = async (queue: number, n: number) => {
+    for (let i = 0; i < 500 && ts.server.vrings[queue]!.totals().requests < n; i++) await new Promise((r) => setTimeout(r, 10));
+  };
+  const data = pattern(4096, 77);
+  fe.submit(REQUEST_QUEUE, command(0, 0, rw10(Op.WRITE_10, 8, 8), { dataOut: data, id: 4242 }));
+  for (let i = 0; i < 500 && held.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+  t.is(held.length, 1, 'the write reached the kernel and its completion is held');
+  t.is((await fe.transfer(0, tmf(VIRTIO_SCSI_T_TMF_QUERY_TASK, 0, 0, 4242))).written[0], VIRTIO_SCSI_S_FUNCTION_SUCCEEDED);
+  t.is((await fe.transfer(0, tmf(VIRTIO_SCSI_T_TMF_QUERY_TASK, 0, 0, 4243))).written[0], VIRTIO_SCSI_S_FUNCTION_COMPLETE);
+  fe.submit(0, tmf(VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, 0, 0));
+  await popped(0, 3);
+  await t.throwsAsync(fe.collect(0, 1, 100), { code: 'FRONTEND_TIMEOUT' }, 'no answer while the write is in flight');
+  for (const [u, r, n, sink] of held.splice(0)) sink(u, r, n);
+  const [write] = (await fe.collect(REQUEST_QUEUE, 1)).map(parseResponse);
+  t.deepEqual([write!.response, write!.status], [VIRTIO_SCSI_S_OK, Status.GOOD]);
+  t.is((await fe.collect(0, 1))[0]!.written[0], VIRTIO_SCSI_S_FUNCTION_COMPLETE);
+  t.true(fs.readFileSync(file).subarray(8 * 512, 16 * 512).equals(data));
   await detach(ts, fe, device);
 });
