@@ -18,7 +18,6 @@ import type { Registry } from 'prom-client';
 
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import { RingError } from '../../lib/errors';
-import type { BackingFile } from '../../lib/io/backing-file';
 import { IoEngine, RESUBMIT_SHORT } from '../../lib/io/engine';
 import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
@@ -32,8 +31,8 @@ import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, IORING_FSYNC_DATASYNC, IORING_OP } from '../../native/io-batch';
 import { ScsiControlStats, ScsiQueueStats, TMFS, commandClass, createScsiMetrics } from './metrics';
 import { Status } from './target/constants';
-import { LogicalUnit, type LogicalUnitOptions } from './target/logical-unit';
 import { ScsiAction, ScsiResult, ScsiTarget, type ScsiCommand } from './target/target';
+import type { ImageUnit } from './units';
 import {
   AN_REQUEST_SIZE,
   AN_RESPONSE_SIZE,
@@ -76,18 +75,6 @@ import {
   VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
   decodeLun,
 } from './virtio-scsi';
-
-/** A logical unit and the image behind it. */
-export class ImageUnit extends LogicalUnit {
-  constructor(
-    options: LogicalUnitOptions,
-    readonly image: BackingFile,
-    readonly target: number,
-    readonly lun: number,
-  ) {
-    super(options, image.size());
-  }
-}
 
 export interface ScsiDeviceOptions {
   /** Request queues (QEMU num_queues); the device has two more (control, event). */

@@ -6,13 +6,12 @@ import fs from 'node:fs';
 
 import { runDaemon } from '../../lib/cli/run-daemon';
 import { ConfigError } from '../../lib/errors';
-import { openBackingFile, type BackingFile } from '../../lib/io/backing-file';
 import { chooseExecutor } from '../../lib/io/choose-executor';
 import type { Logger } from '../../lib/runtime/logger';
 import type { QueueWorkerOptions } from '../../lib/runtime/queue-workers';
 import { DESCRIPTION, EPILOGUE, EXAMPLES, PROGRAM, checkDistinct, options, parseLunList, toConfig, type LunConfig, type ScsiConfig } from './cli';
-import { ImageUnit, ScsiDevice } from './device';
-import { naaDesignator } from './target/logical-unit';
+import { ScsiDevice } from './device';
+import { openUnit, type ImageUnit } from './units';
 
 /** The units of `config`: `--lun` ones and those of the `--luns` file. */
 export function loadUnits(config: ScsiConfig): LunConfig[] {
@@ -27,27 +26,6 @@ export function loadUnits(config: ScsiConfig): LunConfig[] {
   checkDistinct(units);
   if (units.length === 0) throw new ConfigError('CONFIG_MISSING', `--luns ${config.lunsFile}: the list is empty`);
   return units;
-}
-
-/** Open one unit's image and describe it. */
-function openUnit(u: LunConfig, direct: boolean): ImageUnit {
-  const name = `--lun ${u.target}:${u.lun}=${u.file}`;
-  const image: BackingFile = openBackingFile({ path: u.file, readOnly: u.readOnly, direct, names: { file: name, readOnly: ',ro', direct: '--direct' } });
-  try {
-    const deviceBlock = image.nativeBlockSize;
-    const blockSize = u.blockSize ?? (deviceBlock === 4096 ? 4096 : 512);
-    if (deviceBlock > blockSize && direct) {
-      throw new ConfigError('CONFIG_INVALID', `${name}: block-size ${blockSize} is below the ${deviceBlock}-byte sectors of the device, which --direct cannot serve`);
-    }
-    const size = image.size();
-    if (size < blockSize) throw new ConfigError('CONFIG_INVALID', `${name}: the image is ${size} bytes, smaller than one ${blockSize}-byte block`);
-    // A stable WWN: from the serial when there is one, else from the address and the image path.
-    const identity = u.serial !== '' ? `serial:${u.serial}` : `${u.target}:${u.lun}:${fs.realpathSync(u.file)}`;
-    return new ImageUnit({ blockSize, readOnly: u.readOnly, discard: u.discard, serial: u.serial, naa: naaDesignator(identity) }, image, u.target, u.lun);
-  } catch (err) {
-    image.close();
-    throw err;
-  }
 }
 
 /** Open the images and build the device (every image is closed again if that fails). */

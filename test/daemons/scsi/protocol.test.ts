@@ -10,10 +10,11 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { toConfig, type ScsiConfig } from '../../../daemons/scsi/cli';
-import { ImageUnit, ScsiDevice } from '../../../daemons/scsi/device';
+import { ScsiDevice } from '../../../daemons/scsi/device';
 import { createScsiDevice } from '../../../daemons/scsi/main';
 import { Asc, Op, SenseKey, Status } from '../../../daemons/scsi/target/constants';
 import { naaDesignator } from '../../../daemons/scsi/target/logical-unit';
+import { ImageUnit } from '../../../daemons/scsi/units';
 import {
   VIRTIO_SCSI_S_BAD_TARGET,
   VIRTIO_SCSI_S_FUNCTION_COMPLETE,
