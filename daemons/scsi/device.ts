@@ -17,11 +17,13 @@ import { constants as osConstants } from 'node:os';
 import type { Registry } from 'prom-client';
 
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
-import { RingError } from '../../lib/errors';
+import { ControlError, RpcErrorCode, type ControlMethod } from '../../lib/control/protocol';
+import { ConfigError, RingError } from '../../lib/errors';
 import { IoEngine, RESUBMIT_SHORT } from '../../lib/io/engine';
 import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
+import type { DeviceContext } from '../../lib/vhost-user/device-backend';
 import { bit } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import { drainQueue } from '../../lib/virtqueue/drain';
@@ -32,7 +34,8 @@ import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, IORING_FSYNC_DATASYNC, IORIN
 import { ScsiControlStats, ScsiQueueStats, TMFS, commandClass, createScsiMetrics } from './metrics';
 import { Status } from './target/constants';
 import { ScsiAction, ScsiResult, ScsiTarget, type ScsiCommand } from './target/target';
-import type { ImageUnit } from './units';
+import { parseLun } from './cli';
+import { openUnit, type ImageUnit } from './units';
 import {
   AN_REQUEST_SIZE,
   AN_RESPONSE_SIZE,
@@ -73,13 +76,28 @@ import {
   VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET,
   VIRTIO_SCSI_T_TMF_QUERY_TASK,
   VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
+  EVENT_SIZE,
+  VIRTIO_SCSI_EVT_RESET_REMOVED,
+  VIRTIO_SCSI_EVT_RESET_RESCAN,
+  VIRTIO_SCSI_T_EVENTS_MISSED,
+  VIRTIO_SCSI_T_NO_EVENT,
+  VIRTIO_SCSI_T_PARAM_CHANGE,
+  VIRTIO_SCSI_T_TRANSPORT_RESET,
   decodeLun,
+  encodeLun,
 } from './virtio-scsi';
 
 export interface ScsiDeviceOptions {
   /** Request queues (QEMU num_queues); the device has two more (control, event). */
   requestQueues: number;
   queueSize: number;
+  /**
+   * The request queues run in worker threads, each with its own device instance: units cannot be
+   * added or removed at run time then (the workers would not see the change).
+   */
+  workerQueues?: boolean;
+  /** O_DIRECT for units added at run time. */
+  direct?: boolean;
 }
 
 export interface ScsiDeviceDeps {
@@ -162,24 +180,43 @@ export class ScsiDevice implements DaemonDevice {
   private readonly control = new Uint8Array(TMF_REQUEST_SIZE);
   private readonly controlView = new DataView(this.control.buffer);
   private events: HeldBuffers | null = null;
+  /** An event found no buffer: the next buffer says VIRTIO_SCSI_T_EVENTS_MISSED (virtio 1.2 §5.6.6.3.1). */
+  private eventsMissed = false;
+  /** Events sent to the driver (metrics). */
+  eventsSent = 0;
+  private readonly event = new Uint8Array(EVENT_SIZE);
+  private context: DeviceContext | null = null;
+  private readonly options: ScsiDeviceOptions;
   /** Task management functions waiting for I/O to drain. */
   private readonly pendingControl = new Set<Promise<void>>();
   private badReason = '';
   private readonly loggedErrors = new Set<number>();
 
   constructor(options: ScsiDeviceOptions, deps: ScsiDeviceDeps) {
+    this.options = options;
     this.requestQueues = options.requestQueues;
     this.numQueues = FIRST_REQUEST_QUEUE + options.requestQueues;
     this.maxQueueSize = options.queueSize;
     this.createExecutor = deps.createExecutor;
     this.logger = deps.logger;
     this.units = deps.units;
-    for (const unit of deps.units) {
-      let target = this.targets.get(unit.target);
-      if (target === undefined) this.targets.set(unit.target, (target = new ScsiTarget()));
-      target.addUnit(unit.lun, unit);
-    }
+    for (const unit of deps.units) this.addUnit(unit);
     this.queues = Array.from({ length: options.requestQueues }, () => new RequestQueue());
+  }
+
+  /** Serve `unit` at its address (RangeError when taken). */
+  private addUnit(unit: ImageUnit): void {
+    let target = this.targets.get(unit.target);
+    if (target === undefined) this.targets.set(unit.target, (target = new ScsiTarget()));
+    target.addUnit(unit.lun, unit);
+  }
+
+  attach(context: DeviceContext): void {
+    this.context = context;
+  }
+
+  detach(): void {
+    this.context = null;
   }
 
   get unitCount(): number {
@@ -248,6 +285,7 @@ export class ScsiDevice implements DaemonDevice {
       const events = this.events!;
       // virtio 1.2 §5.6.6.3: the driver fills the event queue in advance; a buffer waits for an event.
       drainQueue(queue, { handle: (chain) => (events.hold(chain), true) });
+      if (this.eventsMissed) this.sendEvent(VIRTIO_SCSI_T_NO_EVENT, 0, 0, 0);
       return;
     }
     const rq = this.queues[index - FIRST_REQUEST_QUEUE]!;
@@ -524,6 +562,117 @@ export class ScsiDevice implements DaemonDevice {
       }
     }
     return false;
+  }
+
+  /**
+   * Put an event in the oldest held event buffer (virtio 1.2 §5.6.6.3). Without one the event is
+   * dropped and the next buffer carries VIRTIO_SCSI_T_EVENTS_MISSED: Linux then rescans the whole bus.
+   * Returns whether the event was delivered.
+   */
+  private sendEvent(event: number, target: number, lun: number, reason: number): boolean {
+    const events = this.events;
+    for (let chain = events?.take() ?? null; chain !== null; chain = events!.take()) {
+      if (chain.writableLength < EVENT_SIZE) {
+        // Too small to carry an event: give it back empty.
+        events!.queue.pushUsed(chain, 0);
+        continue;
+      }
+      const e = this.event;
+      const v = new DataView(e.buffer);
+      v.setUint32(0, (event | (this.eventsMissed ? VIRTIO_SCSI_T_EVENTS_MISSED : 0)) >>> 0, true);
+      e.set(event === VIRTIO_SCSI_T_NO_EVENT ? new Uint8Array(8) : encodeLun(target, lun), 4);
+      v.setUint32(12, reason, true);
+      chain.write(0, e);
+      events!.queue.pushUsed(chain, EVENT_SIZE);
+      events!.queue.flush();
+      this.eventsMissed = false;
+      this.eventsSent++;
+      return true;
+    }
+    this.eventsMissed = true;
+    return false;
+  }
+
+  /** Is `feature` negotiated with the driver now? */
+  private negotiated(feature: number): boolean {
+    return ((this.context?.features ?? 0n) & bit(feature)) !== 0n;
+  }
+
+  private unitAt(address: string): ImageUnit {
+    const m = /^(?:(\d+):)?(\d+)$/.exec(address);
+    const target = this.targets.get(Number(m?.[1] ?? 0));
+    const unit = m === null ? undefined : (target?.unit(Number(m[2])) as ImageUnit | undefined);
+    if (unit === undefined) throw new ControlError(RpcErrorCode.INVALID_PARAMS, `no logical unit at ${address}`);
+    return unit;
+  }
+
+  private refuseWithWorkers(): void {
+    if (this.options.workerQueues === true) {
+      throw new ControlError(RpcErrorCode.INVALID_PARAMS, 'units cannot change while the request queues run in worker threads (--threads)');
+    }
+  }
+
+  /**
+   * Control socket: hotplug (`lun-add`, `lun-remove`) and `lun-resize`. The guest learns of each through
+   * the event queue: TRANSPORT_RESET with RESCAN or REMOVED (HOTPLUG), PARAM_CHANGE with CAPACITY DATA
+   * HAS CHANGED (CHANGE).
+   */
+  controlMethods(): Record<string, ControlMethod> {
+    const address = { lun: { type: 'string', required: true, description: 'The unit, [TARGET:]LUN' } } as const;
+    return {
+      'lun-add': {
+        description: 'Add a logical unit ([TARGET:]LUN=IMAGE[,ro][,serial=S][,block-size=N][,discard], as --lun) and tell the guest',
+        params: { spec: { type: 'string', required: true, description: 'As --lun: [TARGET:]LUN=IMAGE[,ro][,serial=S][,block-size=512|4096][,discard]' } },
+        call: (params) => {
+          this.refuseWithWorkers();
+          let unit: ImageUnit;
+          try {
+            const config = parseLun(params.spec as string);
+            if (this.targets.get(config.target)?.unit(config.lun) !== undefined) throw new ConfigError('CONFIG_CONFLICT', `LUN ${config.target}:${config.lun} is in use`);
+            unit = openUnit(config, this.options.direct === true);
+          } catch (err) {
+            if (err instanceof ConfigError) throw new ControlError(RpcErrorCode.INVALID_PARAMS, err.message);
+            throw err;
+          }
+          this.addUnit(unit);
+          this.units.push(unit);
+          this.logger.info(`LUN ${unit.target}:${unit.lun} added: ${unit.image.path}, ${unit.blocks} blocks of ${unit.blockSize} bytes`);
+          const told = this.negotiated(VIRTIO_SCSI_F_HOTPLUG) && this.sendEvent(VIRTIO_SCSI_T_TRANSPORT_RESET, unit.target, unit.lun, VIRTIO_SCSI_EVT_RESET_RESCAN);
+          return { lun: `${unit.target}:${unit.lun}`, blocks: unit.blocks, blockSize: unit.blockSize, guestTold: told };
+        },
+      },
+      'lun-remove': {
+        description: 'Remove a logical unit (its I/O in flight completes first) and tell the guest',
+        params: address,
+        call: async (params) => {
+          this.refuseWithWorkers();
+          const unit = this.unitAt(params.lun as string);
+          const target = this.targets.get(unit.target)!;
+          target.removeUnit(unit.lun);
+          if (target.size === 0) this.targets.delete(unit.target);
+          this.units.splice(this.units.indexOf(unit), 1);
+          const told = this.negotiated(VIRTIO_SCSI_F_HOTPLUG) && this.sendEvent(VIRTIO_SCSI_T_TRANSPORT_RESET, unit.target, unit.lun, VIRTIO_SCSI_EVT_RESET_REMOVED);
+          // Commands already started on the unit still use its image.
+          await Promise.all(this.queues.map((rq) => rq.engine?.drained()));
+          unit.image.close();
+          this.logger.info(`LUN ${unit.target}:${unit.lun} removed`);
+          return { lun: `${unit.target}:${unit.lun}`, guestTold: told };
+        },
+      },
+      'lun-resize': {
+        description: 'Re-read the size of a unit\'s image (after growing it) and tell the guest when it changed',
+        params: address,
+        call: (params) => {
+          this.refuseWithWorkers();
+          const unit = this.unitAt(params.lun as string);
+          const previousBlocks = unit.blocks;
+          unit.setCapacity(unit.image.size());
+          // SPC-4 ASC/ASCQ 2Ah/09h CAPACITY DATA HAS CHANGED, as the event's reason (ASC, then ASCQ << 8).
+          const told = unit.blocks !== previousBlocks && this.negotiated(VIRTIO_SCSI_F_CHANGE) && this.sendEvent(VIRTIO_SCSI_T_PARAM_CHANGE, unit.target, unit.lun, 0x2a | (0x09 << 8));
+          return { lun: `${unit.target}:${unit.lun}`, previousBlocks, blocks: unit.blocks, guestTold: told };
+        },
+      },
+    };
   }
 
   /** Event buffers held (metrics). */

@@ -34,7 +34,10 @@ export function createScsiDevice(config: ScsiConfig, logger: Logger): ScsiDevice
   try {
     for (const u of loadUnits(config)) units.push(openUnit(u, config.direct));
     const engine = chooseExecutor(logger);
-    const device = new ScsiDevice({ requestQueues: config.requestQueues, queueSize: config.queueSize }, { units, createExecutor: engine.create, logger });
+    const device = new ScsiDevice(
+      { requestQueues: config.requestQueues, queueSize: config.queueSize, workerQueues: config.threads > 0, direct: config.direct },
+      { units, createExecutor: engine.create, logger },
+    );
     for (const unit of units) {
       logger.debug(`LUN ${unit.target}:${unit.lun}: ${unit.image.path}, ${unit.blocks} blocks of ${unit.blockSize} bytes${unit.options.readOnly ? ', read-only' : ''}${unit.options.discard ? ', discard' : ''}`);
     }

@@ -7,7 +7,7 @@
  */
 import { Gauge, type Registry } from 'prom-client';
 
-import { collectedCounter, queueCounter } from '../../lib/metrics/collected';
+import { collectedCounter, queueCounter, valueCounter } from '../../lib/metrics/collected';
 import { Op } from './target/constants';
 
 /** Values of the `command` label, indexed by {@link commandClass}. */
@@ -93,6 +93,8 @@ export interface ScsiMetricsSource {
   readonly unitCount: number;
   /** Event buffers the driver gave and the device holds. */
   heldEventBuffers(): number;
+  /** Events sent on the event queue (hotplug, capacity changes, missed events). */
+  readonly eventsSent: number;
 }
 
 /** Register the `vhostd_scsi_*` metrics of `device` in `registry`. */
@@ -119,6 +121,7 @@ export function createScsiMetrics(registry: Registry, device: ScsiMetricsSource)
       const tmfs = device.controlStats.tmfs;
       for (let i = 0; i < TMFS.length; i++) yield [{ function: TMFS[i]! }, tmfs[i]!];
     }),
+    events: valueCounter(registry, 'vhostd_scsi_events_total', 'Events sent to the driver on the event queue (units added or removed, capacity changed, events missed)', () => device.eventsSent),
     units: new Gauge({
       name: 'vhostd_scsi_logical_units',
       help: 'Logical units served',

@@ -99,3 +99,14 @@ export function decodeLun(b: Uint8Array, at: number): number {
 export function encodeLun(target: number, lun: number): Uint8Array {
   return Uint8Array.of(1, target, 0x40 | (lun >> 8), lun & 0xff, 0, 0, 0, 0);
 }
+
+// virtio 1.2 §5.6.6.3: events.
+export const VIRTIO_SCSI_T_NO_EVENT = 0;
+export const VIRTIO_SCSI_T_TRANSPORT_RESET = 1;
+export const VIRTIO_SCSI_T_PARAM_CHANGE = 3;
+export const VIRTIO_SCSI_T_EVENTS_MISSED = 0x80000000;
+/** TRANSPORT_RESET reasons. */
+export const VIRTIO_SCSI_EVT_RESET_RESCAN = 1;
+export const VIRTIO_SCSI_EVT_RESET_REMOVED = 2;
+/** struct virtio_scsi_event: le32 event | u8 lun[8] | le32 reason. */
+export const EVENT_SIZE = 16;

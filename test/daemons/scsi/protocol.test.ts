@@ -23,11 +23,17 @@ import {
   VIRTIO_SCSI_S_INCORRECT_LUN,
   VIRTIO_SCSI_S_OK,
   VIRTIO_SCSI_S_OVERRUN,
+  VIRTIO_SCSI_EVT_RESET_REMOVED,
+  VIRTIO_SCSI_EVT_RESET_RESCAN,
+  VIRTIO_SCSI_T_EVENTS_MISSED,
+  VIRTIO_SCSI_T_PARAM_CHANGE,
   VIRTIO_SCSI_T_TMF_CLEAR_ACA,
   VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET,
   VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET,
   VIRTIO_SCSI_T_TMF_QUERY_TASK,
+  VIRTIO_SCSI_T_TRANSPORT_RESET,
 } from '../../../daemons/scsi/virtio-scsi';
+import { ControlError } from '../../../lib/control/protocol';
 import { ConfigError, type ConfigErrorCode } from '../../../lib/errors';
 import { openBackingFile } from '../../../lib/io/backing-file';
 import { chooseExecutor } from '../../../lib/io/choose-executor';
@@ -316,4 +322,52 @@ test.serial('a LOGICAL UNIT RESET waits for the commands in flight; QUERY TASK f
   t.is((await fe.collect(0, 1))[0]!.written[0], VIRTIO_SCSI_S_FUNCTION_COMPLETE);
   t.true(fs.readFileSync(file).subarray(8 * 512, 16 * 512).equals(data));
   await detach(ts, fe, device);
+});
+
+test.serial('hotplug: lun-add, lun-resize and lun-remove reach the driver as events on held buffers; a missed event is flagged', async (t) => {
+  const { config } = rig(1);
+  const device = createScsiDevice(config, silentLogger);
+  const { ts, fe } = await attach(device);
+  const methods = device.controlMethods();
+  const dir = tempDir();
+  const extra = image(dir, 'hot.img', 1 << 20, 0x11);
+  const event = (c: { written: Uint8Array }) => {
+    const v = new DataView(c.written.buffer, c.written.byteOffset, 16);
+    return { event: v.getUint32(0, true), lun: [...c.written.subarray(4, 8)], reason: v.getUint32(12, true) };
+  };
+
+  // No event buffer yet: the event is dropped and the next buffer says so.
+  t.like(await methods['lun-add']!.call({ spec: `0:9=${extra},serial=HOT` }), { lun: '0:9', blocks: 2048, guestTold: false });
+  const missed = await fe.transfer(1, { writable: [{ length: 16 }] });
+  t.deepEqual(event(missed), { event: VIRTIO_SCSI_T_EVENTS_MISSED >>> 0, lun: [0, 0, 0, 0], reason: 0 });
+
+  fe.submit(1, Array.from({ length: 4 }, () => ({ writable: [{ length: 16 }] })));
+  for (let i = 0; i < 200 && device.heldEventBuffers() < 4; i++) await new Promise((r) => setTimeout(r, 10));
+  const inq = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 9, [Op.INQUIRY, 1, 0x80, 0, 64, 0], { dataIn: 64 })));
+  t.is(Buffer.from(inq.data.subarray(4, 7)).toString(), 'HOT', 'the added unit answers');
+
+  t.like(await methods['lun-add']!.call({ spec: `1:300=${extra},ro` }), { lun: '1:300', guestTold: true });
+  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 1, 0x41, 0x2c], reason: VIRTIO_SCSI_EVT_RESET_RESCAN });
+
+  fs.truncateSync(extra, 2 << 20);
+  t.like(await methods['lun-resize']!.call({ lun: '0:9' }), { previousBlocks: 2048, blocks: 4096, guestTold: true });
+  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_PARAM_CHANGE, lun: [1, 0, 0x40, 9], reason: 0x092a });
+
+  t.like(await methods['lun-remove']!.call({ lun: '0:9' }), { lun: '0:9', guestTold: true });
+  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 0, 0x40, 9], reason: VIRTIO_SCSI_EVT_RESET_REMOVED });
+  const gone = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 9, [Op.INQUIRY, 0, 0, 0, 36, 0], { dataIn: 36 })));
+  t.is(gone.data[0], 0x7f);
+
+  for (const [method, params] of [['lun-add', { spec: `0:0=${extra}` }], ['lun-add', { spec: '0:20=/nonexistent.img' }], ['lun-remove', { lun: '0:9' }], ['lun-resize', { lun: 'x' }]] as const) {
+    await t.throwsAsync(async () => methods[method]!.call(params), { instanceOf: ControlError }, `${method} ${JSON.stringify(params)}`);
+  }
+  t.is(device.unitCount, 5);
+  await detach(ts, fe, device);
+});
+
+test('hotplug is refused while the request queues run in worker threads', async (t) => {
+  const { config } = rig(1);
+  const device = createScsiDevice({ ...config, threads: 1 }, silentLogger);
+  await t.throwsAsync(async () => device.controlMethods()['lun-remove']!.call({ lun: '0:0' }), { instanceOf: ControlError });
+  device.close();
 });
