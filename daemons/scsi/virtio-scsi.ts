@@ -95,9 +95,13 @@ export function decodeLun(b: Uint8Array, at: number): number {
   return (b[at + 1]! << 16) | ((b[at + 2]! & 0x3f) << 8) | b[at + 3]!;
 }
 
-/** The LUN field for `target` and `lun` (flat space addressing, as Linux virtio_scsi builds it). */
+/**
+ * The LUN field for `target` and `lun`, as QEMU writes it in events: peripheral addressing below 256,
+ * flat space above. Linux reads an event's LUN as bytes 2-3 without the addressing bits, so flat
+ * addressing for LUN 5 would make it scan LUN 0x4005.
+ */
 export function encodeLun(target: number, lun: number): Uint8Array {
-  return Uint8Array.of(1, target, 0x40 | (lun >> 8), lun & 0xff, 0, 0, 0, 0);
+  return Uint8Array.of(1, target, lun < 256 ? 0 : 0x40 | (lun >> 8), lun & 0xff, 0, 0, 0, 0);
 }
 
 // virtio 1.2 §5.6.6.3: events.

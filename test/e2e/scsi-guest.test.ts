@@ -15,6 +15,7 @@ import { startDaemon } from '../helpers/daemon';
 import { guestTest } from '../helpers/guest-test';
 import { runGuest } from '../helpers/qemu-guest';
 import { Scrape } from '../helpers/scrape';
+import { vhostctl, type VhostctlRun } from '../helpers/vhostctl';
 
 const MiB = 1 << 20;
 const WRITES = 16;
@@ -139,6 +140,72 @@ done`,
     t.true(metrics.sum('vhostd_scsi_commands_total', { command: 'unmap' }) >= 1, metrics.text);
     t.true(metrics.sum('vhostd_scsi_check_conditions_total', { sense_key: 'data_protect' }) + metrics.sum('vhostd_scsi_commands_total', { command: 'mode_sense' }) >= 1, metrics.text);
     t.is(metrics.value('vhostd_scsi_logical_units'), 4, metrics.text);
+  } finally {
+    t.is(await daemon.stop(), 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr()}`);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+guestTest('while the guest runs: write-through by MODE SELECT, lun-add, lun-resize and lun-remove seen by the guest', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-scsi-e2e-'));
+  const base = path.join(dir, 'base.img');
+  const hot = path.join(dir, 'hot.img');
+  fs.writeFileSync(base, '');
+  fs.truncateSync(base, 8 * MiB);
+  fs.writeFileSync(hot, '');
+  fs.truncateSync(hot, 4 * MiB);
+  const control = path.join(dir, 'control.sock');
+  const daemon = await startDaemon('scsi', ['--lun', `0=${base}`, '--control', control]);
+  const operator: Promise<VhostctlRun>[] = [];
+  const act: Record<string, () => Promise<VhostctlRun>> = {
+    add: () => vhostctl('--control', control, '--json', 'call', 'lun-add', JSON.stringify({ spec: `0:5=${hot},serial=HOT5` })),
+    resize: () => {
+      fs.truncateSync(hot, 12 * MiB);
+      return vhostctl('--control', control, '--json', 'call', 'lun-resize', JSON.stringify({ lun: '0:5' }));
+    },
+    remove: () => vhostctl('--control', control, '--json', 'call', 'lun-remove', JSON.stringify({ lun: '0:5' })),
+  };
+  try {
+    const result = await runGuest({
+      qemuArgs: ['-chardev', `socket,id=scsi0,path=${daemon.socketPath}`, '-device', 'vhost-user-scsi-pci,chardev=scsi0'],
+      timeoutMs: 180_000,
+      onConsoleLine: (line) => {
+        const step = /VHOSTD-MARK operator=(\w+)/.exec(line)?.[1];
+        if (step !== undefined && act[step] !== undefined) operator.push(act[step]!());
+      },
+      script: [
+        GUEST_HELPERS,
+        "wait_for 60 sh -c 'ls -d /sys/class/scsi_disk/*:0:0:0 >/dev/null 2>&1'",
+        "C=$(ls -d /sys/class/scsi_disk/*:0:0:0)",
+        'section wt sh -c "echo \'write through\' > $C/cache_type"',
+        'mark cache "$(cat $C/cache_type)"',
+        'mark operator add',
+        "wait_for 60 sh -c 'ls /sys/class/scsi_disk/*:0:0:5/device/block >/dev/null 2>&1' && H=$(disk 0 5)",
+        'mark added "$H $(blockdev --getsize64 /dev/$H) $(cat /sys/block/$H/device/vpd_pg80 | tail -c 4)"',
+        'dd if=/dev/urandom of=/tmp/h bs=4096 count=4 2>/dev/null; mark hot_sum "$(md5sum < /tmp/h | cut -d" " -f1)"',
+        'dd if=/tmp/h of=/dev/$H bs=4096 seek=8 conv=notrunc,fsync 2>/dev/null; mark hot_write $?',
+        'mark operator resize',
+        `wait_for 60 sh -c '[ "$(blockdev --getsize64 /dev/'$H')" -gt ${4 * MiB} ]'; mark resized "$(blockdev --getsize64 /dev/$H)"`,
+        'mark operator remove',
+        "wait_for 60 sh -c '! ls -d /sys/class/scsi_disk/*:0:0:5 >/dev/null 2>&1' && mark removed yes",
+      ].join('\n'),
+    }).catch((err: unknown) => {
+      t.log(`daemon stderr:\n${daemon.stderr().slice(-4000)}`);
+      throw err;
+    });
+    const why = result.tail(40);
+    t.is(result.exitStatus, 0, why);
+    t.is(result.section('wt')?.status, 0, result.section('wt')?.output);
+    t.is(result.mark('cache'), 'write through', why);
+    const runs = await Promise.all(operator);
+    t.is(runs.length, 3, why);
+    for (const run of runs) t.is(run.status, 0, run.stderr);
+    t.like(JSON.parse(runs[0]!.stdout) as object, { lun: '0:5', guestTold: true });
+    t.deepEqual(result.mark('added')?.split(' ').slice(1), [String(4 * MiB), 'HOT5'], why);
+    t.is(result.mark('hot_write'), '0', why);
+    t.is(md5(fs.readFileSync(hot).subarray(8 * 4096, 12 * 4096)), result.mark('hot_sum') ?? '', 'the hot-added unit has the data');
+    t.is(result.mark('resized'), String(12 * MiB), why);
+    t.is(result.mark('removed'), 'yes', why);
   } finally {
     t.is(await daemon.stop(), 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr()}`);
     fs.rmSync(dir, { recursive: true, force: true });

@@ -351,10 +351,10 @@ test.serial('hotplug: lun-add, lun-resize and lun-remove reach the driver as eve
 
   fs.truncateSync(extra, 2 << 20);
   t.like(await methods['lun-resize']!.call({ lun: '0:9' }), { previousBlocks: 2048, blocks: 4096, guestTold: true });
-  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_PARAM_CHANGE, lun: [1, 0, 0x40, 9], reason: 0x092a });
+  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_PARAM_CHANGE, lun: [1, 0, 0, 9], reason: 0x092a });
 
   t.like(await methods['lun-remove']!.call({ lun: '0:9' }), { lun: '0:9', guestTold: true });
-  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 0, 0x40, 9], reason: VIRTIO_SCSI_EVT_RESET_REMOVED });
+  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 0, 0, 9], reason: VIRTIO_SCSI_EVT_RESET_REMOVED });
   const gone = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 9, [Op.INQUIRY, 0, 0, 0, 36, 0], { dataIn: 36 })));
   t.is(gone.data[0], 0x7f);
 

@@ -1,11 +1,16 @@
 /** virtio-scsi requests and responses as a driver builds and reads them (tests). */
-import { CDB_SIZE, CMD_HEADER_SIZE, RESP_HEADER_SIZE, encodeLun } from '../../../daemons/scsi/virtio-scsi';
+import { CDB_SIZE, CMD_HEADER_SIZE, RESP_HEADER_SIZE } from '../../../daemons/scsi/virtio-scsi';
+
+/** The LUN field as Linux virtio_scsi builds requests: flat space addressing. */
+export function requestLun(target: number, lun: number): Uint8Array {
+  return Uint8Array.of(1, target, 0x40 | (lun >> 8), lun & 0xff, 0, 0, 0, 0);
+}
 import type { ChainSpec, SegmentSpec } from '../../helpers/frontend';
 
 /** struct virtio_scsi_req_cmd header for `target:lun` with `cdb` (and request id `id`). */
 export function cmdHeader(target: number, lun: number, cdb: number[], id = 1): Uint8Array {
   const h = new Uint8Array(CMD_HEADER_SIZE);
-  h.set(encodeLun(target, lun), 0);
+  h.set(requestLun(target, lun), 0);
   new DataView(h.buffer).setUint32(8, id, true);
   h.set(cdb.slice(0, CDB_SIZE), 19);
   return h;
@@ -83,7 +88,7 @@ export function tmf(subtype: number, target: number, lun: number, id = 0): Chain
   const v = new DataView(b.buffer);
   v.setUint32(0, 0, true);
   v.setUint32(4, subtype, true);
-  b.set(encodeLun(target, lun), 8);
+  b.set(requestLun(target, lun), 8);
   v.setUint32(16, id, true);
   return { readable: [{ data: b }], writable: [{ length: 1 }] };
 }
