@@ -14,7 +14,7 @@ export const DESCRIPTION =
   'Serve raw images or block devices as the logical units of an emulated SCSI target to QEMU ' +
   "(vhost-user-scsi-pci, virtio 1.2 §5.6): many disks on one controller, the SCSI command set emulated " +
   'here (INQUIRY and VPD pages, READ/WRITE 6-16 with FUA, SYNCHRONIZE CACHE, UNMAP, MODE SENSE, REPORT ' +
-  'LUNS...), task management on the control queue. Data moves through io_uring straight into guest memory, ' +
+  'LUNS...), task management on the control queue, units added, removed and resized while the guest runs (vhostctl). Data moves through io_uring straight into guest memory, ' +
   'one ring per request queue whatever the number of LUNs.';
 
 export const options = {
@@ -71,6 +71,11 @@ libvirt (domain XML):
   <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
   and, under <qemu:commandline>, the -chardev and -device arguments above
   (libvirt has no vhost-user SCSI controller model; xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0').
+
+Hotplug (a daemon started with --control PATH):
+  vhostctl --control PATH call lun-add '{"spec":"0:5=/var/lib/images/extra.img"}'
+  vhostctl --control PATH call lun-resize '{"lun":"0:5"}'
+  vhostctl --control PATH call lun-remove '{"lun":"0:5"}'
 
 Signals: SIGTERM stops.`;
 
