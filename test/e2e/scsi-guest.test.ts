@@ -211,3 +211,50 @@ guestTest('while the guest runs: write-through by MODE SELECT, lun-add, lun-resi
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+guestTest('256 LUNs from a --luns list (flat addressing above 255) appear in the guest and each reads its own data', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-scsi-e2e-'));
+  const luns = [...Array.from({ length: 200 }, (_, i) => i), ...Array.from({ length: 56 }, (_, i) => 300 + i)];
+  const list = luns.map((lun) => {
+    const file = path.join(dir, `lun${lun}.img`);
+    fs.writeFileSync(file, `LUN${String(lun).padStart(5, '0')}`);
+    fs.truncateSync(file, 64 * 1024);
+    return { lun, file, readOnly: lun % 2 === 1 };
+  });
+  const listFile = path.join(dir, 'luns.json');
+  fs.writeFileSync(listFile, JSON.stringify(list));
+  const daemon = await startDaemon('scsi', ['--luns', listFile, '--num-queues', '2']);
+  try {
+    const result = await runGuest({
+      qemuArgs: ['-smp', '2', '-chardev', `socket,id=scsi0,path=${daemon.socketPath}`, '-device', 'vhost-user-scsi-pci,chardev=scsi0,num_queues=2'],
+      timeoutMs: 300_000,
+      script: [
+        `wait_for 240 sh -c '[ "$(ls /sys/class/scsi_disk | wc -l)" -ge ${luns.length} ]'`,
+        'mark disks "$(ls /sys/class/scsi_disk | wc -l)"',
+        `ok=0; bad=""
+for d in /sys/class/scsi_disk/*; do
+  lun=\${d##*:}; b=$(ls $d/device/block)
+  # Linux numbers a LUN from its REPORT LUNS entry bytes: flat space addressing (40h) stays in it.
+  [ $lun -ge 16384 ] && lun=$((lun - 16384))
+  got=$(dd if=/dev/$b bs=512 count=1 2>/dev/null | head -c 8)
+  if [ "$got" = "$(printf 'LUN%05d' $lun)" ]; then ok=$((ok + 1)); else bad="$bad $lun"; fi
+done
+mark read_ok "$ok"
+mark read_bad "$bad"`,
+        'mark max_lun "$(ls /sys/class/scsi_disk | sed "s/.*://" | sort -n | tail -1)"',
+      ].join('\n'),
+    }).catch((err: unknown) => {
+      t.log(`daemon stderr:\n${daemon.stderr().slice(-4000)}`);
+      throw err;
+    });
+    const why = result.tail(30);
+    t.is(result.exitStatus, 0, why);
+    t.log(`boot ${result.bootMs ?? '?'} ms, run ${result.durationMs} ms`);
+    t.is(result.mark('disks'), String(luns.length), why);
+    t.is(result.mark('read_ok'), String(luns.length), `LUNs that read another unit's data: ${result.mark('read_bad')}`);
+    t.is(result.mark('max_lun'), String(0x4000 + 355), 'LUN 355, in flat space addressing as Linux numbers it');
+  } finally {
+    t.is(await daemon.stop(), 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr().slice(-2000)}`);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
