@@ -211,12 +211,23 @@ export class ScsiDevice implements DaemonDevice {
     target.addUnit(unit.lun, unit);
   }
 
+  /** RESET_DEVICE, RESET_OWNER, disconnect: the units' mode pages go back to their power-on values. */
+  reset(): void {
+    for (const unit of this.units) unit.resetModes();
+    this.eventsMissed = false;
+  }
+
   attach(context: DeviceContext): void {
     this.context = context;
   }
 
   detach(): void {
     this.context = null;
+  }
+
+  /** The units served. */
+  logicalUnits(): readonly ImageUnit[] {
+    return this.units;
   }
 
   get unitCount(): number {

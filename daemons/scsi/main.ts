@@ -54,7 +54,10 @@ export function createScsiDevice(config: ScsiConfig, logger: Logger): ScsiDevice
  * and engines for the request queues it is given.
  */
 export function createScsiDeviceForWorker(config: ScsiConfig, logger: Logger): ScsiDevice {
-  return createScsiDevice({ ...config, threads: 0 }, { ...logger, info: logger.debug });
+  const device = createScsiDevice({ ...config, threads: 0 }, { ...logger, info: logger.debug });
+  // Every worker has its own copy of each unit: a MODE SELECT would change one copy only.
+  for (const unit of device.logicalUnits()) unit.modeSelect = false;
+  return device;
 }
 
 /** `--threads N`: request queues in N worker threads (control and event stay on the main thread). */

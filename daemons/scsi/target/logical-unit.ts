@@ -24,12 +24,23 @@ export class LogicalUnit {
   writeCache = true;
   /** Control mode page D_SENSE: CHECK CONDITIONs carry descriptor-format sense data. */
   descriptorSense = false;
+  /**
+   * Whether MODE SELECT may change WCE and D_SENSE. False when several copies of the unit serve it
+   * (request queues in worker threads, each with its own device): a change would reach one copy only.
+   */
+  modeSelect = true;
 
   constructor(
     readonly options: LogicalUnitOptions,
     capacityBytes: number,
   ) {
     this.setCapacity(capacityBytes);
+  }
+
+  /** Back to the power-on mode page values (a device reset: the driver's MODE SELECTs are forgotten). */
+  resetModes(): void {
+    this.writeCache = true;
+    this.descriptorSense = false;
   }
 
   /** Whole logical blocks of an image of `bytes`. */

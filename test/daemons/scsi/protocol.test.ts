@@ -39,6 +39,7 @@ import { openBackingFile } from '../../../lib/io/backing-file';
 import { chooseExecutor } from '../../../lib/io/choose-executor';
 import type { CompletionSink, ExecutorFactory } from '../../../lib/io/executor';
 import { silentLogger } from '../../../lib/runtime/logger';
+import { Request } from '../../../lib/vhost-user/messages';
 import { Frontend } from '../../helpers/frontend';
 import { TestServer, pattern } from '../../lib/vhost-user/harness';
 import { command, parseResponse, rw10, rw16, tmf } from './wire';
@@ -370,4 +371,21 @@ test('hotplug is refused while the request queues run in worker threads', async 
   const device = createScsiDevice({ ...config, threads: 1 }, silentLogger);
   await t.throwsAsync(async () => device.controlMethods()['lun-remove']!.call({ lun: '0:0' }), { instanceOf: ControlError });
   device.close();
+});
+
+test.serial('the guest switches the write cache off by MODE SELECT; a device reset restores it', async (t) => {
+  const { config } = rig(1);
+  const device = createScsiDevice(config, silentLogger);
+  const { ts, fe } = await attach(device);
+  const sensed = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, [Op.MODE_SENSE_6, 0x08, 0x08, 0, 255, 0], { dataIn: 255 })));
+  const page = sensed.data.slice(4, 24);
+  page[2] = 0;
+  const list = Uint8Array.from([0, 0, 0, 0, ...page]);
+  const select = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, [Op.MODE_SELECT_6, 0x10, 0, 0, list.length, 0], { dataOut: list })));
+  t.deepEqual([select.response, select.status], [VIRTIO_SCSI_S_OK, Status.GOOD]);
+  t.false(device.logicalUnits()[0]!.writeCache);
+  await fe.request(Request.RESET_DEVICE);
+  await fe.sync();
+  t.true(device.logicalUnits()[0]!.writeCache);
+  await detach(ts, fe, device);
 });

@@ -417,3 +417,22 @@ test('REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS: the functions the control queu
   const ext = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0d, 0x80, 0, 0, 0, 0, 0, 0, 16, 0, 0]));
   t.deepEqual([ext.length, ext[3]], [16, 0x0c]);
 });
+
+test('a unit whose mode pages cannot change reports nothing changeable and refuses MODE SELECT changes; resetModes restores power-on values', (t) => {
+  const tg = target();
+  const unit = tg.unit(0)!;
+  unit.modeSelect = false;
+  const changeable = data(run(tg, 0, [Op.MODE_SENSE_6, 0x08, 0x7f, 0, 255, 0]));
+  t.deepEqual([changeable[4 + 2], changeable[24 + 2]], [0, 0]);
+  const caching = currentPage(tg, 0x08);
+  caching[2] = 0;
+  const list = modeList([caching]);
+  t.deepEqual(sense(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, list.length, 0], list)), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, 8 + 2, -1]);
+  t.true(unit.writeCache);
+  const same = modeList([currentPage(tg, 0x08)]);
+  t.is(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, same.length, 0], same).status, Status.GOOD, 'the current values are accepted');
+  unit.writeCache = false;
+  unit.descriptorSense = true;
+  unit.resetModes();
+  t.true(unit.writeCache && !unit.descriptorSense);
+});

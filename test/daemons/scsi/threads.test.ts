@@ -64,5 +64,8 @@ test.serial('--threads 2: I/O on two request queues in two workers lands in the 
     t.true(Buffer.from(back.data).equals(data), `read of LUN ${lun} LBA ${lba} on the other queue`);
   }
   t.is(device.inFlight(0) + device.inFlight(1), 0, 'the main device ran no request queue');
+  // Each worker has its own copy of the units: the mode pages are not changeable there.
+  const mode = parseResponse(await fe.transfer(2, command(0, 0, [Op.MODE_SENSE_6, 0x08, 0x48, 0, 255, 0], { dataIn: 255 })));
+  t.is(mode.data[4 + 2], 0, 'WCE is not changeable');
   t.deepEqual(ts.logs.filter((l) => l.level === 'error'), []);
 });
