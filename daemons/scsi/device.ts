@@ -109,6 +109,12 @@ export interface ScsiDeviceDeps {
 
 const { E2BIG } = osConstants.errno;
 
+/** Events kept for a driver that has no event buffer left (Linux gives 8 and returns each at once). */
+export const MAX_QUEUED_EVENTS = 64;
+
+/** What became of an event: in a buffer now, waiting for one, dropped (EVENTS_MISSED), or not negotiated. */
+export type EventOutcome = 'sent' | 'queued' | 'dropped' | 'not negotiated';
+
 /** userData of an op: slot index in the low 16 bits (queue size ≤ 32768). */
 const SLOT_MASK = 0xffff;
 
@@ -180,7 +186,9 @@ export class ScsiDevice implements DaemonDevice {
   private readonly control = new Uint8Array(TMF_REQUEST_SIZE);
   private readonly controlView = new DataView(this.control.buffer);
   private events: HeldBuffers | null = null;
-  /** An event found no buffer: the next buffer says VIRTIO_SCSI_T_EVENTS_MISSED (virtio 1.2 §5.6.6.3.1). */
+  /** Events waiting for an event buffer, oldest first: [event, target, lun, reason]. */
+  private readonly queuedEvents: [number, number, number, number][] = [];
+  /** An event was dropped: the next one sent carries VIRTIO_SCSI_T_EVENTS_MISSED (virtio 1.2 §5.6.6.3.1). */
   private eventsMissed = false;
   /** Events sent to the driver (metrics). */
   eventsSent = 0;
@@ -214,6 +222,7 @@ export class ScsiDevice implements DaemonDevice {
   /** RESET_DEVICE, RESET_OWNER, disconnect: the units' mode pages go back to their power-on values. */
   reset(): void {
     for (const unit of this.units) unit.resetModes();
+    this.queuedEvents.length = 0;
     this.eventsMissed = false;
   }
 
@@ -296,7 +305,7 @@ export class ScsiDevice implements DaemonDevice {
       const events = this.events!;
       // virtio 1.2 §5.6.6.3: the driver fills the event queue in advance; a buffer waits for an event.
       drainQueue(queue, { handle: (chain) => (events.hold(chain), true) });
-      if (this.eventsMissed) this.sendEvent(VIRTIO_SCSI_T_NO_EVENT, 0, 0, 0);
+      this.flushEvents();
       return;
     }
     const rq = this.queues[index - FIRST_REQUEST_QUEUE]!;
@@ -576,11 +585,29 @@ export class ScsiDevice implements DaemonDevice {
   }
 
   /**
-   * Put an event in the oldest held event buffer (virtio 1.2 §5.6.6.3). Without one the event is
-   * dropped and the next buffer carries VIRTIO_SCSI_T_EVENTS_MISSED: Linux then rescans the whole bus.
-   * Returns whether the event was delivered.
+   * Tell the driver of an event (virtio 1.2 §5.6.6.3): in the oldest held event buffer, or, when the
+   * driver has none left, once it gives one (up to {@link MAX_QUEUED_EVENTS} wait; more are dropped and
+   * the next event sent carries VIRTIO_SCSI_T_EVENTS_MISSED, on which Linux rescans the whole bus).
    */
-  private sendEvent(event: number, target: number, lun: number, reason: number): boolean {
+  private sendEvent(event: number, target: number, lun: number, reason: number): EventOutcome {
+    if (this.queuedEvents.length === 0 && this.deliverEvent(event, target, lun, reason)) return 'sent';
+    if (this.queuedEvents.length < MAX_QUEUED_EVENTS) {
+      this.queuedEvents.push([event, target, lun, reason]);
+      return 'queued';
+    }
+    this.eventsMissed = true;
+    return 'dropped';
+  }
+
+  /** Event buffers arrived: send the events that waited, then say so if some were dropped. */
+  private flushEvents(): void {
+    const queued = this.queuedEvents;
+    while (queued.length > 0 && this.deliverEvent(...queued[0]!)) queued.shift();
+    if (queued.length === 0 && this.eventsMissed) this.deliverEvent(VIRTIO_SCSI_T_NO_EVENT, 0, 0, 0);
+  }
+
+  /** Put an event in the oldest held event buffer; false when none is held. */
+  private deliverEvent(event: number, target: number, lun: number, reason: number): boolean {
     const events = this.events;
     for (let chain = events?.take() ?? null; chain !== null; chain = events!.take()) {
       if (chain.writableLength < EVENT_SIZE) {
@@ -600,8 +627,13 @@ export class ScsiDevice implements DaemonDevice {
       this.eventsSent++;
       return true;
     }
-    this.eventsMissed = true;
     return false;
+  }
+
+  /** TRANSPORT_RESET with `reason` for `unit`, if the driver negotiated HOTPLUG. */
+  private hotplugEvent(unit: ImageUnit, reason: number): EventOutcome {
+    if (!this.negotiated(VIRTIO_SCSI_F_HOTPLUG)) return 'not negotiated';
+    return this.sendEvent(VIRTIO_SCSI_T_TRANSPORT_RESET, unit.target, unit.lun, reason);
   }
 
   /** Is `feature` negotiated with the driver now? */
@@ -648,8 +680,8 @@ export class ScsiDevice implements DaemonDevice {
           this.addUnit(unit);
           this.units.push(unit);
           this.logger.info(`LUN ${unit.target}:${unit.lun} added: ${unit.image.path}, ${unit.blocks} blocks of ${unit.blockSize} bytes`);
-          const told = this.negotiated(VIRTIO_SCSI_F_HOTPLUG) && this.sendEvent(VIRTIO_SCSI_T_TRANSPORT_RESET, unit.target, unit.lun, VIRTIO_SCSI_EVT_RESET_RESCAN);
-          return { lun: `${unit.target}:${unit.lun}`, blocks: unit.blocks, blockSize: unit.blockSize, guestTold: told };
+          const event = this.hotplugEvent(unit, VIRTIO_SCSI_EVT_RESET_RESCAN);
+          return { lun: `${unit.target}:${unit.lun}`, blocks: unit.blocks, blockSize: unit.blockSize, event };
         },
       },
       'lun-remove': {
@@ -662,12 +694,12 @@ export class ScsiDevice implements DaemonDevice {
           target.removeUnit(unit.lun);
           if (target.size === 0) this.targets.delete(unit.target);
           this.units.splice(this.units.indexOf(unit), 1);
-          const told = this.negotiated(VIRTIO_SCSI_F_HOTPLUG) && this.sendEvent(VIRTIO_SCSI_T_TRANSPORT_RESET, unit.target, unit.lun, VIRTIO_SCSI_EVT_RESET_REMOVED);
+          const event = this.hotplugEvent(unit, VIRTIO_SCSI_EVT_RESET_REMOVED);
           // Commands already started on the unit still use its image.
           await Promise.all(this.queues.map((rq) => rq.engine?.drained()));
           unit.image.close();
           this.logger.info(`LUN ${unit.target}:${unit.lun} removed`);
-          return { lun: `${unit.target}:${unit.lun}`, guestTold: told };
+          return { lun: `${unit.target}:${unit.lun}`, event };
         },
       },
       'lun-resize': {
@@ -679,8 +711,11 @@ export class ScsiDevice implements DaemonDevice {
           const previousBlocks = unit.blocks;
           unit.setCapacity(unit.image.size());
           // SPC-4 ASC/ASCQ 2Ah/09h CAPACITY DATA HAS CHANGED, as the event's reason (ASC, then ASCQ << 8).
-          const told = unit.blocks !== previousBlocks && this.negotiated(VIRTIO_SCSI_F_CHANGE) && this.sendEvent(VIRTIO_SCSI_T_PARAM_CHANGE, unit.target, unit.lun, 0x2a | (0x09 << 8));
-          return { lun: `${unit.target}:${unit.lun}`, previousBlocks, blocks: unit.blocks, guestTold: told };
+          let event: EventOutcome | 'none' = 'none';
+          if (unit.blocks !== previousBlocks) {
+            event = this.negotiated(VIRTIO_SCSI_F_CHANGE) ? this.sendEvent(VIRTIO_SCSI_T_PARAM_CHANGE, unit.target, unit.lun, 0x2a | (0x09 << 8)) : 'not negotiated';
+          }
+          return { lun: `${unit.target}:${unit.lun}`, previousBlocks, blocks: unit.blocks, event };
         },
       },
     };

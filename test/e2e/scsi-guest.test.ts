@@ -200,7 +200,7 @@ guestTest('while the guest runs: write-through by MODE SELECT, lun-add, lun-resi
     const runs = await Promise.all(operator);
     t.is(runs.length, 3, why);
     for (const run of runs) t.is(run.status, 0, run.stderr);
-    t.like(JSON.parse(runs[0]!.stdout) as object, { lun: '0:5', guestTold: true });
+    t.like(JSON.parse(runs[0]!.stdout) as object, { lun: '0:5', event: 'sent' });
     t.deepEqual(result.mark('added')?.split(' ').slice(1), [String(4 * MiB), 'HOT5'], why);
     t.is(result.mark('hot_write'), '0', why);
     t.is(md5(fs.readFileSync(hot).subarray(8 * 4096, 12 * 4096)), result.mark('hot_sum') ?? '', 'the hot-added unit has the data');

@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { toConfig, type ScsiConfig } from '../../../daemons/scsi/cli';
-import { ScsiDevice } from '../../../daemons/scsi/device';
+import { MAX_QUEUED_EVENTS, ScsiDevice } from '../../../daemons/scsi/device';
 import { createScsiDevice } from '../../../daemons/scsi/main';
 import { Asc, Op, SenseKey, Status } from '../../../daemons/scsi/target/constants';
 import { naaDesignator } from '../../../daemons/scsi/target/logical-unit';
@@ -325,7 +325,7 @@ test.serial('a LOGICAL UNIT RESET waits for the commands in flight; QUERY TASK f
   await detach(ts, fe, device);
 });
 
-test.serial('hotplug: lun-add, lun-resize and lun-remove reach the driver as events on held buffers; a missed event is flagged', async (t) => {
+test.serial('hotplug: lun-add, lun-resize and lun-remove reach the driver as events on held buffers, queued while it has none; dropped ones are flagged', async (t) => {
   const { config } = rig(1);
   const device = createScsiDevice(config, silentLogger);
   const { ts, fe } = await attach(device);
@@ -337,24 +337,25 @@ test.serial('hotplug: lun-add, lun-resize and lun-remove reach the driver as eve
     return { event: v.getUint32(0, true), lun: [...c.written.subarray(4, 8)], reason: v.getUint32(12, true) };
   };
 
-  // No event buffer yet: the event is dropped and the next buffer says so.
-  t.like(await methods['lun-add']!.call({ spec: `0:9=${extra},serial=HOT` }), { lun: '0:9', blocks: 2048, guestTold: false });
-  const missed = await fe.transfer(1, { writable: [{ length: 16 }] });
-  t.deepEqual(event(missed), { event: VIRTIO_SCSI_T_EVENTS_MISSED >>> 0, lun: [0, 0, 0, 0], reason: 0 });
+  // No event buffer yet: the event waits for one.
+  t.like(await methods['lun-add']!.call({ spec: `0:9=${extra},serial=HOT` }), { lun: '0:9', blocks: 2048, event: 'queued' });
+  const first = await fe.transfer(1, { writable: [{ length: 16 }] });
+  t.deepEqual(event(first), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 0, 0, 9], reason: VIRTIO_SCSI_EVT_RESET_RESCAN });
 
   fe.submit(1, Array.from({ length: 4 }, () => ({ writable: [{ length: 16 }] })));
   for (let i = 0; i < 200 && device.heldEventBuffers() < 4; i++) await new Promise((r) => setTimeout(r, 10));
   const inq = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 9, [Op.INQUIRY, 1, 0x80, 0, 64, 0], { dataIn: 64 })));
   t.is(Buffer.from(inq.data.subarray(4, 7)).toString(), 'HOT', 'the added unit answers');
 
-  t.like(await methods['lun-add']!.call({ spec: `1:300=${extra},ro` }), { lun: '1:300', guestTold: true });
+  t.like(await methods['lun-add']!.call({ spec: `1:300=${extra},ro` }), { lun: '1:300', event: 'sent' });
   t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 1, 0x41, 0x2c], reason: VIRTIO_SCSI_EVT_RESET_RESCAN });
 
   fs.truncateSync(extra, 2 << 20);
-  t.like(await methods['lun-resize']!.call({ lun: '0:9' }), { previousBlocks: 2048, blocks: 4096, guestTold: true });
+  t.like(await methods['lun-resize']!.call({ lun: '0:9' }), { previousBlocks: 2048, blocks: 4096, event: 'sent' });
+  t.like(await methods['lun-resize']!.call({ lun: '0:9' }), { blocks: 4096, event: 'none' }, 'unchanged: no event');
   t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_PARAM_CHANGE, lun: [1, 0, 0, 9], reason: 0x092a });
 
-  t.like(await methods['lun-remove']!.call({ lun: '0:9' }), { lun: '0:9', guestTold: true });
+  t.like(await methods['lun-remove']!.call({ lun: '0:9' }), { lun: '0:9', event: 'sent' });
   t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 0, 0, 9], reason: VIRTIO_SCSI_EVT_RESET_REMOVED });
   const gone = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 9, [Op.INQUIRY, 0, 0, 0, 36, 0], { dataIn: 36 })));
   t.is(gone.data[0], 0x7f);
@@ -363,6 +364,19 @@ test.serial('hotplug: lun-add, lun-resize and lun-remove reach the driver as eve
     await t.throwsAsync(async () => methods[method]!.call(params), { instanceOf: ControlError }, `${method} ${JSON.stringify(params)}`);
   }
   t.is(device.unitCount, 5);
+
+  // More events than the device keeps while the driver gives no buffer: the rest are dropped, and the
+  // first event the driver gets then says EVENTS_MISSED.
+  t.is(device.heldEventBuffers(), 1);
+  const outcomes: unknown[] = [];
+  for (let i = 0; i < MAX_QUEUED_EVENTS / 2 + 1; i++) {
+    outcomes.push(((await methods['lun-add']!.call({ spec: `2:1=${extra}` })) as { event: string }).event);
+    outcomes.push(((await methods['lun-remove']!.call({ lun: '2:1' })) as { event: string }).event);
+  }
+  t.deepEqual([outcomes[0], outcomes[1], outcomes.at(-1)], ['sent', 'queued', 'dropped']);
+  t.deepEqual(event((await fe.collect(1, 1))[0]!), { event: VIRTIO_SCSI_T_TRANSPORT_RESET, lun: [1, 2, 0, 1], reason: VIRTIO_SCSI_EVT_RESET_RESCAN }, 'the last held buffer');
+  const next = await fe.transfer(1, { writable: [{ length: 16 }] });
+  t.deepEqual(event(next), { event: (VIRTIO_SCSI_T_TRANSPORT_RESET | VIRTIO_SCSI_T_EVENTS_MISSED) >>> 0, lun: [1, 2, 0, 1], reason: VIRTIO_SCSI_EVT_RESET_REMOVED });
   await detach(ts, fe, device);
 });
 
