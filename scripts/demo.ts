@@ -41,6 +41,10 @@ async function main(): Promise<void> {
   fs.truncateSync(image, 64 << 20);
   const netPeer = '10.79.9.1';
   const network = createBridgedTap(`vhdemo${process.pid % 10000}`, '02:00:00:00:79:01', `${netPeer}/24`);
+  const scsiImages = [path.join(work, 'lun0.img'), path.join(work, 'lun1.img')];
+  fs.writeFileSync(scsiImages[0]!, Buffer.alloc(0));
+  fs.truncateSync(scsiImages[0]!, 32 << 20);
+  fs.writeFileSync(scsiImages[1]!, Buffer.alloc(8 << 20, 0x5a));
 
   const everyDevice: DemoDevice[] = [
     {
@@ -89,6 +93,26 @@ async function main(): Promise<void> {
         `mark net_ping "$(ping -c 3 -W 30 ${netPeer} | grep 'packets transmitted')"`,
       ],
       summary: (m) => `net: eth0 ${m('net_mac')}, ping ${netPeer} through the TAP ${network.tap}: ${m('net_ping')}`,
+    },
+    {
+      name: 'scsi',
+      args: ['--lun', `0=${scsiImages[0]},discard,serial=DEMO-LUN0`, '--lun', `1=${scsiImages[1]},ro`, '--num-queues', '2'],
+      qemu: (s) => ['-chardev', `socket,id=scsi0,path=${s}`, '-device', 'vhost-user-scsi-pci,chardev=scsi0,num_queues=2'],
+      script: [
+        `wait_for 30 sh -c '[ "$(ls /sys/class/scsi_disk | wc -l)" -ge 2 ]'`,
+        'S0=$(ls /sys/class/scsi_disk/*:0:0:0/device/block); S1=$(ls /sys/class/scsi_disk/*:0:0:1/device/block)',
+        'mark scsi_luns "$(ls /sys/class/scsi_disk | tr "\\n" " ")"',
+        'mark scsi_size "$(cat /sys/block/$S0/size)"',
+        'mark scsi_dev "$S0 $S1"',
+        'echo "hello from the guest via vhost-user-scsi" > /tmp/smsg',
+        'dd if=/tmp/smsg of=/dev/$S0 bs=512 seek=100 conv=fsync 2>/dev/null',
+        'echo 3 > /proc/sys/vm/drop_caches',
+        'mark scsi_readback "$(dd if=/dev/$S0 bs=512 skip=100 count=1 2>/dev/null | head -n1)"',
+        'mark scsi_ro "$(blockdev --getro /dev/$S1)"',
+      ],
+      summary: (m) =>
+        `scsi: LUNs ${m('scsi_luns')?.trim()} as ${m('scsi_dev')}, LUN 0 ${Number(m('scsi_size')) / 2048} MiB, wrote and read back "${m('scsi_readback')}"; ` +
+        `LUN 1 read-only: ${m('scsi_ro') === '1' ? 'yes' : 'no'}`,
     },
   ];
   const devices = everyDevice.filter((d) => fs.existsSync(path.join(__dirname, '..', 'daemons', d.name, 'main.js')));

@@ -29,10 +29,11 @@ import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import { bit } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import { drainQueue } from '../../lib/virtqueue/drain';
+import { IOV_MAX, fillIovecs } from '../../lib/virtqueue/iovecs';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_FSYNC_DATASYNC, IORING_OP } from '../../native/io-batch';
 import { BlkQueueStats, createBlkMetrics, requestTypeIndex } from './metrics';
-import { BlkOp, BlkRequest, IOV_MAX, fillIovecs, maxIovecs, parseRequest, writeStatus, type RequestLimits } from './request';
+import { BlkOp, BlkRequest, maxIovecs, parseRequest, writeStatus, type RequestLimits } from './request';
 import {
   CONFIG_OFFSET,
   REQUEST_HEADER_SIZE,

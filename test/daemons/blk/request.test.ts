@@ -1,6 +1,6 @@
 import test from 'ava';
 
-import { BlkOp, BlkRequest, fillIovecs, parseRequest, writeStatus, type RequestLimits } from '../../../daemons/blk/request';
+import { BlkOp, BlkRequest, parseRequest, writeStatus, type RequestLimits } from '../../../daemons/blk/request';
 import {
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
@@ -16,6 +16,7 @@ import {
 } from '../../../daemons/blk/virtio-blk';
 import { Translation } from '../../../lib/memory/guest-memory';
 import { DescriptorChain } from '../../../lib/virtqueue/descriptor-chain';
+import { fillIovecs } from '../../../lib/virtqueue/iovecs';
 import { FakeGuestMemory } from '../../helpers/fake-guest-memory';
 import { concat } from '../../lib/vhost-user/harness';
 import { blkHeader as header, discardSegment as segment } from './wire';
