@@ -40,6 +40,13 @@ for tool in apt-get apt-cache dpkg dpkg-query tar; do
   command -v "$tool" >/dev/null || die "$tool not found (this script needs Debian's apt and dpkg)"
 done
 
+# /usr/bin/python3: another python3 earlier in PATH (pyenv) may lack the system's meson. vhost-net
+# gives `-netdev vhost-user` (the net daemon's front-end, for a demo guest with every daemon).
+CONFIGURE=(--python=/usr/bin/python3 --target-list=x86_64-softmmu --without-default-features
+  --enable-vhost-user --enable-vhost-net --enable-tcg --disable-docs --disable-install-blobs --disable-werror --disable-download)
+# A tree serves only the configuration it was built with: changing CONFIGURE builds a new one.
+build_key=$(printf '%s\n' "${CONFIGURE[@]}" | sha1sum | cut -c1-12)
+
 cache=${VHOSTD_CACHE:-$HOME/.cache/vhostd}
 dir=$cache/qemu-10.2
 wrapper=$dir/qemu-system-x86_64
@@ -66,6 +73,10 @@ check() {
   case "$out" in "QEMU emulator version 10.2"*) ;; *) die "$wrapper --version says: $out" ;; esac
   "$wrapper" -device help 2>/dev/null | grep -q '"vhost-user-test-device-pci"' ||
     die "$wrapper has no vhost-user-test-device-pci"
+  # -netdev help lists every type; only a start tells whether this one was built in.
+  if "$wrapper" -machine none -nodefaults -display none -netdev vhost-user,id=n0,chardev=none 2>&1 | grep -q 'not compiled'; then
+    die "$wrapper has no -netdev vhost-user"
+  fi
   for d in "${FIRMWARE_DIRS[@]}"; do
     [ -d "$d" ] || log "warning: firmware directory $d is missing (scripts/install-deps.sh installs it)"
   done
@@ -76,7 +87,7 @@ check() {
 finished() {
   local t best=""
   for t in "$dir"/*/.complete; do
-    [ -f "$t" ] || continue
+    [ -f "$t" ] && [ "$(cat "$t")" = "$build_key" ] || continue
     t=${t%/.complete}
     if [ -z "$best" ] || [ "$t" -nt "$best" ]; then best=$t; fi
   done
@@ -206,20 +217,18 @@ cd "$work/src"
 sed -i 's/^\([[:space:]]*\)unpack_edk2_blobs = bzip2\.found()/\1unpack_edk2_blobs = false/' meson.build
 grep -q 'unpack_edk2_blobs = bzip2.found()' meson.build && die "could not turn off the edk2 blob unpacking in meson.build"
 log "configure"
-# /usr/bin/python3: another python3 earlier in PATH (pyenv) may lack the system's meson.
-./configure --python=/usr/bin/python3 --target-list=x86_64-softmmu --without-default-features \
-  --enable-vhost-user --enable-tcg --disable-docs --disable-install-blobs --disable-werror --disable-download >&2
+./configure "${CONFIGURE[@]}" >&2
 log "ninja qemu-system-x86_64 (about 10 minutes on 2 cores)"
 start=$SECONDS
 nice -n 5 ninja -C build qemu-system-x86_64 >&2
 log "built in $((SECONDS - start)) s ($SECONDS s in all)"
-tree=$dir/$(printf '%s' "$version" | tr ':+~/' '...-')
+tree=$dir/$(printf '%s' "$version" | tr ':+~/' '...-')-$build_key
 mkdir -p "$work/tree/bin"
 cp build/qemu-system-x86_64 "$work/tree/bin/"
 # Without debug symbols the binary is 27 MB instead of 70.
 if command -v strip >/dev/null; then strip "$work/tree/bin/qemu-system-x86_64"; fi
 printf '%s\n' "$version" >"$work/tree/version"
-touch "$work/tree/.complete"
+printf '%s\n' "$build_key" >"$work/tree/.complete"
 cd "$dir"
 rm -rf "$tree"
 mv "$work/tree" "$tree"

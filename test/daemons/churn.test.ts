@@ -24,6 +24,7 @@ import { startDaemon } from '../helpers/daemon';
 import { Frontend, type ChainSpec, type Completion } from '../helpers/frontend';
 import { openFds, settleFds } from '../lib/vhost-user/harness';
 import { blkHeader } from './blk/wire';
+import { command, parseResponse, rw10 } from './scsi/wire';
 
 const CYCLES = 200;
 /** Cycles before the baseline: V8 sizes its heap and the JIT settles over the first connections. */
@@ -36,6 +37,8 @@ const mib = (bytes: number): string => `${(bytes / MiB).toFixed(1)} MiB`;
 
 interface ChurnCase {
   readonly device: string;
+  /** The queue the requests go through; default 0. */
+  readonly queue?: number;
   /**
    * Requests per connection: enough that a few hundred bytes of native memory per request add up
    * (rng's small requests are cheap, so it takes more of them), few enough for CI.
@@ -51,6 +54,10 @@ interface ChurnCase {
 
 const BLOCK = 4096;
 const IMAGE_SIZE = 8 * MiB;
+
+/** virtio 1.2 §5.6.2: 0 controlq, 1 eventq, 2.. request queues. */
+const SCSI_REQUEST_QUEUE = 2;
+const READ_10 = 0x28;
 
 /** The first page of the front-end's region 1 (DEFAULT_LAYOUT: guest address 0x800000). */
 const BALLOON_FIRST_PFN = 0x800;
@@ -87,6 +94,22 @@ const DAEMONS: readonly ChurnCase[] = [
     wrong: (done) => {
       const status = done.written[BLOCK];
       return done.len === BLOCK + 1 && status === VIRTIO_BLK_S_OK ? null : `read of ${done.len} bytes, status ${status}`;
+    },
+  },
+  {
+    device: 'scsi',
+    queue: SCSI_REQUEST_QUEUE,
+    requests: 4096,
+    args: (dir) => {
+      const image = path.join(dir, 'lun0.img');
+      fs.writeFileSync(image, '');
+      fs.truncateSync(image, IMAGE_SIZE);
+      return ['--lun', `0=${image}`];
+    },
+    request: (i) => command(0, 0, rw10(READ_10, ((i * BLOCK) % IMAGE_SIZE) / 512, BLOCK / 512), { dataIn: BLOCK }),
+    wrong: (done) => {
+      const r = parseResponse(done);
+      return r.response === 0 && r.status === 0 && r.residual === 0 ? null : `READ(10): response ${r.response}, status ${r.status}, residual ${r.residual}`;
     },
   },
   {
@@ -142,24 +165,25 @@ async function steadyFds(pid: number): Promise<number> {
   return n;
 }
 
-/** One front-end: set up queue 0, move `c.requests` requests through it DEPTH at a time, hang up. */
+/** One front-end: set up the case's queue, move `c.requests` requests through it DEPTH at a time, hang up. */
 async function cycle(socketPath: string, c: ChurnCase): Promise<void> {
   const fe = Frontend.connect(socketPath);
   try {
     await fe.negotiate();
     await fe.setMemTable();
-    await fe.setupQueue(0, QUEUE_SIZE);
+    const queue = c.queue ?? 0;
+    await fe.setupQueue(queue, QUEUE_SIZE);
     let submitted = Math.min(DEPTH, c.requests);
-    fe.submit(0, Array.from({ length: submitted }, (_, i) => c.request(i)));
+    fe.submit(queue, Array.from({ length: submitted }, (_, i) => c.request(i)));
     for (let completed = 0; completed < c.requests; ) {
-      const done = await fe.collect(0, 1);
+      const done = await fe.collect(queue, 1);
       for (const d of done) {
         const wrong = c.wrong(d);
         if (wrong !== null) throw new Error(`${c.device}: ${wrong}`);
       }
       completed += done.length;
       const more = Math.min(done.length, c.requests - submitted);
-      if (more > 0) fe.submit(0, Array.from({ length: more }, (_, i) => c.request(submitted + i)));
+      if (more > 0) fe.submit(queue, Array.from({ length: more }, (_, i) => c.request(submitted + i)));
       submitted += more;
     }
   } finally {

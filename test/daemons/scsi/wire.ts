@@ -1,11 +1,11 @@
 /** virtio-scsi requests and responses as a driver builds and reads them (tests). */
 import { CDB_SIZE, CMD_HEADER_SIZE, RESP_HEADER_SIZE } from '../../../daemons/scsi/virtio-scsi';
+import type { ChainSpec, SegmentSpec } from '../../helpers/frontend';
 
 /** The LUN field as Linux virtio_scsi builds requests: flat space addressing. */
 export function requestLun(target: number, lun: number): Uint8Array {
   return Uint8Array.of(1, target, 0x40 | (lun >> 8), lun & 0xff, 0, 0, 0, 0);
 }
-import type { ChainSpec, SegmentSpec } from '../../helpers/frontend';
 
 /** struct virtio_scsi_req_cmd header for `target:lun` with `cdb` (and request id `id`). */
 export function cmdHeader(target: number, lun: number, cdb: number[], id = 1): Uint8Array {
