@@ -28,6 +28,7 @@ import type { DeviceContext } from '../../lib/vhost-user/device-backend';
 import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import { bit } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import { SlotPool } from '../../lib/virtqueue/slot-pool';
 import { drainQueue } from '../../lib/virtqueue/drain';
 import { IOV_MAX, fillIovecs } from '../../lib/virtqueue/iovecs';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
@@ -127,9 +128,7 @@ class Slot {
 /** One queue's state. */
 class QueueWorker {
   queue: Virtqueue | null = null;
-  slots: Slot[] = [];
-  free = new Int32Array(0);
-  freeTop = 0;
+  readonly pool = new SlotPool((i) => new Slot(i));
   /** Requests whose I/O is in flight. */
   inFlight = 0;
   engine: IoEngine | null = null;
@@ -137,14 +136,6 @@ class QueueWorker {
   readonly stats = new BlkQueueStats();
 
   constructor(readonly index: number) {}
-
-  ensureSlots(size: number): void {
-    if (this.slots.length >= size) return;
-    for (let i = this.slots.length; i < size; i++) this.slots.push(new Slot(i));
-    this.free = new Int32Array(this.slots.length);
-    this.freeTop = 0;
-    for (let i = this.slots.length - 1; i >= 0; i--) this.free[this.freeTop++] = i;
-  }
 }
 
 export class BlkDevice implements DaemonDevice {
@@ -291,7 +282,7 @@ export class BlkDevice implements DaemonDevice {
   startQueue(index: number, queue: Virtqueue): void {
     const w = this.workers[index]!;
     w.queue = queue;
-    w.ensureSlots(queue.size);
+    w.pool.ensure(queue.size);
     if (w.engine === null) {
       w.engine = new IoEngine(this.createExecutor, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n));
       this.executorKind = w.engine.kind;
@@ -327,8 +318,8 @@ export class BlkDevice implements DaemonDevice {
   /** Parse and start one chain. Returns false for a malformed chain (nothing is completed for it). */
   private startRequest(w: QueueWorker, queue: Virtqueue, chain: DescriptorChain): boolean {
     // The queue never hands out more chains than its size, and there is a slot per entry.
-    if (w.freeTop === 0) throw new RingError('VIRTQ_TOO_MANY_IN_FLIGHT', `queue ${w.index}: more requests in flight than slots`);
-    const slot = w.slots[w.free[w.freeTop - 1]!]!;
+    const slot = w.pool.peek();
+    if (slot === undefined) throw new RingError('VIRTQ_TOO_MANY_IN_FLIGHT', `queue ${w.index}: more requests in flight than slots`);
     const req = slot.request;
     if (!parseRequest(chain, this.limits, req)) {
       this.badReason = req.reason;
@@ -351,7 +342,7 @@ export class BlkDevice implements DaemonDevice {
       }
     }
     // Asynchronous from here: take the slot and hold the guest memory.
-    w.freeTop--;
+    w.pool.take();
     w.inFlight++;
     slot.chain = chain;
     slot.memory = chain.memory;
@@ -453,7 +444,7 @@ export class BlkDevice implements DaemonDevice {
   private onCompletions(w: QueueWorker, userData: Uint32Array, result: Int32Array, count: number): void {
     for (let i = 0; i < count; i++) {
       const ud = userData[i]!;
-      const slot = w.slots[ud & SLOT_MASK]!;
+      const slot = w.pool.slots[ud & SLOT_MASK]!;
       if (slot.chain === null) continue; // cannot happen: a completion for an idle slot
       if (this.opCompleted(w, slot, ud >>> SLOT_BITS, result[i]!)) {
         if (--slot.pending === 0) this.finish(w, slot);
@@ -543,7 +534,7 @@ export class BlkDevice implements DaemonDevice {
     slot.chain = null;
     slot.memory!.release();
     slot.memory = null;
-    w.free[w.freeTop++] = slot.index;
+    w.pool.put(slot);
     w.inFlight--;
   }
 

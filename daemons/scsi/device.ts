@@ -26,6 +26,7 @@ import type { Logger } from '../../lib/runtime/logger';
 import type { DeviceContext } from '../../lib/vhost-user/device-backend';
 import { bit } from '../../lib/virtio/constants';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
+import { SlotPool } from '../../lib/virtqueue/slot-pool';
 import { drainQueue } from '../../lib/virtqueue/drain';
 import { HeldBuffers } from '../../lib/virtqueue/held-buffers';
 import { IOV_MAX, fillIovecs } from '../../lib/virtqueue/iovecs';
@@ -153,20 +154,10 @@ class ChainCommand implements ScsiCommand {
 /** One request queue's state. */
 class RequestQueue {
   queue: Virtqueue | null = null;
-  slots: Slot[] = [];
-  free = new Int32Array(0);
-  freeTop = 0;
+  readonly pool = new SlotPool((i) => new Slot(i));
   inFlight = 0;
   engine: IoEngine | null = null;
   readonly stats = new ScsiQueueStats();
-
-  ensureSlots(size: number): void {
-    if (this.slots.length >= size) return;
-    for (let i = this.slots.length; i < size; i++) this.slots.push(new Slot(i));
-    this.free = new Int32Array(this.slots.length);
-    this.freeTop = 0;
-    for (let i = this.slots.length - 1; i >= 0; i--) this.free[this.freeTop++] = i;
-  }
 }
 
 export class ScsiDevice implements DaemonDevice {
@@ -270,7 +261,7 @@ export class ScsiDevice implements DaemonDevice {
     if (index === CONTROL_QUEUE) return;
     const rq = this.queues[index - FIRST_REQUEST_QUEUE]!;
     rq.queue = queue;
-    rq.ensureSlots(queue.size);
+    rq.pool.ensure(queue.size);
     rq.engine ??= new IoEngine(this.createExecutor, this.maxQueueSize, (u, r, n) => this.onCompletions(rq, u, r, n));
   }
 
@@ -332,8 +323,8 @@ export class ScsiDevice implements DaemonDevice {
       this.badReason = `response buffer shorter than ${RESP_HEADER_SIZE} bytes`;
       return false;
     }
-    if (rq.freeTop === 0) throw new RingError('VIRTQ_TOO_MANY_IN_FLIGHT', 'more requests in flight than slots');
-    const slot = rq.slots[rq.free[rq.freeTop - 1]!]!;
+    const slot = rq.pool.peek();
+    if (slot === undefined) throw new RingError('VIRTQ_TOO_MANY_IN_FLIGHT', 'more requests in flight than slots');
     const command = this.command;
     chain.read(0, command.header);
     const h = command.header;
@@ -368,7 +359,7 @@ export class ScsiDevice implements DaemonDevice {
         break;
     }
     // Asynchronous from here: take the slot and hold the guest memory.
-    rq.freeTop--;
+    rq.pool.take();
     rq.inFlight++;
     slot.chain = chain;
     slot.memory = chain.memory;
@@ -444,7 +435,7 @@ export class ScsiDevice implements DaemonDevice {
   /** A batch of completions from the engine: finish commands, then one flush. */
   private onCompletions(rq: RequestQueue, userData: Uint32Array, result: Int32Array, count: number): void {
     for (let i = 0; i < count; i++) {
-      const slot = rq.slots[userData[i]! & SLOT_MASK]!;
+      const slot = rq.pool.slots[userData[i]! & SLOT_MASK]!;
       if (slot.chain === null) continue; // cannot happen: a completion for an idle slot
       const res = result[i]!;
       if (res < 0) {
@@ -487,7 +478,7 @@ export class ScsiDevice implements DaemonDevice {
     slot.target = null;
     slot.memory!.release();
     slot.memory = null;
-    rq.free[rq.freeTop++] = slot.index;
+    rq.pool.put(slot);
     rq.inFlight--;
   }
 
@@ -577,7 +568,7 @@ export class ScsiDevice implements DaemonDevice {
   private taskInFlight(key: number, id: [number, number] | null): boolean {
     for (const rq of this.queues) {
       if (rq.inFlight === 0) continue;
-      for (const slot of rq.slots) {
+      for (const slot of rq.pool.slots) {
         if (slot.chain !== null && slot.key === key && (id === null || (slot.idLo === id[0] && slot.idHi === id[1]))) return true;
       }
     }
