@@ -132,6 +132,8 @@ async function main(): Promise<void> {
         'mark operator balloon',
         `wait_for 120 balloon_shrunk ${BALLOON_TARGET / 1024}`,
         'mark balloon_memtotal "$balloon_before $(balloon_memtotal)"',
+        // Stay up a moment: the operator reads the daemon's status while the guest is attached.
+        'sleep 3',
       ],
       summary: (m) => {
         const [before, after] = (m('balloon_memtotal') ?? '').split(' ').map(Number);
