@@ -8,7 +8,7 @@ if [ "$(id -u)" = 0 ]; then bash scripts/install-deps.sh; else echo "demo: not r
 npm run build:ts
 # The balloon's front-end exists only in QEMU 10.2: built once into the cache (about 10 minutes, its
 # progress shows here); if that fails the demo runs the other daemons on the system QEMU and says why.
-if [ -z "${VHOSTD_QEMU_10_2:-}" ]; then
+if [ -z "${VHOSTD_QEMU_10_2:-}" ] && [ -z "${VHOSTD_QEMU:-}" ]; then
   if qemu102=$(bash scripts/qemu-10.2.sh | tail -n 1) && [ -n "$qemu102" ]; then
     export VHOSTD_QEMU_10_2=$qemu102
   else
