@@ -1176,9 +1176,16 @@ export class Frontend {
   /** Used elements so far, with their written bytes read back. */
   takeCompletions(index: number): Completion[] {
     const q = this.queue(index);
-    return q.driver.takeUsed().map(({ id, len }) => {
+    return q.driver.takeUsed().map(({ id, len }, i, all) => {
       const segs = q.inflight.get(id);
-      if (segs === undefined) throw new FrontendError('FRONTEND_BAD_USED', `queue ${index}: used id ${id} is not in flight`);
+      if (segs === undefined) {
+        // Enough to tell a stale or unwritten used element from a completion delivered twice.
+        const batch = all.map((u) => `${u.id}/${u.len}`).join(' ');
+        throw new FrontendError(
+          'FRONTEND_BAD_USED',
+          `queue ${index}: used id ${id} (len ${len}, element ${i} of this batch: ${batch}) is not in flight; in flight: ${[...q.inflight.keys()].join(' ')}`,
+        );
+      }
       q.inflight.delete(id);
       const total = segs.reduce((n, s) => n + s.len, 0);
       const out = new Uint8Array(Math.min(len, total));
