@@ -22,6 +22,8 @@ export interface GuestPhysAccess {
   read(gpa: number, len: number): Uint8Array;
   /** Store `bytes` at guest physical address `gpa`. */
   write(gpa: number, bytes: Uint8Array): void;
+  /** The bytes at `gpa` in place (memory shared with the device), when the access has them. */
+  view?(gpa: number, len: number): Uint8Array;
 }
 
 /** One element of a buffer: device-readable unless `writable`. */
@@ -119,20 +121,45 @@ function le32(v: number): Uint8Array {
   return bytes;
 }
 
+/**
+ * Ring fields (indexes, flags, used elements) are loaded and stored as single aligned accesses
+ * (Atomics), as a real driver does: the device runs in another process or thread, and a field copied
+ * byte by byte can be seen half-updated (a used.idx read as 0x13f0 while the device moved it from
+ * 0x12f0 to 0x1300). Memory without an in-place view (in-process fakes) is copied.
+ */
 class Access {
   constructor(readonly mem: GuestPhysAccess) {}
+  /** The aligned word at `gpa` in place, or null (no view, misaligned or split: hostile layouts). */
+  private word(gpa: number, bytes: 2 | 4): Uint16Array | Uint32Array | null {
+    let v: Uint8Array | undefined;
+    try {
+      v = this.mem.view?.(gpa, bytes);
+    } catch {
+      return null; // straddles two regions (a hostile layout): copy it
+    }
+    if (v === undefined || v.byteOffset % bytes !== 0) return null;
+    return bytes === 2 ? new Uint16Array(v.buffer, v.byteOffset, 1) : new Uint32Array(v.buffer, v.byteOffset, 1);
+  }
   u16(gpa: number): number {
+    const w = this.word(gpa, 2);
+    if (w !== null) return Atomics.load(w, 0);
     const b = this.mem.read(gpa, 2);
     return b[0]! | (b[1]! << 8);
   }
   u32(gpa: number): number {
+    const w = this.word(gpa, 4);
+    if (w !== null) return Atomics.load(w, 0);
     return new DataView(this.mem.read(gpa, 4).buffer).getUint32(0, true);
   }
   set16(gpa: number, v: number): void {
-    this.mem.write(gpa, le16(v));
+    const w = this.word(gpa, 2);
+    if (w !== null) Atomics.store(w, 0, v & 0xffff);
+    else this.mem.write(gpa, le16(v));
   }
   set32(gpa: number, v: number): void {
-    this.mem.write(gpa, le32(v));
+    const w = this.word(gpa, 4);
+    if (w !== null) Atomics.store(w, 0, v >>> 0);
+    else this.mem.write(gpa, le32(v));
   }
   zero(gpa: number, len: number): void {
     this.mem.write(gpa, new Uint8Array(len));
