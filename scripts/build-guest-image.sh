@@ -182,8 +182,9 @@ done
 depmod -b "$stage" "$kernel_version"
 printf '%s\n' "${order[@]}" >"$stage/etc/vhostd-modules"
 
-# The tools, at their packaged paths (earlier in the archive than /init's `busybox --install -s`, whose
-# symlinks do not replace an existing file: busybox's own lsscsi applet stays out of the way), and every
+# The tools, at their packaged paths (`busybox --install -s` in /init does not replace an existing file; but
+# Debian's busybox sh prefers its own applets to PATH, so a script runs the real lsscsi as /usr/bin/lsscsi,
+# as busybox has an applet of that name), and every
 # library each one loads, found by the unpacked loader's --list against the unpacked tree only. The host
 # runs that loader, so this needs an x86_64 host, as the kernel does. Debian's loader searches
 # /lib/x86_64-linux-gnu and /usr/lib/x86_64-linux-gnu without an ld.so.cache.
