@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds, once, the guest image the real-guest (e2e) tests boot under QEMU: a Debian kernel plus a small
-# gzip'ed newc initramfs holding a static busybox, an /init, and the virtio modules with their dependencies.
+# gzip'ed newc initramfs holding a static busybox, an /init, the virtio modules with their dependencies, and
+# a few dynamically linked Debian tools busybox lacks (ethtool, sg3-utils, lsscsi) with the libraries they load.
 #
 # Usage: scripts/build-guest-image.sh
 #   Prints the image directory as the last line of stdout; progress goes to stderr. The directory holds
@@ -12,8 +13,10 @@
 #   VHOSTD_CACHE   cache root (default $HOME/.cache/vhostd). Images live in $VHOSTD_CACHE/guest/<key>/,
 #                  downloaded .debs in $VHOSTD_CACHE/debs/.
 #
-# The cache key holds the kernel ABI name, the kernel and busybox package versions and a hash of this file,
-# so a kernel update or a change to /init below builds a new image. An image directory is complete or absent:
+# The cache key holds the kernel ABI name, the kernel and busybox package versions, a hash of the tool
+# packages' versions and a hash of this file, so a kernel or tool update or a change to /init below builds a
+# new image. The libraries come from apt's candidates at build time (manifest.json names them); a library
+# update alone keeps the cached image, whose tools and libraries still match each other. An image directory is complete or absent:
 # the build happens in a temporary directory that is renamed into place, under a lock when flock(1) exists,
 # so test processes that start at once build it once and never see half an image.
 #
@@ -23,6 +26,17 @@ set -euo pipefail
 
 # Modules the guest loads at boot, by name; their dependencies come from modprobe --show-depends.
 MODULES=(virtio_pci virtio_blk virtio_net virtio_scsi sd_mod sg virtio-rng virtio_balloon)
+# Debian packages with tools the tests run in the guest, and the programs taken from each (paths inside the
+# package, kept as they are in the guest). The shared libraries they need come from the packages' Depends,
+# chosen per program by the packaged dynamic loader's --list.
+declare -A TOOLS=(
+  [ethtool]="sbin/ethtool"
+  [sg3-utils]="usr/bin/sg_inq usr/bin/sg_vpd usr/bin/sg_readcap usr/bin/sg_turs usr/bin/sg_reset usr/bin/sg_luns
+    usr/bin/sg_modes usr/bin/sg_opcodes usr/bin/sg_requests usr/bin/sg_sync usr/bin/sg_unmap usr/bin/sg_verify
+    usr/bin/sg_write_same usr/bin/sg_raw"
+  [lsscsi]="usr/bin/lsscsi"
+)
+TOOL_PACKAGES=(ethtool lsscsi sg3-utils)
 
 log() { printf 'build-guest-image: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -36,9 +50,10 @@ debs=$cache/debs
 images=$cache/guest
 mkdir -p "$debs" "$images"
 
-# One apt-cache call (it reparses the package lists each time, about a second here): the candidate
-# linux-image-amd64, whose Depends names the kernel package (and pins its version), and busybox-static.
-if ! meta=$(apt-cache show --no-all-versions linux-image-amd64 busybox-static 2>/dev/null); then
+# One apt-cache call on the cached path (it reparses the package lists each time, about a second here): the
+# candidate linux-image-amd64, whose Depends names the kernel package (and pins its version), busybox-static
+# and the tool packages.
+if ! meta=$(apt-cache show --no-all-versions linux-image-amd64 busybox-static "${TOOL_PACKAGES[@]}" 2>/dev/null); then
   # Without apt's lists (cleaned, or another distribution), the newest image already built still serves.
   newest=$(find "$images" -mindepth 2 -maxdepth 2 -name manifest.json -printf '%T@ %h\n' 2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2-)
   [ -n "$newest" ] || die "apt-cache knows no linux-image-amd64 or busybox-static (run apt-get update or scripts/install-deps.sh)"
@@ -46,10 +61,10 @@ if ! meta=$(apt-cache show --no-all-versions linux-image-amd64 busybox-static 2>
   printf '%s\n' "$newest"
   exit 0
 fi
-field() { # field PACKAGE FIELD: a field of PACKAGE's stanza in $meta
+field() { # field PACKAGE FIELD [STANZAS]: a field of PACKAGE's stanza in STANZAS (default $meta)
   awk -v pkg="$1" -v field="$2" '
     /^Package: / { inpkg = ($2 == pkg) }
-    inpkg && index($0, field ": ") == 1 { print substr($0, length(field) + 3); exit }' <<<"$meta"
+    inpkg && index($0, field ": ") == 1 { print substr($0, length(field) + 3); exit }' <<<"${3-$meta}"
 }
 kernel_dep=$(field linux-image-amd64 Depends)
 kernel_pkg=$(sed -n 's/^\(linux-image-[^ ,]*\).*/\1/p' <<<"$kernel_dep")
@@ -61,9 +76,15 @@ busybox_version=$(field busybox-static Version)
 [ -n "$kernel_pkg" ] || die "cannot resolve the kernel package of linux-image-amd64 (Depends: $kernel_dep)"
 [ -n "$kernel_pkg_version" ] && [ -n "$busybox_version" ] || die "no candidate version for $kernel_pkg or busybox-static"
 kernel_version=${kernel_pkg#linux-image-}
+declare -A tool_versions=()
+for pkg in "${TOOL_PACKAGES[@]}"; do
+  tool_versions[$pkg]=$(field "$pkg" Version)
+  [ -n "${tool_versions[$pkg]}" ] || die "apt-cache knows no $pkg (run apt-get update)"
+done
+tools_hash=$(for pkg in "${TOOL_PACKAGES[@]}"; do printf '%s=%s\n' "$pkg" "${tool_versions[$pkg]}"; done | sha256sum | cut -c1-8)
 
 script_hash=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)
-key=$(printf '%s_%s_bb%s_%s' "$kernel_version" "$kernel_pkg_version" "$busybox_version" "$script_hash" | tr ':+~/' '...-')
+key=$(printf '%s_%s_bb%s_t%s_%s' "$kernel_version" "$kernel_pkg_version" "$busybox_version" "$tools_hash" "$script_hash" | tr ':+~/' '...-')
 image=$images/$key
 
 if [ -f "$image/manifest.json" ]; then
@@ -106,6 +127,18 @@ fetch_deb() {
 
 kernel_deb=$(fetch_deb "$kernel_pkg" "$kernel_pkg_version")
 busybox_deb=$(fetch_deb busybox-static "$busybox_version")
+# The tools' Depends, first alternative each, without version constraints: their libraries (libc6, libmnl0,
+# libsgutils2-*). One level is enough: a library a program loads that these packages lack fails the build below.
+lib_packages=$(for pkg in "${TOOL_PACKAGES[@]}"; do field "$pkg" Depends | tr ',' '\n' | sed 's/|.*//; s/(.*//; s/:any//; s/ //g'; done | sort -u)
+lib_meta=$(apt-cache show --no-all-versions $lib_packages) || die "apt-cache cannot show the tools' dependencies: $lib_packages"
+tool_debs=()
+package_list=()
+for pkg in "${TOOL_PACKAGES[@]}" $lib_packages; do
+  version=${tool_versions[$pkg]:-$(field "$pkg" Version "$lib_meta")}
+  [ -n "$version" ] || die "no candidate version for $pkg"
+  tool_debs+=("$(fetch_deb "$pkg" "$version")")
+  package_list+=("$pkg=$version")
+done
 
 work=$(mktemp -d "$images/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -113,6 +146,8 @@ log "building $key in $work"
 
 dpkg-deb -x "$kernel_deb" "$work/kernel"
 dpkg-deb -x "$busybox_deb" "$work/busybox"
+# All tool and library packages unpack into one tree, as they would install.
+for deb in "${tool_debs[@]}"; do dpkg-deb -x "$deb" "$work/tools"; done
 kroot=$work/kernel
 [ -d "$kroot/lib/modules/$kernel_version" ] || die "$kernel_deb has no lib/modules/$kernel_version"
 # The package ships no modules.dep (its postinst runs depmod); make one for modprobe --show-depends.
@@ -146,6 +181,57 @@ for f in modules.order modules.builtin modules.builtin.modinfo; do
 done
 depmod -b "$stage" "$kernel_version"
 printf '%s\n' "${order[@]}" >"$stage/etc/vhostd-modules"
+
+# The tools, at their packaged paths (`busybox --install -s` in /init does not replace an existing file; but
+# Debian's busybox sh prefers its own applets to PATH, so a script runs the real lsscsi as /usr/bin/lsscsi,
+# as busybox has an applet of that name), and every
+# library each one loads, found by the unpacked loader's --list against the unpacked tree only. The host
+# runs that loader, so this needs an x86_64 host, as the kernel does. Debian's loader searches
+# /lib/x86_64-linux-gnu and /usr/lib/x86_64-linux-gnu without an ld.so.cache.
+troot=$work/tools
+in_tree() { # in_tree PATH: PATH inside $troot with its symlinks followed inside $troot (libc6's
+  # lib64/ld-linux-x86-64.so.2 links to an absolute path, which outside the tree is the host's loader)
+  local path=$1 target n=0
+  while [ -L "$troot/$path" ]; do
+    [ $((n += 1)) -le 16 ] || die "symlink loop at $path in the tools' packages"
+    target=$(readlink "$troot/$path")
+    case $target in
+      /*) path=${target#/} ;;
+      *) path=$(dirname "$path")/$target ;;
+    esac
+  done
+  [ -f "$troot/$path" ] || die "$1 is not in the tools' packages ($lib_packages)"
+  printf '%s\n' "$path"
+}
+declare -A staged=()
+stage_file() { # stage_file PATH: copies the file $troot/PATH names to $stage/PATH, once
+  local source
+  [ -n "${staged[$1]:-}" ] && return
+  staged[$1]=1
+  source=$(in_tree "$1") || exit 1
+  mkdir -p "$stage/$(dirname "$1")"
+  cp "$troot/$source" "$stage/$1"
+}
+# The programs' PT_INTERP.
+stage_file lib64/ld-linux-x86-64.so.2
+loader=$(in_tree lib64/ld-linux-x86-64.so.2) || exit 1
+loader=$troot/$loader
+for pkg in "${TOOL_PACKAGES[@]}"; do
+  for program in ${TOOLS[$pkg]}; do
+    [ -f "$troot/$program" ] || die "$pkg has no $program"
+    stage_file "$program"
+    libs=$("$loader" --library-path "$troot/lib/x86_64-linux-gnu:$troot/usr/lib/x86_64-linux-gnu" --list "$troot/$program") ||
+      die "the loader cannot list the libraries of $program: $libs"
+    while read -r name arrow path _; do
+      # Not linux-vdso.so.1 (the kernel's), nor the loader's own line (named by its absolute path, staged above).
+      [ "$arrow" = '=>' ] && [ "${name#/}" = "$name" ] || continue
+      case $path in
+        "$troot"/*) stage_file "${path#"$troot"/}" ;;
+        *) die "$program needs $name, which none of $lib_packages holds ($path)" ;;
+      esac
+    done <<<"$libs"
+  done
+done
 
 # /init, PID 1 of the guest. Output goes to the serial console, which the host reads.
 # Markers (parsed by test/helpers/qemu-guest.ts): "VHOSTD-GUEST-READY uptime=S" before the test script runs
@@ -217,6 +303,7 @@ cat >"$work/out/manifest.json" <<JSON
   "kernelVersion": "$kernel_version",
   "kernelPackage": "$kernel_pkg=$kernel_pkg_version",
   "busyboxPackage": "busybox-static=$busybox_version",
+  "toolPackages": [$(printf '"%s",' "${package_list[@]}" | sed 's/,$//')],
   "kernel": "$boot_kernel",
   "initrd": "initramfs.cpio.gz",
   "modules": [${modules_json%,}]

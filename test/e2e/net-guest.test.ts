@@ -5,7 +5,7 @@
  *
  * Needs root (network namespaces, a TAP). The daemon runs inside the namespace, where its TAP is.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -14,6 +14,7 @@ import path from 'node:path';
 import type { ExecutionContext } from 'ava';
 
 import { startDaemon } from '../helpers/daemon';
+import { namespaceWithTap, runInNamespace } from '../helpers/net-topology';
 import { vhostctl } from '../helpers/vhostctl';
 import { guestTest } from '../helpers/guest-test';
 import { reconnectOption, runGuest } from '../helpers/qemu-guest';
@@ -58,22 +59,6 @@ function expectedDownload(): string {
   return createHash('md5').update(out).digest('hex');
 }
 
-/** A network namespace holding a multi-queue vnet_hdr TAP with HOST_IP and `mtu`; removed at teardown. */
-let serial = 0;
-
-function namespaceWithTap(t: ExecutionContext, mtu = 1500): { namespace: string; tap: string } {
-  const namespace = `vhtn${process.pid % 100000}x${serial++}`;
-  const tap = `${namespace}t`;
-  execFileSync('ip', ['netns', 'add', namespace]);
-  t.teardown(() => execFileSync('ip', ['netns', 'del', namespace]));
-  const ip = (...args: string[]) => execFileSync('ip', ['-n', namespace, ...args]);
-  ip('tuntap', 'add', 'dev', tap, 'mode', 'tap', 'multi_queue', 'vnet_hdr');
-  ip('link', 'set', 'dev', tap, 'mtu', String(mtu));
-  ip('addr', 'add', `${HOST_IP}/24`, 'dev', tap);
-  ip('link', 'set', 'dev', tap, 'up');
-  return { namespace, tap };
-}
-
 function startServer(t: ExecutionContext, namespace: string): Promise<ChildProcess> {
   const server = spawn('ip', ['netns', 'exec', namespace, process.execPath, '-e', SERVER, String(TRANSFER_BYTES)], { stdio: ['ignore', 'pipe', 'inherit'] });
   t.teardown(() => server.kill());
@@ -84,7 +69,7 @@ function startServer(t: ExecutionContext, namespace: string): Promise<ChildProce
 }
 
 guestTest('the guest pings the TAP side and back, and 8 MiB cross each way with equal md5', async (t) => {
-  const { namespace, tap } = namespaceWithTap(t);
+  const { namespace, tap } = namespaceWithTap(t, `${HOST_IP}/24`);
   await startServer(t, namespace);
   // The daemon lives in the namespace, so its metrics are read over the control socket (a file).
   const control = `/tmp/vhostd-net-control-${process.pid}.sock`;
@@ -101,13 +86,7 @@ guestTest('the guest pings the TAP side and back, and 8 MiB cross each way with 
       onConsoleLine: (line) => {
         // Once the guest has its address, the TAP side pings it; the guest waits for those echoes.
         if (line.includes('VHOSTD-MARK configured') && hostPing === undefined) {
-          hostPing = new Promise((resolve) => {
-            const ping = spawn('ip', ['netns', 'exec', namespace, BUSYBOX, 'ping', '-c', '10', '-W', '60', GUEST_IP], { stdio: ['ignore', 'pipe', 'pipe'] });
-            let out = '';
-            ping.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
-            ping.stderr.on('data', (chunk: Buffer) => (out += chunk.toString()));
-            ping.once('exit', () => resolve(out));
-          });
+          hostPing = runInNamespace(namespace, [BUSYBOX, 'ping', '-c', '10', '-W', '60', GUEST_IP]).then((run) => run.output);
         }
       },
       script: [
@@ -160,7 +139,7 @@ guestTest('the guest pings the TAP side and back, and 8 MiB cross each way with 
 });
 
 guestTest('packed rings, two queue pairs in two threads each carry traffic; 9000-byte MTU from host_mtu, jumbo pings both ways', async (t) => {
-  const { namespace, tap } = namespaceWithTap(t, 9000);
+  const { namespace, tap } = namespaceWithTap(t, `${HOST_IP}/24`, 9000);
   const control = `/tmp/vhostd-net-control-${process.pid}-mq.sock`;
   const daemon = await startDaemon('net', ['--tap', tap, '--queues', '2', '--threads', '2', '--mtu', '9000', '--control', control], 10_000, {
     prefix: ['ip', 'netns', 'exec', namespace],
@@ -177,13 +156,7 @@ guestTest('packed rings, two queue pairs in two threads each carry traffic; 9000
       timeoutMs: 240_000,
       onConsoleLine: (line) => {
         if (line.includes('VHOSTD-MARK configured') && hostPing === undefined) {
-          hostPing = new Promise((resolve) => {
-            const ping = spawn('ip', ['netns', 'exec', namespace, BUSYBOX, 'ping', '-c', '5', '-s', '8972', '-W', '60', GUEST_IP], { stdio: ['ignore', 'pipe', 'pipe'] });
-            let out = '';
-            ping.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
-            ping.stderr.on('data', (chunk: Buffer) => (out += chunk.toString()));
-            ping.once('exit', () => resolve(out));
-          });
+          hostPing = runInNamespace(namespace, [BUSYBOX, 'ping', '-c', '5', '-s', '8972', '-W', '60', GUEST_IP]).then((run) => run.output);
         }
       },
       script: [
@@ -226,7 +199,7 @@ guestTest('packed rings, two queue pairs in two threads each carry traffic; 9000
 // learns it only from GET_VRING_BASE, which a stopped daemon cannot answer; a split ring's used index
 // is in guest memory), so a restart under a guest with packed=on loses the ring (daemons/net/README.md).
 guestTest('the daemon restarted under a running guest (chardev reconnect) and traffic resumes', async (t) => {
-  const { namespace, tap } = namespaceWithTap(t);
+  const { namespace, tap } = namespaceWithTap(t, `${HOST_IP}/24`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-net-restart-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const socketPath = path.join(dir, 'net.sock');

@@ -1,11 +1,14 @@
 /**
- * A TAP for net tests and the demo that reaches a peer without touching the host's own networking:
- * the TAP (multi_queue, vnet_hdr, in the host's network namespace, where the daemon looks it up) sits
- * on a bridge with one end of a veth pair; the other end lives in a network namespace of its own with
- * `peerIp`, so the kernel there answers ARP and ping. Neither the bridge nor the TAP has an address.
- * Needs root.
+ * TAPs for net tests and the demo, kept off the host's own networking. Needs root.
+ * - `createBridgedTap`: the TAP (multi_queue, vnet_hdr, in the host's network namespace, where the daemon
+ *   looks it up) sits on a bridge with one end of a veth pair; the other end lives in a network namespace
+ *   of its own with `peerIp`, so the kernel there answers ARP and ping. Neither the bridge nor the TAP has
+ *   an address.
+ * - `namespaceWithTap`: the TAP itself, with an address, in a namespace of its own; the daemon runs in
+ *   that namespace (`startDaemon(..., { prefix: ['ip', 'netns', 'exec', namespace] })`), as do host-side
+ *   peers (`runInNamespace`).
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 
 export interface BridgedTap {
   /** The TAP for `--tap`. */
@@ -50,4 +53,53 @@ export function createBridgedTap(base: string, peerMac: string, peerCidr: string
     throw err;
   }
   return { tap, namespace, close };
+}
+
+/** What `namespaceWithTap` cleans up with: ava's `t` or anything else with `teardown`. */
+export interface Teardown {
+  teardown(fn: () => void): void;
+}
+
+let namespaces = 0;
+
+/**
+ * A fresh network namespace holding a multi-queue vnet_hdr TAP with `hostCidr` (e.g. 10.78.0.1/24) and
+ * `mtu`, up; the namespace (and so the TAP) is removed at teardown.
+ */
+export function namespaceWithTap(t: Teardown, hostCidr: string, mtu = 1500): { namespace: string; tap: string } {
+  const namespace = `vhtn${process.pid % 100000}x${namespaces++}`;
+  const tap = `${namespace}t`;
+  execFileSync('ip', ['netns', 'add', namespace]);
+  t.teardown(() => execFileSync('ip', ['netns', 'del', namespace]));
+  const ip = (...args: string[]) => execFileSync('ip', ['-n', namespace, ...args]);
+  ip('tuntap', 'add', 'dev', tap, 'mode', 'tap', 'multi_queue', 'vnet_hdr');
+  ip('link', 'set', 'dev', tap, 'mtu', String(mtu));
+  ip('addr', 'add', hostCidr, 'dev', tap);
+  ip('link', 'set', 'dev', tap, 'up');
+  return { namespace, tap };
+}
+
+export interface RunInNamespaceOptions {
+  /** Kills the command (SIGTERM) when aborted, e.g. a server at the test's teardown. */
+  readonly signal?: AbortSignal;
+  /** Called with each chunk of output as it arrives (to see a server say that it listens). */
+  readonly onOutput?: (text: string) => void;
+}
+
+/**
+ * Runs `command` in `namespace` to its end, asynchronously (a guest in this process keeps running), and
+ * resolves with its exit status (null when killed) and its stdout and stderr interleaved.
+ */
+export function runInNamespace(namespace: string, command: readonly string[], options: RunInNamespaceOptions = {}): Promise<{ status: number | null; output: string }> {
+  const child = spawn('ip', ['netns', 'exec', namespace, ...command], { stdio: ['ignore', 'pipe', 'pipe'], signal: options.signal });
+  let output = '';
+  const collect = (chunk: Buffer) => {
+    output += chunk.toString();
+    options.onOutput?.(chunk.toString());
+  };
+  child.stdout.on('data', collect);
+  child.stderr.on('data', collect);
+  // An abort surfaces as an 'error' event (AbortError) before 'close'; the status tells it anyway.
+  child.on('error', () => {});
+  return new Promise((resolve) => child.once('close', (status) => resolve({ status, output })));
 }

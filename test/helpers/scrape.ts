@@ -10,6 +10,12 @@ export interface Sample {
   value: number;
 }
 
+/** One metric of prom-client's `getMetricsAsJSON()`; histogram samples carry their own `metricName`. */
+export interface MetricJson {
+  name: string;
+  values: { labels: Record<string, string | number>; value: number; metricName?: string }[];
+}
+
 /** Every sample line of `text` (comments skipped). */
 export function parseSamples(text: string): Sample[] {
   const out: Sample[] = [];
@@ -38,6 +44,21 @@ export class Scrape {
   /** A scrape already fetched, e.g. the body of GET /metrics. */
   static fromText(text: string): Scrape {
     return new Scrape(text);
+  }
+
+  /**
+   * A scrape from prom-client's `getMetricsAsJSON()`, which the control method `metrics` answers (for a
+   * daemon whose HTTP port is out of reach, in a network namespace say).
+   */
+  static fromJson(metrics: readonly MetricJson[]): Scrape {
+    const escape = (v: string | number) => String(v).replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
+    const lines = metrics.flatMap((m) =>
+      m.values.map((v) => {
+        const labels = Object.entries(v.labels).map(([k, l]) => `${k}="${escape(l)}"`);
+        return `${v.metricName ?? m.name}${labels.length > 0 ? `{${labels.join(',')}}` : ''} ${v.value}`;
+      }),
+    );
+    return new Scrape(lines.join('\n'));
   }
 
   /** The value of the one sample of `name` carrying `labels`; undefined when there is none. Throws if several match. */
