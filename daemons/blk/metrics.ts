@@ -97,6 +97,8 @@ export function createBlkMetrics(registry: Registry, device: BlkMetricsSource) {
     capacity: new Gauge({
       name: 'vhostd_blk_capacity_bytes',
       help: 'Disk size the guest sees, in bytes (re-read on SIGHUP)',
+      // One value for the device: the main instance's, not a sum over worker instances.
+      aggregator: 'first',
       registers: [registry],
       collect() {
         this.set(device.limits.capacityBytes);
@@ -105,6 +107,8 @@ export function createBlkMetrics(registry: Registry, device: BlkMetricsSource) {
     ioUring: new Gauge({
       name: 'vhostd_blk_io_uring',
       help: '1 when I/O goes through io_uring, 0 for the preadv/pwritev thread-pool fallback (or --null)',
+      // One value for the device: the main instance's, not a sum over worker instances.
+      aggregator: 'first',
       registers: [registry],
       collect() {
         this.set(device.executorKind === 'io_uring' ? 1 : 0);

@@ -125,6 +125,8 @@ export function createScsiMetrics(registry: Registry, device: ScsiMetricsSource)
     units: new Gauge({
       name: 'vhostd_scsi_logical_units',
       help: 'Logical units served',
+      // One value for the device: the main instance's, not a sum over worker instances.
+      aggregator: 'first',
       registers: [registry],
       collect() {
         this.set(device.unitCount);
@@ -133,6 +135,8 @@ export function createScsiMetrics(registry: Registry, device: ScsiMetricsSource)
     eventBuffers: new Gauge({
       name: 'vhostd_scsi_event_buffers_held',
       help: 'Event queue buffers the driver gave and the device holds for hotplug events',
+      // One value for the device: the main instance's, not a sum over worker instances.
+      aggregator: 'first',
       registers: [registry],
       collect() {
         this.set(device.heldEventBuffers());

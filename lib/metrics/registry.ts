@@ -7,11 +7,13 @@ import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
 
 import type { VhostUserServer } from '../runtime/serve';
 import { collectedCounter, queueCounter } from './collected';
+import { registerMergedMetrics } from './thread-metrics';
 import type { QueueCounters } from '../virtqueue/virtqueue';
 
 /**
  * Build the registry for `server`, labelled with the device name: process metrics, the engine's
- * queue/protocol/front-end metrics, then the device's own (DeviceBackend.registerMetrics).
+ * queue/protocol/front-end metrics, then the device's own (DeviceBackend.registerMetrics), summed
+ * with those of its instances in queue worker threads.
  */
 export function createDaemonMetrics(server: VhostUserServer): Registry {
   const registry = new Registry();
@@ -54,6 +56,14 @@ export function createDaemonMetrics(server: VhostUserServer): Registry {
       this.set(server.connected ? 1 : 0);
     },
   });
-  server.device.registerMetrics?.(registry);
+  const workers = server.queueWorkers;
+  if (workers === null) {
+    server.device.registerMetrics?.(registry);
+  } else {
+    // Queues in worker threads count in the workers' own device instances: merged at scrape time.
+    const own = new Registry();
+    server.device.registerMetrics?.(own);
+    registerMergedMetrics(registry, own, () => workers.metrics());
+  }
   return registry;
 }

@@ -2,9 +2,13 @@
  * Entry of a queue worker thread (see queue-workers.ts). Generic: it loads the device module the
  * daemon named, builds a device from the serializable config, and runs the queues the main thread
  * sends it through the same QueueDriver as the main thread, each with its own mapping of guest
- * memory. The main thread keeps the protocol, config space and err fds.
+ * memory. The main thread keeps the protocol, config space and err fds. The device's own metrics
+ * live in a registry of this thread, which the main thread reads when it is scraped
+ * (lib/metrics/thread-metrics.ts) and once more when the worker ends.
  */
 import { parentPort, workerData } from 'node:worker_threads';
+
+import { Registry } from 'prom-client';
 
 import { native } from '../../native';
 import type { VhostdError } from '../errors';
@@ -117,6 +121,10 @@ class WorkerQueue {
 }
 
 let device!: DeviceBackend;
+/** The worker device's own metrics (DeviceBackend.registerMetrics), read by the main thread's scrapes. */
+const metrics = new Registry();
+/** Set once the final metrics are being taken: later scrapes are answered by the main thread from those. */
+let ending = false;
 const queues = new Map<number, WorkerQueue>();
 let features = 0n;
 const context: DeviceContext = {
@@ -220,10 +228,27 @@ async function handle(message: ToWorker): Promise<void> {
         logger.warn(`config write refused by the worker device: ${(err as Error).message}`);
       }
       return;
+    case 'reset':
+      device.reset?.();
+      return;
     case 'exit':
       await exit();
       return;
   }
+}
+
+/** A scrape on the main thread. Not once the final numbers are taken: the main thread has them then. */
+function answerMetrics(): void {
+  metrics.getMetricsAsJSON().then(
+    (snapshot) => {
+      if (!ending) post({ type: 'metrics', metrics: snapshot });
+    },
+    (err: Error) => {
+      // The scrape still gets an answer (without this thread's samples) rather than waiting forever.
+      logger.warn(`worker metrics: ${err.message}`);
+      if (!ending) post({ type: 'metrics', metrics: [] });
+    },
+  );
 }
 
 async function exit(): Promise<void> {
@@ -233,6 +258,14 @@ async function exit(): Promise<void> {
   }
   if (counterTimer !== null) clearInterval(counterTimer);
   counterTimer = null;
+  // The disconnect resets the main device; the worker device gets the same order: reset, then detach.
+  device.reset?.();
+  ending = true;
+  try {
+    post({ type: 'ended', metrics: await metrics.getMetricsAsJSON() });
+  } catch (err) {
+    logger.warn(`worker metrics: ${(err as Error).message}`);
+  }
   device.detach?.();
   await (device as DeviceBackend & { close?(): Promise<void> | void }).close?.();
   port.close();
@@ -244,9 +277,15 @@ async function main(): Promise<void> {
   const factory = mod[data.exportName];
   if (typeof factory !== 'function') throw new TypeError(`${data.modulePath} has no function ${data.exportName}`);
   device = await (factory as (config: unknown, logger: Logger) => DeviceBackend | Promise<DeviceBackend>)(data.config, logger);
+  device.registerMetrics?.(metrics);
   // Messages are handled one at a time, in order (a stop waits for in-flight I/O before the next).
   let chain = Promise.resolve();
   port.on('message', (message: ToWorker) => {
+    // A scrape is answered at once, never queued behind a stop that waits for I/O.
+    if (message.type === 'metrics') {
+      answerMetrics();
+      return;
+    }
     chain = chain.then(() => handle(message)).catch((err: Error) => logger.error(`queue worker: ${err.stack ?? err.message}`));
   });
 }

@@ -2,6 +2,7 @@
  * Messages between the main thread (queue-workers.ts) and a queue worker (queue-worker-main.ts).
  * Every fd in a message to the worker is a dup the worker owns from then on.
  */
+import type { MetricSnapshot } from '../metrics/thread-metrics';
 import type { LogFields, LogLevel } from './logger';
 import type { RingAddresses } from '../virtqueue/virtqueue';
 
@@ -57,6 +58,10 @@ export type ToWorker =
   | { type: 'memory'; index: number; regions: RegionMessage[] }
   | { type: 'stop'; index: number }
   | { type: 'config'; offset: number; data: Uint8Array }
+  /** RESET_OWNER / RESET_DEVICE, after every queue of the worker stopped. */
+  | { type: 'reset' }
+  /** A scrape: answered at once with 'metrics', outside the queue messages' order. */
+  | { type: 'metrics' }
   | { type: 'exit' };
 
 export type FromWorker =
@@ -64,4 +69,8 @@ export type FromWorker =
   /** A 'kick', 'call', 'enable' or 'memory' message of this queue was applied. */
   | { type: 'done'; index: number }
   | { type: 'broken'; index: number; message: string; code?: string }
-  | { type: 'log'; level: LogLevel; message: string; fields?: LogFields };
+  | { type: 'log'; level: LogLevel; message: string; fields?: LogFields }
+  /** The worker device's metrics now (its registerMetrics registry), for a 'metrics' request. */
+  | { type: 'metrics'; metrics: MetricSnapshot }
+  /** Its metrics once every queue stopped, the last message before the worker ends. */
+  | { type: 'ended'; metrics: MetricSnapshot };

@@ -14,6 +14,9 @@
  * errors come back as 'broken' (the main thread counts them and writes the err fd, which it keeps).
  * Queue counters come back through a SharedArrayBuffer per queue start ({@link COUNTER_SLOTS}
  * Float64 values): the worker writes them, metrics read them at scrape time, no message needed.
+ * The worker devices' own metrics come back on a scrape ({@link QueueWorkerPool.metrics}: one
+ * message round trip per worker) and, for the counters, once more when a worker ends, so they keep
+ * counting across connections as the main device's do.
  *
  * Ownership: every fd sent in a message is a dup owned by the worker from then on (closed here if
  * the message cannot be sent). Workers live while a front-end is attached: {@link QueueWorkerPool.close}
@@ -25,6 +28,7 @@ import { Worker } from 'node:worker_threads';
 import { native } from '../../native';
 import type { GuestMemory } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
+import { lastingMetrics, mergeSnapshots, type MetricSnapshot } from '../metrics/thread-metrics';
 import type { QueueCounters, RingAddresses } from '../virtqueue/virtqueue';
 import { silentLogger, type Logger } from './logger';
 import {
@@ -163,6 +167,10 @@ class WorkerSlot {
   worker: Worker | null = null;
   readonly queues = new Map<number, RemoteQueue>();
   private exited: Promise<void> | null = null;
+  /** Counters and histograms of this slot's ended workers, merged. */
+  private ended: MetricSnapshot = [];
+  /** Scrapes waiting for the worker's answer, in order. */
+  private readonly scrapes: ((snapshots: MetricSnapshot[]) => void)[] = [];
 
   constructor(
     private readonly id: number,
@@ -186,6 +194,8 @@ class WorkerSlot {
           queue.finish(null);
         }
         this.queues.clear();
+        // Its 'ended' message came before 'exit': waiting scrapes get its final numbers from `ended`.
+        for (const answer of this.scrapes.splice(0)) answer([this.ended]);
         resolve();
       }),
     );
@@ -249,7 +259,21 @@ class WorkerSlot {
       case 'log':
         this.logger[message.level](message.message, { ...message.fields, worker: this.id });
         break;
+      case 'metrics':
+        this.scrapes.shift()?.([this.ended, message.metrics]);
+        break;
+      case 'ended':
+        this.ended = mergeSnapshots([this.ended, lastingMetrics(message.metrics)]);
+        break;
     }
+  }
+
+  /** The device metrics of this thread: its ended workers' counters and the running worker's samples. */
+  metrics(): Promise<MetricSnapshot[]> {
+    return new Promise((resolve) => {
+      if (this.send({ type: 'metrics' })) this.scrapes.push(resolve);
+      else resolve([this.ended]);
+    });
   }
 
   /** Ask the worker to exit (it releases its device); terminate it if it does not within `ms`. */
@@ -313,6 +337,16 @@ export class QueueWorkerPool {
   /** The driver wrote the config space (SET_CONFIG accepted by the main device): tell every worker device. */
   setConfig(offset: number, data: Uint8Array): void {
     for (const slot of this.slots) slot.send({ type: 'config', offset, data: data.slice() });
+  }
+
+  /** RESET_OWNER / RESET_DEVICE (after every queue stopped): every worker device resets too. */
+  reset(): void {
+    for (const slot of this.slots) slot.send({ type: 'reset' });
+  }
+
+  /** The worker devices' metrics for a scrape, to merge with the main device's (lib/metrics/thread-metrics.ts). */
+  async metrics(): Promise<MetricSnapshot[]> {
+    return (await Promise.all(this.slots.map((slot) => slot.metrics()))).flat();
   }
 
   /** Threads running now. */

@@ -39,6 +39,8 @@ export interface VhostUserServer extends EventEmitter {
   /** One per device queue, reused across connections (metrics read their counters). */
   readonly vrings: readonly Vring[];
   readonly counters: ProtocolCounters;
+  /** The queue worker threads (`queueWorkers` option), or null: queues run on the main thread. */
+  readonly queueWorkers: QueueWorkerPool | null;
   /** Whether a front-end is attached now. */
   readonly connected: boolean;
   /** Virtio and protocol features the attached front-end acked (0n without one). */
@@ -58,7 +60,7 @@ class Server extends EventEmitter implements VhostUserServer {
   private reconnectTimer: NodeJS.Timeout | null = null;
   private closing = false;
   private readonly logger: Logger;
-  private readonly queueWorkers: QueueWorkerPool | null;
+  readonly queueWorkers: QueueWorkerPool | null;
 
   constructor(
     readonly device: DeviceBackend,

@@ -541,6 +541,7 @@ function checkConfigRequest(m: Message): { offset: number; size: number } {
 async function resetDevice(c: VhostUserConnection): Promise<undefined> {
   await c.stopVrings();
   c.device.reset?.();
+  c.queueWorkers?.reset();
   c.ackedFeatures = 0n;
   c.status = 0;
   return undefined;

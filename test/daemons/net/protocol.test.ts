@@ -32,6 +32,8 @@ import { createBridgedTap, type BridgedTap } from '../../helpers/net-topology';
 import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
 import { until } from '../../native/helpers';
 import { TestServer } from '../../lib/vhost-user/harness';
+import { createDaemonMetrics } from '../../../lib/metrics/registry';
+import { Scrape } from '../../helpers/scrape';
 
 const GUEST_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0x79, 0x02];
 const GUEST_IP: Ipv4 = [10, 79, 0, 2];
@@ -294,7 +296,7 @@ test('without MRG_RXBUF a frame too big for its buffer is lost and counted; the 
   await receive(fe, isArpReply, 80);
 });
 
-test('--threads 2: two queue pairs in two worker threads both move frames', async (t) => {
+test('--threads 2: two queue pairs in two worker threads both move frames; /metrics counts them', async (t) => {
   const topology = bridgedTap(t);
   const netConfig = config(topology.tap, { queuePairs: 2, threads: 2 });
   const device = createNetDevice(netConfig, silentLogger);
@@ -319,7 +321,13 @@ test('--threads 2: two queue pairs in two worker threads both move frames', asyn
   t.is(replies, 2);
   // Worker queues publish their counters to the main thread after each pass and every 250 ms.
   await until(() => ts.server.vrings[1]!.totals().requests === 1 && ts.server.vrings[3]!.totals().requests === 1, 10_000);
-  t.pass('each tx queue (in its worker) took one chain');
+  // The device counters of the worker instances reach the main thread's /metrics.
+  const m = await Scrape.of(createDaemonMetrics(ts.server));
+  for (const tx of ['1', '3']) {
+    t.is(m.value('vhostd_net_frames_total', { queue: tx }), 1, `tx queue ${tx}: one ARP request`);
+    t.is(m.value('vhostd_net_bytes_total', { queue: tx }), 42);
+  }
+  t.true(m.value('vhostd_net_frames_total', { queue: '0' })! + m.value('vhostd_net_frames_total', { queue: '2' })! >= replies, 'the rx queues count the replies');
 });
 
 test('a frame in more pieces than one writev takes is dropped as too_many_segments; the queue goes on', async (t) => {

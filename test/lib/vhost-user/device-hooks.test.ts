@@ -73,7 +73,7 @@ test('a front-end without protocol features: rings are enabled implicitly, repor
   t.deepEqual(device.calls, [...RUNNING, `memory ${REGIONS + 1}`, 'stop 0', 'stop 1', 'reset', 'detach']);
 });
 
-test.serial('queues in worker threads: each worker device sees its queue hooks, the main device the rest', async (t) => {
+test.serial('queues in worker threads: each worker device sees its queue hooks and the resets, the main device the rest', async (t) => {
   const device = new TestDevice();
   const ts = await TestServer.start(device, {
     queueWorkers: { threads: 2, modulePath: require.resolve('../../helpers/test-device'), exportName: 'createTestDeviceForWorker', config: { numQueues: 2 } },
@@ -88,6 +88,7 @@ test.serial('queues in worker threads: each worker device sees its queue hooks, 
     if (Date.now() > deadline) break;
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
-  t.deepEqual(callsOf(0), ['attach', 'start 0', 'enabled 0 true', `memory ${REGIONS + 1}`, 'stop 0', 'detach']);
-  t.deepEqual(callsOf(1), ['attach', 'start 1', 'enabled 1 true', 'enabled 1 false', 'enabled 1 true', `memory ${REGIONS + 1}`, 'stop 1', 'detach']);
+  // Each worker device is reset as the main one is: by RESET_DEVICE, then by the disconnect, before detach.
+  t.deepEqual(callsOf(0), ['attach', 'start 0', 'enabled 0 true', `memory ${REGIONS + 1}`, 'stop 0', 'reset', 'reset', 'detach']);
+  t.deepEqual(callsOf(1), ['attach', 'start 1', 'enabled 1 true', 'enabled 1 false', 'enabled 1 true', `memory ${REGIONS + 1}`, 'stop 1', 'reset', 'reset', 'detach']);
 });
