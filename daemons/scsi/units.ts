@@ -10,6 +10,10 @@ import { LogicalUnit, naaDesignator, type LogicalUnitOptions } from './target/lo
 
 /** A logical unit and the image behind it. */
 export class ImageUnit extends LogicalUnit {
+  /** Cleared once the image's file system refused fallocate PUNCH_HOLE / ZERO_RANGE (WRITE SAME writes then). */
+  punchHole = true;
+  zeroRange = true;
+
   constructor(
     options: LogicalUnitOptions,
     readonly image: BackingFile,
