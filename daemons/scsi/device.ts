@@ -36,7 +36,7 @@ import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING
 import { ScsiControlStats, ScsiQueueStats, TMFS, commandClass, createScsiMetrics } from './metrics';
 import { Status } from './target/constants';
 import { Bytchk, ScsiAction, ScsiResult, ScsiTarget, type ScsiCommand } from './target/target';
-import { parseLun } from './cli';
+import { parseLun, type LunConfig } from './cli';
 import { openUnit, type ImageUnit } from './units';
 import {
   AN_REQUEST_SIZE,
@@ -94,8 +94,8 @@ export interface ScsiDeviceOptions {
   requestQueues: number;
   queueSize: number;
   /**
-   * The request queues run in worker threads, each with its own device instance: units cannot be
-   * added or removed at run time then (the workers would not see the change).
+   * The request queues run in worker threads, each with its own device instance: the units, their
+   * mode pages and task management reach them through device messages ({@link ScsiWorkerMessage}).
    */
   workerQueues?: boolean;
   /** O_DIRECT for units added at run time. */
@@ -126,6 +126,26 @@ const Step = {
 
 /** Events kept for a driver that has no event buffer left (Linux gives 8 and returns each at once). */
 export const MAX_QUEUED_EVENTS = 64;
+
+/** A unit as a worker thread's device opens it: its options and the buffer of its shared mode pages. */
+export interface WorkerUnit {
+  config: LunConfig;
+  modes: SharedArrayBuffer;
+}
+
+/**
+ * What the main device tells the devices of the queue worker threads (`--threads`): the units at
+ * thread start and every change, and task management that must wait for (or look at) their I/O.
+ */
+export type ScsiWorkerMessage =
+  | { type: 'units'; units: WorkerUnit[] }
+  | { type: 'lun-add'; unit: WorkerUnit }
+  | { type: 'lun-remove'; target: number; lun: number }
+  | { type: 'lun-resize'; target: number; lun: number; bytes: number }
+  /** Answer once no command is in flight on the thread's request queues. */
+  | { type: 'drain' }
+  /** Answer whether a command of `key` (with id `id`, when given) is in flight. */
+  | { type: 'query-task'; key: number; id: [number, number] | null };
 
 /** What became of an event: in a buffer now, waiting for one, dropped (EVENTS_MISSED), or not negotiated. */
 export type EventOutcome = 'sent' | 'queued' | 'dropped' | 'not negotiated';
@@ -732,6 +752,8 @@ export class ScsiDevice implements DaemonDevice {
     const unitExists = target?.unit(key & 0xffff) !== undefined;
     let response: number;
     let drain = false;
+    /** QUERY TASK (SET) with the request queues in workers: they know. */
+    let query: Promise<boolean> | null = null;
     switch (subtype) {
       case VIRTIO_SCSI_T_TMF_ABORT_TASK:
       case VIRTIO_SCSI_T_TMF_ABORT_TASK_SET:
@@ -752,6 +774,9 @@ export class ScsiDevice implements DaemonDevice {
           const id: [number, number] | null = subtype === VIRTIO_SCSI_T_TMF_QUERY_TASK ? [v.getUint32(TMF_ID, true) | 0, v.getUint32(TMF_ID + 4, true) | 0] : null;
           // SAM-5 §7.9/7.10: FUNCTION SUCCEEDED when the task (a task of the set) is still there.
           response = this.taskInFlight(key, id) ? VIRTIO_SCSI_S_FUNCTION_SUCCEEDED : VIRTIO_SCSI_S_FUNCTION_COMPLETE;
+          if (this.options.workerQueues === true) {
+            query = this.messageWorkers({ type: 'query-task', key, id }).then((answers) => answers.some((found) => found === true));
+          }
         }
         break;
       }
@@ -759,24 +784,111 @@ export class ScsiDevice implements DaemonDevice {
         // CLEAR ACA (no ACA support) and anything unknown.
         response = VIRTIO_SCSI_S_FUNCTION_REJECTED;
     }
-    if (!drain || this.requestsInFlight() === 0) {
+    const workers = this.options.workerQueues === true;
+    if (query === null && (!drain || (!workers && this.requestsInFlight() === 0))) {
       chain.write(0, Uint8Array.of(response));
       queue.pushUsed(chain, 1);
       return true;
     }
     // Commands cannot be cancelled once their I/O is in the kernel: the function completes when they
-    // did (each with its own response), so the driver never sees a completion after FUNCTION COMPLETE.
+    // did (each with its own response), on every request queue, those in worker threads too, so the
+    // driver never sees a completion after FUNCTION COMPLETE.
+    const answer: Promise<number> =
+      query !== null
+        ? query.then((found) => (found ? VIRTIO_SCSI_S_FUNCTION_SUCCEEDED : response))
+        : Promise.all([this.drained(), workers ? this.messageWorkers({ type: 'drain' }) : null]).then(() => response);
     const memory = chain.memory;
     memory.hold();
-    const done = Promise.all(this.queues.map((rq) => rq.engine?.drained())).then(() => {
-      chain.write(0, Uint8Array.of(response));
-      queue.pushUsed(chain, 1);
-      queue.flush();
-      memory.release();
-      this.pendingControl.delete(done);
-    });
+    const done = answer
+      .catch((err: Error) => {
+        this.logger.warn(`task management: the queue workers did not answer: ${err.message}`);
+        return VIRTIO_SCSI_S_FUNCTION_REJECTED;
+      })
+      .then((r) => {
+        chain.write(0, Uint8Array.of(r));
+        queue.pushUsed(chain, 1);
+        queue.flush();
+        memory.release();
+        this.pendingControl.delete(done);
+      });
     this.pendingControl.add(done);
     return true;
+  }
+
+  /** Resolves once no command is in flight on this instance's request queues. */
+  private drained(): Promise<unknown> {
+    return Promise.all(this.queues.map((rq) => rq.engine?.drained()));
+  }
+
+  /** {@link ScsiWorkerMessage} to the devices of the running queue worker threads; their answers. */
+  private messageWorkers(message: ScsiWorkerMessage): Promise<unknown[]> {
+    return this.context?.messageWorkers?.(message) ?? Promise.resolve([]);
+  }
+
+  /** Main device: the units a new queue worker thread's device must serve, with their shared mode pages. */
+  workerState(): ScsiWorkerMessage | undefined {
+    if (this.options.workerQueues !== true) return undefined;
+    return { type: 'units', units: this.units.map((u) => this.workerUnit(u)) };
+  }
+
+  private workerUnit(unit: ImageUnit): WorkerUnit {
+    // Units come from --lun, --luns or lun-add, all through openUnit, which records the config.
+    return { config: unit.config!, modes: unit.modesBuffer };
+  }
+
+  /** A queue worker thread's device: a {@link ScsiWorkerMessage} from the main device. */
+  async workerMessage(message: unknown): Promise<unknown> {
+    const m = message as ScsiWorkerMessage;
+    switch (m.type) {
+      case 'units': {
+        const wanted = new Set(m.units.map((u) => (u.config.target << 16) | u.config.lun));
+        for (const unit of [...this.units]) {
+          if (!wanted.has((unit.target << 16) | unit.lun)) await this.removeUnit(unit);
+        }
+        for (const u of m.units) this.adoptUnit(u);
+        return true;
+      }
+      case 'lun-add':
+        this.adoptUnit(m.unit);
+        return true;
+      case 'lun-remove': {
+        const unit = this.targets.get(m.target)?.unit(m.lun) as ImageUnit | undefined;
+        if (unit !== undefined) await this.removeUnit(unit);
+        return true;
+      }
+      case 'lun-resize': {
+        (this.targets.get(m.target)?.unit(m.lun) as ImageUnit | undefined)?.setCapacity(m.bytes);
+        return true;
+      }
+      case 'drain':
+        await this.drained();
+        return true;
+      case 'query-task':
+        return this.taskInFlight(m.key, m.id);
+      default:
+        throw new TypeError(`unknown scsi worker message ${String((m as { type?: unknown }).type)}`);
+    }
+  }
+
+  /** Serve the unit the main device describes (open it unless it is here), sharing its mode pages. */
+  private adoptUnit(u: WorkerUnit): void {
+    let unit = this.targets.get(u.config.target)?.unit(u.config.lun) as ImageUnit | undefined;
+    if (unit === undefined) {
+      unit = openUnit(u.config, this.options.direct === true);
+      this.addUnit(unit);
+      this.units.push(unit);
+    }
+    unit.shareModes(u.modes);
+  }
+
+  /** Stop serving `unit`; its image closes once the commands already started on it completed. */
+  private async removeUnit(unit: ImageUnit): Promise<void> {
+    const target = this.targets.get(unit.target)!;
+    target.removeUnit(unit.lun);
+    if (target.size === 0) this.targets.delete(unit.target);
+    this.units.splice(this.units.indexOf(unit), 1);
+    await this.drained();
+    unit.image.close();
   }
 
   /** Commands in flight on this instance's request queues. */
@@ -862,12 +974,6 @@ export class ScsiDevice implements DaemonDevice {
     return unit;
   }
 
-  private refuseWithWorkers(): void {
-    if (this.options.workerQueues === true) {
-      throw new ControlError(RpcErrorCode.INVALID_PARAMS, 'units cannot change while the request queues run in worker threads (--threads)');
-    }
-  }
-
   /**
    * Control socket: hotplug (`lun-add`, `lun-remove`) and `lun-resize`. The guest learns of each through
    * the event queue: TRANSPORT_RESET with RESCAN or REMOVED (HOTPLUG), PARAM_CHANGE with CAPACITY DATA
@@ -879,8 +985,7 @@ export class ScsiDevice implements DaemonDevice {
       'lun-add': {
         description: 'Add a logical unit ([TARGET:]LUN=IMAGE[,ro][,serial=S][,block-size=N][,discard], as --lun) and tell the guest',
         params: { spec: { type: 'string', required: true, description: 'As --lun: [TARGET:]LUN=IMAGE[,ro][,serial=S][,block-size=512|4096][,discard]' } },
-        call: (params) => {
-          this.refuseWithWorkers();
+        call: async (params) => {
           let unit: ImageUnit;
           try {
             const config = parseLun(params.spec as string);
@@ -892,6 +997,14 @@ export class ScsiDevice implements DaemonDevice {
           }
           this.addUnit(unit);
           this.units.push(unit);
+          try {
+            // The request queues in worker threads open it too before the guest hears of it.
+            await this.messageWorkers({ type: 'lun-add', unit: this.workerUnit(unit) });
+          } catch (err) {
+            await this.messageWorkers({ type: 'lun-remove', target: unit.target, lun: unit.lun }).catch(() => undefined);
+            await this.removeUnit(unit);
+            throw new ControlError(RpcErrorCode.INTERNAL_ERROR, `LUN ${unit.target}:${unit.lun}: ${(err as Error).message}`);
+          }
           this.logger.info(`LUN ${unit.target}:${unit.lun} added: ${unit.image.path}, ${unit.blocks} blocks of ${unit.blockSize} bytes`);
           const event = this.hotplugEvent(unit, VIRTIO_SCSI_EVT_RESET_RESCAN);
           return { lun: `${unit.target}:${unit.lun}`, blocks: unit.blocks, blockSize: unit.blockSize, event };
@@ -901,16 +1014,11 @@ export class ScsiDevice implements DaemonDevice {
         description: 'Remove a logical unit (its I/O in flight completes first) and tell the guest',
         params: address,
         call: async (params) => {
-          this.refuseWithWorkers();
           const unit = this.unitAt(params.lun as string);
-          const target = this.targets.get(unit.target)!;
-          target.removeUnit(unit.lun);
-          if (target.size === 0) this.targets.delete(unit.target);
-          this.units.splice(this.units.indexOf(unit), 1);
+          const removed = this.removeUnit(unit);
           const event = this.hotplugEvent(unit, VIRTIO_SCSI_EVT_RESET_REMOVED);
-          // Commands already started on the unit still use its image.
-          await Promise.all(this.queues.map((rq) => rq.engine?.drained()));
-          unit.image.close();
+          // Commands already started on the unit still use its image, here and in the workers.
+          await Promise.all([removed, this.messageWorkers({ type: 'lun-remove', target: unit.target, lun: unit.lun })]);
           this.logger.info(`LUN ${unit.target}:${unit.lun} removed`);
           return { lun: `${unit.target}:${unit.lun}`, event };
         },
@@ -918,11 +1026,12 @@ export class ScsiDevice implements DaemonDevice {
       'lun-resize': {
         description: 'Re-read the size of a unit\'s image (after growing it) and tell the guest when it changed',
         params: address,
-        call: (params) => {
-          this.refuseWithWorkers();
+        call: async (params) => {
           const unit = this.unitAt(params.lun as string);
           const previousBlocks = unit.blocks;
-          unit.setCapacity(unit.image.size());
+          const bytes = unit.image.size();
+          unit.setCapacity(bytes);
+          await this.messageWorkers({ type: 'lun-resize', target: unit.target, lun: unit.lun, bytes });
           // SPC-4 ASC/ASCQ 2Ah/09h CAPACITY DATA HAS CHANGED, as the event's reason (ASC, then ASCQ << 8).
           let event: EventOutcome | 'none' = 'none';
           if (unit.blocks !== previousBlocks) {

@@ -57,6 +57,8 @@ export type ToWorker =
   | { type: 'memory'; index: number; regions: RegionMessage[] }
   | { type: 'stop'; index: number }
   | { type: 'config'; offset: number; data: Uint8Array }
+  /** For the device's workerMessage; `id` comes back with the answer (0: no answer wanted). */
+  | { type: 'device'; id: number; message: unknown }
   | { type: 'exit' };
 
 export type FromWorker =
@@ -64,4 +66,6 @@ export type FromWorker =
   /** A 'kick', 'call', 'enable' or 'memory' message of this queue was applied. */
   | { type: 'done'; index: number }
   | { type: 'broken'; index: number; message: string; code?: string }
+  /** The answer of the device's workerMessage, or the error it threw. */
+  | { type: 'device'; id: number; answer?: unknown; error?: string }
   | { type: 'log'; level: LogLevel; message: string; fields?: LogFields };

@@ -202,10 +202,10 @@ function writeModePage(d: Uint8Array, at: number, page: number, control: number,
   d[at] = page;
   d[at + 1] = length - 2;
   if (page === PAGE_CACHING) {
-    if (control === PC_CHANGEABLE) d[at + 2] = unit.modeSelect ? WCE : 0;
+    if (control === PC_CHANGEABLE) d[at + 2] = WCE;
     else if (control === PC_DEFAULT || unit.writeCache) d[at + 2] = WCE;
   } else {
-    if (control === PC_CHANGEABLE) d[at + 2] = unit.modeSelect ? D_SENSE : 0;
+    if (control === PC_CHANGEABLE) d[at + 2] = D_SENSE;
     else if (control === PC_CURRENT && unit.descriptorSense) d[at + 2] = D_SENSE;
     if (control !== PC_CHANGEABLE) d[at + 3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
   }
@@ -712,7 +712,7 @@ export class ScsiTarget {
         return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at + 1, -1, false);
       }
       for (let i = 2; i < end; i++) {
-        const mask = i === 2 && unit.modeSelect ? ~WCE & 0xff : 0xff; // WCE and D_SENSE are both bit 2 of byte 2
+        const mask = i === 2 ? ~WCE & 0xff : 0xff; // WCE and D_SENSE are both bit 2 of byte 2
         if ((p[at + i]! & mask) !== (current[i]! & mask)) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at + i, -1, false);
       }
       if (page === PAGE_CACHING) writeCache = (p[at + 2]! & WCE) !== 0;

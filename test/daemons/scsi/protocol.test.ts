@@ -456,13 +456,6 @@ test.serial('hotplug: lun-add, lun-resize and lun-remove reach the driver as eve
   await detach(ts, fe, device);
 });
 
-test('hotplug is refused while the request queues run in worker threads', async (t) => {
-  const { config } = rig(1);
-  const device = createScsiDevice({ ...config, threads: 1 }, silentLogger);
-  await t.throwsAsync(async () => device.controlMethods()['lun-remove']!.call({ lun: '0:0' }), { instanceOf: ControlError });
-  device.close();
-});
-
 test.serial('the guest switches the write cache off by MODE SELECT; a device reset restores it', async (t) => {
   const { config } = rig(1);
   const device = createScsiDevice(config, silentLogger);

@@ -42,6 +42,7 @@ function sense(out: ScsiResult): [number, number, number, number] {
   return [s[2]! & 0x0f, (s[12]! << 8) | s[13]!, sksv ? (s[16]! << 8) | s[17]! : -1, sksv && (s[15]! & 0x08) !== 0 ? s[15]! & 7 : -1];
 }
 
+const rwCdb = (op: number, lba: number, blocks: number) => [op, 0, (lba >>> 24) & 0xff, (lba >>> 16) & 0xff, (lba >>> 8) & 0xff, lba & 0xff, 0, blocks >> 8, blocks & 0xff, 0];
 const be32 = (b: Uint8Array, at: number) => new DataView(b.buffer, b.byteOffset).getUint32(at);
 
 test('TEST UNIT READY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL: GOOD', (t) => {
@@ -527,21 +528,22 @@ test('REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS: the functions the control queu
   t.deepEqual([ext.length, ext[3]], [16, 0x0c]);
 });
 
-test('a unit whose mode pages cannot change reports nothing changeable and refuses MODE SELECT changes; resetModes restores power-on values', (t) => {
+test('copies of a unit that share their mode buffer see each other\'s MODE SELECT; resetModes restores power-on values', (t) => {
   const tg = target();
   const unit = tg.unit(0)!;
-  unit.modeSelect = false;
-  const changeable = data(run(tg, 0, [Op.MODE_SENSE_6, 0x08, 0x7f, 0, 255, 0]));
-  t.deepEqual([changeable[4 + 2], changeable[24 + 2]], [0, 0]);
+  const copy = new ScsiTarget();
+  const twin = new LogicalUnit(unitOptions(), BLOCKS * 512);
+  twin.shareModes(unit.modesBuffer);
+  copy.addUnit(0, twin);
   const caching = currentPage(tg, 0x08);
   caching[2] = 0;
   const list = modeList([caching]);
-  t.deepEqual(sense(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, list.length, 0], list)), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, 8 + 2, -1]);
-  t.true(unit.writeCache);
-  const same = modeList([currentPage(tg, 0x08)]);
-  t.is(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, same.length, 0], same).status, Status.GOOD, 'the current values are accepted');
-  unit.writeCache = false;
-  unit.descriptorSense = true;
+  t.is(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, list.length, 0], list).status, Status.GOOD);
+  t.false(twin.writeCache, 'the other copy sees WCE off');
+  t.true(run(copy, 0, rwCdb(Op.WRITE_10, 0, 1)).fua, 'and makes its writes durable');
+  twin.descriptorSense = true;
+  t.is(run(tg, 0, [0xd7]).sense[0], 0x72, 'D_SENSE set through the copy: descriptor sense here');
   unit.resetModes();
-  t.true(unit.writeCache && !unit.descriptorSense);
+  t.true(twin.writeCache && !twin.descriptorSense);
+  t.throws(() => twin.shareModes(new SharedArrayBuffer(8)), { instanceOf: RangeError });
 });
