@@ -17,15 +17,13 @@
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-const root = path.resolve(__dirname, '..', '..');
-const buildDir = path.join(root, 'build', 'bench');
-const loadgenSrc = path.join(root, 'bench', 'blk-loadgen');
-const loadgenBin = path.join(buildDir, 'blk-loadgen');
+import { type LoadgenResult, type Started, buildDir, buildLoadgen, createImage, fmt, median, root, runLoadgen, startProcess, stopBackend, tail } from './loadgen';
+
 const daemonMain = path.join(root, 'build', 'daemons', 'blk', 'main.js');
 
 type Backend = 'ours' | 'qsd';
@@ -51,19 +49,6 @@ interface Options {
   poll: boolean;
   /** Our daemon's --threads (0: its main thread only). */
   threads: number;
-}
-
-/** What blk-loadgen prints (the fields the runner uses; the JSON file keeps all of them). */
-interface LoadgenResult {
-  iops: number;
-  mb_s: number;
-  ios: number;
-  lat_us: { mean: number; p50: number; p90: number; p99: number; p999: number; max: number };
-  loadgen_cpu_us_per_io: number;
-  backend_cpu_us_per_io: number | null;
-  kicks_per_io: number;
-  wakeups_per_io: number;
-  [key: string]: unknown;
 }
 
 interface Measurement {
@@ -174,24 +159,6 @@ function log(message: string): void {
   process.stderr.write(`bench:blk: ${message}\n`);
 }
 
-function buildLoadgen(): void {
-  const r = spawnSync('make', ['-s', '-C', loadgenSrc, `OUT=${loadgenBin}`], { stdio: ['ignore', 'inherit', 'inherit'] });
-  if (r.error) throw new Error(`cannot run make: ${r.error.message}`);
-  if (r.status !== 0) throw new Error('building bench/blk-loadgen failed');
-}
-
-/** A fully allocated image (tmpfs holes read as zeroes without touching memory, which flatters reads). */
-function createImage(file: string, size: number): void {
-  const fd = fs.openSync(file, 'w');
-  try {
-    const chunk = Buffer.alloc(1 << 20);
-    for (let i = 0; i < chunk.length; i += 8) chunk.writeUInt32LE((i * 2654435761) >>> 0, i);
-    for (let off = 0; off < size; off += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - off), off);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 function qsdArgs(device: Device, image: string, socket: string, o: Options): string[] {
   const disk =
     device === 'file'
@@ -217,75 +184,11 @@ function oursArgs(device: Device, image: string, socket: string, o: Options): st
   return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, '--log-level', 'warn'];
 }
 
-interface Started {
-  child: ChildProcess;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  logFile: string;
-}
-
 async function startBackend(backend: Backend, device: Device, image: string, socket: string, o: Options, logFile: string): Promise<Started> {
-  fs.rmSync(socket, { force: true });
   const [cmd, args] =
     backend === 'ours' ? [process.execPath, oursArgs(device, image, socket, o)] : ['qemu-storage-daemon', qsdArgs(device, image, socket, o)];
   if (o.verbose) log(`start ${cmd} ${args.join(' ')}`);
-  const logFd = fs.openSync(logFile, 'w');
-  const child = spawn(cmd, args, { stdio: ['ignore', logFd, logFd] });
-  fs.closeSync(logFd);
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    child.once('exit', (code, signal) => resolve({ code, signal }));
-    child.once('error', () => resolve({ code: -1, signal: null }));
-  });
-  let gone = false;
-  void exited.then(() => (gone = true));
-  const deadline = Date.now() + 15000;
-  while (!fs.existsSync(socket)) {
-    if (gone) throw new Error(`${backend} exited before creating its socket; log ${logFile}:\n${tail(logFile)}`);
-    if (Date.now() > deadline) {
-      child.kill('SIGKILL');
-      throw new Error(`${backend} did not create ${socket} within 15 s; log ${logFile}:\n${tail(logFile)}`);
-    }
-    await sleep(20);
-  }
-  return { child, exited, logFile };
-}
-
-async function stopBackend(s: Started, name: string): Promise<string | undefined> {
-  if (s.child.exitCode !== null || s.child.signalCode !== null) {
-    return `${name} had already exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`;
-  }
-  s.child.kill('SIGTERM');
-  const timer = sleep(5000).then(() => 'timeout' as const);
-  const r = await Promise.race([s.exited, timer]);
-  if (r === 'timeout') {
-    s.child.kill('SIGKILL');
-    await s.exited;
-    return `${name} did not exit within 5 s of SIGTERM`;
-  }
-  return undefined;
-}
-
-function tail(file: string, lines = 15): string {
-  try {
-    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).map((l) => `    ${l}`).join('\n');
-  } catch {
-    return '    (no log)';
-  }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-function runLoadgen(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(loadgenBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + e.message }));
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
-  });
+  return startProcess(backend, cmd, args, socket, logFile);
 }
 
 async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<LoadgenResult> {
@@ -324,17 +227,6 @@ function unavailable(backend: Backend): string | undefined {
     return `${path.relative(root, daemonMain)} is missing (build the blk daemon, or pass --only qsd)`;
   }
   return undefined;
-}
-
-/** The run with the median IOPS (the lower middle one for an even count). */
-function median(runs: LoadgenResult[]): LoadgenResult | undefined {
-  const sorted = [...runs].sort((a, b) => a.iops - b.iops);
-  return sorted[Math.floor((sorted.length - 1) / 2)];
-}
-
-function fmt(n: number | null | undefined, digits = 0): string {
-  if (n === null || n === undefined || !Number.isFinite(n)) return 'n/a';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
 }
 
 function latency(m?: Measurement): string {

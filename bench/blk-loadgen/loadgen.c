@@ -113,6 +113,7 @@ struct options {
     double connect_timeout_s;
     double stall_timeout_s;
     uint64_t seed;
+    bool scsi; /* --device scsi: virtio-scsi READ(10)/WRITE(10) to target 0 LUN 0 */
 };
 
 static void usage(FILE *f)
@@ -138,6 +139,8 @@ static void usage(FILE *f)
         "  --connect-timeout S    how long to retry connecting (default 10)\n"
         "  --stall-timeout S      fail if nothing completes for this long (default 10)\n"
         "  --seed N               random offsets seed (default 1)\n"
+        "  --device blk|scsi      virtio-blk requests, or virtio-scsi READ(10)/WRITE(10) to LUN 0\n"
+        "                         on request queues 2.. (512-byte blocks; pass --size) (default blk)\n"
         "  -v, --verbose          log the protocol exchange on stderr\n"
         "\n"
         "Exit status: 0 ok, 1 local failure, 2 back-end misbehaved, 64 usage.\n",
@@ -182,7 +185,7 @@ static double parse_seconds(const char *opt, const char *s)
 static void parse_options(int argc, char **argv, struct options *o)
 {
     enum { O_SOCKET = 256, O_RW, O_BS, O_IODEPTH, O_QUEUES, O_QSIZE, O_RUNTIME, O_WARMUP, O_SIZE,
-           O_MEM, O_PID, O_NO_EVIDX, O_POLL, O_CONN_TO, O_STALL_TO, O_SEED, O_HELP };
+           O_MEM, O_PID, O_NO_EVIDX, O_POLL, O_CONN_TO, O_STALL_TO, O_SEED, O_DEVICE, O_HELP };
     static const struct option longopts[] = {
         { "socket-path", required_argument, 0, O_SOCKET },
         { "rw", required_argument, 0, O_RW },
@@ -200,6 +203,7 @@ static void parse_options(int argc, char **argv, struct options *o)
         { "connect-timeout", required_argument, 0, O_CONN_TO },
         { "stall-timeout", required_argument, 0, O_STALL_TO },
         { "seed", required_argument, 0, O_SEED },
+        { "device", required_argument, 0, O_DEVICE },
         { "verbose", no_argument, 0, 'v' },
         { "help", no_argument, 0, O_HELP },
         { 0, 0, 0, 0 },
@@ -241,6 +245,11 @@ static void parse_options(int argc, char **argv, struct options *o)
         case O_CONN_TO: o->connect_timeout_s = parse_seconds("--connect-timeout", optarg); break;
         case O_STALL_TO: o->stall_timeout_s = parse_seconds("--stall-timeout", optarg); break;
         case O_SEED: o->seed = parse_u64("--seed", optarg, false); break;
+        case O_DEVICE:
+            if (!strcmp(optarg, "blk")) o->scsi = false;
+            else if (!strcmp(optarg, "scsi")) o->scsi = true;
+            else die(EXIT_USAGE, "--device: expected blk or scsi, got '%s'", optarg);
+            break;
         case 'v': verbose = 1; break;
         case 'h':
         case O_HELP: usage(stdout); exit(0);
@@ -713,6 +722,8 @@ static void negotiate(struct vu_conn *c, const struct options *o, struct device 
     uint64_t want = (1ull << VIRTIO_F_VERSION_1) | (1ull << VHOST_USER_F_PROTOCOL_FEATURES) |
                     (1ull << VIRTIO_BLK_F_SIZE_MAX) | (1ull << VIRTIO_BLK_F_SEG_MAX) | (1ull << VIRTIO_BLK_F_RO) |
                     (1ull << VIRTIO_BLK_F_BLK_SIZE) | (1ull << VIRTIO_BLK_F_MQ);
+    if (o->scsi)
+        want &= ~((1ull << 24) - 1); /* device bits are blk's; take no virtio-scsi ones (no event queue here) */
     if (o->event_idx)
         want |= 1ull << VIRTIO_RING_F_EVENT_IDX;
     d->acked = d->features & want;
@@ -756,13 +767,15 @@ static void setup_queue(struct guest_mem *m, struct queue *q, unsigned index, co
     q->free_slots = calloc(q->depth, sizeof(*q->free_slots));
     if (!q->slots || !q->free_slots)
         die_errno("calloc");
-    uint64_t hdrs = gm_alloc(m, 32ull * q->depth, 64);
+    /* Per slot: the request header, then the status byte (blk) or the response (scsi). */
+    uint64_t hdr_stride = o->scsi ? 256 : 32;
+    uint64_t hdrs = gm_alloc(m, hdr_stride * q->depth, 64);
     uint64_t data_stride = align_up(o->bs, PAGE);
     uint64_t data = gm_alloc(m, data_stride * q->depth, PAGE);
     for (unsigned i = 0; i < q->depth; i++) {
         struct slot *s = &q->slots[i];
-        s->hdr_gpa = hdrs + 32ull * i;
-        s->status_gpa = s->hdr_gpa + sizeof(struct virtio_blk_req_hdr);
+        s->hdr_gpa = hdrs + hdr_stride * i;
+        s->status_gpa = s->hdr_gpa + (o->scsi ? 64 : sizeof(struct virtio_blk_req_hdr));
         s->data_gpa = data + data_stride * i;
         s->hdr = (struct virtio_blk_req_hdr *)(m->base + s->hdr_gpa);
         s->status = m->base + s->status_gpa;
@@ -824,6 +837,56 @@ struct run {
     uint64_t ios_total;
 };
 
+/*
+ * A virtio-scsi command (VIRTIO 1.2 §5.6.6.1): READ(10) or WRITE(10) of bs/512 blocks to target 0
+ * LUN 0 (flat addressing, as Linux builds it). Device-readable parts first: request header (and the
+ * data of a write), then the response (and the data of a read).
+ */
+static void submit_scsi(struct run *r, struct queue *q, struct slot *s, uint16_t head)
+{
+    struct virtio_scsi_cmd_req *req = (struct virtio_scsi_cmd_req *)s->hdr;
+    struct virtio_scsi_cmd_resp *resp = (struct virtio_scsi_cmd_resp *)s->status;
+    struct vring_desc *d = &q->desc[head];
+    bool wr = r->o->write;
+    uint64_t lba = (xorshift(&q->rng) % r->nblocks) * r->sectors_per_block;
+    uint16_t blocks = (uint16_t)r->sectors_per_block;
+
+    memset(req, 0, sizeof(*req));
+    req->lun[0] = 1; /* target 0, LUN 0 */
+    req->lun[2] = 0x40;
+    req->id = head;
+    req->cdb[0] = wr ? 0x2a : 0x28;
+    req->cdb[2] = (uint8_t)(lba >> 24);
+    req->cdb[3] = (uint8_t)(lba >> 16);
+    req->cdb[4] = (uint8_t)(lba >> 8);
+    req->cdb[5] = (uint8_t)lba;
+    req->cdb[7] = (uint8_t)(blocks >> 8);
+    req->cdb[8] = (uint8_t)blocks;
+    resp->response = STATUS_SENTINEL;
+    resp->status = STATUS_SENTINEL;
+
+    struct vring_desc hdr = { .addr = s->hdr_gpa, .len = sizeof(*req), .flags = VRING_DESC_F_NEXT };
+    struct vring_desc data = { .addr = s->data_gpa, .len = r->o->bs, .flags = (uint16_t)(VRING_DESC_F_NEXT | (wr ? 0 : VRING_DESC_F_WRITE)) };
+    struct vring_desc rsp = { .addr = s->status_gpa, .len = sizeof(*resp), .flags = (uint16_t)(VRING_DESC_F_WRITE | (wr ? 0 : VRING_DESC_F_NEXT)) };
+    d[0] = hdr;
+    d[1] = wr ? data : rsp;
+    d[2] = wr ? rsp : data;
+    d[0].next = (uint16_t)(head + 1);
+    d[1].next = (uint16_t)(head + 2);
+    d[2].flags &= (uint16_t)~VRING_DESC_F_NEXT;
+    d[2].next = 0;
+}
+
+/* Did the command of slot `s` succeed? Dies naming the fault otherwise. */
+static void check_scsi(const struct queue *q, const struct slot *s, bool wr)
+{
+    const volatile struct virtio_scsi_cmd_resp *resp = (const volatile struct virtio_scsi_cmd_resp *)s->status;
+    if (resp->response != VIRTIO_SCSI_S_OK || resp->status != 0)
+        die(EXIT_BACKEND, "queue %u: %s(10) completed with response %u, SCSI status 0x%02x, sense key %u%s", q->index,
+            wr ? "WRITE" : "READ", resp->response, resp->status, resp->sense_len > 2 ? resp->sense[2] & 0xf : 0,
+            resp->response == STATUS_SENTINEL ? " (response never written)" : "");
+}
+
 static void submit(struct run *r, struct queue *q, uint64_t t)
 {
     unsigned si = q->free_slots[--q->nfree];
@@ -832,6 +895,10 @@ static void submit(struct run *r, struct queue *q, uint64_t t)
     struct vring_desc *d = &q->desc[head];
     bool wr = r->o->write;
 
+    if (r->o->scsi) {
+        submit_scsi(r, q, s, head);
+        goto queued;
+    }
     s->hdr->type = wr ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
     s->hdr->ioprio = 0;
     s->hdr->sector = (xorshift(&q->rng) % r->nblocks) * r->sectors_per_block;
@@ -844,6 +911,7 @@ static void submit(struct run *r, struct queue *q, uint64_t t)
                                 .next = (uint16_t)(head + 2) };
     d[2] = (struct vring_desc){ .addr = s->status_gpa, .len = 1, .flags = VRING_DESC_F_WRITE, .next = 0 };
 
+queued:
     q->avail[2 + (q->avail_idx % q->num)] = head;
     q->avail_idx++;
     s->inflight = true;
@@ -877,7 +945,8 @@ static unsigned reap(struct run *r, struct queue *q, bool drain)
     const struct options *o = r->o;
     bool event_idx = r->dev->event_idx;
     unsigned done = 0;
-    uint32_t want_len = o->write ? 1 : o->bs + 1;
+    uint32_t status_len = o->scsi ? (uint32_t)sizeof(struct virtio_scsi_cmd_resp) : 1;
+    uint32_t want_len = o->write ? status_len : o->bs + status_len;
     q->more = false;
     for (unsigned pass = 0;; pass++) {
         if (pass == 8) {
@@ -914,7 +983,9 @@ static unsigned reap(struct run *r, struct queue *q, bool drain)
             if (e.len != want_len && q->short_len++ == 0)
                 fprintf(stderr, "blk-loadgen: warning: queue %u: used len %u, expected %u (bytes written)\n",
                         q->index, e.len, want_len);
-            uint8_t st = *(volatile uint8_t *)s->status;
+            uint8_t st = o->scsi ? VIRTIO_BLK_S_OK : *(volatile uint8_t *)s->status;
+            if (o->scsi)
+                check_scsi(q, s, o->write);
             if (st != VIRTIO_BLK_S_OK)
                 die(EXIT_BACKEND, "queue %u: request %s sector %" PRIu64 " completed with status %u%s", q->index,
                     o->write ? "OUT" : "IN", s->hdr->sector, st,
@@ -989,7 +1060,7 @@ int main(int argc, char **argv)
     if (!queues)
         die_errno("calloc");
     for (unsigned i = 0; i < o.queues; i++)
-        setup_queue(&mem, &queues[i], i, &o);
+        setup_queue(&mem, &queues[i], i + (o.scsi ? VIRTIO_SCSI_FIRST_REQUEST_QUEUE : 0), &o);
 
     /* One region covering all of it: guest-physical = offset, user address = our mapping. */
     struct vu_mem_table mt = { .nregions = 1 };
@@ -1002,7 +1073,7 @@ int main(int argc, char **argv)
         start_queue(&c, &mem, &queues[i], dev.event_idx, o.poll);
     if (dev.acked & (1ull << VHOST_USER_F_PROTOCOL_FEATURES)) {
         for (unsigned i = 0; i < o.queues; i++) {
-            struct vu_vring_state st = { .index = i, .num = 1 };
+            struct vu_vring_state st = { .index = queues[i].index, .num = 1 };
             vu_set(&c, VU_SET_VRING_ENABLE, &st, sizeof(st), NULL, 0);
         }
     }

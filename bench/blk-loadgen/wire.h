@@ -147,6 +147,30 @@ struct virtio_blk_req_hdr {
     uint64_t sector;
 };
 
+/* virtio-scsi (VIRTIO 1.2 §5.6.6.1): request queues start at 2 (0 control, 1 event). */
+#define VIRTIO_SCSI_FIRST_REQUEST_QUEUE 2
+#define VIRTIO_SCSI_CDB_SIZE 32
+#define VIRTIO_SCSI_SENSE_SIZE 96
+#define VIRTIO_SCSI_S_OK 0
+
+struct virtio_scsi_cmd_req {
+    uint8_t lun[8];
+    uint64_t id;
+    uint8_t task_attr;
+    uint8_t prio;
+    uint8_t crn;
+    uint8_t cdb[VIRTIO_SCSI_CDB_SIZE];
+} __attribute__((packed));
+
+struct virtio_scsi_cmd_resp {
+    uint32_t sense_len;
+    uint32_t resid;
+    uint16_t status_qualifier;
+    uint8_t status;
+    uint8_t response;
+    uint8_t sense[VIRTIO_SCSI_SENSE_SIZE];
+} __attribute__((packed));
+
 /* The config fields up to and including write_zeroes_may_unmap + padding: 60 bytes. */
 #define VIRTIO_BLK_CONFIG_SIZE 60
 #define VIRTIO_BLK_CFG_CAPACITY 0   /* u64, in 512-byte sectors */

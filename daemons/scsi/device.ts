@@ -31,11 +31,12 @@ import { drainQueue } from '../../lib/virtqueue/drain';
 import { HeldBuffers } from '../../lib/virtqueue/held-buffers';
 import { IOV_MAX, fillIovecs } from '../../lib/virtqueue/iovecs';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, IORING_FSYNC_DATASYNC, IORING_OP } from '../../native/io-batch';
+import { native, type Mapping } from '../../native/index';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_FSYNC_DATASYNC, IORING_OP } from '../../native/io-batch';
 import { ScsiControlStats, ScsiQueueStats, TMFS, commandClass, createScsiMetrics } from './metrics';
 import { Status } from './target/constants';
-import { ScsiAction, ScsiResult, ScsiTarget, type ScsiCommand } from './target/target';
-import { parseLun } from './cli';
+import { Bytchk, ScsiAction, ScsiResult, ScsiTarget, type ScsiCommand } from './target/target';
+import { parseLun, type LunConfig } from './cli';
 import { openUnit, type ImageUnit } from './units';
 import {
   AN_REQUEST_SIZE,
@@ -93,8 +94,8 @@ export interface ScsiDeviceOptions {
   requestQueues: number;
   queueSize: number;
   /**
-   * The request queues run in worker threads, each with its own device instance: units cannot be
-   * added or removed at run time then (the workers would not see the change).
+   * The request queues run in worker threads, each with its own device instance: the units, their
+   * mode pages and task management reach them through device messages ({@link ScsiWorkerMessage}).
    */
   workerQueues?: boolean;
   /** O_DIRECT for units added at run time. */
@@ -108,10 +109,43 @@ export interface ScsiDeviceDeps {
   logger: Logger;
 }
 
-const { E2BIG } = osConstants.errno;
+const { E2BIG, EINVAL, ENOSPC, EOPNOTSUPP } = osConstants.errno;
+
+/** VERIFY reads the medium in chunks of this size into a queue's compare buffer. */
+export const VERIFY_CHUNK = 1 << 20;
+
+/** What the op in flight of a multi-step command (WRITE SAME, VERIFY) is. */
+const Step = {
+  PUNCH_HOLE: 0,
+  ZERO_RANGE: 1,
+  /** WRITE SAME: a writev of the pattern (or of the zero buffer); VERIFY: a chunk read. */
+  TRANSFER: 2,
+  /** WRITE SAME with the write cache off after a fallocate: make it durable. */
+  SYNC: 3,
+} as const;
 
 /** Events kept for a driver that has no event buffer left (Linux gives 8 and returns each at once). */
 export const MAX_QUEUED_EVENTS = 64;
+
+/** A unit as a worker thread's device opens it: its options and the buffer of its shared mode pages. */
+export interface WorkerUnit {
+  config: LunConfig;
+  modes: SharedArrayBuffer;
+}
+
+/**
+ * What the main device tells the devices of the queue worker threads (`--threads`): the units at
+ * thread start and every change, and task management that must wait for (or look at) their I/O.
+ */
+export type ScsiWorkerMessage =
+  | { type: 'units'; units: WorkerUnit[] }
+  | { type: 'lun-add'; unit: WorkerUnit }
+  | { type: 'lun-remove'; target: number; lun: number }
+  | { type: 'lun-resize'; target: number; lun: number; bytes: number }
+  /** Answer once no command is in flight on the thread's request queues. */
+  | { type: 'drain' }
+  /** Answer whether a command of `key` (with id `id`, when given) is in flight. */
+  | { type: 'query-task'; key: number; id: [number, number] | null };
 
 /** What became of an event: in a buffer now, waiting for one, dropped (EVENTS_MISSED), or not negotiated. */
 export type EventOutcome = 'sent' | 'queued' | 'dropped' | 'not negotiated';
@@ -136,8 +170,49 @@ class Slot {
   /** Device-writable bytes after the response header, device-readable bytes after the request header. */
   dataIn = 0;
   dataOut = 0;
+  /** WRITE SAME, VERIFY: bytes of the range done, the {@link Step} in flight and its length. */
+  done = 0;
+  step: number = Step.TRANSFER;
+  stepLength = 0;
 
   constructor(readonly index: number) {}
+}
+
+/**
+ * A request queue's buffer for VERIFY: medium chunks are read into it (a memfd mapping: io_uring needs
+ * a host address, O_DIRECT page alignment) and compared with the data-out buffer. One VERIFY uses it
+ * at a time; the others wait in order.
+ */
+class CompareBuffer {
+  private fd = -1;
+  private mapping: Mapping | null = null;
+  /** Data-out bytes of the chunk, copied out of the chain to compare. */
+  readonly dataOut = new Uint8Array(VERIFY_CHUNK);
+  owner: Slot | null = null;
+  readonly waiting: Slot[] = [];
+
+  get address(): number {
+    return this.map().address;
+  }
+
+  get view(): Uint8Array {
+    return this.map().views[0]!;
+  }
+
+  private map(): Mapping {
+    if (this.mapping === null) {
+      this.fd = native.memfdCreate('vhostd-scsi-verify', VERIFY_CHUNK);
+      this.mapping = native.mmap(this.fd, VERIFY_CHUNK, 0, true);
+    }
+    return this.mapping;
+  }
+
+  close(): void {
+    if (this.mapping !== null) native.munmap(this.mapping.id);
+    if (this.fd >= 0) native.close(this.fd);
+    this.mapping = null;
+    this.fd = -1;
+  }
 }
 
 /** The data-out of the chain being parsed, for parameter lists (UNMAP). */
@@ -158,6 +233,7 @@ class RequestQueue {
   inFlight = 0;
   engine: IoEngine | null = null;
   readonly stats = new ScsiQueueStats();
+  readonly compare = new CompareBuffer();
 }
 
 export class ScsiDevice implements DaemonDevice {
@@ -349,14 +425,12 @@ export class ScsiDevice implements DaemonDevice {
         this.respond(rq, queue, chain, result, VIRTIO_SCSI_S_OK, this.residual(slot, n), n);
         return true;
       }
-      case ScsiAction.READ:
-      case ScsiAction.WRITE:
+      default:
         // virtio 1.2 §5.6.6.1.1: buffers smaller than the transfer are VIRTIO_SCSI_S_OVERRUN, nothing moves.
-        if (result.length > (result.action === ScsiAction.READ ? slot.dataIn : slot.dataOut)) {
+        if ((result.action === ScsiAction.READ ? result.length > slot.dataIn : result.dataOutLength > slot.dataOut)) {
           this.respond(rq, queue, chain, result, VIRTIO_SCSI_S_OVERRUN, 0, 0);
           return true;
         }
-        break;
     }
     // Asynchronous from here: take the slot and hold the guest memory.
     rq.pool.take();
@@ -401,8 +475,161 @@ export class ScsiDevice implements DaemonDevice {
           engine.addFallocate(image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, result.rangeOffset[r]!, result.rangeLength[r]!, slot.index);
         }
         break;
+      case ScsiAction.WRITE_SAME:
+        slot.done = 0;
+        slot.pending = 1;
+        this.stageWriteSame(rq, slot);
+        break;
+      case ScsiAction.VERIFY: {
+        slot.done = 0;
+        slot.pending = 1;
+        const compare = rq.compare;
+        if (compare.owner === null) this.startVerify(rq, slot);
+        else compare.waiting.push(slot);
+        break;
+      }
     }
     return true;
+  }
+
+  /**
+   * Stage the next op of a WRITE SAME: a hole (UNMAP bit) or a zero range when the file system takes
+   * it, else a writev of up to IOV_MAX iovecs that all point at one buffer: the guest's own data-out
+   * block (zero copy) or the image's zero buffer.
+   */
+  private stageWriteSame(rq: RequestQueue, slot: Slot): void {
+    const result = slot.result;
+    const unit = result.unit as ImageUnit;
+    const engine = rq.engine!;
+    if (result.zeroes && slot.done === 0 && ((result.unmap && unit.punchHole) || unit.zeroRange)) {
+      slot.step = result.unmap && unit.punchHole ? Step.PUNCH_HOLE : Step.ZERO_RANGE;
+      const mode = slot.step === Step.PUNCH_HOLE ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE;
+      engine.addFallocate(unit.image.fd, mode | FALLOC_FL_KEEP_SIZE, result.offset, result.length, slot.index);
+      return;
+    }
+    slot.step = Step.TRANSFER;
+    let left = result.length - slot.done;
+    engine.reserveIovecs(IOV_MAX);
+    const iovBase = engine.iovBase;
+    const iovLen = engine.iovLen;
+    const at = engine.iovUsed;
+    let n = 0;
+    if (result.zeroes) {
+      const zeroes = unit.image.zeroes();
+      for (; left > 0 && n < IOV_MAX; n++) {
+        iovBase[at + n] = zeroes.address;
+        iovLen[at + n] = Math.min(left, zeroes.length);
+        left -= iovLen[at + n]!;
+      }
+    } else {
+      // The block, as often as its iovecs fit (it may span several guest segments).
+      const chain = slot.chain!;
+      while (left > 0) {
+        const k = fillIovecs(chain, 0, chain.readableSegments, CMD_HEADER_SIZE, unit.blockSize, iovBase, iovLen, at + n, IOV_MAX - n);
+        if (k < 0) break;
+        n += k;
+        left -= unit.blockSize;
+      }
+      if (n === 0) {
+        // One block spans more than IOV_MAX segments: no writev can carry it.
+        slot.outcome = -E2BIG;
+        return this.finish(rq, slot);
+      }
+    }
+    slot.stepLength = result.length - slot.done - left;
+    engine.addReadWrite(IORING_OP.WRITEV, result.fua ? unit.image.syncFd : unit.image.fd, result.offset + slot.done, n, slot.index, RESUBMIT_SHORT);
+  }
+
+  /** One WRITE SAME op completed: fall back, go on, or finish. */
+  private writeSameStepDone(rq: RequestQueue, slot: Slot, res: number): void {
+    const result = slot.result;
+    const unit = result.unit as ImageUnit;
+    switch (slot.step) {
+      case Step.PUNCH_HOLE:
+      case Step.ZERO_RANGE:
+        if (res === -EOPNOTSUPP || res === -EINVAL) {
+          // The file system refuses this fallocate mode: remember it for the unit, write instead.
+          this.logger.info(`${unit.image.path}: the file system refuses fallocate ${slot.step === Step.PUNCH_HOLE ? 'punch hole' : 'zero range'}; WRITE SAME writes from now on`);
+          if (slot.step === Step.PUNCH_HOLE) unit.punchHole = false;
+          else unit.zeroRange = false;
+          return this.stageWriteSame(rq, slot);
+        }
+        if (res < 0) return this.failStep(rq, slot, res);
+        if (result.fua) {
+          slot.step = Step.SYNC;
+          rq.engine!.addFsync(unit.image.fd, IORING_FSYNC_DATASYNC, slot.index);
+          return;
+        }
+        break;
+      case Step.SYNC:
+        if (res < 0) return this.failStep(rq, slot, res);
+        break;
+      case Step.TRANSFER:
+        if (res < 0) return this.failStep(rq, slot, res);
+        if (res < slot.stepLength) return this.failStep(rq, slot, -ENOSPC); // the engine resubmitted short writes: the end of the device
+        slot.done += res;
+        if (slot.done < result.length) return this.stageWriteSame(rq, slot);
+        break;
+    }
+    slot.outcome = result.length;
+    this.finish(rq, slot);
+  }
+
+  private failStep(rq: RequestQueue, slot: Slot, res: number): void {
+    slot.outcome = res;
+    if (res < 0) this.logError(slot, res);
+    this.finish(rq, slot);
+  }
+
+  /** Give the queue's compare buffer to VERIFY `slot` and read its first chunk. */
+  private startVerify(rq: RequestQueue, slot: Slot): void {
+    rq.compare.owner = slot;
+    this.stageVerifyChunk(rq, slot);
+  }
+
+  private stageVerifyChunk(rq: RequestQueue, slot: Slot): void {
+    const result = slot.result;
+    const engine = rq.engine!;
+    slot.step = Step.TRANSFER;
+    slot.stepLength = Math.min(VERIFY_CHUNK, result.length - slot.done);
+    engine.reserveIovecs(1);
+    engine.iovBase[engine.iovUsed] = rq.compare.address;
+    engine.iovLen[engine.iovUsed] = slot.stepLength;
+    engine.addReadWrite(IORING_OP.READV, (result.unit as ImageUnit).image.fd, result.offset + slot.done, 1, slot.index, RESUBMIT_SHORT);
+  }
+
+  /**
+   * A VERIFY chunk was read (`res` bytes or -errno): compare it with the data-out buffer (the same
+   * bytes of it, or its one block against each block), then read the next chunk or finish.
+   */
+  private verifyChunkDone(rq: RequestQueue, slot: Slot, res: number): void {
+    const result = slot.result;
+    const length = slot.stepLength;
+    if (res < 0) return this.failStep(rq, slot, res);
+    if (res < length) return this.failStep(rq, slot, slot.done + res); // the end of the device: short of the range
+    if (result.compare !== Bytchk.NONE) {
+      const chain = slot.chain!;
+      const medium = rq.compare.view;
+      const expected = rq.compare.dataOut;
+      const block = result.unit!.blockSize;
+      if (result.compare === Bytchk.ALL) chain.read(CMD_HEADER_SIZE + slot.done, expected.subarray(0, length));
+      else chain.read(CMD_HEADER_SIZE, expected.subarray(0, block));
+      const step = result.compare === Bytchk.ALL ? length : block;
+      for (let at = 0; at < length; at += step) {
+        const a = medium.subarray(at, at + step);
+        const b = expected.subarray(result.compare === Bytchk.ALL ? at : 0, (result.compare === Bytchk.ALL ? at : 0) + step);
+        if (Buffer.compare(a, b) === 0) continue;
+        let i = 0;
+        while (a[i] === b[i]) i++;
+        result.miscompare = slot.done + at + i;
+        slot.outcome = result.length;
+        return this.finish(rq, slot);
+      }
+    }
+    slot.done += length;
+    if (slot.done < result.length) return this.stageVerifyChunk(rq, slot);
+    slot.outcome = result.length;
+    this.finish(rq, slot);
   }
 
   /** virtio 1.2 §5.6.6.1: residual = data_length - transferred bytes, for the buffer the command used. */
@@ -410,7 +637,7 @@ export class ScsiDevice implements DaemonDevice {
     if (slot.dataIn > 0) return slot.dataIn - transferred;
     const result = slot.result;
     if (result.status !== Status.GOOD) return slot.dataOut;
-    return result.action === ScsiAction.WRITE ? slot.dataOut - result.length : 0;
+    return result.dataOutLength > 0 ? slot.dataOut - result.dataOutLength : 0;
   }
 
   /** Write the response header (status, sense, residual) and complete the chain with `dataIn` bytes of data-in. */
@@ -438,6 +665,15 @@ export class ScsiDevice implements DaemonDevice {
       const slot = rq.pool.slots[userData[i]! & SLOT_MASK]!;
       if (slot.chain === null) continue; // cannot happen: a completion for an idle slot
       const res = result[i]!;
+      const action = slot.result.action;
+      if (action === ScsiAction.WRITE_SAME) {
+        this.writeSameStepDone(rq, slot, res);
+        continue;
+      }
+      if (action === ScsiAction.VERIFY) {
+        this.verifyChunkDone(rq, slot, res);
+        continue;
+      }
       if (res < 0) {
         if (slot.outcome >= 0) slot.outcome = res;
         this.logError(slot, res);
@@ -480,6 +716,12 @@ export class ScsiDevice implements DaemonDevice {
     slot.memory = null;
     rq.pool.put(slot);
     rq.inFlight--;
+    const compare = rq.compare;
+    if (compare.owner === slot) {
+      compare.owner = null;
+      const next = compare.waiting.shift();
+      if (next !== undefined) this.startVerify(rq, next);
+    }
   }
 
   /** One control queue request (virtio 1.2 §5.6.6.2). Returns true (drainQueue goes on). */
@@ -510,6 +752,8 @@ export class ScsiDevice implements DaemonDevice {
     const unitExists = target?.unit(key & 0xffff) !== undefined;
     let response: number;
     let drain = false;
+    /** QUERY TASK (SET) with the request queues in workers: they know. */
+    let query: Promise<boolean> | null = null;
     switch (subtype) {
       case VIRTIO_SCSI_T_TMF_ABORT_TASK:
       case VIRTIO_SCSI_T_TMF_ABORT_TASK_SET:
@@ -530,6 +774,9 @@ export class ScsiDevice implements DaemonDevice {
           const id: [number, number] | null = subtype === VIRTIO_SCSI_T_TMF_QUERY_TASK ? [v.getUint32(TMF_ID, true) | 0, v.getUint32(TMF_ID + 4, true) | 0] : null;
           // SAM-5 §7.9/7.10: FUNCTION SUCCEEDED when the task (a task of the set) is still there.
           response = this.taskInFlight(key, id) ? VIRTIO_SCSI_S_FUNCTION_SUCCEEDED : VIRTIO_SCSI_S_FUNCTION_COMPLETE;
+          if (this.options.workerQueues === true) {
+            query = this.messageWorkers({ type: 'query-task', key, id }).then((answers) => answers.some((found) => found === true));
+          }
         }
         break;
       }
@@ -537,24 +784,111 @@ export class ScsiDevice implements DaemonDevice {
         // CLEAR ACA (no ACA support) and anything unknown.
         response = VIRTIO_SCSI_S_FUNCTION_REJECTED;
     }
-    if (!drain || this.requestsInFlight() === 0) {
+    const workers = this.options.workerQueues === true;
+    if (query === null && (!drain || (!workers && this.requestsInFlight() === 0))) {
       chain.write(0, Uint8Array.of(response));
       queue.pushUsed(chain, 1);
       return true;
     }
     // Commands cannot be cancelled once their I/O is in the kernel: the function completes when they
-    // did (each with its own response), so the driver never sees a completion after FUNCTION COMPLETE.
+    // did (each with its own response), on every request queue, those in worker threads too, so the
+    // driver never sees a completion after FUNCTION COMPLETE.
+    const answer: Promise<number> =
+      query !== null
+        ? query.then((found) => (found ? VIRTIO_SCSI_S_FUNCTION_SUCCEEDED : response))
+        : Promise.all([this.drained(), workers ? this.messageWorkers({ type: 'drain' }) : null]).then(() => response);
     const memory = chain.memory;
     memory.hold();
-    const done = Promise.all(this.queues.map((rq) => rq.engine?.drained())).then(() => {
-      chain.write(0, Uint8Array.of(response));
-      queue.pushUsed(chain, 1);
-      queue.flush();
-      memory.release();
-      this.pendingControl.delete(done);
-    });
+    const done = answer
+      .catch((err: Error) => {
+        this.logger.warn(`task management: the queue workers did not answer: ${err.message}`);
+        return VIRTIO_SCSI_S_FUNCTION_REJECTED;
+      })
+      .then((r) => {
+        chain.write(0, Uint8Array.of(r));
+        queue.pushUsed(chain, 1);
+        queue.flush();
+        memory.release();
+        this.pendingControl.delete(done);
+      });
     this.pendingControl.add(done);
     return true;
+  }
+
+  /** Resolves once no command is in flight on this instance's request queues. */
+  private drained(): Promise<unknown> {
+    return Promise.all(this.queues.map((rq) => rq.engine?.drained()));
+  }
+
+  /** {@link ScsiWorkerMessage} to the devices of the running queue worker threads; their answers. */
+  private messageWorkers(message: ScsiWorkerMessage): Promise<unknown[]> {
+    return this.context?.messageWorkers?.(message) ?? Promise.resolve([]);
+  }
+
+  /** Main device: the units a new queue worker thread's device must serve, with their shared mode pages. */
+  workerState(): ScsiWorkerMessage | undefined {
+    if (this.options.workerQueues !== true) return undefined;
+    return { type: 'units', units: this.units.map((u) => this.workerUnit(u)) };
+  }
+
+  private workerUnit(unit: ImageUnit): WorkerUnit {
+    // Units come from --lun, --luns or lun-add, all through openUnit, which records the config.
+    return { config: unit.config!, modes: unit.modesBuffer };
+  }
+
+  /** A queue worker thread's device: a {@link ScsiWorkerMessage} from the main device. */
+  async workerMessage(message: unknown): Promise<unknown> {
+    const m = message as ScsiWorkerMessage;
+    switch (m.type) {
+      case 'units': {
+        const wanted = new Set(m.units.map((u) => (u.config.target << 16) | u.config.lun));
+        for (const unit of [...this.units]) {
+          if (!wanted.has((unit.target << 16) | unit.lun)) await this.removeUnit(unit);
+        }
+        for (const u of m.units) this.adoptUnit(u);
+        return true;
+      }
+      case 'lun-add':
+        this.adoptUnit(m.unit);
+        return true;
+      case 'lun-remove': {
+        const unit = this.targets.get(m.target)?.unit(m.lun) as ImageUnit | undefined;
+        if (unit !== undefined) await this.removeUnit(unit);
+        return true;
+      }
+      case 'lun-resize': {
+        (this.targets.get(m.target)?.unit(m.lun) as ImageUnit | undefined)?.setCapacity(m.bytes);
+        return true;
+      }
+      case 'drain':
+        await this.drained();
+        return true;
+      case 'query-task':
+        return this.taskInFlight(m.key, m.id);
+      default:
+        throw new TypeError(`unknown scsi worker message ${String((m as { type?: unknown }).type)}`);
+    }
+  }
+
+  /** Serve the unit the main device describes (open it unless it is here), sharing its mode pages. */
+  private adoptUnit(u: WorkerUnit): void {
+    let unit = this.targets.get(u.config.target)?.unit(u.config.lun) as ImageUnit | undefined;
+    if (unit === undefined) {
+      unit = openUnit(u.config, this.options.direct === true);
+      this.addUnit(unit);
+      this.units.push(unit);
+    }
+    unit.shareModes(u.modes);
+  }
+
+  /** Stop serving `unit`; its image closes once the commands already started on it completed. */
+  private async removeUnit(unit: ImageUnit): Promise<void> {
+    const target = this.targets.get(unit.target)!;
+    target.removeUnit(unit.lun);
+    if (target.size === 0) this.targets.delete(unit.target);
+    this.units.splice(this.units.indexOf(unit), 1);
+    await this.drained();
+    unit.image.close();
   }
 
   /** Commands in flight on this instance's request queues. */
@@ -640,12 +974,6 @@ export class ScsiDevice implements DaemonDevice {
     return unit;
   }
 
-  private refuseWithWorkers(): void {
-    if (this.options.workerQueues === true) {
-      throw new ControlError(RpcErrorCode.INVALID_PARAMS, 'units cannot change while the request queues run in worker threads (--threads)');
-    }
-  }
-
   /**
    * Control socket: hotplug (`lun-add`, `lun-remove`) and `lun-resize`. The guest learns of each through
    * the event queue: TRANSPORT_RESET with RESCAN or REMOVED (HOTPLUG), PARAM_CHANGE with CAPACITY DATA
@@ -657,8 +985,7 @@ export class ScsiDevice implements DaemonDevice {
       'lun-add': {
         description: 'Add a logical unit ([TARGET:]LUN=IMAGE[,ro][,serial=S][,block-size=N][,discard], as --lun) and tell the guest',
         params: { spec: { type: 'string', required: true, description: 'As --lun: [TARGET:]LUN=IMAGE[,ro][,serial=S][,block-size=512|4096][,discard]' } },
-        call: (params) => {
-          this.refuseWithWorkers();
+        call: async (params) => {
           let unit: ImageUnit;
           try {
             const config = parseLun(params.spec as string);
@@ -670,6 +997,14 @@ export class ScsiDevice implements DaemonDevice {
           }
           this.addUnit(unit);
           this.units.push(unit);
+          try {
+            // The request queues in worker threads open it too before the guest hears of it.
+            await this.messageWorkers({ type: 'lun-add', unit: this.workerUnit(unit) });
+          } catch (err) {
+            await this.messageWorkers({ type: 'lun-remove', target: unit.target, lun: unit.lun }).catch(() => undefined);
+            await this.removeUnit(unit);
+            throw new ControlError(RpcErrorCode.INTERNAL_ERROR, `LUN ${unit.target}:${unit.lun}: ${(err as Error).message}`);
+          }
           this.logger.info(`LUN ${unit.target}:${unit.lun} added: ${unit.image.path}, ${unit.blocks} blocks of ${unit.blockSize} bytes`);
           const event = this.hotplugEvent(unit, VIRTIO_SCSI_EVT_RESET_RESCAN);
           return { lun: `${unit.target}:${unit.lun}`, blocks: unit.blocks, blockSize: unit.blockSize, event };
@@ -679,16 +1014,11 @@ export class ScsiDevice implements DaemonDevice {
         description: 'Remove a logical unit (its I/O in flight completes first) and tell the guest',
         params: address,
         call: async (params) => {
-          this.refuseWithWorkers();
           const unit = this.unitAt(params.lun as string);
-          const target = this.targets.get(unit.target)!;
-          target.removeUnit(unit.lun);
-          if (target.size === 0) this.targets.delete(unit.target);
-          this.units.splice(this.units.indexOf(unit), 1);
+          const removed = this.removeUnit(unit);
           const event = this.hotplugEvent(unit, VIRTIO_SCSI_EVT_RESET_REMOVED);
-          // Commands already started on the unit still use its image.
-          await Promise.all(this.queues.map((rq) => rq.engine?.drained()));
-          unit.image.close();
+          // Commands already started on the unit still use its image, here and in the workers.
+          await Promise.all([removed, this.messageWorkers({ type: 'lun-remove', target: unit.target, lun: unit.lun })]);
           this.logger.info(`LUN ${unit.target}:${unit.lun} removed`);
           return { lun: `${unit.target}:${unit.lun}`, event };
         },
@@ -696,11 +1026,12 @@ export class ScsiDevice implements DaemonDevice {
       'lun-resize': {
         description: 'Re-read the size of a unit\'s image (after growing it) and tell the guest when it changed',
         params: address,
-        call: (params) => {
-          this.refuseWithWorkers();
+        call: async (params) => {
           const unit = this.unitAt(params.lun as string);
           const previousBlocks = unit.blocks;
-          unit.setCapacity(unit.image.size());
+          const bytes = unit.image.size();
+          unit.setCapacity(bytes);
+          await this.messageWorkers({ type: 'lun-resize', target: unit.target, lun: unit.lun, bytes });
           // SPC-4 ASC/ASCQ 2Ah/09h CAPACITY DATA HAS CHANGED, as the event's reason (ASC, then ASCQ << 8).
           let event: EventOutcome | 'none' = 'none';
           if (unit.blocks !== previousBlocks) {
@@ -737,6 +1068,7 @@ export class ScsiDevice implements DaemonDevice {
     for (const rq of this.queues) {
       rq.engine?.close();
       rq.engine = null;
+      rq.compare.close();
     }
     for (const unit of this.units) unit.image.close();
   }

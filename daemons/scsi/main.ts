@@ -51,13 +51,11 @@ export function createScsiDevice(config: ScsiConfig, logger: Logger): ScsiDevice
 
 /**
  * The device instance a queue worker thread runs (lib/runtime/queue-workers.ts): its own image fds
- * and engines for the request queues it is given.
+ * and engines for the request queues it is given; the main device keeps its units and their mode
+ * pages in step (ScsiDevice.workerMessage).
  */
 export function createScsiDeviceForWorker(config: ScsiConfig, logger: Logger): ScsiDevice {
-  const device = createScsiDevice({ ...config, threads: 0 }, { ...logger, info: logger.debug });
-  // Every worker has its own copy of each unit: a MODE SELECT would change one copy only.
-  for (const unit of device.logicalUnits()) unit.modeSelect = false;
-  return device;
+  return createScsiDevice({ ...config, threads: 0 }, { ...logger, info: logger.debug });
 }
 
 /** `--threads N`: request queues in N worker threads (control and event stay on the main thread). */

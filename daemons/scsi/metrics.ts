@@ -2,7 +2,7 @@
  * The scsi daemon's own Prometheus metrics (`vhostd_scsi_*`, listed in daemons/scsi/README.md). The
  * datapath only adds to the plain numbers of a {@link ScsiQueueStats} per request queue and of the
  * device's {@link ScsiControlStats}; the metrics read them at scrape time. Labels are bounded: the
- * request queue, the command class (12 values), the sense key (16), the TMF (9), the virtio response
+ * request queue, the command class (13 values), the sense key (16), the TMF (9), the virtio response
  * (13); never a LUN (a daemon may serve thousands).
  */
 import { Gauge, type Registry } from 'prom-client';
@@ -16,6 +16,7 @@ export const COMMAND_CLASSES = [
   'write',
   'synchronize_cache',
   'unmap',
+  'write_same',
   'verify',
   'inquiry',
   'read_capacity',
@@ -32,6 +33,7 @@ for (const [ops, name] of [
   [[Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16], 'write'],
   [[Op.SYNCHRONIZE_CACHE_10, Op.SYNCHRONIZE_CACHE_16], 'synchronize_cache'],
   [[Op.UNMAP], 'unmap'],
+  [[Op.WRITE_SAME_10, Op.WRITE_SAME_16], 'write_same'],
   [[Op.VERIFY_10, Op.VERIFY_16], 'verify'],
   [[Op.INQUIRY], 'inquiry'],
   [[Op.READ_CAPACITY_10, Op.SERVICE_ACTION_IN_16], 'read_capacity'],

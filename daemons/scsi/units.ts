@@ -10,11 +10,17 @@ import { LogicalUnit, naaDesignator, type LogicalUnitOptions } from './target/lo
 
 /** A logical unit and the image behind it. */
 export class ImageUnit extends LogicalUnit {
+  /** Cleared once the image's file system refused fallocate PUNCH_HOLE / ZERO_RANGE (WRITE SAME writes then). */
+  punchHole = true;
+  zeroRange = true;
+
   constructor(
     options: LogicalUnitOptions,
     readonly image: BackingFile,
     readonly target: number,
     readonly lun: number,
+    /** What it was opened from (a worker thread's device opens the same). */
+    readonly config?: LunConfig,
   ) {
     super(options, image.size());
   }
@@ -34,7 +40,7 @@ export function openUnit(u: LunConfig, direct: boolean): ImageUnit {
     if (size < blockSize) throw new ConfigError('CONFIG_INVALID', `${name}: the image is ${size} bytes, smaller than one ${blockSize}-byte block`);
     // A stable WWN: from the serial when there is one, else from the address and the image path.
     const identity = u.serial !== '' ? `serial:${u.serial}` : `${u.target}:${u.lun}:${fs.realpathSync(u.file)}`;
-    return new ImageUnit({ blockSize, readOnly: u.readOnly, discard: u.discard, serial: u.serial, naa: naaDesignator(identity) }, image, u.target, u.lun);
+    return new ImageUnit({ blockSize, readOnly: u.readOnly, discard: u.discard, serial: u.serial, naa: naaDesignator(identity) }, image, u.target, u.lun, u);
   } catch (err) {
     image.close();
     throw err;

@@ -231,6 +231,18 @@ async function handle(message: ToWorker): Promise<void> {
     case 'reset':
       device.reset?.();
       return;
+    case 'device': {
+      let answer: unknown;
+      try {
+        answer = await device.workerMessage?.(message.message);
+      } catch (err) {
+        if (message.id !== 0) post({ type: 'device', id: message.id, error: (err as Error).message });
+        else logger.warn(`device message refused by the worker device: ${(err as Error).message}`);
+        return;
+      }
+      if (message.id !== 0) post({ type: 'device', id: message.id, answer });
+      return;
+    }
     case 'exit':
       await exit();
       return;

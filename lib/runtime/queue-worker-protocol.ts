@@ -62,6 +62,8 @@ export type ToWorker =
   | { type: 'reset' }
   /** A scrape: answered at once with 'metrics', outside the queue messages' order. */
   | { type: 'metrics' }
+  /** For the device's workerMessage; `id` comes back with the answer (0: no answer wanted). */
+  | { type: 'device'; id: number; message: unknown }
   | { type: 'exit' };
 
 export type FromWorker =
@@ -73,4 +75,6 @@ export type FromWorker =
   /** The worker device's metrics now (its registerMetrics registry), for a 'metrics' request. */
   | { type: 'metrics'; metrics: MetricSnapshot }
   /** Its metrics once every queue stopped, the last message before the worker ends. */
-  | { type: 'ended'; metrics: MetricSnapshot };
+  | { type: 'ended'; metrics: MetricSnapshot }
+  /** The answer of the device's workerMessage, or the error it threw. */
+  | { type: 'device'; id: number; answer?: unknown; error?: string };

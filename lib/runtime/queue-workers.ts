@@ -171,12 +171,28 @@ class WorkerSlot {
   private ended: MetricSnapshot = [];
   /** Scrapes waiting for the worker's answer, in order. */
   private readonly scrapes: ((snapshots: MetricSnapshot[]) => void)[] = [];
+  /** Device messages waiting for their answer, by id. */
+  private readonly answers = new Map<number, { resolve(answer: unknown): void; reject(err: Error): void }>();
+  private nextId = 1;
 
   constructor(
     private readonly id: number,
     private readonly options: QueueWorkerOptions,
     private readonly logger: Logger,
+    private readonly initialState: () => unknown,
   ) {}
+
+  /** Send the worker's device a message; resolves with its answer (undefined if the thread ends first). */
+  deviceMessage(message: unknown): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      const id = this.nextId++;
+      this.answers.set(id, { resolve, reject });
+      if (!this.send({ type: 'device', id, message })) {
+        this.answers.delete(id);
+        resolve(undefined);
+      }
+    });
+  }
 
   private spawn(): Worker {
     const data: WorkerData = { modulePath: this.options.modulePath, exportName: this.options.exportName, config: this.options.config, id: this.id };
@@ -188,6 +204,8 @@ class WorkerSlot {
     this.exited = new Promise((resolve) =>
       worker.once('exit', () => {
         if (this.worker === worker) this.worker = null;
+        for (const answer of this.answers.values()) answer.resolve(undefined);
+        this.answers.clear();
         // Queues of a dead worker: their stop resolves with no base; running ones are broken.
         for (const queue of [...this.queues.values()]) {
           if (queue.stopped === null) queue.onBroken(`queue worker ${this.id} exited`, 'QUEUE_WORKER_EXIT');
@@ -200,6 +218,9 @@ class WorkerSlot {
       }),
     );
     this.worker = worker;
+    // Before any queue: the device state changed since the config (ports deliver in order).
+    const state = this.initialState();
+    if (state !== undefined) worker.postMessage({ type: 'device', id: 0, message: state } satisfies ToWorker);
     return worker;
   }
 
@@ -265,6 +286,13 @@ class WorkerSlot {
       case 'ended':
         this.ended = mergeSnapshots([this.ended, lastingMetrics(message.metrics)]);
         break;
+      case 'device': {
+        const answer = this.answers.get(message.id);
+        this.answers.delete(message.id);
+        if (message.error !== undefined) answer?.reject(new Error(`queue worker ${this.id}: ${message.error}`));
+        else answer?.resolve(message.answer);
+        break;
+      }
     }
   }
 
@@ -315,12 +343,14 @@ function regionMessages(memory: GuestMemory): RegionMessage[] {
 export class QueueWorkerPool {
   private readonly slots: WorkerSlot[];
 
+  /** `initialState`: the first device message of each new thread (DeviceBackend.workerState). */
   constructor(
     readonly options: QueueWorkerOptions,
     logger: Logger = silentLogger,
+    initialState: () => unknown = () => undefined,
   ) {
     if (!Number.isInteger(options.threads) || options.threads < 1) throw new RangeError(`threads must be a positive integer, got ${options.threads}`);
-    this.slots = Array.from({ length: options.threads }, (_, i) => new WorkerSlot(i, options, logger));
+    this.slots = Array.from({ length: options.threads }, (_, i) => new WorkerSlot(i, options, logger, initialState));
   }
 
   /** Which thread runs the queues of `group`. */
@@ -347,6 +377,11 @@ export class QueueWorkerPool {
   /** The worker devices' metrics for a scrape, to merge with the main device's (lib/metrics/thread-metrics.ts). */
   async metrics(): Promise<MetricSnapshot[]> {
     return (await Promise.all(this.slots.map((slot) => slot.metrics()))).flat();
+  }
+
+  /** Send every running thread's device `message` (DeviceContext.messageWorkers): their answers, in thread order. */
+  deviceMessage(message: unknown): Promise<unknown[]> {
+    return Promise.all(this.slots.filter((s) => s.worker !== null).map((s) => s.deviceMessage(message)));
   }
 
   /** Threads running now. */

@@ -69,7 +69,7 @@ class Server extends EventEmitter implements VhostUserServer {
     super();
     this.logger = options.logger ?? silentLogger;
     this.vrings = Array.from({ length: device.numQueues }, (_, i) => new Vring(i));
-    this.queueWorkers = options.queueWorkers !== undefined ? new QueueWorkerPool(options.queueWorkers, this.logger) : null;
+    this.queueWorkers = options.queueWorkers !== undefined ? new QueueWorkerPool(options.queueWorkers, this.logger, () => device.workerState?.()) : null;
   }
 
   get connected(): boolean {

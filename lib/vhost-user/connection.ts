@@ -113,6 +113,11 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     this.vrings[index]?.markBroken(err);
   }
 
+  /** DeviceContext: a message to the device of every running queue worker thread. */
+  messageWorkers(message: unknown): Promise<unknown[]> {
+    return this.queueWorkers?.deviceMessage(message) ?? Promise.resolve([]);
+  }
+
   /** SET_BACKEND_REQ_FD: takes ownership of `fd`, replacing any earlier channel. */
   setBackendChannel(fd: number): void {
     this.backendChannel?.close();

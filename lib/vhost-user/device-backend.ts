@@ -44,6 +44,14 @@ export interface DeviceContext {
    * engine's contexts always have it; a context a unit test builds by hand may leave it out.
    */
   queueBroken?(index: number, err: unknown): void;
+  /**
+   * Send `message` (structured-clonable) to the device instance of every queue worker thread running
+   * now ({@link DeviceBackend.workerMessage} there) and resolve with their answers, one per thread
+   * (undefined from a thread that ended meanwhile); [] when no queue runs in a worker. Rejects when a
+   * worker device threw. For state a device changes at run time (units added, a cache mode) and for
+   * waiting on work in flight in the workers.
+   */
+  messageWorkers?(message: unknown): Promise<unknown[]>;
 }
 
 export interface DeviceBackend {
@@ -63,6 +71,19 @@ export interface DeviceBackend {
   getConfig?(offset: number, size: number): Uint8Array;
   /** Driver wrote config space (SET_CONFIG). Throw to refuse. */
   setConfig?(offset: number, data: Uint8Array): void;
+
+  /**
+   * Main device, with queues in worker threads: the message each new worker thread's device gets
+   * ({@link workerMessage}) before any queue starts there: what changed at run time since the config
+   * its factory builds from. Structured-clonable (a SharedArrayBuffer stays shared). Undefined: none.
+   */
+  workerState?(): unknown;
+  /**
+   * A worker thread's device instance: a message from the main device
+   * ({@link DeviceContext.messageWorkers}, {@link workerState}); the result (structured-clonable) is
+   * the answer. Messages arrive in order with the queue messages of the thread.
+   */
+  workerMessage?(message: unknown): unknown;
 
   /**
    * NET_SET_MTU: the host MTU the front-end exposes to the guest (virtio-net `mtu`), already checked

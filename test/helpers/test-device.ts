@@ -128,6 +128,20 @@ export class TestDevice implements DeviceBackend {
     this.record('reset');
   }
 
+  /** Main device: what {@link workerState} hands each new worker thread's device. */
+  stateForWorkers: unknown = undefined;
+
+  workerState(): unknown {
+    return this.stateForWorkers;
+  }
+
+  /** A worker's device: records "message <JSON>", answers with the message and its completed counts; 'refuse' throws. */
+  workerMessage(message: unknown): unknown {
+    this.record(`message ${JSON.stringify(message)}`);
+    if (message === 'refuse') throw new Error('refused by the test device');
+    return { message, completed: [...this.completed] };
+  }
+
   memoryChanged(memory: GuestMemory): void {
     this.record(`memory ${memory.regions.length}`);
   }

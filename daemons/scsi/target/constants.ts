@@ -55,12 +55,14 @@ export const SenseKey = {
   UNIT_ATTENTION: 0x6,
   DATA_PROTECT: 0x7,
   ABORTED_COMMAND: 0xb,
+  MISCOMPARE: 0xe,
 } as const;
 
 /** Additional sense code and qualifier, as (ASC << 8) | ASCQ (SPC-4 §4.5.6, table 49). */
 export const Asc = {
   NO_ADDITIONAL_SENSE: 0x0000,
   WRITE_ERROR: 0x0c00,
+  MISCOMPARE_DURING_VERIFY: 0x1d00,
   UNRECOVERED_READ_ERROR: 0x1100,
   PARAMETER_LIST_LENGTH_ERROR: 0x1a00,
   INVALID_COMMAND_OPERATION_CODE: 0x2000,

@@ -17,24 +17,56 @@ export interface LogicalUnitOptions {
   naa: Uint8Array;
 }
 
+/** Bytes of {@link LogicalUnit.modes}: WCE, D_SENSE. */
+const WCE = 0;
+const D_SENSE = 1;
+const MODE_BYTES = 2;
+
 export class LogicalUnit {
   /** Capacity in logical blocks. */
   blocks = 0;
-  /** Write cache enabled (caching mode page WCE): writes complete in the host page cache, SYNCHRONIZE CACHE makes them durable. */
-  writeCache = true;
-  /** Control mode page D_SENSE: CHECK CONDITIONs carry descriptor-format sense data. */
-  descriptorSense = false;
   /**
-   * Whether MODE SELECT may change WCE and D_SENSE. False when several copies of the unit serve it
-   * (request queues in worker threads, each with its own device): a change would reach one copy only.
+   * The changeable mode page bits, in shared memory: when copies of the unit serve it in several
+   * threads (request queues in workers, each with its own device), they share one buffer
+   * ({@link shareModes}), so a MODE SELECT on any queue holds for all of them.
    */
-  modeSelect = true;
+  private modes = new Uint8Array(new SharedArrayBuffer(MODE_BYTES));
 
   constructor(
     readonly options: LogicalUnitOptions,
     capacityBytes: number,
   ) {
     this.setCapacity(capacityBytes);
+    this.resetModes();
+  }
+
+  /** Write cache enabled (caching mode page WCE): writes complete in the host page cache, SYNCHRONIZE CACHE makes them durable. */
+  get writeCache(): boolean {
+    return Atomics.load(this.modes, WCE) !== 0;
+  }
+
+  set writeCache(on: boolean) {
+    Atomics.store(this.modes, WCE, on ? 1 : 0);
+  }
+
+  /** Control mode page D_SENSE: CHECK CONDITIONs carry descriptor-format sense data. */
+  get descriptorSense(): boolean {
+    return Atomics.load(this.modes, D_SENSE) !== 0;
+  }
+
+  set descriptorSense(on: boolean) {
+    Atomics.store(this.modes, D_SENSE, on ? 1 : 0);
+  }
+
+  /** The buffer of the mode bits, for another copy of the unit ({@link shareModes}). */
+  get modesBuffer(): SharedArrayBuffer {
+    return this.modes.buffer as SharedArrayBuffer;
+  }
+
+  /** Use the mode bits of another copy of this unit (its {@link modesBuffer}) from now on. */
+  shareModes(buffer: SharedArrayBuffer): void {
+    if (buffer.byteLength !== MODE_BYTES) throw new RangeError(`a unit's mode buffer is ${MODE_BYTES} bytes, not ${buffer.byteLength}`);
+    this.modes = new Uint8Array(buffer);
   }
 
   /** Back to the power-on mode page values (a device reset: the driver's MODE SELECTs are forgotten). */

@@ -27,6 +27,18 @@ export const ScsiAction = {
   FLUSH: 3,
   /** Deallocate `rangeCount` byte ranges (punch holes). */
   UNMAP: 4,
+  /**
+   * WRITE SAME: write one logical block over `offset .. offset+length`: zeroes when `zeroes` (NDOB, or
+   * a data-out block of zeroes; `unmap`: deallocating is allowed too), else the first `dataOutLength`
+   * bytes of the data-out buffer, repeated. `fua` as for WRITE.
+   */
+  WRITE_SAME: 5,
+  /**
+   * VERIFY: read `offset .. offset+length` and, with `compare`, compare it with the data-out buffer
+   * (BYTCHK 01b: all of it; 11b: its first block, repeated); the transport reports the first byte that
+   * differs in {@link ScsiResult.miscompare}.
+   */
+  VERIFY: 6,
 } as const;
 export type ScsiAction = (typeof ScsiAction)[keyof typeof ScsiAction];
 
@@ -36,6 +48,18 @@ export const MAX_TRANSFER_BYTES = 32 << 20;
 export const MAX_UNMAP_BYTES = 1 << 30;
 /** Block descriptors per UNMAP (VPD B0h MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT). */
 export const MAX_UNMAP_DESCRIPTORS = 32;
+/** Largest WRITE SAME and VERIFY range: 1 GiB (VPD B0h MAXIMUM WRITE SAME LENGTH). */
+export const MAX_WRITE_SAME_BYTES = 1 << 30;
+
+/** VERIFY BYTCHK (SBC-3 §5.33, table 66): what the data-out buffer holds. */
+export const Bytchk = {
+  /** No data-out: check the medium can be read. */
+  NONE: 0,
+  /** The blocks to compare, all of them. */
+  ALL: 1,
+  /** One block, compared with every block of the range. */
+  ONE_BLOCK: 3,
+} as const;
 
 /** MAINTENANCE IN service actions (SPC-4 §6.35, §6.36). */
 const SA_REPORT_SUPPORTED_OPCODES = 0x0c;
@@ -50,6 +74,7 @@ function supportedCommands(unit: LogicalUnit): [number, number, number][] {
     [Op.MODE_SELECT_10, -1, 10], [Op.MODE_SENSE_10, -1, 10], [Op.READ_16, -1, 16], [Op.WRITE_16, -1, 16], [Op.VERIFY_16, -1, 16],
     [Op.SYNCHRONIZE_CACHE_16, -1, 16], [Op.SERVICE_ACTION_IN_16, SAI_READ_CAPACITY_16, 16], [Op.REPORT_LUNS, -1, 12],
     [Op.MAINTENANCE_IN, SA_REPORT_SUPPORTED_OPCODES, 12], [Op.MAINTENANCE_IN, SA_REPORT_SUPPORTED_TMFS, 12], [Op.READ_12, -1, 12], [Op.WRITE_12, -1, 12],
+    [Op.WRITE_SAME_10, -1, 10], [Op.WRITE_SAME_16, -1, 16],
   ];
   if (unit.options.discard) list.push([Op.UNMAP, -1, 10]);
   return list;
@@ -81,8 +106,20 @@ export class ScsiResult {
   /** READ/WRITE: byte offset in the image and length. */
   offset = 0;
   length = 0;
-  /** WRITE: force unit access (durable before completion). */
+  /** WRITE, WRITE SAME: force unit access (durable before completion). */
   fua = false;
+  /**
+   * Bytes of the data-out buffer the command transfers (WRITE: `length`; WRITE SAME: one block, or 0
+   * with NDOB; VERIFY: `length`, one block or 0): a smaller buffer is the transport's overrun.
+   */
+  dataOutLength = 0;
+  /** WRITE SAME: the block is all zeroes; `unmap`: and the initiator allows deallocating (UNMAP bit, discard on). */
+  zeroes = false;
+  unmap = false;
+  /** VERIFY: {@link Bytchk} value. */
+  compare: number = Bytchk.NONE;
+  /** VERIFY: set by the transport to the byte offset (from `offset`) of the first difference; -1: none. */
+  miscompare = -1;
   /** UNMAP: byte ranges. */
   rangeCount = 0;
   readonly rangeOffset = new Float64Array(MAX_UNMAP_DESCRIPTORS);
@@ -165,10 +202,10 @@ function writeModePage(d: Uint8Array, at: number, page: number, control: number,
   d[at] = page;
   d[at + 1] = length - 2;
   if (page === PAGE_CACHING) {
-    if (control === PC_CHANGEABLE) d[at + 2] = unit.modeSelect ? WCE : 0;
+    if (control === PC_CHANGEABLE) d[at + 2] = WCE;
     else if (control === PC_DEFAULT || unit.writeCache) d[at + 2] = WCE;
   } else {
-    if (control === PC_CHANGEABLE) d[at + 2] = unit.modeSelect ? D_SENSE : 0;
+    if (control === PC_CHANGEABLE) d[at + 2] = D_SENSE;
     else if (control === PC_CURRENT && unit.descriptorSense) d[at + 2] = D_SENSE;
     if (control !== PC_CHANGEABLE) d[at + 3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
   }
@@ -224,6 +261,8 @@ export class ScsiTarget {
     out.senseLength = 0;
     out.dataLength = 0;
     out.fua = false;
+    out.dataOutLength = 0;
+    out.miscompare = -1;
     out.rangeCount = 0;
     out.info.clear();
     const cdb = cmd.cdb;
@@ -286,9 +325,13 @@ export class ScsiTarget {
       case Op.SYNCHRONIZE_CACHE_16:
         return this.synchronizeCache(unit, lba64(cdb, 2), be32(cdb, 10), out);
       case Op.VERIFY_10:
-        return this.verify(cdb, unit, be32(cdb, 2), be16(cdb, 7), out);
+        return this.verify(cdb, unit, be32(cdb, 2), be16(cdb, 7), 7, out);
       case Op.VERIFY_16:
-        return this.verify(cdb, unit, lba64(cdb, 2), be32(cdb, 10), out);
+        return this.verify(cdb, unit, lba64(cdb, 2), be32(cdb, 10), 10, out);
+      case Op.WRITE_SAME_10:
+        return this.writeSame(cmd, unit, be32(cdb, 2), be16(cdb, 7), false, out);
+      case Op.WRITE_SAME_16:
+        return this.writeSame(cmd, unit, lba64(cdb, 2), be32(cdb, 10), true, out);
       case Op.MODE_SENSE_6:
         return this.modeSense(cdb, unit, false, out);
       case Op.MODE_SENSE_10:
@@ -314,18 +357,29 @@ export class ScsiTarget {
   }
 
   /**
-   * The transport did the I/O `out` asked for: `result` is the bytes moved (READ/WRITE), 0 (FLUSH,
-   * UNMAP) or -errno. Sets status and sense.
+   * The transport did the I/O `out` asked for: `result` is the bytes moved (READ/WRITE, WRITE SAME,
+   * VERIFY), 0 (FLUSH, UNMAP) or -errno. Sets status and sense.
    */
   completeIo(out: ScsiResult, result: number): void {
     switch (out.action) {
       case ScsiAction.READ:
         if (result !== out.length) this.fail(out, SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR);
         return;
+      case ScsiAction.VERIFY:
+        if (result !== out.length) return this.fail(out, SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR);
+        if (out.miscompare >= 0) {
+          // SBC-3 §5.33: MISCOMPARE, the offset of the first byte that differs in the INFORMATION field.
+          const at = out.miscompare;
+          out.info.set(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY);
+          out.info.information = at;
+          this.check(out);
+        }
+        return;
       case ScsiAction.WRITE:
+      case ScsiAction.WRITE_SAME:
       case ScsiAction.FLUSH:
         if (result === -ENOSPC) this.fail(out, SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT);
-        else if (result < 0 || (out.action === ScsiAction.WRITE && result !== out.length)) this.fail(out, SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR);
+        else if (result < 0 || (out.action !== ScsiAction.FLUSH && result !== out.length)) this.fail(out, SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR);
         return;
       case ScsiAction.UNMAP:
         // SBC-3 §4.7.3.4: with LBPRZ 0 unmapped blocks read back anything, so a file system that cannot
@@ -337,10 +391,15 @@ export class ScsiTarget {
 
   /** CHECK CONDITION with fixed-format sense data. */
   private fail(out: ScsiResult, key: number, asc: number, field = -1, bit = -1, inCdb = true): void {
+    out.info.set(key, asc, field, bit, inCdb);
+    this.check(out);
+  }
+
+  /** CHECK CONDITION for the cause in `out.info`. */
+  private check(out: ScsiResult): void {
     out.action = ScsiAction.COMPLETE;
     out.status = Status.CHECK_CONDITION;
     out.dataLength = 0;
-    out.info.set(key, asc, field, bit, inCdb);
     // The control page's D_SENSE (set by MODE SELECT) asks for descriptor format (SPC-4 §7.5.8).
     out.senseLength = encodeSense(out.info, out.unit?.descriptorSense ?? false, out.sense);
   }
@@ -368,6 +427,7 @@ export class ScsiTarget {
     out.action = write ? ScsiAction.WRITE : ScsiAction.READ;
     out.offset = lba * unit.blockSize;
     out.length = blocks * unit.blockSize;
+    out.dataOutLength = write ? out.length : 0;
     // Writes go to the page cache unless FUA or the write cache is off (caching page WCE 0).
     out.fua = write && (fua || !unit.writeCache);
   }
@@ -379,10 +439,61 @@ export class ScsiTarget {
     out.action = ScsiAction.FLUSH;
   }
 
-  private verify(cdb: Uint8Array, unit: LogicalUnit, lba: number, blocks: number, out: ScsiResult): void {
-    // BYTCHK 0 (SBC-3 §5.33): check the medium can be read; a file can. Comparing is not supported.
-    if ((cdb[1]! & 0x06) !== 0) return this.invalidField(out, 1, 2);
+  /**
+   * VERIFY(10)/(16) (SBC-3 §5.33, §5.35): read the range back (BYTCHK 00b) and compare it with the
+   * data-out buffer (01b: the blocks themselves, at most a transfer's worth; 11b: one block for all).
+   * `lengthField`: the CDB byte of VERIFICATION LENGTH.
+   */
+  private verify(cdb: Uint8Array, unit: LogicalUnit, lba: number, blocks: number, lengthField: number, out: ScsiResult): void {
+    if ((cdb[1]! & 0xe0) !== 0) return this.invalidField(out, 1, 7); // VRPROTECT: no protection information
+    const bytchk = (cdb[1]! >> 1) & 0x03;
+    if (bytchk === 2) return this.invalidField(out, 1, 2); // reserved
     if (!this.inRange(unit, lba, blocks)) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE);
+    const length = blocks * unit.blockSize;
+    if (length > (bytchk === Bytchk.ALL ? MAX_TRANSFER_BYTES : MAX_WRITE_SAME_BYTES)) return this.invalidField(out, lengthField);
+    if (blocks === 0) return; // SBC-3: nothing to verify, not an error
+    out.action = ScsiAction.VERIFY;
+    out.offset = lba * unit.blockSize;
+    out.length = length;
+    out.compare = bytchk;
+    out.dataOutLength = bytchk === Bytchk.ALL ? length : bytchk === Bytchk.ONE_BLOCK ? unit.blockSize : 0;
+  }
+
+  private readonly block = new Uint8Array(4096);
+
+  /**
+   * WRITE SAME(10)/(16) (SBC-3 §5.41, §5.42): one block written over the range. NDOB (16 only) or a
+   * block of zeroes may become a zero-range fallocate, and with the UNMAP bit on a unit with discard a
+   * hole (a hole reads back zeroes). The UNMAP bit allows deallocating, it does not demand it: on a unit
+   * without discard (no LBPWS reported) the blocks are written.
+   */
+  private writeSame(cmd: ScsiCommand, unit: LogicalUnit, lba: number, blocks: number, sixteen: boolean, out: ScsiResult): void {
+    const flags = cmd.cdb[1]!;
+    const lengthField = sixteen ? 10 : 7; // NUMBER OF LOGICAL BLOCKS
+    if ((flags & 0xe0) !== 0) return this.invalidField(out, 1, 7); // WRPROTECT: no protection information
+    if ((flags & 0x10) !== 0) return this.invalidField(out, 1, 4); // ANCHOR: no anchored state
+    // PBDATA, LBDATA (bits 2, 1) are obsolete; bit 0 is NDOB in WRITE SAME(16), reserved in (10).
+    const reserved = sixteen ? 0x06 : 0x07;
+    if ((flags & reserved) !== 0) return this.invalidField(out, 1, (flags & 0x04) !== 0 ? 2 : (flags & 0x02) !== 0 ? 1 : 0);
+    // WSNZ (VPD B0h): 0 blocks does not mean "to the end of the medium" here.
+    if (blocks === 0) return this.invalidField(out, lengthField);
+    if (!this.inRange(unit, lba, blocks)) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE);
+    if (blocks * unit.blockSize > MAX_WRITE_SAME_BYTES) return this.invalidField(out, lengthField);
+    if (unit.options.readOnly) return this.fail(out, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED);
+    const ndob = sixteen && (flags & 0x01) !== 0;
+    let zeroes = true;
+    if (!ndob) {
+      const block = this.block.subarray(0, unit.blockSize);
+      // A short buffer is the transport's overrun (dataOutLength); only a whole block can be zeroes.
+      zeroes = cmd.readDataOut(block) === block.length && block.every((b) => b === 0);
+    }
+    out.action = ScsiAction.WRITE_SAME;
+    out.offset = lba * unit.blockSize;
+    out.length = blocks * unit.blockSize;
+    out.dataOutLength = ndob ? 0 : unit.blockSize;
+    out.zeroes = zeroes;
+    out.unmap = zeroes && (flags & 0x08) !== 0 && unit.options.discard;
+    out.fua = !unit.writeCache;
   }
 
   private inquiry(cdb: Uint8Array, unit: LogicalUnit | null, out: ScsiResult): void {
@@ -440,12 +551,14 @@ export class ScsiTarget {
       }
       case VPD_BLOCK_LIMITS: {
         const d = out.reserve(64);
+        d[4] = 0x01; // WSNZ: WRITE SAME of 0 blocks is refused
         put32(d, 8, MAX_TRANSFER_BYTES / u.blockSize); // MAXIMUM TRANSFER LENGTH
         if (u.options.discard) {
           put32(d, 20, MAX_UNMAP_BYTES / u.blockSize); // MAXIMUM UNMAP LBA COUNT
           put32(d, 24, MAX_UNMAP_DESCRIPTORS); // MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
           put32(d, 28, 1); // OPTIMAL UNMAP GRANULARITY
         }
+        put64(d, 36, MAX_WRITE_SAME_BYTES / u.blockSize); // MAXIMUM WRITE SAME LENGTH
         length = 64;
         break;
       }
@@ -458,7 +571,7 @@ export class ScsiTarget {
       case VPD_PROVISIONING: {
         if (!u.options.discard) return this.invalidField(out, 2);
         const d = out.reserve(8);
-        d[5] = 0x80; // LBPU: UNMAP deallocates
+        d[5] = 0x80 | 0x40 | 0x20; // LBPU, LBPWS, LBPWS10: UNMAP and WRITE SAME(16)/(10) with UNMAP deallocate
         d[6] = 0x02; // PROVISIONING TYPE: thin
         length = 8;
         break;
@@ -599,7 +712,7 @@ export class ScsiTarget {
         return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at + 1, -1, false);
       }
       for (let i = 2; i < end; i++) {
-        const mask = i === 2 && unit.modeSelect ? ~WCE & 0xff : 0xff; // WCE and D_SENSE are both bit 2 of byte 2
+        const mask = i === 2 ? ~WCE & 0xff : 0xff; // WCE and D_SENSE are both bit 2 of byte 2
         if ((p[at + i]! & mask) !== (current[i]! & mask)) return this.fail(out, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, at + i, -1, false);
       }
       if (page === PAGE_CACHING) writeCache = (p[at + 2]! & WCE) !== 0;

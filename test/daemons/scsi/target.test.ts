@@ -6,7 +6,7 @@ import test from 'ava';
 
 import { Asc, Op, SenseKey, Status } from '../../../daemons/scsi/target/constants';
 import { LogicalUnit, naaDesignator, type LogicalUnitOptions } from '../../../daemons/scsi/target/logical-unit';
-import { MAX_TRANSFER_BYTES, ScsiAction, ScsiResult, ScsiTarget } from '../../../daemons/scsi/target/target';
+import { Bytchk, MAX_TRANSFER_BYTES, MAX_WRITE_SAME_BYTES, ScsiAction, ScsiResult, ScsiTarget } from '../../../daemons/scsi/target/target';
 
 const BLOCKS = 2048;
 
@@ -19,6 +19,7 @@ function target(): ScsiTarget {
   t.addUnit(0, new LogicalUnit(unitOptions(), BLOCKS * 512));
   t.addUnit(1, new LogicalUnit(unitOptions({ readOnly: true, discard: false, serial: 'RO' }), BLOCKS * 512));
   t.addUnit(300, new LogicalUnit(unitOptions({ blockSize: 4096, serial: 'BIG' }), 10 * 4096 + 100));
+  t.addUnit(400, new LogicalUnit(unitOptions({ blockSize: 4096, serial: 'HUGE' }), 2 ** 40)); // room for the largest ranges
   return t;
 }
 
@@ -41,6 +42,7 @@ function sense(out: ScsiResult): [number, number, number, number] {
   return [s[2]! & 0x0f, (s[12]! << 8) | s[13]!, sksv ? (s[16]! << 8) | s[17]! : -1, sksv && (s[15]! & 0x08) !== 0 ? s[15]! & 7 : -1];
 }
 
+const rwCdb = (op: number, lba: number, blocks: number) => [op, 0, (lba >>> 24) & 0xff, (lba >>> 16) & 0xff, (lba >>> 8) & 0xff, lba & 0xff, 0, blocks >> 8, blocks & 0xff, 0];
 const be32 = (b: Uint8Array, at: number) => new DataView(b.buffer, b.byteOffset).getUint32(at);
 
 test('TEST UNIT READY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL: GOOD', (t) => {
@@ -126,8 +128,23 @@ const invalid: [string, number, number[], number, number, number, number][] = [
   ['UNMAP on a unit without discard', 1, [Op.UNMAP, 0, 0, 0, 0, 0, 0, 0, 24, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE, 0, -1],
   ['SERVICE ACTION IN(16) unknown action', 0, [Op.SERVICE_ACTION_IN_16, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 4],
   ['SYNCHRONIZE CACHE(10) past the end', 0, [Op.SYNCHRONIZE_CACHE_10, 0, 0, 0, 0x08, 0x01, 0, 0, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE, -1, -1],
-  ['VERIFY(10) BYTCHK', 0, [Op.VERIFY_10, 0x02, 0, 0, 0, 0, 0, 0, 1, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 2],
+  ['VERIFY(10) BYTCHK 10b (reserved)', 0, [Op.VERIFY_10, 0x04, 0, 0, 0, 0, 0, 0, 1, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 2],
+  ['VERIFY(10) VRPROTECT', 0, [Op.VERIFY_10, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 7],
   ['VERIFY(16) past the end', 0, [Op.VERIFY_16, 0, 0, 0, 0, 0, 0, 0, 0x08, 0, 0, 0, 0, 1, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE, -1, -1],
+  ['VERIFY(16) BYTCHK 01b longer than a transfer', 400, [Op.VERIFY_16, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 10, -1],
+  ['VERIFY(16) BYTCHK 11b longer than 1 GiB', 400, [Op.VERIFY_16, 0x06, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20, 0, 1, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 10, -1],
+  ['WRITE SAME(10) 0 blocks (WSNZ)', 0, [Op.WRITE_SAME_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 7, -1],
+  ['WRITE SAME(16) 0 blocks (WSNZ)', 0, [Op.WRITE_SAME_16, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 10, -1],
+  ['WRITE SAME(10) past the end', 0, [Op.WRITE_SAME_10, 0, 0, 0, 0x07, 0xff, 0, 0, 2, 0], SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE, -1, -1],
+  ['WRITE SAME(16) LBA 2^64-1', 0, [Op.WRITE_SAME_16, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE, -1, -1],
+  ['WRITE SAME(16) longer than 1 GiB', 400, [Op.WRITE_SAME_16, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20, 0, 1, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 10, -1],
+  ['WRITE SAME(10) WRPROTECT', 0, [Op.WRITE_SAME_10, 0x40, 0, 0, 0, 0, 0, 0, 1, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 7],
+  ['WRITE SAME(16) ANCHOR', 0, [Op.WRITE_SAME_16, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 4],
+  ['WRITE SAME(10) PBDATA', 0, [Op.WRITE_SAME_10, 0x04, 0, 0, 0, 0, 0, 0, 1, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 2],
+  ['WRITE SAME(16) LBDATA', 0, [Op.WRITE_SAME_16, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 1],
+  ['WRITE SAME(10) bit 0 (NDOB only in (16))', 0, [Op.WRITE_SAME_10, 0x01, 0, 0, 0, 0, 0, 0, 1, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 1, 0],
+  ['WRITE SAME(10) to a read-only unit', 1, [Op.WRITE_SAME_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED, -1, -1],
+  ['WRITE SAME(16) NDOB to a read-only unit', 1, [Op.WRITE_SAME_16, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED, -1, -1],
   ['MODE SENSE(6) unknown page', 0, [Op.MODE_SENSE_6, 0, 0x1c, 0, 255, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 2, 5],
   ['MODE SENSE(6) saved values', 0, [Op.MODE_SENSE_6, 0, 0xc8, 0, 255, 0], SenseKey.ILLEGAL_REQUEST, Asc.SAVING_PARAMETERS_NOT_SUPPORTED, 2, 7],
   ['MODE SENSE(10) subpage', 0, [Op.MODE_SENSE_10, 0, 0x08, 0x01, 0, 0, 0, 0, 255, 0], SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 3, -1],
@@ -210,6 +227,7 @@ test('READ CAPACITY(10)/(16): last LBA and block size; partial blocks do not cou
 
 test('REPORT LUNS: ascending, peripheral addressing below 256 and flat above; SELECT REPORT 1 is empty', (t) => {
   const tg = target();
+  tg.removeUnit(400);
   for (const lun of [0, 5]) {
     const d = data(run(tg, lun, [Op.REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]));
     t.is(be32(d, 0), 24);
@@ -274,16 +292,101 @@ test('MODE SENSE(6)/(10): caching page WCE, control page, block descriptors, WP 
   t.is(data(run(tg, 0, [Op.MODE_SENSE_6, 0, 0x3f, 0, 4, 0])).length, 4, 'cut to the allocation length');
 });
 
-test('SYNCHRONIZE CACHE flushes (not on a read-only unit); VERIFY checks the range only', (t) => {
+test('SYNCHRONIZE CACHE flushes (not on a read-only unit)', (t) => {
   const tg = target();
   t.is(run(tg, 0, [Op.SYNCHRONIZE_CACHE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0]).action, ScsiAction.FLUSH);
   t.is(run(tg, 0, [Op.SYNCHRONIZE_CACHE_16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).action, ScsiAction.FLUSH);
   const ro = run(tg, 1, [Op.SYNCHRONIZE_CACHE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
   t.is(ro.status, Status.GOOD);
   t.is(ro.action, ScsiAction.COMPLETE);
-  const v = run(tg, 0, [Op.VERIFY_10, 0, 0, 0, 0, 0, 0, 0x08, 0, 0]);
-  t.is(v.status, Status.GOOD);
-  t.is(v.action, ScsiAction.COMPLETE);
+});
+
+test('VERIFY(10)/(16): BYTCHK 0 reads the range, 01b compares all of the data-out, 11b one block; 0 blocks is nothing', (t) => {
+  const tg = target();
+  const medium = run(tg, 1, [Op.VERIFY_10, 0, 0, 0, 0, 8, 0, 0, 4, 0]);
+  t.deepEqual([medium.status, medium.action, medium.offset, medium.length, medium.compare, medium.dataOutLength], [Status.GOOD, ScsiAction.VERIFY, 8 * 512, 4 * 512, Bytchk.NONE, 0]);
+  const all = run(tg, 0, [Op.VERIFY_16, 0x02, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 8, 0, 0]);
+  t.deepEqual([all.action, all.offset, all.length, all.compare, all.dataOutLength], [ScsiAction.VERIFY, 16 * 512, 8 * 512, Bytchk.ALL, 8 * 512]);
+  const one = run(tg, 300, [Op.VERIFY_10, 0x06, 0, 0, 0, 1, 0, 0, 9, 0]);
+  t.deepEqual([one.action, one.offset, one.length, one.compare, one.dataOutLength], [ScsiAction.VERIFY, 4096, 9 * 4096, Bytchk.ONE_BLOCK, 4096]);
+  const none = run(tg, 0, [Op.VERIFY_10, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]);
+  t.deepEqual([none.status, none.action], [Status.GOOD, ScsiAction.COMPLETE]);
+});
+
+test('VERIFY completion: a short read is MEDIUM ERROR; a miscompare is MISCOMPARE with the offset in INFORMATION, fixed and descriptor', (t) => {
+  const tg = target();
+  const cdb = [Op.VERIFY_10, 0x02, 0, 0, 0, 0, 0, 0, 4, 0];
+  const good = run(tg, 0, cdb);
+  tg.completeIo(good, good.length);
+  t.is(good.status, Status.GOOD);
+  const short = run(tg, 0, cdb);
+  tg.completeIo(short, 1024);
+  t.deepEqual(sense(short).slice(0, 2), [SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR]);
+  const failed = run(tg, 0, cdb);
+  tg.completeIo(failed, -5);
+  t.deepEqual(sense(failed).slice(0, 2), [SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR]);
+  const differs = run(tg, 0, cdb);
+  differs.miscompare = 0x0123;
+  tg.completeIo(differs, differs.length);
+  t.is(differs.status, Status.CHECK_CONDITION);
+  t.deepEqual(sense(differs), [SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, -1, -1]);
+  t.is(differs.sense[0], 0xf0, 'VALID: INFORMATION holds the offset');
+  t.is(be32(differs.sense, 3), 0x0123);
+  tg.unit(0)!.descriptorSense = true;
+  const descriptor = run(tg, 0, cdb);
+  descriptor.miscompare = 4097;
+  tg.completeIo(descriptor, descriptor.length);
+  const d = descriptor.sense;
+  t.deepEqual([d[0], d[1], d[2], d[3], d[7]], [0x72, SenseKey.MISCOMPARE, 0x1d, 0x00, 12]);
+  t.deepEqual([d[8], d[9], d[10]], [0x00, 0x0a, 0x80], 'information descriptor, VALID');
+  t.is(be32(d, 16), 4097);
+  t.is(descriptor.senseLength, 20);
+});
+
+test('WRITE SAME(10)/(16): the range, zeroes from NDOB or a zero block, UNMAP only with discard, the pattern block otherwise', (t) => {
+  const tg = target();
+  const pattern = new Uint8Array(512).fill(0xa5);
+  const zero = new Uint8Array(512);
+  const ws10 = run(tg, 0, [Op.WRITE_SAME_10, 0, 0, 0, 0, 10, 0, 0, 20, 0], pattern);
+  t.deepEqual([ws10.status, ws10.action, ws10.offset, ws10.length, ws10.dataOutLength, ws10.zeroes, ws10.unmap, ws10.fua], [Status.GOOD, ScsiAction.WRITE_SAME, 10 * 512, 20 * 512, 512, false, false, false]);
+  const zeroBlock = run(tg, 0, [Op.WRITE_SAME_10, 0x08, 0, 0, 0, 0, 0, 0, 8, 0], zero);
+  t.deepEqual([zeroBlock.zeroes, zeroBlock.unmap, zeroBlock.dataOutLength], [true, true, 512]);
+  const patternUnmap = run(tg, 0, [Op.WRITE_SAME_10, 0x08, 0, 0, 0, 0, 0, 0, 8, 0], pattern);
+  t.deepEqual([patternUnmap.zeroes, patternUnmap.unmap], [false, false], 'a pattern is written, never unmapped');
+  const ndob = run(tg, 300, [Op.WRITE_SAME_16, 0x09, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 8, 0, 0]);
+  t.deepEqual([ndob.action, ndob.offset, ndob.length, ndob.dataOutLength, ndob.zeroes, ndob.unmap], [ScsiAction.WRITE_SAME, 2 * 4096, 8 * 4096, 0, true, true]);
+  tg.addUnit(5, new LogicalUnit(unitOptions({ discard: false }), BLOCKS * 512));
+  const noDiscard = run(tg, 5, [Op.WRITE_SAME_16, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0]);
+  t.deepEqual([noDiscard.status, noDiscard.zeroes, noDiscard.unmap], [Status.GOOD, true, false], 'UNMAP bit ignored without discard');
+  const short = run(tg, 0, [Op.WRITE_SAME_10, 0, 0, 0, 0, 0, 0, 0, 8, 0], new Uint8Array(100));
+  t.deepEqual([short.action, short.dataOutLength, short.zeroes], [ScsiAction.WRITE_SAME, 512, false], 'a short data-out is the transport\'s overrun');
+  tg.unit(0)!.writeCache = false;
+  t.true(run(tg, 0, [Op.WRITE_SAME_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], pattern).fua, 'write cache off: durable');
+  const max = run(tg, 400, [Op.WRITE_SAME_16, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x04, 0, 0, 0, 0]);
+  t.deepEqual([max.status, max.length], [Status.GOOD, MAX_WRITE_SAME_BYTES]);
+});
+
+test('WRITE SAME completion: errors are WRITE ERROR or, for ENOSPC, SPACE ALLOCATION FAILED', (t) => {
+  const tg = target();
+  const cdb = [Op.WRITE_SAME_16, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0];
+  const good = run(tg, 0, cdb);
+  tg.completeIo(good, good.length);
+  t.is(good.status, Status.GOOD);
+  const eio = run(tg, 0, cdb);
+  tg.completeIo(eio, -5);
+  t.deepEqual(sense(eio).slice(0, 2), [SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR]);
+  const enospc = run(tg, 0, cdb);
+  tg.completeIo(enospc, -28);
+  t.deepEqual(sense(enospc).slice(0, 2), [SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT]);
+});
+
+test('VPD B0h: WSNZ and MAXIMUM WRITE SAME LENGTH; B2h: LBPWS and LBPWS10 with discard', (t) => {
+  const tg = target();
+  const limits = data(run(tg, 300, [Op.INQUIRY, 1, 0xb0, 0, 255]));
+  t.is(limits[4]! & 1, 1, 'WSNZ');
+  t.is(be32(limits, 36) * 2 ** 32 + be32(limits, 40), MAX_WRITE_SAME_BYTES / 4096);
+  const prov = data(run(tg, 0, [Op.INQUIRY, 1, 0xb2, 0, 255]));
+  t.is(prov[5]! & 0xe0, 0xe0, 'LBPU, LBPWS, LBPWS10');
 });
 
 function unmapList(descriptors: [number, number][]): Uint8Array {
@@ -331,6 +434,10 @@ test('hostile CDBs: every opcode with random bytes yields GOOD or a well-formed 
         if (out.action === ScsiAction.READ || out.action === ScsiAction.WRITE) {
           const unit = out.unit!;
           t.true(out.offset + out.length <= unit.capacityBytes && out.length <= MAX_TRANSFER_BYTES);
+        }
+        if (out.action === ScsiAction.WRITE_SAME || out.action === ScsiAction.VERIFY) {
+          const unit = out.unit!;
+          t.true(out.offset + out.length <= unit.capacityBytes && out.length <= MAX_WRITE_SAME_BYTES && out.dataOutLength <= MAX_TRANSFER_BYTES);
         }
       } else {
         t.is(out.status, Status.CHECK_CONDITION);
@@ -398,11 +505,14 @@ test('REPORT SUPPORTED OPERATION CODES: all commands, one command, one service a
   const count = be32(all, 0) / 8;
   const ops = Array.from({ length: count }, (_, i) => all[4 + 8 * i]);
   t.true(ops.includes(Op.READ_16) && ops.includes(Op.UNMAP) && ops.includes(Op.MODE_SELECT_10));
+  t.true(ops.includes(Op.WRITE_SAME_10) && ops.includes(Op.WRITE_SAME_16) && ops.includes(Op.VERIFY_10) && ops.includes(Op.VERIFY_16));
   t.false(data(run(tg, 1, [Op.MAINTENANCE_IN, 0x0c, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0])).subarray(4).some((b, i) => i % 8 === 0 && b === Op.UNMAP), 'no UNMAP without discard');
   const one = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, Op.WRITE_10, 0, 0, 0, 0, 0, 64, 0, 0]));
   t.deepEqual([one[1]! & 7, (one[2]! << 8) | one[3]!, one[4]], [3, 10, Op.WRITE_10]);
-  const none = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, 0x41, 0, 0, 0, 0, 0, 64, 0, 0]));
-  t.deepEqual([none[1]! & 7, none.length], [1, 4], 'WRITE SAME(10) is not supported');
+  const ws = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, Op.WRITE_SAME_16, 0, 0, 0, 0, 0, 64, 0, 0]));
+  t.deepEqual([ws[1]! & 7, (ws[2]! << 8) | ws[3]!], [3, 16]);
+  const none = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, 0x8e, 0, 0, 0, 0, 0, 64, 0, 0]));
+  t.deepEqual([none[1]! & 7, none.length], [1, 4], 'WRITE AND VERIFY(16) is not supported');
   const sa = data(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 2, Op.SERVICE_ACTION_IN_16, 0, 0x10, 0, 0, 0, 64, 0, 0]));
   t.deepEqual([sa[1]! & 7, sa[4], sa[5]], [3, Op.SERVICE_ACTION_IN_16, 0x10]);
   t.deepEqual(sense(run(tg, 0, [Op.MAINTENANCE_IN, 0x0c, 1, Op.SERVICE_ACTION_IN_16, 0, 0, 0, 0, 0, 64, 0, 0])), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, 2, 2]);
@@ -418,21 +528,22 @@ test('REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS: the functions the control queu
   t.deepEqual([ext.length, ext[3]], [16, 0x0c]);
 });
 
-test('a unit whose mode pages cannot change reports nothing changeable and refuses MODE SELECT changes; resetModes restores power-on values', (t) => {
+test('copies of a unit that share their mode buffer see each other\'s MODE SELECT; resetModes restores power-on values', (t) => {
   const tg = target();
   const unit = tg.unit(0)!;
-  unit.modeSelect = false;
-  const changeable = data(run(tg, 0, [Op.MODE_SENSE_6, 0x08, 0x7f, 0, 255, 0]));
-  t.deepEqual([changeable[4 + 2], changeable[24 + 2]], [0, 0]);
+  const copy = new ScsiTarget();
+  const twin = new LogicalUnit(unitOptions(), BLOCKS * 512);
+  twin.shareModes(unit.modesBuffer);
+  copy.addUnit(0, twin);
   const caching = currentPage(tg, 0x08);
   caching[2] = 0;
   const list = modeList([caching]);
-  t.deepEqual(sense(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, list.length, 0], list)), [SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, 8 + 2, -1]);
-  t.true(unit.writeCache);
-  const same = modeList([currentPage(tg, 0x08)]);
-  t.is(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, same.length, 0], same).status, Status.GOOD, 'the current values are accepted');
-  unit.writeCache = false;
-  unit.descriptorSense = true;
+  t.is(run(tg, 0, [Op.MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, list.length, 0], list).status, Status.GOOD);
+  t.false(twin.writeCache, 'the other copy sees WCE off');
+  t.true(run(copy, 0, rwCdb(Op.WRITE_10, 0, 1)).fua, 'and makes its writes durable');
+  twin.descriptorSense = true;
+  t.is(run(tg, 0, [0xd7]).sense[0], 0x72, 'D_SENSE set through the copy: descriptor sense here');
   unit.resetModes();
-  t.true(unit.writeCache && !unit.descriptorSense);
+  t.true(twin.writeCache && !twin.descriptorSense);
+  t.throws(() => twin.shareModes(new SharedArrayBuffer(8)), { instanceOf: RangeError });
 });

@@ -75,6 +75,28 @@ test.serial('two queues in two workers: data moves on both, counters come back, 
   t.is(ts.server.vrings[0]!.totals().requests, 8, 'counters of the stopped queue are kept');
 });
 
+test.serial('device messages: each new thread\'s device gets the main device\'s state first; messageWorkers reaches every running thread and brings back answers and errors', async (t) => {
+  const device = new TestDevice();
+  device.stateForWorkers = { units: 3 };
+  const { ts, fe } = await setup(device);
+  t.teardown(() => ts.close());
+  t.teardown(() => fe.close());
+  await roundTrip(t, fe, 0, 1);
+  await roundTrip(t, fe, 1, 2);
+  await roundTrip(t, fe, 1, 3);
+  for (const worker of [0, 1]) {
+    const calls = ts.logs.filter((e) => e.fields?.worker === worker && e.fields.call !== undefined).map((e) => e.fields!.call);
+    t.deepEqual(calls.slice(0, 2), ['message {"units":3}', 'attach'], `worker ${worker}: the state before the first queue`);
+  }
+  const answers = await device.context!.messageWorkers!({ ping: 1 });
+  t.deepEqual(answers, [
+    { message: { ping: 1 }, completed: [1, 0] },
+    { message: { ping: 1 }, completed: [0, 2] },
+  ], 'one answer per thread, in thread order, from the device that ran the queue');
+  await t.throwsAsync(device.context!.messageWorkers!('refuse'), { message: /refused by the test device/ });
+  t.deepEqual(device.calls.filter((c) => c.startsWith('message')), [], 'the main device got none of them');
+});
+
 test.serial('a memory table change under running worker queues', async (t) => {
   const { ts, fe } = await setup(new TestDevice());
   t.teardown(() => ts.close());

@@ -1,0 +1,124 @@
+/**
+ * What the load generator benchmarks share (bench/blk.ts, bench/scsi.ts): building and running
+ * bench/blk-loadgen, images, starting and stopping a back-end process, medians and number format.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+export const root = path.resolve(__dirname, '..', '..');
+export const buildDir = path.join(root, 'build', 'bench');
+const loadgenSrc = path.join(root, 'bench', 'blk-loadgen');
+const loadgenBin = path.join(buildDir, 'blk-loadgen');
+
+/** What blk-loadgen prints (the fields the runner uses; the JSON file keeps all of them). */
+export interface LoadgenResult {
+  iops: number;
+  mb_s: number;
+  ios: number;
+  lat_us: { mean: number; p50: number; p90: number; p99: number; p999: number; max: number };
+  loadgen_cpu_us_per_io: number;
+  backend_cpu_us_per_io: number | null;
+  kicks_per_io: number;
+  wakeups_per_io: number;
+  [key: string]: unknown;
+}
+
+export function buildLoadgen(): void {
+  const r = spawnSync('make', ['-s', '-C', loadgenSrc, `OUT=${loadgenBin}`], { stdio: ['ignore', 'inherit', 'inherit'] });
+  if (r.error) throw new Error(`cannot run make: ${r.error.message}`);
+  if (r.status !== 0) throw new Error('building bench/blk-loadgen failed');
+}
+
+/** A fully allocated image (tmpfs holes read as zeroes without touching memory, which flatters reads). */
+export function createImage(file: string, size: number): void {
+  const fd = fs.openSync(file, 'w');
+  try {
+    const chunk = Buffer.alloc(1 << 20);
+    for (let i = 0; i < chunk.length; i += 8) chunk.writeUInt32LE((i * 2654435761) >>> 0, i);
+    for (let off = 0; off < size; off += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - off), off);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export interface Started {
+  child: ChildProcess;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  logFile: string;
+}
+
+/** Start `cmd args` with its output in `logFile`; resolves once it created `socket`. */
+export async function startProcess(name: string, cmd: string, args: string[], socket: string, logFile: string): Promise<Started> {
+  fs.rmSync(socket, { force: true });
+  const logFd = fs.openSync(logFile, 'w');
+  const child = spawn(cmd, args, { stdio: ['ignore', logFd, logFd] });
+  fs.closeSync(logFd);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('error', () => resolve({ code: -1, signal: null }));
+  });
+  let gone = false;
+  void exited.then(() => (gone = true));
+  const deadline = Date.now() + 15000;
+  while (!fs.existsSync(socket)) {
+    if (gone) throw new Error(`${name} exited before creating its socket; log ${logFile}:\n${tail(logFile)}`);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`${name} did not create ${socket} within 15 s; log ${logFile}:\n${tail(logFile)}`);
+    }
+    await sleep(20);
+  }
+  return { child, exited, logFile };
+}
+
+export async function stopBackend(s: Started, name: string): Promise<string | undefined> {
+  if (s.child.exitCode !== null || s.child.signalCode !== null) {
+    return `${name} had already exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`;
+  }
+  s.child.kill('SIGTERM');
+  const timer = sleep(5000).then(() => 'timeout' as const);
+  const r = await Promise.race([s.exited, timer]);
+  if (r === 'timeout') {
+    s.child.kill('SIGKILL');
+    await s.exited;
+    return `${name} did not exit within 5 s of SIGTERM`;
+  }
+  return undefined;
+}
+
+export function tail(file: string, lines = 15): string {
+  try {
+    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).map((l) => `    ${l}`).join('\n');
+  } catch {
+    return '    (no log)';
+  }
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Run bench/blk-loadgen with `args`. */
+export function runLoadgen(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(loadgenBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + e.message }));
+    child.once('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+/** The run with the median IOPS (the lower middle one for an even count). */
+export function median(runs: LoadgenResult[]): LoadgenResult | undefined {
+  const sorted = [...runs].sort((a, b) => a.iops - b.iops);
+  return sorted[Math.floor((sorted.length - 1) / 2)];
+}
+
+export function fmt(n: number | null | undefined, digits = 0): string {
+  if (n === null || n === undefined || !Number.isFinite(n)) return 'n/a';
+  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
