@@ -25,6 +25,7 @@ export type ProtocolErrorCode =
   | 'VHOST_USER_PROTOCOL_FEATURE_MISSING'
   | 'VHOST_USER_BAD_CONFIG'
   | 'VHOST_USER_BAD_STATE'
+  | 'VHOST_USER_BAD_LOG'
   | 'VHOST_USER_BACKEND_CHANNEL';
 
 export type RingErrorCode =

@@ -142,6 +142,8 @@ export class BlkDevice implements DaemonDevice {
   readonly name = 'blk';
   readonly numQueues: number;
   readonly maxQueueSize: number;
+  /** Its state is guest memory, the rings and what QEMU sends again at start: live migration works. */
+  readonly migratable = true;
   /** Capacity in 512-byte sectors. */
   capacity = 0;
   writeback: boolean;

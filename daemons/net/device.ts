@@ -79,6 +79,8 @@ export class NetDevice implements DeviceBackend {
   readonly name = 'net';
   readonly numQueues: number;
   readonly maxQueueSize: number;
+  /** Its state is guest memory, the rings and what QEMU sends again at start: live migration works. */
+  readonly migratable = true;
   private readonly options: NetDeviceOptions;
   private readonly host: NetDeviceHost;
   private readonly logger: Logger;

@@ -240,6 +240,8 @@ export class ScsiDevice implements DaemonDevice {
   readonly name = 'scsi';
   readonly numQueues: number;
   readonly maxQueueSize: number;
+  /** Its state is guest memory, the rings and what QEMU sends again at start: live migration works. */
+  readonly migratable = true;
   readonly requestQueues: number;
   readonly controlStats = new ScsiControlStats();
   private readonly targets = new Map<number, ScsiTarget>();

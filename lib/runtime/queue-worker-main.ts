@@ -12,12 +12,13 @@ import { Registry } from 'prom-client';
 
 import { native } from '../../native';
 import type { VhostdError } from '../errors';
+import { DirtyLog } from '../memory/dirty-log';
 import type { GuestMemory } from '../memory/guest-memory';
 import { mapGuestMemory } from '../memory/mapped-region';
 import type { DeviceBackend, DeviceContext } from '../vhost-user/device-backend';
 import { QueueDriver } from '../vhost-user/queue-driver';
 import type { LogFields, LogLevel, Logger } from './logger';
-import { CounterSlot, type FromWorker, type RegionMessage, type ToWorker, type WorkerData } from './queue-worker-protocol';
+import { CounterSlot, type DirtyLogMessage, type FromWorker, type RegionMessage, type ToWorker, type WorkerData } from './queue-worker-protocol';
 
 const port = parentPort!;
 const data = workerData as WorkerData;
@@ -48,6 +49,8 @@ class WorkerQueue {
   readonly driver: QueueDriver;
   private memory: GuestMemory;
   private readonly counters: Float64Array;
+  /** This worker's mapping of the dirty page log while a live migration logs. */
+  private dirtyLog: DirtyLog | null = null;
 
   constructor(message: Extract<ToWorker, { type: 'start' }>) {
     this.counters = new Float64Array(message.counters);
@@ -72,8 +75,23 @@ class WorkerQueue {
       });
     } catch (err) {
       this.memory.close();
+      if (message.dirtyLog !== null) native.close(message.dirtyLog.fd);
       throw err;
     }
+    try {
+      this.setDirtyLog(message.dirtyLog); // takes the log fd, closed on failure
+    } catch (err) {
+      this.memory.close();
+      throw err;
+    }
+  }
+
+  /** Map the new log (taking its fd), switch the queue to it, unmap the old one; null stops logging. */
+  setDirtyLog(message: DirtyLogMessage | null): void {
+    const log = message === null ? null : new DirtyLog(message, message.fd);
+    this.driver.queue.setDirtyLog(log === null ? null : { log, usedGuestAddr: message!.usedGuestAddr });
+    this.dirtyLog?.close();
+    this.dirtyLog = log;
   }
 
   setKickFd(fd: number): void {
@@ -116,6 +134,8 @@ class WorkerQueue {
     this.setKickFd(-1);
     this.setCallFd(-1);
     this.memory.close();
+    this.dirtyLog?.close();
+    this.dirtyLog = null;
     return base;
   }
 }
@@ -161,7 +181,7 @@ function startQueue(message: Extract<ToWorker, { type: 'start' }>): void {
 }
 
 /** A change to a running queue: kick fd, call fd, enabled state, memory table. */
-function apply(message: Extract<ToWorker, { type: 'kick' | 'call' | 'enable' | 'memory' }>): void {
+function apply(message: Extract<ToWorker, { type: 'kick' | 'call' | 'enable' | 'memory' | 'dirty-log' }>): void {
   const q = queues.get(message.index);
   switch (message.type) {
     case 'kick':
@@ -188,6 +208,18 @@ function apply(message: Extract<ToWorker, { type: 'kick' | 'call' | 'enable' | '
         q.driver.markBroken(err);
       }
       return;
+    case 'dirty-log':
+      if (q === undefined) {
+        if (message.dirtyLog !== null) native.close(message.dirtyLog.fd);
+        return;
+      }
+      try {
+        q.setDirtyLog(message.dirtyLog);
+      } catch (err) {
+        // Pages this queue writes could no longer be logged: a migration would copy stale memory.
+        q.driver.markBroken(err);
+      }
+      return;
   }
 }
 
@@ -200,6 +232,7 @@ async function handle(message: ToWorker): Promise<void> {
     case 'call':
     case 'enable':
     case 'memory':
+    case 'dirty-log':
       // Acknowledged, so the main thread replies to the front-end only once the change applies.
       try {
         apply(message);

@@ -23,6 +23,17 @@ export interface RegionMessage {
   mmapOffset: number;
 }
 
+/**
+ * The dirty page log of a live migration (SET_LOG_BASE) as a worker maps it for one queue, with the
+ * ring's VHOST_VRING_F_LOG address (see lib/virtqueue/ring-log.ts).
+ */
+export interface DirtyLogMessage {
+  fd: number;
+  size: number;
+  offset: number;
+  usedGuestAddr: number | null;
+}
+
 /** Float64 slots of a queue's shared counters. */
 export const CounterSlot = {
   requests: 0,
@@ -51,11 +62,15 @@ export type ToWorker =
       kickFd: number;
       callFd: number;
       counters: SharedArrayBuffer;
+      /** Logging is on (live migration): mark what the queue writes here. */
+      dirtyLog: DirtyLogMessage | null;
     }
   | { type: 'kick'; index: number; fd: number }
   | { type: 'call'; index: number; fd: number }
   | { type: 'enable'; index: number; enabled: boolean }
   | { type: 'memory'; index: number; regions: RegionMessage[] }
+  /** Logging started, stopped or moved to a new log (live migration). */
+  | { type: 'dirty-log'; index: number; dirtyLog: DirtyLogMessage | null }
   | { type: 'stop'; index: number }
   | { type: 'config'; offset: number; data: Uint8Array }
   /** RESET_OWNER / RESET_DEVICE, after every queue of the worker stopped. */

@@ -29,11 +29,13 @@ import { native } from '../../native';
 import type { GuestMemory } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
 import { lastingMetrics, mergeSnapshots, type MetricSnapshot } from '../metrics/thread-metrics';
+import type { RingLogSpec } from '../virtqueue/ring-log';
 import type { QueueCounters, RingAddresses } from '../virtqueue/virtqueue';
 import { silentLogger, type Logger } from './logger';
 import {
   COUNTER_SLOTS,
   CounterSlot,
+  type DirtyLogMessage,
   type FromWorker,
   type RegionMessage,
   type ToWorker,
@@ -70,6 +72,8 @@ export interface RemoteQueueSpec {
   memory: GuestMemory;
   kickFd: number;
   callFd: number;
+  /** Logging is on (live migration): the worker maps its own view of the log. */
+  dirtyLog: RingLogSpec | null;
   /** The worker found the ring broken (or died). */
   onBroken(message: string, code: string | undefined): void;
 }
@@ -130,6 +134,11 @@ export class RemoteQueue {
   /** The memory table changed: the worker maps the new regions and calls queue.setMemory. */
   setMemory(memory: GuestMemory): Promise<void> {
     return this.request({ type: 'memory', index: this.index, regions: regionMessages(memory) });
+  }
+
+  /** Live migration logging changed: the worker maps the new log (a dup of its fd) or stops logging. */
+  setDirtyLog(spec: RingLogSpec | null): Promise<void> {
+    return this.request({ type: 'dirty-log', index: this.index, dirtyLog: dirtyLogMessage(spec) });
   }
 
   private request(message: ToWorker): Promise<void> {
@@ -243,6 +252,7 @@ class WorkerSlot {
       kickFd: native.dup(spec.kickFd),
       callFd: spec.callFd < 0 ? -1 : native.dup(spec.callFd),
       counters: queue.counters.buffer as SharedArrayBuffer,
+      dirtyLog: dirtyLogMessage(spec.dirtyLog),
     });
     if (!sent || this.worker !== worker) throw new Error(`queue worker ${this.id} is gone`);
     return queue;
@@ -321,7 +331,15 @@ function closeFds(message: ToWorker): void {
   if (message.type === 'start') fds.push(message.kickFd, message.callFd);
   if (message.type === 'kick' || message.type === 'call') fds.push(message.fd);
   if (message.type === 'start' || message.type === 'memory') fds.push(...message.regions.map((r) => r.fd));
+  if ((message.type === 'start' || message.type === 'dirty-log') && message.dirtyLog !== null) fds.push(message.dirtyLog.fd);
   for (const fd of fds) if (fd >= 0) native.close(fd);
+}
+
+/** A ring's log as a worker maps it, with a dup of the log fd. */
+function dirtyLogMessage(spec: RingLogSpec | null): DirtyLogMessage | null {
+  if (spec === null) return null;
+  const { log, usedGuestAddr } = spec;
+  return { fd: native.dup(log.fd), size: log.size, offset: log.offset, usedGuestAddr };
 }
 
 /** The regions of `memory` as a worker maps them, each with a dup of its fd. */

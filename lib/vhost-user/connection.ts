@@ -12,6 +12,7 @@ import { EventEmitter } from 'node:events';
 
 import { native, POLL_READABLE, type NativeError, type RecvResult, type Watcher } from '../../native';
 import { ProtocolError, RequestRefused, VhostdError } from '../errors';
+import type { DirtyLog } from '../memory/dirty-log';
 import { GuestMemory } from '../memory/guest-memory';
 import type { Logger } from '../runtime/logger';
 import type { QueueWorkerPool } from '../runtime/queue-workers';
@@ -65,6 +66,8 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
   /** Negotiated protocol features (SET_PROTOCOL_FEATURES). */
   ackedProtocolFeatures = 0n;
   memory: GuestMemory = GuestMemory.empty();
+  /** The dirty page log of SET_LOG_BASE (live migration, dirty-logging.ts), until replaced or disconnect. */
+  dirtyLog: DirtyLog | null = null;
   backendChannel: BackendChannel | null = null;
   /** Device status byte (SET_STATUS / GET_STATUS). */
   status = 0;
@@ -151,6 +154,8 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     this.backendChannel = null;
     this.memory.close();
     this.memory = GuestMemory.empty();
+    this.dirtyLog?.close(); // every ring stopped: nothing logs any more
+    this.dirtyLog = null;
     for (const fd of this.pendingFds) native.close(fd);
     this.pendingFds = [];
     native.close(this.fd);

@@ -67,6 +67,15 @@ export interface DeviceBackend {
   /** vhost-user protocol features the device needs beyond the engine's own (e.g. CONFIG). */
   protocolFeatures(): bigint;
 
+  /**
+   * Live migration: a second instance of the device can take over from this one with nothing but guest
+   * memory, the ring bases and what the front-end sends again at start (features, MTU, config), so the
+   * engine offers VHOST_F_LOG_ALL and VHOST_USER_PROTOCOL_F_LOG_SHMFD and logs every page the device
+   * writes while a migration runs (lib/vhost-user/dirty-logging.ts). Devices with state of their own
+   * that would be lost leave it unset: QEMU then blocks migration.
+   */
+  readonly migratable?: boolean;
+
   /** Config space bytes `offset .. offset+size` (GET_CONFIG). */
   getConfig?(offset: number, size: number): Uint8Array;
   /** Driver wrote config space (SET_CONFIG). Throw to refuse. */

@@ -14,6 +14,7 @@ import { GuestMemory, type GuestRegion } from '../memory/guest-memory';
 import { mapGuestMemory } from '../memory/mapped-region';
 import {
   bit,
+  VHOST_F_LOG_ALL,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VIRTIO_F_RING_PACKED,
   VIRTIO_F_VERSION_1,
@@ -21,8 +22,10 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from '../virtio/constants';
 import type { VhostUserConnection } from './connection';
+import { applyDirtyLog, applyRingLog, setLogBase, setLogFd } from './dirty-logging';
 import {
   CONFIG_HEADER_SIZE,
+  LOG_PAYLOAD_SIZE,
   MAX_CONFIG_SIZE,
   MEMORY_BASELINE_NREGIONS,
   MEMORY_REGION_SIZE,
@@ -32,6 +35,7 @@ import {
   Request,
   requestName,
   u64,
+  VHOST_VRING_F_LOG,
   VRING_IDX_MASK,
   VRING_NOFD_MASK,
 } from './messages';
@@ -48,6 +52,7 @@ import {
   type MemoryRegionNumbers,
   type RawMemoryRegion,
 } from './validate';
+import type { RingAddresses } from '../virtqueue/virtqueue';
 import type { Vring } from './vring';
 
 /** A received message. `fds` entries are set to -1 by a handler that keeps them. */
@@ -102,14 +107,16 @@ export const ENGINE_PROTOCOL_FEATURES = [
 ].reduce((mask, b) => mask | bit(b), 0n);
 
 function offeredFeatures(c: VhostUserConnection): bigint {
-  return c.device.features() | ENGINE_FEATURES;
+  const logAll = c.device.migratable === true ? bit(VHOST_F_LOG_ALL) : 0n;
+  return c.device.features() | ENGINE_FEATURES | logAll;
 }
 
 function offeredProtocolFeatures(c: VhostUserConnection): bigint {
   const config = c.device.getConfig !== undefined ? bit(ProtocolFeature.CONFIG) : 0n;
   const mtu = c.device.setMtu !== undefined ? bit(ProtocolFeature.NET_MTU) : 0n;
   const rarp = c.device.sendRarp !== undefined ? bit(ProtocolFeature.RARP) : 0n;
-  return ENGINE_PROTOCOL_FEATURES | config | mtu | rarp | c.device.protocolFeatures();
+  const log = c.device.migratable === true ? bit(ProtocolFeature.LOG_SHMFD) : 0n;
+  return ENGINE_PROTOCOL_FEATURES | config | mtu | rarp | log | c.device.protocolFeatures();
 }
 
 function negotiated(c: VhostUserConnection, feature: number): boolean {
@@ -127,6 +134,10 @@ function stoppedVringAt(c: VhostUserConnection, m: Message): Vring {
     throw new ProtocolError('VHOST_USER_BAD_STATE', `${requestName(m.request)} on running queue ${vring.index}`);
   }
   return vring;
+}
+
+function sameRingAddresses(a: RingAddresses, b: RingAddresses): boolean {
+  return a.descUserAddr === b.descUserAddr && a.usedUserAddr === b.usedUserAddr && a.availUserAddr === b.availUserAddr;
 }
 
 /** Vring state payload: u32 index, u32 num. */
@@ -230,12 +241,17 @@ const entries: Record<number, EntrySpec> = {
       const features = m.view.getBigUint64(0, true);
       checkFeatureSubset('features', features, offeredFeatures(c));
       c.ackedFeatures = features;
+      const switching: Promise<unknown>[] = [];
       // vhost-user.rst: without VHOST_USER_F_PROTOCOL_FEATURES, rings start enabled.
       if ((features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) {
-        const switching = c.vrings.map((vring) => vring.setEnabled(true)).filter((p) => p !== undefined);
-        if (switching.length > 0) return Promise.all(switching).then(() => undefined);
+        for (const vring of c.vrings) {
+          const done = vring.setEnabled(true);
+          if (done !== undefined) switching.push(done);
+        }
       }
-      return undefined;
+      // vhost-user.rst, "Migration": VHOST_F_LOG_ALL starts and stops logging.
+      if (c.dirtyLog !== null) switching.push(applyDirtyLog(c));
+      return switching.length > 0 ? Promise.all(switching).then(() => undefined) : undefined;
     },
   },
 
@@ -280,6 +296,15 @@ const entries: Record<number, EntrySpec> = {
       return undefined;
     },
   },
+
+  [Request.SET_LOG_BASE]: {
+    size: LOG_PAYLOAD_SIZE,
+    fds: 'one',
+    requires: ProtocolFeature.LOG_SHMFD,
+    handle: (c, m) => setLogBase(c, m),
+  },
+
+  [Request.SET_LOG_FD]: { size: 0, fds: 'one', requires: ProtocolFeature.LOG_SHMFD, handle: (_c, m) => setLogFd(m) },
 
   [Request.GET_MAX_MEM_SLOTS]: {
     size: 0,
@@ -341,12 +366,27 @@ const entries: Record<number, EntrySpec> = {
     fds: 'none',
     vring: 'state',
     handle(c, m) {
-      const vring = stoppedVringAt(c, m);
-      vring.addresses = {
+      const flags = m.view.getUint32(4, true);
+      if ((flags & ~VHOST_VRING_F_LOG) !== 0) {
+        throw new ProtocolError('VHOST_USER_BAD_PAYLOAD', `SET_VRING_ADDR flags 0x${flags.toString(16)} have unknown bits set`);
+      }
+      const addresses = {
         descUserAddr: checkRingAddress('descriptor', m.view.getBigUint64(8, true)),
         usedUserAddr: checkRingAddress('used', m.view.getBigUint64(16, true)),
         availUserAddr: checkRingAddress('available', m.view.getBigUint64(24, true)),
       };
+      const logGuestAddr = (flags & VHOST_VRING_F_LOG) !== 0 ? checkRingAddress('log', m.view.getBigUint64(32, true)) : null;
+      const vring = vringAt(c, m.view.getUint32(0, true));
+      const current = vring.addresses;
+      if (vring.started && current !== null && sameRingAddresses(current, addresses)) {
+        // vhost-user.rst, "Migration": the front-end starts and stops logging of a running ring's used
+        // ring with VHOST_VRING_F_LOG in SET_VRING_ADDR; its addresses stay as they are.
+        vring.logGuestAddr = logGuestAddr;
+        return applyRingLog(c, vring)?.then(() => undefined);
+      }
+      stoppedVringAt(c, m).addresses = addresses;
+      vring.logGuestAddr = logGuestAddr;
+      applyRingLog(c, vring); // a stopped ring: nothing to wait for
       startVring(c, vring);
       return undefined;
     },

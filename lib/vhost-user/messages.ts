@@ -103,6 +103,9 @@ export const VRING_NOFD_MASK = 0x1 << 8;
 /** SET_VRING_ADDR flags: bit 0 VHOST_VRING_F_LOG. */
 export const VHOST_VRING_F_LOG = 0x1;
 
+/** VhostUserLog (SET_LOG_BASE): u64 mmap_size, u64 mmap_offset. */
+export const LOG_PAYLOAD_SIZE = 16;
+
 /** Size of one VhostUserMemoryRegion: u64 guest_addr, u64 size, u64 user_addr, u64 mmap_offset. */
 export const MEMORY_REGION_SIZE = 32;
 /** SET_MEM_TABLE carries at most this many regions (VHOST_MEMORY_BASELINE_NREGIONS). */

@@ -113,6 +113,22 @@ export function checkRingAddress(name: string, addr: bigint): number {
   return Number(addr);
 }
 
+/**
+ * SET_LOG_BASE (vhost-user.rst, "Migration"): "The size of the log is supplied as part of VhostUserMsg
+ * which should be large enough to cover all known guest addresses. Log starts at the supplied offset in
+ * the supplied file descriptor." The area must be non-empty, mappable (at most `maxSize`: one view),
+ * end below 2^53 (no wrap: DPDK's CVE-2020-10722 was an unchecked offset + size), and cover every byte
+ * of guest memory up to `memoryEnd`. Whether the fd holds it is checked when it is mapped.
+ */
+export function checkLogArea(size: bigint, offset: bigint, maxSize: number, bytesNeeded: number): { size: number; offset: number } {
+  const fail = (why: string) => new ProtocolError('VHOST_USER_BAD_LOG', `dirty log of ${size} bytes at offset ${offset} ${why}`);
+  if (size === 0n) throw fail('is empty');
+  if (size > BigInt(maxSize)) throw fail(`exceeds ${maxSize} bytes`);
+  if (offset + size > EXACT_LIMIT) throw fail('overflows');
+  if (size < BigInt(bytesNeeded)) throw fail(`does not cover guest memory (${bytesNeeded} bytes needed)`);
+  return { size: Number(size), offset: Number(offset) };
+}
+
 /** Features the front-end acknowledges must be a subset of what we offered. */
 export function checkFeatureSubset(kind: string, acked: bigint, offered: bigint): void {
   const extra = acked & ~offered;

@@ -15,8 +15,10 @@
  * lib/runtime/queue-workers.ts.
  */
 import { native } from '../../native';
+import type { DirtyLog } from '../memory/dirty-log';
 import type { GuestMemory } from '../memory/guest-memory';
 import { createVirtqueue } from '../virtqueue';
+import type { RingLogSpec } from '../virtqueue/ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue } from '../virtqueue/virtqueue';
 import type { DeviceBackend } from './device-backend';
 import { QueueDriver, signalEventfd } from './queue-driver';
@@ -46,6 +48,8 @@ const PACKED_INITIAL_BASE = 0x8000_8000;
 export class Vring {
   num = 0;
   addresses: RingAddresses | null = null;
+  /** SET_VRING_ADDR log_guest_addr when VHOST_VRING_F_LOG is set (live migration), else null. */
+  logGuestAddr: number | null = null;
   /** SET_VRING_BASE value, or null for a ring that was never given one (start from the beginning). */
   base: number | null = null;
   kickFd = -1;
@@ -65,6 +69,8 @@ export class Vring {
   private driver: QueueDriver | null = null;
   /** The queue when it runs in a worker thread. */
   private remote: RemoteQueue | null = null;
+  /** The connection's dirty page log while logging is on (live migration). */
+  private dirtyLog: DirtyLog | null = null;
 
   constructor(readonly index: number) {}
 
@@ -153,10 +159,11 @@ export class Vring {
     if (env.workers !== undefined && group !== null) {
       // Checked here first (a throwaway queue only reads), so a bad ring fails as it does on this thread.
       createVirtqueue({ ...options, notify: () => undefined }, env.packed); // throws VIRTQ_NO_RING / VIRTQ_BAD_BASE
-      this.remote = env.workers.start({ ...options, group, features: env.features ?? 0n });
+      this.remote = env.workers.start({ ...options, group, features: env.features ?? 0n, dirtyLog: this.ringLogSpec() });
       return;
     }
     this.driver = new QueueDriver({ ...options, device: env.device });
+    this.driver.queue.setDirtyLog(this.ringLogSpec());
     this.driver.start();
   }
 
@@ -185,6 +192,27 @@ export class Vring {
     }
   }
 
+  /**
+   * Live migration: log into `log` (null: logging is off) with this ring's VHOST_VRING_F_LOG address;
+   * a queue in a worker resolves once it mapped the log. The caller closes a replaced log afterwards.
+   */
+  setDirtyLog(log: DirtyLog | null): Promise<void> | undefined {
+    this.dirtyLog = log;
+    this.driver?.queue.setDirtyLog(this.ringLogSpec());
+    if (this.remote === null || this.broken) return undefined;
+    try {
+      return this.remote.setDirtyLog(this.ringLogSpec());
+    } catch (err) {
+      // The log fd could not be dup'ed for the worker: its writes would go unlogged.
+      this.reportBroken(`cannot log dirty pages: ${(err as Error).message}`, (err as { code?: string }).code);
+      return undefined;
+    }
+  }
+
+  private ringLogSpec(): RingLogSpec | null {
+    return this.dirtyLog === null ? null : { log: this.dirtyLog, usedGuestAddr: this.logGuestAddr };
+  }
+
   /** SET_VRING_ENABLE (a worker's queue: resolves once it applied the change). */
   setEnabled(enabled: boolean): Promise<void> | undefined {
     this.enabled = enabled;
@@ -205,6 +233,8 @@ export class Vring {
     this.setFd('errFd', -1);
     this.num = 0;
     this.addresses = null;
+    this.logGuestAddr = null;
+    this.dirtyLog = null;
     this.base = null;
     this.enabled = false;
     this.broken = false;

@@ -11,6 +11,8 @@ export function bit(n: number): bigint {
 // virtio 1.2 §6: reserved feature bits.
 export const VIRTIO_F_NOTIFY_ON_EMPTY = 24;
 export const VIRTIO_F_ANY_LAYOUT = 27;
+/** vhost: the back-end logs the pages it writes while this is negotiated (vhost-user.rst, "Migration"). */
+export const VHOST_F_LOG_ALL = 26;
 export const VIRTIO_RING_F_INDIRECT_DESC = 28;
 export const VIRTIO_RING_F_EVENT_IDX = 29;
 /** vhost-user.rst: "VHOST_USER_F_PROTOCOL_FEATURES" shares bit 30 with the legacy BAD_FEATURE bit. */

@@ -34,6 +34,7 @@ import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
 import { packedNeedEvent } from './notify';
 import { ringArea, u16, u32 } from './ring-area';
+import { RingLog, userToGuestAddress, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
 
 const USED_BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
@@ -77,6 +78,11 @@ export class PackedRing implements Virtqueue {
   private batchHeadFlags = 0;
   private signalledValid = false;
   private batchPopped = 0;
+  /** The map the ring areas were resolved in (the dirty log translates their guest addresses). */
+  private memory!: GuestMemory;
+  /** Set while a live migration logs dirty pages (ring-log.ts), with the spec it was built from. */
+  private log: RingLog | null = null;
+  private logSpec: RingLogSpec | null = null;
 
   constructor(options: VirtqueueOptions) {
     const { size, base } = options;
@@ -183,6 +189,10 @@ export class PackedRing implements Virtqueue {
     }
     this.usedShadow = next;
     this.counters.bytesWritten += len;
+    if (this.log !== null) {
+      this.log.chainWritten(chain);
+      this.log.ring(16 * slot, 16);
+    }
   }
 
   flush(): number {
@@ -194,6 +204,8 @@ export class PackedRing implements Virtqueue {
     // cannot see this flag before them (the device's mirror of §2.8.21.1.1, "The driver MUST perform a
     // suitable memory barrier before the flags update").
     this.desc16[this.batchHeadSlot * 8 + 7] = this.batchHeadFlags;
+    // Marked after the store: a page the front-end sends between a mark and a later write would stay stale.
+    if (this.log !== null) this.log.ring(16 * this.batchHeadSlot, 16);
     this.pending = 0;
     this.usedPublished = this.usedShadow;
     this.usedPublishedWrap = this.usedShadowWrap;
@@ -209,6 +221,7 @@ export class PackedRing implements Virtqueue {
 
   disableNotification(): void {
     this.deviceEvent[1] = VRING_PACKED_EVENT_FLAG_DISABLE;
+    if (this.log !== null) this.log.event(4);
   }
 
   enableNotification(): boolean {
@@ -221,6 +234,7 @@ export class PackedRing implements Virtqueue {
     } else {
       this.deviceEvent[1] = VRING_PACKED_EVENT_FLAG_ENABLE;
     }
+    if (this.log !== null) this.log.event(4);
     // Re-check after a full barrier: a descriptor made available before the driver saw the store above
     // came without a notification.
     fullFence();
@@ -234,6 +248,25 @@ export class PackedRing implements Virtqueue {
   setMemory(memory: GuestMemory): void {
     this.mapRings(memory);
     this.walker.setMemory(memory);
+    this.setDirtyLog(this.logSpec);
+  }
+
+  setDirtyLog(spec: RingLogSpec | null): void {
+    this.logSpec = spec;
+    if (spec === null) {
+      this.log = null;
+      return;
+    }
+    // The device writes used descriptors into the descriptor ring and its event suppression area; with
+    // VHOST_VRING_F_LOG both are logged at their guest addresses (QEMU's log_guest_addr is the device
+    // area's, which does not locate the descriptor ring).
+    const logged = spec.usedGuestAddr !== null;
+    const a = this.addresses;
+    this.log = new RingLog(
+      spec.log,
+      logged ? userToGuestAddress(this.memory, a.descUserAddr) : null,
+      logged ? userToGuestAddress(this.memory, a.usedUserAddr) : null,
+    );
   }
 
   rewalk(chain: DescriptorChain): void {
@@ -289,6 +322,7 @@ export class PackedRing implements Virtqueue {
     const desc = ringArea(memory, a.descUserAddr, 16 * this.size, 16, 'descriptor ring');
     const driver = ringArea(memory, a.availUserAddr, 4, 4, 'driver event suppression');
     const device = ringArea(memory, a.usedUserAddr, 4, 4, 'device event suppression');
+    this.memory = memory;
     this.desc32 = u32(desc);
     this.desc16 = u16(desc);
     this.driverEvent = u16(driver);

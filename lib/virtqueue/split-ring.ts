@@ -21,6 +21,7 @@ import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
 import { vringNeedEvent } from './notify';
 import { ringArea, u16, u32 } from './ring-area';
+import { RingLog, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
 
 /**
@@ -61,6 +62,8 @@ export class SplitRing implements Virtqueue {
   private signalledValid = false;
   /** Chains popped since the last flush (the burst limit). */
   private batchPopped = 0;
+  /** Set while a live migration logs dirty pages (ring-log.ts). */
+  private log: RingLog | null = null;
 
   constructor(options: VirtqueueOptions) {
     const { size } = options;
@@ -140,6 +143,10 @@ export class SplitRing implements Virtqueue {
     this.used32[2 + 2 * slot] = len;
     this.usedShadow = (this.usedShadow + 1) & 0xffff;
     this.counters.bytesWritten += len;
+    if (this.log !== null) {
+      this.log.chainWritten(chain);
+      this.log.ring(4 + 8 * slot, 8);
+    }
   }
 
   flush(): number {
@@ -151,6 +158,8 @@ export class SplitRing implements Virtqueue {
     // stores above precede this store in program order, and x86-64 does not reorder stores.
     this.used16[1] = this.usedShadow;
     this.usedPublished = this.usedShadow;
+    // Marked after the store: a page the front-end sends between a mark and a later write would stay stale.
+    if (this.log !== null) this.log.ring(2, 2);
     this.counters.batches++;
     // The driver may update used_event / avail.flags after reading the old used.idx: the new idx must be
     // visible before we read them, a store→load order that needs a full barrier (Linux vhost_notify's
@@ -166,15 +175,20 @@ export class SplitRing implements Virtqueue {
   disableNotification(): void {
     // virtio 1.2 §2.7.10: with EVENT_IDX "The device MUST set flags to 0"; suppression then comes from
     // avail_event, which stays behind the driver's index until enableNotification moves it.
-    if (!this.eventIdx) this.used16[0] = VRING_USED_F_NO_NOTIFY;
+    if (!this.eventIdx) {
+      this.used16[0] = VRING_USED_F_NO_NOTIFY;
+      if (this.log !== null) this.log.ring(0, 2);
+    }
   }
 
   enableNotification(): boolean {
     if (this.eventIdx) {
       // virtio 1.2 §2.7.10: the driver notifies once it writes the entry at index avail_event.
       this.used16[this.availEventIndex] = this.lastAvail;
+      if (this.log !== null) this.log.ring(2 * this.availEventIndex, 2);
     } else {
       this.used16[0] = 0;
+      if (this.log !== null) this.log.ring(0, 2);
     }
     // The driver may have published entries before seeing the store above and so not have kicked:
     // make the store visible before re-reading avail.idx (a store→load order: full barrier).
@@ -203,6 +217,10 @@ export class SplitRing implements Virtqueue {
     this.lastAvail = (this.lastAvail - 1) & 0xffff;
     this.counters.requests--;
     this.counters.bytesRead -= chain.readableLength;
+  }
+
+  setDirtyLog(spec: RingLogSpec | null): void {
+    this.log = spec === null ? null : new RingLog(spec.log, spec.usedGuestAddr);
   }
 
   /** Walk the chain starting at descriptor `head` into `chain`. */

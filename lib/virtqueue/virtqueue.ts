@@ -9,6 +9,7 @@
  */
 import type { GuestMemory } from '../memory/guest-memory';
 import type { DescriptorChain } from './descriptor-chain';
+import type { RingLogSpec } from './ring-log';
 
 /** Where the three ring areas are, as front-end virtual addresses (vhost-user SET_VRING_ADDR). */
 export interface RingAddresses {
@@ -113,4 +114,11 @@ export interface Virtqueue {
    * (nothing changes) or VIRTQ_NOT_IN_FLIGHT.
    */
   unpop(chain: DescriptorChain): void;
+
+  /**
+   * Live migration: from now on mark every page the device writes (completed chains' writable
+   * buffers, and ring writes when `spec.usedGuestAddr` is set) in `spec.log`; null stops logging.
+   * See ring-log.ts.
+   */
+  setDirtyLog(spec: RingLogSpec | null): void;
 }

@@ -41,6 +41,8 @@ export interface TestDeviceOptions {
   maxQueueSize?: number;
   /** Complete chains from a later event-loop turn, in reverse pop order (out-of-order completion). */
   deferred?: boolean;
+  /** Offer live migration (VHOST_F_LOG_ALL, LOG_SHMFD): the engine logs what the device writes. */
+  migratable?: boolean;
   /** `queueGroup(i)` answers `queueGroups[i]` (null: main thread); without it the engine's default. */
   queueGroups?: (number | null)[];
 }
@@ -49,6 +51,7 @@ export class TestDevice implements DeviceBackend {
   readonly name = 'test';
   readonly numQueues: number;
   readonly maxQueueSize: number;
+  readonly migratable: boolean;
   readonly config = initialTestConfig();
   readonly starts: number[];
   readonly stops: number[];
@@ -75,6 +78,7 @@ export class TestDevice implements DeviceBackend {
       this.queueGroup = (index) => groups[index] ?? null;
     }
     this.maxQueueSize = opts.maxQueueSize ?? 32768;
+    this.migratable = opts.migratable ?? false;
     this.deferred = opts.deferred ?? false;
     this.starts = new Array<number>(this.numQueues).fill(0);
     this.stops = new Array<number>(this.numQueues).fill(0);

@@ -81,6 +81,7 @@ const PROTOCOL_CODES = {
   VHOST_USER_PROTOCOL_FEATURE_MISSING: true,
   VHOST_USER_BAD_CONFIG: true,
   VHOST_USER_BAD_STATE: true,
+  VHOST_USER_BAD_LOG: true,
   VHOST_USER_BACKEND_CHANNEL: true,
 } satisfies Record<ProtocolErrorCode, true>;
 const isProtocolCode = (code: string): boolean => Object.hasOwn(PROTOCOL_CODES, code);
@@ -364,6 +365,21 @@ function structuredMessage(s: Session): { code: number; payload: Uint8Array; fds
       break;
     case Request.SEND_RARP:
       payload = rng.bytes(8);
+      break;
+    case Request.SET_LOG_BASE: {
+      // VhostUserLog {mmap_size, mmap_offset}: around the sizes that cover the session's memory, the
+      // 1 GiB limit, the fd's size and the 2^53 / 2^64 wrap (DPDK CVE-2020-10722).
+      const size = rng.chance(0.7) ? BigInt(rng.pick([0, 1, 8, 0x1000, 0x2000, 0x10000, 1 << 30, (1 << 30) + 1])) : rng.pick(U64_EDGES);
+      const offset = rng.chance(0.7) ? BigInt(rng.pick([0, 1, 0x1000, 0x10000])) : rng.pick(U64_EDGES);
+      payload = new Uint8Array(16);
+      const view = new DataView(payload.buffer);
+      view.setBigUint64(0, size, true);
+      view.setBigUint64(8, offset, true);
+      fds = rng.chance(0.9) ? [s.fd(rng.chance(0.9) ? 'memfd' : 'eventfd')] : [];
+      break;
+    }
+    case Request.SET_LOG_FD:
+      fds = rng.chance(0.9) ? [s.fd(rng.chance(0.8) ? 'eventfd' : 'memfd')] : [];
       break;
     default:
       // GET_FEATURES, GET_PROTOCOL_FEATURES, SET_OWNER, RESET_OWNER, RESET_DEVICE, GET_QUEUE_NUM,
@@ -704,7 +720,7 @@ test.serial(`fuzz: ${ONLY_SEED !== undefined ? `seed ${ONLY_SEED}` : `${ITERATIO
   });
   // The deferred device also has the net hooks, so NET_SET_MTU and SEND_RARP reach a device on half the seeds.
   const netDevice = new NetTestDevice({ deferred: true });
-  const devices = [new TestDevice(), netDevice];
+  const devices = [new TestDevice({ migratable: true }), netDevice];
   const servers = await Promise.all(devices.map((d) => TestServer.start(d)));
   t.teardown(() => Promise.all(servers.map((ts) => ts.close())));
 

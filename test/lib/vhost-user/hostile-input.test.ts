@@ -10,7 +10,8 @@ import test from 'ava';
 
 import type { ProtocolErrorCode } from '../../../lib/errors';
 import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
-import { VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, bit } from '../../../lib/virtio/constants';
+import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, bit } from '../../../lib/virtio/constants';
+import { logBytesFor } from '../../../lib/memory/dirty-log';
 import { native } from '../../../native';
 import {
   DEFAULT_LAYOUT,
@@ -75,6 +76,17 @@ function queueWithAddr(fe: Frontend, s: Scratch, addr: { desc: U; used: U; avail
 
 const r0 = DEFAULT_LAYOUT[0]!;
 const r0User = r0.userAddr!;
+
+/** VhostUserLog: u64 mmap_size, u64 mmap_offset. */
+function logBase(size: U, offset: U): Uint8Array {
+  const out = new Uint8Array(16);
+  const view = new DataView(out.buffer);
+  view.setBigUint64(0, BigInt(size), true);
+  view.setBigUint64(8, BigInt(offset), true);
+  return out;
+}
+/** Bytes of log that cover DEFAULT_LAYOUT, as QEMU sizes it. */
+const LOG_BYTES = logBytesFor(Math.max(...DEFAULT_LAYOUT.map((r) => r.gpa + r.size)));
 
 const rows: Row[] = [
   // --- header ------------------------------------------------------------------------------
@@ -302,7 +314,72 @@ const rows: Row[] = [
     negotiate: false,
     attack: (fe) => fe.send(Request.SET_PROTOCOL_FEATURES, encodeU64(bit(ProtocolFeature.INBAND_NOTIFICATIONS))),
   },
+  // --- dirty page log (live migration) --------------------------------------------------------
+  {
+    name: 'SET_LOG_BASE without LOG_SHMFD negotiated',
+    code: 'VHOST_USER_PROTOCOL_FEATURE_MISSING',
+    negotiate: { protocolFeatures: without(ProtocolFeature.LOG_SHMFD) },
+    attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase(LOG_BYTES, 0), { fds: [s.memfd(LOG_BYTES)] }),
+  },
+  { name: 'SET_LOG_BASE without an fd', code: 'VHOST_USER_BAD_FDS', attack: (fe) => fe.send(Request.SET_LOG_BASE, logBase(LOG_BYTES, 0)) },
+  { name: 'SET_LOG_BASE of 8 bytes', code: 'VHOST_USER_BAD_SIZE', attack: (fe, s) => fe.send(Request.SET_LOG_BASE, encodeU64(LOG_BYTES), { fds: [s.memfd(LOG_BYTES)] }) },
+  { name: 'SET_LOG_BASE of size 0', code: 'VHOST_USER_BAD_LOG', attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase(0, 0), { fds: [s.memfd(LOG_BYTES)] }) },
+  { name: 'SET_LOG_BASE larger than 1 GiB', code: 'VHOST_USER_BAD_LOG', attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase((1 << 30) + 1, 0), { fds: [s.memfd(LOG_BYTES)] }) },
+  {
+    name: 'SET_LOG_BASE whose offset + size wraps past 2^64 (CVE-2020-10722)',
+    code: 'VHOST_USER_BAD_LOG',
+    attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase(LOG_BYTES, (1n << 64n) - 0x1000n), { fds: [s.memfd(LOG_BYTES)] }),
+  },
+  {
+    name: 'SET_LOG_BASE too small for guest memory',
+    code: 'VHOST_USER_BAD_LOG',
+    attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase(LOG_BYTES - 1, 0), { fds: [s.memfd(LOG_BYTES)] }),
+  },
+  {
+    name: 'SET_LOG_BASE larger than its fd',
+    code: 'VHOST_USER_BAD_LOG',
+    attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase(LOG_BYTES, 0), { fds: [s.memfd(LOG_BYTES - 0x1000)] }),
+  },
+  {
+    name: 'SET_LOG_BASE with an offset that puts the log past its fd',
+    code: 'VHOST_USER_BAD_LOG',
+    attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase(LOG_BYTES, 0x1000), { fds: [s.memfd(LOG_BYTES)] }),
+  },
+  { name: 'SET_LOG_BASE with an eventfd', code: 'VHOST_USER_BAD_LOG', attack: (fe, s) => fe.send(Request.SET_LOG_BASE, logBase(LOG_BYTES, 0), { fds: [s.eventfd()] }) },
+  { name: 'SET_LOG_FD with a memfd', code: 'VHOST_USER_BAD_FDS', attack: (fe, s) => fe.send(Request.SET_LOG_FD, undefined, { fds: [s.memfd()] }) },
+  {
+    name: 'SET_VRING_ADDR with an unknown flag',
+    code: 'VHOST_USER_BAD_PAYLOAD',
+    attack: (fe) => fe.send(Request.SET_VRING_ADDR, encodeVringAddr({ index: 0, flags: 2, desc: r0User, used: r0User + 0x1000, avail: r0User + 0x2000 })),
+  },
+  {
+    name: 'SET_VRING_ADDR with a log address at 2^53',
+    code: 'VHOST_USER_BAD_VRING_ADDR',
+    attack: (fe) => fe.send(Request.SET_VRING_ADDR, encodeVringAddr({ index: 0, flags: 1, desc: r0User, used: r0User + 0x1000, avail: r0User + 0x2000, log: 1n << 53n })),
+  },
+  {
+    name: 'a used ring logged past the end of the log',
+    code: 'VHOST_USER_BAD_LOG',
+    attack: async (fe, s) => {
+      const q = await fe.setupQueue(0, 16);
+      await fe.call(Request.SET_LOG_BASE, logBase(LOG_BYTES, 0), { fds: [s.memfd(LOG_BYTES)] });
+      await fe.request(Request.SET_FEATURES, encodeU64(FEATURES | bit(VHOST_F_LOG_ALL)));
+      const { desc, used, avail } = q.driver.areas;
+      const m = fe.memory;
+      fe.send(Request.SET_VRING_ADDR, encodeVringAddr({ index: 0, flags: 1, desc: m.toUser(desc), used: m.toUser(used), avail: m.toUser(avail), log: LOG_BYTES * 8 * 0x1000 - 16 }));
+    },
+  },
   // --- state -------------------------------------------------------------------------------
+  {
+    name: 'SET_VRING_ADDR moving a running queue',
+    code: 'VHOST_USER_BAD_STATE',
+    attack: async (fe) => {
+      const q = await fe.setupQueue(0, 16);
+      const { desc, used, avail } = q.driver.areas;
+      const m = fe.memory;
+      fe.send(Request.SET_VRING_ADDR, encodeVringAddr({ index: 0, desc: m.toUser(desc), used: m.toUser(used) + 0x100, avail: m.toUser(avail) }));
+    },
+  },
   {
     name: 'SET_VRING_NUM on a running queue',
     code: 'VHOST_USER_BAD_STATE',
@@ -316,7 +393,7 @@ const rows: Row[] = [
 let ts: TestServer;
 
 test.before(async () => {
-  ts = await TestServer.start(new TestDevice());
+  ts = await TestServer.start(new TestDevice({ migratable: true }));
 });
 
 test.after.always(async () => {
