@@ -225,6 +225,9 @@ mark one_again "$(dd if=/dev/vda bs=65536 skip=16 count=64 2>/dev/null | md5)"
     const why = explain(result, daemon);
     t.is(result.exitStatus, 0, why);
     checkRestart(t, daemon, why);
+    // INFLIGHT_SHMFD: the first daemon made the inflight area, QEMU kept it and handed it to the second.
+    t.regex(daemon.previous?.stderr() ?? '', /request GET_INFLIGHT_FD/, why);
+    t.regex(daemon.current?.stderr() ?? '', /request SET_INFLIGHT_FD/, why);
     t.log(`guest waited ${result.mark('waited') ?? '?'} s for its first request after the restart`);
     const one = result.mark('one');
     const two = result.mark('two');
