@@ -11,8 +11,8 @@
  * `wait_for`). The new daemon's log and metrics show that it set up the device and did the I/O.
  *
  * The disk is idle when the daemon stops (the guest synced and waits): a request the old daemon had
- * taken but not completed is recovered through VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which has no
- * real-guest test yet (see daemons/blk/README.md, "Restarting the daemon").
+ * taken but not completed is recovered through VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, tested with
+ * SIGKILL under load in blk-inflight.test.ts.
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
