@@ -26,7 +26,8 @@ export type ProtocolErrorCode =
   | 'VHOST_USER_BAD_CONFIG'
   | 'VHOST_USER_BAD_STATE'
   | 'VHOST_USER_BAD_LOG'
-  | 'VHOST_USER_BACKEND_CHANNEL';
+  | 'VHOST_USER_BACKEND_CHANNEL'
+  | 'VHOST_USER_BAD_INFLIGHT';
 
 export type RingErrorCode =
   | 'VIRTQ_AVAIL_IDX_JUMP'
@@ -41,7 +42,8 @@ export type RingErrorCode =
   | 'VIRTQ_NO_RING'
   | 'VIRTQ_BAD_BASE'
   | 'VIRTQ_TOO_MANY_IN_FLIGHT'
-  | 'VIRTQ_BAD_REQUEST';
+  | 'VIRTQ_BAD_REQUEST'
+  | 'VIRTQ_BAD_INFLIGHT';
 
 export type MemoryErrorCode = 'GUEST_ADDR_UNMAPPED' | 'GUEST_ADDR_OVERFLOW';
 

@@ -66,6 +66,11 @@ export interface Mapping {
 export const POLL_READABLE = 1;
 export const POLL_WRITABLE = 2;
 
+/** memfd seals (linux/fcntl.h), as {@link Native.fileSeals} reports them. */
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
+
 /** A libuv poll handle; the callback runs on the event loop once per readiness wakeup. */
 export interface Watcher {
   /** Stop watching and release the handle. Idempotent. Does not close the fd. */
@@ -186,6 +191,13 @@ export interface Native {
 
   /** memfd_create(name, MFD_CLOEXEC) sized with ftruncate (test front-ends and benchmarks). */
   memfdCreate(name: string, size: number): number;
+  /**
+   * memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING) sized with ftruncate, then sealed with
+   * F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL: its size never changes (vhost-user inflight areas).
+   */
+  memfdCreateSealed(name: string, size: number): number;
+  /** fcntl(fd, F_GET_SEALS): the fd's seals ({@link F_SEAL_SHRINK}...); EINVAL if it cannot be sealed. */
+  fileSeals(fd: number): number;
 
   /** Watch `fd` for `events` (POLL_READABLE | POLL_WRITABLE) with uv_poll. */
   watch(fd: number, events: number, callback: (events: number) => void): Watcher;

@@ -216,7 +216,8 @@ export class BlkDevice implements DaemonDevice {
   }
 
   protocolFeatures(): bigint {
-    return bit(ProtocolFeature.CONFIG);
+    // INFLIGHT_SHMFD: a restarted daemon resubmits the requests a killed one had taken (lib/virtqueue/inflight.ts).
+    return bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.INFLIGHT_SHMFD);
   }
 
   /** The config space values now. */

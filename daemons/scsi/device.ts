@@ -25,6 +25,7 @@ import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
 import type { DeviceContext } from '../../lib/vhost-user/device-backend';
 import { bit } from '../../lib/virtio/constants';
+import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import { SlotPool } from '../../lib/virtqueue/slot-pool';
 import { drainQueue } from '../../lib/virtqueue/drain';
@@ -322,8 +323,9 @@ export class ScsiDevice implements DaemonDevice {
   }
 
   protocolFeatures(): bigint {
-    // QEMU keeps the config space of vhost-user-scsi itself (no GET_CONFIG).
-    return 0n;
+    // QEMU keeps the config space of vhost-user-scsi itself (no GET_CONFIG). INFLIGHT_SHMFD: a
+    // restarted daemon resubmits the commands a killed one had taken (lib/virtqueue/inflight.ts).
+    return bit(ProtocolFeature.INFLIGHT_SHMFD);
   }
 
   /** Control and event queues on the main thread; request queue i in group i. */

@@ -19,6 +19,7 @@ import type { QueueWorkerPool } from '../runtime/queue-workers';
 import type { DeviceBackend, DeviceContext } from './device-backend';
 import { BackendChannel } from './backend-channel';
 import { dispatchTable, type Message } from './handlers';
+import type { InflightArea } from './inflight-region';
 import {
   HEADER_SIZE,
   MAX_FDS,
@@ -71,6 +72,8 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
   backendChannel: BackendChannel | null = null;
   /** Device status byte (SET_STATUS / GET_STATUS). */
   status = 0;
+  /** The inflight area (SET_INFLIGHT_FD), kept until replaced or the front-end goes away. */
+  inflight: InflightArea | null = null;
   closed = false;
 
   private readonly header = new Uint8Array(HEADER_SIZE);
@@ -133,6 +136,12 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     }
   }
 
+  /** SET_INFLIGHT_FD: use `area` from now on (the rings are stopped), releasing the previous one. */
+  setInflight(area: InflightArea): void {
+    this.inflight?.close();
+    this.inflight = area;
+  }
+
   hasProtocolFeature(bit: number): boolean {
     return (this.ackedProtocolFeatures & (1n << BigInt(bit))) !== 0n;
   }
@@ -156,6 +165,8 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     this.memory = GuestMemory.empty();
     this.dirtyLog?.close(); // every ring stopped: nothing logs any more
     this.dirtyLog = null;
+    this.inflight?.close();
+    this.inflight = null;
     for (const fd of this.pendingFds) native.close(fd);
     this.pendingFds = [];
     native.close(this.fd);
@@ -266,7 +277,8 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
       entry.check(this, message);
       this.logger.debug(`request ${name}`, { size: message.payload.length, fds: message.fds.length });
       const reply = await entry.handle(this, message);
-      if (reply !== undefined) this.send(message.request, reply);
+      if (reply instanceof Uint8Array) this.send(message.request, reply);
+      else if (reply !== undefined) this.sendClosing(message.request, reply.payload, reply.fds);
       else if (needReply) this.send(message.request, u64(0n));
     } catch (err) {
       if (err instanceof RequestRefused) {
@@ -308,6 +320,15 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     const sent = native.sendMsg(this.fd, buf, 0, buf.length, fds);
     if (sent !== buf.length) {
       throw new ProtocolError('VHOST_USER_BAD_STATE', `front-end is not reading replies (sent ${sent} of ${buf.length} bytes)`);
+    }
+  }
+
+  /** Send a reply with fds we created for the front-end, then close ours (sent or not). */
+  private sendClosing(request: number, payload: Uint8Array, fds: number[]): void {
+    try {
+      this.send(request, payload, fds);
+    } finally {
+      for (const fd of fds) native.close(fd);
     }
   }
 

@@ -23,6 +23,7 @@ import {
 } from '../virtio/constants';
 import type { VhostUserConnection } from './connection';
 import { applyDirtyLog, applyRingLog, setLogBase, setLogFd } from './dirty-logging';
+import { createInflightArea, decodeInflight, encodeInflight, INFLIGHT_PAYLOAD_SIZE, InflightArea } from './inflight-region';
 import {
   CONFIG_HEADER_SIZE,
   LOG_PAYLOAD_SIZE,
@@ -64,7 +65,13 @@ export interface Message {
   fds: number[];
 }
 
-type Reply = Uint8Array | undefined;
+/** A reply that carries fds (GET_INFLIGHT_FD); the connection closes them once sent. */
+export interface FdReply {
+  payload: Uint8Array;
+  fds: number[];
+}
+
+type Reply = Uint8Array | FdReply | undefined;
 
 /** One row of the table. */
 interface RequestEntry {
@@ -161,9 +168,11 @@ function startVring(c: VhostUserConnection, vring: Vring): void {
       indirect: negotiated(c, VIRTIO_RING_F_INDIRECT_DESC),
       workers: c.queueWorkers ?? undefined,
       features: c.ackedFeatures,
+      inflight: c.inflight ?? undefined,
     });
   } catch (err) {
-    throw new ProtocolError('VHOST_USER_BAD_VRING_ADDR', `cannot start queue ${vring.index}: ${(err as Error).message}`);
+    const inflight = (err as { code?: string }).code === 'VIRTQ_BAD_INFLIGHT' || (err as { code?: string }).code === 'VHOST_USER_BAD_INFLIGHT';
+    throw new ProtocolError(inflight ? 'VHOST_USER_BAD_INFLIGHT' : 'VHOST_USER_BAD_VRING_ADDR', `cannot start queue ${vring.index}: ${(err as Error).message}`);
   }
 }
 
@@ -549,6 +558,34 @@ const entries: Record<number, EntrySpec> = {
     },
   },
 
+  [Request.GET_INFLIGHT_FD]: {
+    // vhost-user.rst: the front-end names the queues and ring size; the back-end answers with a new
+    // area (mmap_size, mmap_offset) and its fd. SET_FEATURES came first, so the ring layout is known.
+    size: INFLIGHT_PAYLOAD_SIZE,
+    fds: 'none',
+    requires: ProtocolFeature.INFLIGHT_SHMFD,
+    handle(c, m) {
+      const { fd, description } = createInflightArea(decodeInflight(m.view), inflightTracked(c), c.vrings.length, c.device.maxQueueSize);
+      return { payload: encodeInflight(description), fds: fd === null ? [] : [fd] };
+    },
+  },
+
+  [Request.SET_INFLIGHT_FD]: {
+    // The area to track in flight requests in, before the rings start (after a reconnect: the one an
+    // earlier process used, which the rings then resume from).
+    size: INFLIGHT_PAYLOAD_SIZE,
+    fds: 'one',
+    requires: ProtocolFeature.INFLIGHT_SHMFD,
+    handle(c, m) {
+      const running = c.vrings.find((vring) => vring.started);
+      if (running !== undefined) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_INFLIGHT_FD while queue ${running.index} runs`);
+      const area = InflightArea.map(m.fds[0]!, decodeInflight(m.view), inflightTracked(c), c.vrings.length, c.device.maxQueueSize);
+      m.fds[0] = -1;
+      c.setInflight(area);
+      return undefined;
+    },
+  },
+
   [Request.SET_STATUS]: {
     size: 8,
     fds: 'none',
@@ -563,6 +600,11 @@ const entries: Record<number, EntrySpec> = {
 
   [Request.GET_STATUS]: { size: 0, fds: 'none', requires: ProtocolFeature.STATUS, handle: (c) => u64(BigInt(c.status)) },
 };
+
+/** Rings get an inflight area: split rings run on the main thread (packed and worker queues: not yet). */
+function inflightTracked(c: VhostUserConnection): boolean {
+  return !negotiated(c, VIRTIO_F_RING_PACKED) && c.queueWorkers === null;
+}
 
 /** GET_CONFIG / SET_CONFIG: the region must lie inside the 256-byte config space and match the payload. */
 function checkConfigRequest(m: Message): { offset: number; size: number } {

@@ -21,6 +21,7 @@ import { createVirtqueue } from '../virtqueue';
 import type { RingLogSpec } from '../virtqueue/ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue } from '../virtqueue/virtqueue';
 import type { DeviceBackend } from './device-backend';
+import type { InflightArea } from './inflight-region';
 import { QueueDriver, signalEventfd } from './queue-driver';
 import type { Logger } from '../runtime/logger';
 import type { QueueWorkerPool, RemoteQueue } from '../runtime/queue-workers';
@@ -37,6 +38,8 @@ export interface VringEnvironment {
   workers?: QueueWorkerPool;
   /** Negotiated virtio features (for the worker's device instance). */
   features?: bigint;
+  /** The inflight area (SET_INFLIGHT_FD): the queue tracks what it has in flight in its part. */
+  inflight?: InflightArea;
 }
 
 /**
@@ -153,6 +156,7 @@ export class Vring {
       kickFd: this.kickFd,
       callFd: this.callFd,
       enabled: this.enabled,
+      inflight: env.inflight?.queueView(this.index, this.num),
       onBroken: (message: string, code: string | undefined) => this.reportBroken(message, code),
     };
     const group = env.device.queueGroup !== undefined ? env.device.queueGroup(this.index) : this.index;

@@ -86,6 +86,7 @@ export class PackedRing implements Virtqueue {
 
   constructor(options: VirtqueueOptions) {
     const { size, base } = options;
+    if (options.inflight !== undefined) throw new RingError('VIRTQ_BAD_INFLIGHT', 'packed rings do not track in-flight chains');
     if (!Number.isInteger(size) || size < 1 || size > VIRTQUEUE_MAX_SIZE) {
       throw new RangeError(`packed queue size ${size} is not in 1..32768`);
     }

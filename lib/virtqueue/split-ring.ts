@@ -20,9 +20,12 @@ import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
 import { vringNeedEvent } from './notify';
+import { SplitInflight } from './inflight';
 import { ringArea, u16, u32 } from './ring-area';
 import { RingLog, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
+
+const NOTHING_TO_RESUBMIT = new Uint16Array(0);
 
 /**
  * A split ring's device side. Construct through `createVirtqueue`; throws RingError VIRTQ_NO_RING when
@@ -64,6 +67,11 @@ export class SplitRing implements Virtqueue {
   private batchPopped = 0;
   /** Set while a live migration logs dirty pages (ring-log.ts). */
   private log: RingLog | null = null;
+  /** Inflight tracking (INFLIGHT_SHMFD), or null when the front-end gave no area. */
+  private readonly inflight: SplitInflight | null = null;
+  /** Heads an earlier process left in flight, popped before the available ring, oldest first. */
+  private resubmit: Uint16Array = NOTHING_TO_RESUBMIT;
+  private resubmitAt = 0;
 
   constructor(options: VirtqueueOptions) {
     const { size } = options;
@@ -91,6 +99,18 @@ export class SplitRing implements Virtqueue {
     // The used index continues from what is in the ring (as Linux vhost and libvhost-user do).
     this.usedShadow = this.used16[1]!;
     this.usedPublished = this.usedShadow;
+    if (options.inflight !== undefined) {
+      this.inflight = new SplitInflight(options.inflight, size);
+      const recovery = this.inflight.recover(this.usedShadow);
+      if (recovery !== null) {
+        // libvhost-user's vu_check_queue_inflights: every chain popped before is either used (up to
+        // used.idx) or still in flight, so the available ring resumes after both. The front-end's base
+        // after a crash is used.idx (QEMU restores last_avail_idx from the used ring).
+        this.resubmit = recovery.resubmit;
+        this.lastAvail = (this.usedShadow + recovery.resubmit.length) & 0xffff;
+        this.availCache = this.lastAvail;
+      }
+    }
   }
 
   get inFlight(): number {
@@ -99,6 +119,7 @@ export class SplitRing implements Virtqueue {
 
   pop(): DescriptorChain | null {
     if (this.batchPopped >= this.burst) return null;
+    if (this.resubmitAt < this.resubmit.length) return this.popResubmitted();
     if (this.availCache === this.lastAvail) {
       const avail16 = this.avail16;
       if (avail16.length === 0) throw new RingError('VIRTQ_NO_RING', 'available ring is no longer mapped');
@@ -126,7 +147,21 @@ export class SplitRing implements Virtqueue {
     this.walk(chain, head);
     this.pool.take(this);
     chain.head = head;
+    this.inflight?.popped(head);
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
+    this.batchPopped++;
+    this.counters.requests++;
+    this.counters.bytesRead += chain.readableLength;
+    return chain;
+  }
+
+  /** Pop the next chain an earlier process left in flight (already marked in the inflight area). */
+  private popResubmitted(): DescriptorChain {
+    const head = this.resubmit[this.resubmitAt++]!;
+    const chain = this.pool.peek()!; // at most `size` entries are in flight
+    this.walk(chain, head);
+    this.pool.take(this);
+    chain.head = head;
     this.batchPopped++;
     this.counters.requests++;
     this.counters.bytesRead += chain.readableLength;
@@ -141,6 +176,7 @@ export class SplitRing implements Virtqueue {
     const slot = this.usedShadow & this.mask;
     this.used32[1 + 2 * slot] = chain.head;
     this.used32[2 + 2 * slot] = len;
+    this.inflight?.used(chain.head);
     this.usedShadow = (this.usedShadow + 1) & 0xffff;
     this.counters.bytesWritten += len;
     if (this.log !== null) {
@@ -157,6 +193,7 @@ export class SplitRing implements Virtqueue {
     // virtio 1.2 §2.7.8.2: "The device MUST set len prior to updating the used idx." The element
     // stores above precede this store in program order, and x86-64 does not reorder stores.
     this.used16[1] = this.usedShadow;
+    this.inflight?.published(this.usedShadow);
     this.usedPublished = this.usedShadow;
     // Marked after the store: a page the front-end sends between a mark and a later write would stay stale.
     if (this.log !== null) this.log.ring(2, 2);
@@ -211,7 +248,17 @@ export class SplitRing implements Virtqueue {
   }
 
   unpop(chain: DescriptorChain): void {
+    // The first pops of this queue were the resubmitted chains (pop serials count from 0).
+    if (chain.owner === this && chain.popSerial < this.resubmit.length) {
+      // It came from the inflight area, not the available ring: it goes back there, still in flight.
+      this.pool.untake(chain, this);
+      this.resubmitAt--;
+      this.counters.requests--;
+      this.counters.bytesRead -= chain.readableLength;
+      return;
+    }
     this.pool.untake(chain, this);
+    this.inflight?.unpopped(chain.head);
     // Its available ring entry still names its head: the driver cannot have reused that entry, which
     // it writes again only `size` entries later, while this buffer still holds a descriptor.
     this.lastAvail = (this.lastAvail - 1) & 0xffff;

@@ -41,6 +41,14 @@ export interface VirtqueueOptions {
   notify: () => void;
   /** Most chains popped per `pop` batch before the device should flush; defaults to the size. */
   burst?: number;
+  /**
+   * This queue's part of the shared inflight area (vhost-user INFLIGHT_SHMFD, inflight.ts), at least
+   * `inflightQueueBytes(size)` bytes, 8-aligned; split rings only (a packed ring refuses it). With it the queue records what it pops and
+   * completes there, and at construction resumes what an earlier process left in flight: those chains
+   * come out of `pop` first, oldest first (the base then follows the area, as in libvhost-user).
+   * Construction throws RingError VIRTQ_BAD_INFLIGHT for an area that fails a check.
+   */
+  inflight?: Uint8Array;
 }
 
 /** Counters a queue keeps as plain numbers; metrics read them at scrape time. */

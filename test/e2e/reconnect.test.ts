@@ -11,8 +11,8 @@
  * `wait_for`). The new daemon's log and metrics show that it set up the device and did the I/O.
  *
  * The disk is idle when the daemon stops (the guest synced and waits): a request the old daemon had
- * taken but not completed would need VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD to be recovered, which is
- * not implemented (see daemons/blk/README.md, "Restarting the daemon").
+ * taken but not completed is recovered through VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, tested with
+ * SIGKILL under load in blk-inflight.test.ts.
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
@@ -225,6 +225,9 @@ mark one_again "$(dd if=/dev/vda bs=65536 skip=16 count=64 2>/dev/null | md5)"
     const why = explain(result, daemon);
     t.is(result.exitStatus, 0, why);
     checkRestart(t, daemon, why);
+    // INFLIGHT_SHMFD: the first daemon made the inflight area, QEMU kept it and handed it to the second.
+    t.regex(daemon.previous?.stderr() ?? '', /request GET_INFLIGHT_FD/, why);
+    t.regex(daemon.current?.stderr() ?? '', /request SET_INFLIGHT_FD/, why);
     t.log(`guest waited ${result.mark('waited') ?? '?'} s for its first request after the restart`);
     const one = result.mark('one');
     const two = result.mark('two');

@@ -83,6 +83,7 @@ const PROTOCOL_CODES = {
   VHOST_USER_BAD_STATE: true,
   VHOST_USER_BAD_LOG: true,
   VHOST_USER_BACKEND_CHANNEL: true,
+  VHOST_USER_BAD_INFLIGHT: true,
 } satisfies Record<ProtocolErrorCode, true>;
 const isProtocolCode = (code: string): boolean => Object.hasOwn(PROTOCOL_CODES, code);
 

@@ -306,6 +306,25 @@ const rows: Row[] = [
     code: 'VHOST_USER_PROTOCOL_FEATURE_MISSING',
     attack: (fe) => fe.send(Request.SEND_RARP, encodeU64(0x5634120054520n)),
   },
+  {
+    // TestDevice does not opt in to INFLIGHT_SHMFD (blk and scsi do); the area checks themselves are
+    // rows of inflight-region.test.ts and virtqueue/inflight.test.ts.
+    name: 'GET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated',
+    code: 'VHOST_USER_PROTOCOL_FEATURE_MISSING',
+    attack: (fe) => fe.send(Request.GET_INFLIGHT_FD, new Uint8Array(24)),
+  },
+  {
+    name: 'SET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated',
+    code: 'VHOST_USER_PROTOCOL_FEATURE_MISSING',
+    attack: (fe, s) => fe.send(Request.SET_INFLIGHT_FD, new Uint8Array(24), { fds: [s.memfd()] }),
+  },
+  { name: 'GET_INFLIGHT_FD with a 20-byte (packed) description', code: 'VHOST_USER_BAD_SIZE', attack: (fe) => fe.send(Request.GET_INFLIGHT_FD, new Uint8Array(20)) },
+  { name: 'SET_INFLIGHT_FD without its fd', code: 'VHOST_USER_BAD_FDS', attack: (fe) => fe.send(Request.SET_INFLIGHT_FD, new Uint8Array(24)) },
+  {
+    name: 'SET_INFLIGHT_FD with two fds',
+    code: 'VHOST_USER_BAD_FDS',
+    attack: (fe, s) => fe.send(Request.SET_INFLIGHT_FD, new Uint8Array(24), { fds: [s.memfd(), s.memfd()] }),
+  },
   // --- features ----------------------------------------------------------------------------
   { name: 'SET_FEATURES acknowledging bit 63 (not offered)', code: 'VHOST_USER_BAD_FEATURES', negotiate: false, attack: (fe) => fe.send(Request.SET_FEATURES, encodeU64(FEATURES | (1n << 63n))) },
   {
