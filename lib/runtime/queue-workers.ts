@@ -25,6 +25,7 @@ import { Worker } from 'node:worker_threads';
 import { native } from '../../native';
 import type { GuestMemory } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
+import type { PollCounters } from '../vhost-user/queue-driver';
 import type { QueueCounters, RingAddresses } from '../virtqueue/virtqueue';
 import { silentLogger, type Logger } from './logger';
 import {
@@ -63,6 +64,8 @@ export interface RemoteQueueSpec {
   /** Negotiated virtio features, for the worker device's DeviceContext. */
   features: bigint;
   enabled: boolean;
+  /** QueueDriver `pollUs`. */
+  pollUs: number;
   memory: GuestMemory;
   kickFd: number;
   callFd: number;
@@ -101,6 +104,11 @@ export class RemoteQueue {
   /** Kicks the worker received. */
   kicks(): number {
     return this.counters[CounterSlot.kicks]!;
+  }
+
+  /** Poll rounds that found work, and seconds spent polling, in the worker. */
+  polls(): PollCounters {
+    return { hits: this.counters[CounterSlot.pollHits]!, seconds: this.counters[CounterSlot.pollSeconds]! };
   }
 
   /*
@@ -208,6 +216,7 @@ class WorkerSlot {
       indirect: spec.indirect,
       features: spec.features.toString(),
       enabled: spec.enabled,
+      pollUs: spec.pollUs,
       regions: regionMessages(spec.memory),
       kickFd: native.dup(spec.kickFd),
       callFd: spec.callFd < 0 ? -1 : native.dup(spec.callFd),

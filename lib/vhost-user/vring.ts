@@ -19,7 +19,7 @@ import type { GuestMemory } from '../memory/guest-memory';
 import { createVirtqueue } from '../virtqueue';
 import type { QueueCounters, RingAddresses, Virtqueue } from '../virtqueue/virtqueue';
 import type { DeviceBackend } from './device-backend';
-import { QueueDriver, signalEventfd } from './queue-driver';
+import { QueueDriver, signalEventfd, type PollCounters } from './queue-driver';
 import type { Logger } from '../runtime/logger';
 import type { QueueWorkerPool, RemoteQueue } from '../runtime/queue-workers';
 
@@ -35,6 +35,8 @@ export interface VringEnvironment {
   workers?: QueueWorkerPool;
   /** Negotiated virtio features (for the worker's device instance). */
   features?: bigint;
+  /** The queue's poll window limit, µs (QueueDriver `pollUs`). */
+  pollUs?: number;
 }
 
 /**
@@ -56,6 +58,7 @@ export class Vring {
   broken = false;
   /** Kicks of queues that have stopped. */
   private kickCount = 0;
+  private retiredPolls: PollCounters = { hits: 0, seconds: 0 };
   /** Times the ring was marked broken (metrics). */
   brokenCount = 0;
   /** Counters of queues that have stopped, so totals survive reconnects (metrics are monotonic). */
@@ -82,6 +85,13 @@ export class Vring {
     return this.kickCount + (this.driver?.kicks ?? this.remote?.kicks() ?? 0);
   }
 
+  /** Poll rounds that found work and seconds spent polling (metrics), across connections. */
+  get polls(): PollCounters {
+    const live = this.remote?.polls() ?? (this.driver !== null ? { hits: this.driver.pollHits, seconds: this.driver.pollSeconds } : undefined);
+    if (live === undefined) return { ...this.retiredPolls };
+    return { hits: this.retiredPolls.hits + live.hits, seconds: this.retiredPolls.seconds + live.seconds };
+  }
+
   /** Counters of the running queue, wherever it runs. */
   private liveCounters(): QueueCounters | undefined {
     return this.remote?.queueCounters() ?? this.driver?.queue.counters;
@@ -103,6 +113,7 @@ export class Vring {
       for (const key of Object.keys(this.retired) as (keyof QueueCounters)[]) this.retired[key] += live[key];
     }
     this.kickCount = this.kicks;
+    this.retiredPolls = this.polls;
     this.driver = null;
     this.remote = null;
   }
@@ -147,6 +158,7 @@ export class Vring {
       kickFd: this.kickFd,
       callFd: this.callFd,
       enabled: this.enabled,
+      pollUs: env.pollUs ?? 0,
       onBroken: (message: string, code: string | undefined) => this.reportBroken(message, code),
     };
     const group = env.device.queueGroup !== undefined ? env.device.queueGroup(this.index) : this.index;

@@ -211,6 +211,11 @@ export class PackedRing implements Virtqueue {
     this.deviceEvent[1] = VRING_PACKED_EVENT_FLAG_DISABLE;
   }
 
+  hasAvailable(): boolean {
+    const desc16 = this.desc16;
+    return desc16.length === 0 || this.isAvailable(desc16[this.nextAvail * 8 + 7]!);
+  }
+
   enableNotification(): boolean {
     if (this.eventIdx) {
       // virtio 1.2 §2.8.10: RING_EVENT_FLAGS_DESC "Enable events for a specific descriptor (as specified
