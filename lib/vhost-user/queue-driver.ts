@@ -10,7 +10,9 @@
  * adds meanwhile is served without a kick and a wakeup. The window adapts to the guest: it grows
  * (doubling, up to `pollUs`) when a kick came soon after polling gave up, which a longer window
  * would have caught, and halves when the guest was quiet for longer than `pollUs`; polling that
- * finds nothing ends with notifications enabled and costs nothing until the next kick. Node runs
+ * finds nothing ends with notifications enabled and costs nothing until the next kick. A poll also
+ * ends while chains are in flight (I/O a kernel worker may be doing: on a 2-CPU machine a spin takes
+ * the CPU that worker needs); their completion event wakes the queue. Node runs
  * every queue of a thread and the control socket on one event loop, so a poll spins for at most
  * {@link POLL_SLICE_US} at a time and yields (setImmediate) between rounds.
  *
@@ -217,7 +219,9 @@ export class QueueDriver {
       }
       if (this.device.pollCompletions !== undefined && this.device.pollCompletions(this.index) > 0) found = true;
       now = performance.now();
-    } while (!found && now < deadline);
+      // Chains in flight wait on I/O that a kernel worker may be doing (io_uring punts what cannot
+      // complete at once): spinning would take the CPU it needs. Their completion event wakes us.
+    } while (!found && now < deadline && this.queue.inFlight === 0);
     this.pollSeconds += (now - start) / 1000;
     if (this.broken) {
       this.endPoll(false);
@@ -225,7 +229,7 @@ export class QueueDriver {
       this.pollHits++;
       this.pollSpentMs = 0;
       this.schedulePoll();
-    } else if ((this.pollSpentMs += now - start) < this.pollWindowMs) {
+    } else if ((this.pollSpentMs += now - start) < this.pollWindowMs && this.queue.inFlight === 0) {
       this.schedulePoll();
     } else {
       this.endPoll(true);
