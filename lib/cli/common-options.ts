@@ -13,8 +13,12 @@ import { listenFds } from '../systemd/listen-fds';
 /** LISTEN_FDNAMES name of the control socket (the control socket unit's FileDescriptorName=). */
 export const CONTROL_FD_NAME = 'control';
 
-/** `--poll-us` default: QEMU's IOThread poll-max-ns (32768 ns). */
-export const DEFAULT_POLL_US = 32;
+/**
+ * `--poll-us` default: off. On the 2-vCPU development VM, 32 µs (QEMU's poll-max-ns) lowered p50
+ * latency at QD1 (6.9 vs 9.3 µs, null device) but not IOPS: the spin competes with the guest for the
+ * CPUs (docs/benchmarks.md, "Adaptive polling").
+ */
+export const DEFAULT_POLL_US = 0;
 
 /** Largest `--poll-us`: a second of spinning per idle spell is already no longer polling. */
 export const MAX_POLL_US = 1_000_000;
