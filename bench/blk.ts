@@ -13,6 +13,7 @@
  *                           [--only ours|qsd] [--devices file,null] [--cases randread:1,randwrite:32]
  *                           [--image PATH] [--out build/bench/blk-results.json] [--qsd-iothread] [--poll] [--verbose]
  *                           [--threads N]   (our daemon's --threads: queues in N worker threads)
+ *                           [--poll-us N]   (our daemon's --poll-us; default: the daemon's default)
  *
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
@@ -49,6 +50,8 @@ interface Options {
   poll: boolean;
   /** Our daemon's --threads (0: its main thread only). */
   threads: number;
+  /** Our daemon's --poll-us (undefined: its default). */
+  pollUs?: number;
 }
 
 interface Measurement {
@@ -128,6 +131,7 @@ function parseOptions(argv: string[]): Options {
       case '--qsd-iothread': o.qsdIothread = true; break;
       case '--poll': o.poll = true; break;
       case '--threads': o.threads = Math.floor(Number(value())); break;
+      case '--poll-us': o.pollUs = Math.floor(Number(value())); break;
       case '--only': {
         const v = value();
         if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
@@ -181,7 +185,8 @@ function qsdArgs(device: Device, image: string, socket: string, o: Options): str
 function oursArgs(device: Device, image: string, socket: string, o: Options): string[] {
   const disk = device === 'file' ? ['--file', image] : ['--null', '--null-size', String(o.imageSize)];
   const threads = o.threads > 0 ? ['--threads', String(o.threads)] : [];
-  return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, '--log-level', 'warn'];
+  const poll = o.pollUs !== undefined ? ['--poll-us', String(o.pollUs)] : [];
+  return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, ...poll, '--log-level', 'warn'];
 }
 
 async function startBackend(backend: Backend, device: Device, image: string, socket: string, o: Options, logFile: string): Promise<Started> {
@@ -251,7 +256,7 @@ function table(rows: Row[], o: Options): string {
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
   return [
     `vhost-user-blk, 4 KiB random I/O, ${o.queues} queue(s), ${o.runtime} s per case (+${o.warmup} s warm-up), median of ${o.repeat}` +
-      `${o.poll ? ', front-end polling' : ''}${o.qsdIothread ? ', qsd in an iothread' : ''}`,
+      `${o.pollUs !== undefined ? `, ours --poll-us ${o.pollUs}` : ''}${o.poll ? ', front-end polling' : ''}${o.qsdIothread ? ', qsd in an iothread' : ''}`,
     line(header),
     line(widths.map((w) => '-'.repeat(w))),
     ...body.map(line),
@@ -351,7 +356,7 @@ async function main(): Promise<number> {
     host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qsd },
     config: {
       runtime_s: o.runtime, warmup_s: o.warmup, repeat: o.repeat, queues: o.queues, queue_size: o.queueSize,
-      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, loadgen_poll: o.poll, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
+      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, poll_us: o.pollUs ?? null, loadgen_poll: o.poll, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
     },
     rows,
     failures,

@@ -318,6 +318,10 @@ export class BlkDevice implements DaemonDevice {
     });
   }
 
+  pollCompletions(index: number): number {
+    return this.workers[index]?.engine?.poll() ?? 0;
+  }
+
   /** Parse and start one chain. Returns false for a malformed chain (nothing is completed for it). */
   private startRequest(w: QueueWorker, queue: Virtqueue, chain: DescriptorChain): boolean {
     // The queue never hands out more chains than its size, and there is a slot per entry.

@@ -98,6 +98,7 @@ export async function runDaemon<Config>(spec: DaemonSpec<Config>, argv: string[]
       connect: common.connect,
       logger,
       queueWorkers,
+      pollUs: common.pollUs,
     });
     if (queueWorkers !== undefined) logger.info(`queues run in ${queueWorkers.threads} worker thread(s)`);
     const withControl = common.controlPath !== undefined || common.controlFd !== undefined;

@@ -128,6 +128,14 @@ export class IoEngine {
     this.executor.submit();
   }
 
+  /**
+   * Deliver completions that are ready without waiting for their event (a polling queue driver);
+   * returns how many ops the executor completed (0 for executors that cannot be polled).
+   */
+  poll(): number {
+    return this.executor.poll?.() ?? 0;
+  }
+
   /** Release the executor. Call only once {@link drained} resolved. */
   close(): void {
     this.executor.close();

@@ -25,6 +25,12 @@ export interface IoExecutor {
   readonly batch: OpBatch;
   /** Hand every staged op to the kernel (one system call for io_uring) and clear the batch. */
   submit(): void;
+  /**
+   * Deliver the completions that are ready, without blocking or a system call (io_uring: its
+   * completion queue is shared memory); returns how many. Absent where completions only come as
+   * events (the thread pool) or inside `submit` (null).
+   */
+  poll?(): number;
   /** Release the ring or handles. Call only once nothing is in flight. */
   close(): void;
 }

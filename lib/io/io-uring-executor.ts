@@ -72,13 +72,19 @@ export class IoUringExecutor implements IoExecutor {
     this.ring.close();
   }
 
-  private reap(): void {
+  poll(): number {
+    return this.reap();
+  }
+
+  private reap(): number {
     // Completions posted after the last reap below keep the ring fd readable: the next loop
     // iteration wakes us again.
+    let total = 0;
     for (;;) {
       const n = this.ring.reap(this.userData, this.result);
       if (n > 0) this.sink(this.userData, this.result, n);
-      if (n < this.userData.length) break;
+      total += n;
+      if (n < this.userData.length) return total;
     }
   }
 

@@ -35,6 +35,8 @@ export function createDaemonMetrics(server: VhostUserServer): Registry {
   );
   queueCounter(registry, 'vhostd_queue_batches_total', 'Used-ring publications (one per processed batch)', count, totals((c) => c.batches));
   queueCounter(registry, 'vhostd_queue_kicks_total', 'Kicks received from the driver', count, (q) => vrings[q]!.kicks);
+  queueCounter(registry, 'vhostd_queue_poll_hits_total', 'Poll rounds after a batch that found work without a kick (--poll-us)', count, (q) => vrings[q]!.polls.hits);
+  queueCounter(registry, 'vhostd_queue_poll_seconds_total', 'Time spent polling the ring and its I/O after a batch (--poll-us)', count, (q) => vrings[q]!.polls.seconds);
   queueCounter(
     registry,
     'vhostd_queue_errors_total',

@@ -56,7 +56,7 @@ class WorkerQueue {
     this.counters = new Float64Array(message.counters);
     this.memory = mapRegions(message.regions);
     try {
-      const { index, size, addresses, base, packed, eventIdx, indirect, enabled, kickFd, callFd } = message;
+      const { index, size, addresses, base, packed, eventIdx, indirect, enabled, kickFd, callFd, pollUs } = message;
       this.driver = new QueueDriver({
         index,
         size,
@@ -68,6 +68,7 @@ class WorkerQueue {
         enabled,
         kickFd,
         callFd,
+        pollUs,
         memory: this.memory,
         device,
         onBroken: (text, code) => post({ type: 'broken', index, message: text, code }),
@@ -125,6 +126,8 @@ class WorkerQueue {
     out[CounterSlot.notifications] = c.notifications;
     out[CounterSlot.batches] = c.batches;
     out[CounterSlot.kicks] = this.driver.kicks;
+    out[CounterSlot.pollHits] = this.driver.pollHits;
+    out[CounterSlot.pollSeconds] = this.driver.pollSeconds;
   }
 
   /** Wait for the device, report the base, release fds and memory. */

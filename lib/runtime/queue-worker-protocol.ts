@@ -42,8 +42,10 @@ export const CounterSlot = {
   notifications: 3,
   batches: 4,
   kicks: 5,
+  pollHits: 6,
+  pollSeconds: 7,
 } as const;
-export const COUNTER_SLOTS = 6;
+export const COUNTER_SLOTS = 8;
 
 export type ToWorker =
   | {
@@ -58,6 +60,7 @@ export type ToWorker =
       /** Negotiated features, decimal. */
       features: string;
       enabled: boolean;
+      pollUs: number;
       regions: RegionMessage[];
       kickFd: number;
       callFd: number;

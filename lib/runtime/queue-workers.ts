@@ -30,6 +30,7 @@ import type { GuestMemory } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
 import { lastingMetrics, mergeSnapshots, type MetricSnapshot } from '../metrics/thread-metrics';
 import type { RingLogSpec } from '../virtqueue/ring-log';
+import type { PollCounters } from '../vhost-user/queue-driver';
 import type { QueueCounters, RingAddresses } from '../virtqueue/virtqueue';
 import { silentLogger, type Logger } from './logger';
 import {
@@ -69,6 +70,8 @@ export interface RemoteQueueSpec {
   /** Negotiated virtio features, for the worker device's DeviceContext. */
   features: bigint;
   enabled: boolean;
+  /** QueueDriver `pollUs`. */
+  pollUs: number;
   memory: GuestMemory;
   kickFd: number;
   callFd: number;
@@ -109,6 +112,11 @@ export class RemoteQueue {
   /** Kicks the worker received. */
   kicks(): number {
     return this.counters[CounterSlot.kicks]!;
+  }
+
+  /** Poll rounds that found work, and seconds spent polling, in the worker. */
+  polls(): PollCounters {
+    return { hits: this.counters[CounterSlot.pollHits]!, seconds: this.counters[CounterSlot.pollSeconds]! };
   }
 
   /*
@@ -248,6 +256,7 @@ class WorkerSlot {
       indirect: spec.indirect,
       features: spec.features.toString(),
       enabled: spec.enabled,
+      pollUs: spec.pollUs,
       regions: regionMessages(spec.memory),
       kickFd: native.dup(spec.kickFd),
       callFd: spec.callFd < 0 ? -1 : native.dup(spec.callFd),

@@ -32,6 +32,8 @@ export interface ServeOptions {
   reconnectDelayMs?: number;
   /** Run the queues in worker threads (`--threads`); threads live while a front-end is attached. */
   queueWorkers?: QueueWorkerOptions;
+  /** Longest adaptive poll window after a batch, µs (`--poll-us`; QueueDriver); 0 or absent: no polling. */
+  pollUs?: number;
 }
 
 export interface VhostUserServer extends EventEmitter {
@@ -137,6 +139,7 @@ class Server extends EventEmitter implements VhostUserServer {
       logger: this.logger,
       counters: this.counters,
       queueWorkers: this.queueWorkers,
+      pollUs: this.options.pollUs,
     });
     this.connection = connection;
     connection.once('close', (info: DisconnectInfo) => {

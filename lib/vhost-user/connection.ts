@@ -59,6 +59,8 @@ export interface ConnectionOptions {
   counters: ProtocolCounters;
   /** Run queues in these worker threads (`--threads`); ended when the connection closes. */
   queueWorkers?: QueueWorkerPool | null;
+  /** The queues' poll window limit, µs (QueueDriver `pollUs`). */
+  pollUs?: number;
 }
 
 export class VhostUserConnection extends EventEmitter implements DeviceContext {
@@ -90,6 +92,7 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
   readonly vrings: readonly Vring[];
   readonly logger: Logger;
   readonly queueWorkers: QueueWorkerPool | null;
+  readonly pollUs: number;
   private readonly counters: ProtocolCounters;
 
   constructor(options: ConnectionOptions) {
@@ -100,6 +103,7 @@ export class VhostUserConnection extends EventEmitter implements DeviceContext {
     this.logger = options.logger;
     this.counters = options.counters;
     this.queueWorkers = options.queueWorkers ?? null;
+    this.pollUs = options.pollUs ?? 0;
     this.watcher = native.watch(this.fd, POLL_READABLE, () => void this.pump());
     this.device.attach?.(this);
   }

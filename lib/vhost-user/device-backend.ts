@@ -10,7 +10,8 @@
  *   memoryChanged(memory)          each SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG
  *   startQueue(i, queue)           the ring has memory, size, addresses and a kick fd
  *   queueEnabled(i, true)          right after startQueue if the ring is enabled, else when it is
- *   processQueue(i, queue)*        kicks, while enabled and not broken
+ *   processQueue(i, queue)*        kicks (and chains a poll found), while enabled and not broken
+ *   pollCompletions(i)*            while the queue driver polls after a batch (--poll-us)
  *   queueEnabled(i, false)         SET_VRING_ENABLE 0 (and true again on 1)
  *   stopQueue(i)                   GET_VRING_BASE, reset, disconnect; awaited before the base is read
  * reset()                          RESET_OWNER, RESET_DEVICE, disconnect: after every queue stopped
@@ -140,6 +141,13 @@ export interface DeviceBackend {
   /** The driver kicked queue `index`: pop, process, complete, flush. A RingError thrown here (from
    * `pop`) marks the queue broken; the daemon keeps serving. */
   processQueue(index: number, queue: Virtqueue): void;
+
+  /**
+   * While the queue driver polls queue `index` (`--poll-us`): finish the queue's I/O that completed,
+   * without blocking or waiting for its event (blk: reap io_uring completions). Returns how many
+   * completions it handled.
+   */
+  pollCompletions?(index: number): number;
 
   /**
    * Register the device's own metrics (`vhostd_<device>_*`) in the process registry; called once by

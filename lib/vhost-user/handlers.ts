@@ -167,6 +167,7 @@ function startVring(c: VhostUserConnection, vring: Vring): void {
       eventIdx: negotiated(c, VIRTIO_RING_F_EVENT_IDX),
       indirect: negotiated(c, VIRTIO_RING_F_INDIRECT_DESC),
       workers: c.queueWorkers ?? undefined,
+      pollUs: c.pollUs,
       features: c.ackedFeatures,
       inflight: c.inflight ?? undefined,
     });

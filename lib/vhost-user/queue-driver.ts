@@ -4,6 +4,18 @@
  * (`Vring`, for queues it runs itself) and queue worker threads (queue-worker-main.ts) both drive
  * their queues through this class, so both paths behave the same.
  *
+ * Polling (`pollUs` > 0), as QEMU's IOThread adaptive polling (util/aio-posix.c, poll-max-ns): after a
+ * batch that did work the driver keeps notifications off and watches the ring (and, through the
+ * device's `pollCompletions`, its finished I/O) for up to a window of time, so a request the driver
+ * adds meanwhile is served without a kick and a wakeup. The window adapts to the guest: it grows
+ * (doubling, up to `pollUs`) when a kick came soon after polling gave up, which a longer window
+ * would have caught, and halves when the guest was quiet for longer than `pollUs`; polling that
+ * finds nothing ends with notifications enabled and costs nothing until the next kick. A poll also
+ * ends while chains are in flight (I/O a kernel worker may be doing: on a 2-CPU machine a spin takes
+ * the CPU that worker needs); their completion event wakes the queue. Node runs
+ * every queue of a thread and the control socket on one event loop, so a poll spins for at most
+ * {@link POLL_SLICE_US} at a time and yields (setImmediate) between rounds.
+ *
  * Owns: the kick watcher and the queue. Not the fds: the caller owns the kick and call fds (the
  * vring the front-end's, a worker its dups) and closes the old one after a `setKickFd`/`setCallFd`.
  * Not the memory either: the caller closes a map after `setMemory` switched away from it.
@@ -29,7 +41,22 @@ export interface QueueDriverOptions extends Omit<VirtqueueOptions, 'notify'> {
   onBroken(message: string, code: string | undefined): void;
   /** After each pass of the device over the ring (a worker publishes its counters). */
   afterProcess?(): void;
+  /** Longest adaptive poll window in microseconds after a batch; 0 or absent: never poll. */
+  pollUs?: number;
 }
+
+/** What polling did, for metrics. */
+export interface PollCounters {
+  /** Poll rounds that found work (chains or finished I/O) without a kick. */
+  hits: number;
+  /** Seconds spent in poll rounds. */
+  seconds: number;
+}
+
+/** Longest synchronous spin of one poll round before the event loop gets a turn (µs). */
+export const POLL_SLICE_US = 50;
+/** The window a poll starts from when it grows from nothing (QEMU's 4 µs). */
+const POLL_INITIAL_US = 4;
 
 export class QueueDriver {
   readonly index: number;
@@ -41,9 +68,24 @@ export class QueueDriver {
   broken = false;
   /** Kicks received. */
   kicks = 0;
+  /** Poll rounds that found work (chains or finished I/O) without a kick. */
+  pollHits = 0;
+  /** Seconds spent spinning in poll rounds. */
+  pollSeconds = 0;
   private watcher: Watcher | null = null;
   private readonly device: DeviceBackend;
   private readonly options: QueueDriverOptions;
+  /** Largest poll window (ms, performance.now units); 0: polling is off. */
+  private readonly pollMaxMs: number;
+  /** The adaptive window (ms). */
+  private pollWindowMs: number;
+  /** A poll is under way: notifications are off and a round is scheduled. */
+  private polling = false;
+  private pollRound: NodeJS.Immediate | null = null;
+  /** Time spun since the poll last found work (ms). */
+  private pollSpentMs = 0;
+  /** When the queue last went to sleep waiting for a kick (ms), or -1. */
+  private sleptAt = -1;
 
   /** Builds the queue; throws RingError (VIRTQ_NO_RING, VIRTQ_BAD_BASE) when the ring is unusable. */
   constructor(options: QueueDriverOptions) {
@@ -53,6 +95,8 @@ export class QueueDriver {
     this.kickFd = options.kickFd;
     this.callFd = options.callFd;
     this.enabled = options.enabled;
+    this.pollMaxMs = Math.max(0, options.pollUs ?? 0) / 1000;
+    this.pollWindowMs = this.pollMaxMs;
     this.queue = createVirtqueue({ ...options, notify: () => signalEventfd(this.callFd) }, options.packed);
   }
 
@@ -98,6 +142,7 @@ export class QueueDriver {
   /** Stop watching, wait until the device has nothing of this queue in flight, return the ring base. */
   async stop(): Promise<number> {
     this.unwatch();
+    this.endPoll(false);
     await this.device.stopQueue?.(this.index);
     return this.queue.base();
   }
@@ -114,22 +159,117 @@ export class QueueDriver {
   private onKick(): void {
     this.kicks++;
     native.eventfdRead(this.kickFd);
+    if (this.sleptAt >= 0) this.adaptWindow(performance.now() - this.sleptAt);
     this.process();
   }
 
+  /** One pass of the device over the ring; a pass that took chains goes on polling. */
   private process(): void {
     if (!this.enabled || this.broken) return;
+    const before = this.queue.counters.requests;
+    this.runDevice();
+    if (this.polling || this.broken || this.queue.counters.requests === before) return;
+    if (this.pollMaxMs === 0 || this.pollWindowMs === 0) {
+      this.sleptAt = performance.now();
+      return;
+    }
+    this.sleptAt = -1;
+    this.polling = true;
+    this.pollSpentMs = 0;
+    this.queue.disableNotification();
+    this.schedulePoll();
+  }
+
+  private runDevice(): void {
     try {
       this.device.processQueue(this.index, this.queue);
     } catch (err) {
       this.markBroken(err);
     }
+    // The drain ended with notifications on; while polling they stay off (the poll sees new chains).
+    if (this.polling && !this.broken) this.queue.disableNotification();
     this.options.afterProcess?.();
+  }
+
+  private schedulePoll(): void {
+    this.pollRound = setImmediate(() => this.poll());
+  }
+
+  /**
+   * One poll round: spin until the ring has chains or the device finished I/O, for at most the rest of
+   * the window and one slice. Work found: serve it and poll on from a full window. Window used up:
+   * notifications on again, and sleep.
+   */
+  private poll(): void {
+    this.pollRound = null;
+    if (!this.enabled || this.broken) {
+      this.endPoll(false);
+      return;
+    }
+    const start = performance.now();
+    const deadline = start + Math.min(this.pollWindowMs - this.pollSpentMs, POLL_SLICE_US / 1000);
+    let found = false;
+    let now = start;
+    do {
+      if (this.queue.hasAvailable()) {
+        const before = this.queue.counters.requests;
+        this.runDevice();
+        found = this.queue.counters.requests !== before;
+        if (this.broken) break;
+      }
+      if (this.device.pollCompletions !== undefined && this.device.pollCompletions(this.index) > 0) found = true;
+      now = performance.now();
+      // Chains in flight wait on I/O that a kernel worker may be doing (io_uring punts what cannot
+      // complete at once): spinning would take the CPU it needs. Their completion event wakes us.
+    } while (!found && now < deadline && this.queue.inFlight === 0);
+    this.pollSeconds += (now - start) / 1000;
+    if (this.broken) {
+      this.endPoll(false);
+    } else if (found) {
+      this.pollHits++;
+      this.pollSpentMs = 0;
+      this.schedulePoll();
+    } else if ((this.pollSpentMs += now - start) < this.pollWindowMs && this.queue.inFlight === 0) {
+      this.schedulePoll();
+    } else {
+      this.endPoll(true);
+    }
+  }
+
+  /**
+   * Stop polling. `sleep`: turn notifications back on and wait for a kick; chains that came before the
+   * driver saw that are served now (virtio 1.2 §2.7.10: re-check after enabling).
+   */
+  private endPoll(sleep: boolean): void {
+    if (this.pollRound !== null) clearImmediate(this.pollRound);
+    this.pollRound = null;
+    if (!this.polling) return;
+    this.polling = false;
+    if (!sleep) return;
+    this.sleptAt = performance.now();
+    if (this.queue.enableNotification()) this.process();
+  }
+
+  /**
+   * QEMU's adaptive rule (aio-posix.c adjust_polling_time): the queue slept `sleptMs` before a kick. A
+   * kick within the largest window would have been caught by a longer poll: grow. A longer quiet
+   * spell: halve, down to not polling at all.
+   */
+  private adaptWindow(sleptMs: number): void {
+    this.sleptAt = -1;
+    if (this.pollMaxMs === 0) return;
+    if (sleptMs <= this.pollWindowMs) return;
+    if (sleptMs <= this.pollMaxMs) {
+      this.pollWindowMs = Math.min(this.pollMaxMs, this.pollWindowMs === 0 ? POLL_INITIAL_US / 1000 : this.pollWindowMs * 2);
+    } else {
+      this.pollWindowMs = this.pollWindowMs / 2 < POLL_INITIAL_US / 1000 ? 0 : this.pollWindowMs / 2;
+    }
   }
 
   /** Stop using the ring; the other rings and the connection keep going. */
   markBroken(err: unknown): void {
     this.broken = true;
+    this.endPoll(false);
     if (err instanceof VhostdError) this.options.onBroken(err.message, err.code);
     else this.options.onBroken(`internal error: ${(err as Error)?.stack ?? String(err)}`, undefined);
   }

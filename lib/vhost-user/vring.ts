@@ -22,7 +22,7 @@ import type { RingLogSpec } from '../virtqueue/ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue } from '../virtqueue/virtqueue';
 import type { DeviceBackend } from './device-backend';
 import type { InflightArea } from './inflight-region';
-import { QueueDriver, signalEventfd } from './queue-driver';
+import { QueueDriver, signalEventfd, type PollCounters } from './queue-driver';
 import type { Logger } from '../runtime/logger';
 import type { QueueWorkerPool, RemoteQueue } from '../runtime/queue-workers';
 
@@ -40,6 +40,8 @@ export interface VringEnvironment {
   features?: bigint;
   /** The inflight area (SET_INFLIGHT_FD): the queue tracks what it has in flight in its part. */
   inflight?: InflightArea;
+  /** The queue's poll window limit, µs (QueueDriver `pollUs`). */
+  pollUs?: number;
 }
 
 /**
@@ -63,6 +65,7 @@ export class Vring {
   broken = false;
   /** Kicks of queues that have stopped. */
   private kickCount = 0;
+  private retiredPolls: PollCounters = { hits: 0, seconds: 0 };
   /** Times the ring was marked broken (metrics). */
   brokenCount = 0;
   /** Counters of queues that have stopped, so totals survive reconnects (metrics are monotonic). */
@@ -91,6 +94,13 @@ export class Vring {
     return this.kickCount + (this.driver?.kicks ?? this.remote?.kicks() ?? 0);
   }
 
+  /** Poll rounds that found work and seconds spent polling (metrics), across connections. */
+  get polls(): PollCounters {
+    const live = this.remote?.polls() ?? (this.driver !== null ? { hits: this.driver.pollHits, seconds: this.driver.pollSeconds } : undefined);
+    if (live === undefined) return { ...this.retiredPolls };
+    return { hits: this.retiredPolls.hits + live.hits, seconds: this.retiredPolls.seconds + live.seconds };
+  }
+
   /** Counters of the running queue, wherever it runs. */
   private liveCounters(): QueueCounters | undefined {
     return this.remote?.queueCounters() ?? this.driver?.queue.counters;
@@ -112,6 +122,7 @@ export class Vring {
       for (const key of Object.keys(this.retired) as (keyof QueueCounters)[]) this.retired[key] += live[key];
     }
     this.kickCount = this.kicks;
+    this.retiredPolls = this.polls;
     this.driver = null;
     this.remote = null;
   }
@@ -157,6 +168,7 @@ export class Vring {
       callFd: this.callFd,
       enabled: this.enabled,
       inflight: env.inflight?.queueView(this.index, this.num),
+      pollUs: env.pollUs ?? 0,
       onBroken: (message: string, code: string | undefined) => this.reportBroken(message, code),
     };
     const group = env.device.queueGroup !== undefined ? env.device.queueGroup(this.index) : this.index;

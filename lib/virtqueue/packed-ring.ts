@@ -225,6 +225,11 @@ export class PackedRing implements Virtqueue {
     if (this.log !== null) this.log.event(4);
   }
 
+  hasAvailable(): boolean {
+    const desc16 = this.desc16;
+    return desc16.length === 0 || this.isAvailable(desc16[this.nextAvail * 8 + 7]!);
+  }
+
   enableNotification(): boolean {
     if (this.eventIdx) {
       // virtio 1.2 §2.8.10: RING_EVENT_FLAGS_DESC "Enable events for a specific descriptor (as specified

@@ -211,11 +211,21 @@ export class SplitRing implements Virtqueue {
 
   disableNotification(): void {
     // virtio 1.2 §2.7.10: with EVENT_IDX "The device MUST set flags to 0"; suppression then comes from
-    // avail_event, which stays behind the driver's index until enableNotification moves it.
-    if (!this.eventIdx) {
+    // avail_event. The driver kicks when its index passes avail_event (§2.7.10.1, vring_need_event):
+    // one behind the next entry we expect is passed only after a full 2^16 wrap, which a driver
+    // cannot reach with at most `size` entries ahead of us, so no kick comes until enableNotification.
+    if (this.eventIdx) {
+      this.used16[this.availEventIndex] = (this.lastAvail - 1) & 0xffff;
+      if (this.log !== null) this.log.ring(2 * this.availEventIndex, 2);
+    } else {
       this.used16[0] = VRING_USED_F_NO_NOTIFY;
       if (this.log !== null) this.log.ring(0, 2);
     }
+  }
+
+  hasAvailable(): boolean {
+    const avail16 = this.avail16;
+    return avail16.length === 0 || avail16[1] !== this.lastAvail;
   }
 
   enableNotification(): boolean {

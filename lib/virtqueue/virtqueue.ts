@@ -86,8 +86,14 @@ export interface Virtqueue {
    */
   flush(): number;
 
-  /** Ask the driver not to kick (used.flags NO_NOTIFY, or packed DISABLE). */
+  /** Ask the driver not to kick (used.flags NO_NOTIFY, avail_event behind the driver, or packed DISABLE). */
   disableNotification(): void;
+
+  /**
+   * Whether the driver made a chain available since the last `pop` (true too when the ring is no longer
+   * mapped: `pop` then throws). Reads one index or flag and changes nothing: for a device that polls.
+   */
+  hasAvailable(): boolean;
 
   /**
    * Ask the driver to kick again (with EVENT_IDX: avail_event = next avail index). Returns true when

@@ -553,6 +553,8 @@ export interface RingDriver {
   add(segments: readonly PlacedSegment[], indirectGpa?: number): number;
   /** Make everything added visible to the device; returns whether the device wants a kick. */
   publish(): boolean;
+  /** Whether the device asks for a kick for the next chain published (its suppression state now). */
+  kickWanted(): boolean;
   /** Used elements the device returned since the last call. */
   takeUsed(): UsedElement[];
   /** Ask for (or stop asking for) used-buffer notifications. */
@@ -612,6 +614,11 @@ export class SplitQueueDriver implements RingDriver {
     fullFence();
     this.published = this.ring.availIdx;
     if (this.eventIdx) return needEvent(this.ring.availEvent(), this.published, old);
+    return (this.ring.usedFlags() & VRING_USED_F_NO_NOTIFY) === 0;
+  }
+
+  kickWanted(): boolean {
+    if (this.eventIdx) return needEvent(this.ring.availEvent(), u16(this.published + 1), this.published);
     return (this.ring.usedFlags() & VRING_USED_F_NO_NOTIFY) === 0;
   }
 
@@ -693,6 +700,13 @@ export class PackedQueueDriver implements RingDriver {
     if (ev.wrap !== this.ring.availWrap) event -= this.size;
     const newIdx = this.ring.nextAvail;
     return needEvent(u16(event), newIdx, u16(newIdx - added));
+  }
+
+  kickWanted(): boolean {
+    const ev = this.ring.deviceEvent();
+    const flags = ev.flags & 0x3;
+    if (flags !== VRING_PACKED_EVENT_FLAG_DESC) return flags !== VRING_PACKED_EVENT_FLAG_DISABLE;
+    return ev.offset === this.ring.nextAvail && ev.wrap === this.ring.availWrap;
   }
 
   takeUsed(): UsedElement[] {
