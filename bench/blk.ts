@@ -4,7 +4,7 @@
  *
  * For every device (a tmpfs image file, then a null device) and every case (4 KiB random read and
  * random write at queue depth 1 and 32), each back-end is started fresh, driven for `--runtime`
- * seconds by bench/blk-loadgen (a C front-end that plays QEMU: memfd guest memory, split rings,
+ * seconds by blk-loadgen (bench/loadgen, a C front-end that plays QEMU: memfd guest memory, split rings,
  * call eventfds), and stopped with SIGTERM. The table gives IOPS, the ratio ours/qsd, p50/p99
  * latency and back-end CPU time per I/O; build/bench/blk-results.json has everything the load
  * generator reported.
@@ -17,14 +17,13 @@
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-const root = path.resolve(__dirname, '..', '..');
-const buildDir = path.join(root, 'build', 'bench');
-const loadgenSrc = path.join(root, 'bench', 'blk-loadgen');
+import { buildDir, buildLoadgens, fmt, formatTable, medianBy, root, runCapture, startBackend, stopBackend, tail, usage, type Started } from './common';
+
 const loadgenBin = path.join(buildDir, 'blk-loadgen');
 const daemonMain = path.join(root, 'build', 'daemons', 'blk', 'main.js');
 
@@ -82,11 +81,6 @@ interface Row {
   ours?: Measurement;
   qsd?: Measurement;
   ratio?: number;
-}
-
-function usage(): never {
-  process.stdout.write(fs.readFileSync(__filename, 'utf8').match(/\/\*\*([\s\S]*?)\*\//)![1]!.replace(/^ \* ?/gm, ''));
-  process.exit(0);
 }
 
 function parseSize(text: string): number {
@@ -162,7 +156,7 @@ function parseOptions(argv: string[]): Options {
           return { rw: m[1] as Rw, iodepth: Number(m[2]) };
         });
         break;
-      case '--help': case '-h': return usage();
+      case '--help': case '-h': return usage(__filename);
       default: throw new Error(`unknown option ${arg} (see --help)`);
     }
   }
@@ -172,12 +166,6 @@ function parseOptions(argv: string[]): Options {
 
 function log(message: string): void {
   process.stderr.write(`bench:blk: ${message}\n`);
-}
-
-function buildLoadgen(): void {
-  const r = spawnSync('make', ['-s', '-C', loadgenSrc, `OUT=${loadgenBin}`], { stdio: ['ignore', 'inherit', 'inherit'] });
-  if (r.error) throw new Error(`cannot run make: ${r.error.message}`);
-  if (r.status !== 0) throw new Error('building bench/blk-loadgen failed');
 }
 
 /** A fully allocated image (tmpfs holes read as zeroes without touching memory, which flatters reads). */
@@ -217,92 +205,24 @@ function oursArgs(device: Device, image: string, socket: string, o: Options): st
   return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, '--log-level', 'warn'];
 }
 
-interface Started {
-  child: ChildProcess;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  logFile: string;
-}
-
-async function startBackend(backend: Backend, device: Device, image: string, socket: string, o: Options, logFile: string): Promise<Started> {
-  fs.rmSync(socket, { force: true });
-  const [cmd, args] =
-    backend === 'ours' ? [process.execPath, oursArgs(device, image, socket, o)] : ['qemu-storage-daemon', qsdArgs(device, image, socket, o)];
-  if (o.verbose) log(`start ${cmd} ${args.join(' ')}`);
-  const logFd = fs.openSync(logFile, 'w');
-  const child = spawn(cmd, args, { stdio: ['ignore', logFd, logFd] });
-  fs.closeSync(logFd);
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    child.once('exit', (code, signal) => resolve({ code, signal }));
-    child.once('error', () => resolve({ code: -1, signal: null }));
-  });
-  let gone = false;
-  void exited.then(() => (gone = true));
-  const deadline = Date.now() + 15000;
-  while (!fs.existsSync(socket)) {
-    if (gone) throw new Error(`${backend} exited before creating its socket; log ${logFile}:\n${tail(logFile)}`);
-    if (Date.now() > deadline) {
-      child.kill('SIGKILL');
-      throw new Error(`${backend} did not create ${socket} within 15 s; log ${logFile}:\n${tail(logFile)}`);
-    }
-    await sleep(20);
-  }
-  return { child, exited, logFile };
-}
-
-async function stopBackend(s: Started, name: string): Promise<string | undefined> {
-  if (s.child.exitCode !== null || s.child.signalCode !== null) {
-    return `${name} had already exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`;
-  }
-  s.child.kill('SIGTERM');
-  const timer = sleep(5000).then(() => 'timeout' as const);
-  const r = await Promise.race([s.exited, timer]);
-  if (r === 'timeout') {
-    s.child.kill('SIGKILL');
-    await s.exited;
-    return `${name} did not exit within 5 s of SIGTERM`;
-  }
-  return undefined;
-}
-
-function tail(file: string, lines = 15): string {
-  try {
-    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).map((l) => `    ${l}`).join('\n');
-  } catch {
-    return '    (no log)';
-  }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-function runLoadgen(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(loadgenBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + e.message }));
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
-
 async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<LoadgenResult> {
   const socket = path.join(runDir, `${backend}.sock`);
   const logFile = path.join(buildDir, 'logs', `${backend}-${device}-${rw}-qd${iodepth}.log`);
-  const started = await startBackend(backend, device, image, socket, o, logFile);
+  const [cmd, args] =
+    backend === 'ours' ? [process.execPath, oursArgs(device, image, socket, o)] : ['qemu-storage-daemon', qsdArgs(device, image, socket, o)];
+  if (o.verbose) log(`start ${cmd} ${args.join(' ')}`);
+  const started: Started = await startBackend(backend, cmd, args, socket, logFile);
   let result: LoadgenResult | undefined;
   let failure: string | undefined;
   try {
-    const args = [
+    const loadgenArgs = [
       '--socket-path', socket, '--rw', rw, '--bs', '4096', '--iodepth', String(iodepth), '--queues', String(o.queues),
       '--queue-size', String(o.queueSize), '--runtime', String(o.runtime), '--warmup', String(o.warmup),
       '--backend-pid', String(started.child.pid),
       ...(o.poll ? ['--poll'] : []),
     ];
-    if (o.verbose) log(`run blk-loadgen ${args.join(' ')}`);
-    const r = await runLoadgen(args);
+    if (o.verbose) log(`run blk-loadgen ${loadgenArgs.join(' ')}`);
+    const r = await runCapture(loadgenBin, loadgenArgs);
     if (r.code !== 0) {
       failure = `blk-loadgen exited ${r.code}: ${r.stderr.trim()}`;
     } else {
@@ -328,13 +248,7 @@ function unavailable(backend: Backend): string | undefined {
 
 /** The run with the median IOPS (the lower middle one for an even count). */
 function median(runs: LoadgenResult[]): LoadgenResult | undefined {
-  const sorted = [...runs].sort((a, b) => a.iops - b.iops);
-  return sorted[Math.floor((sorted.length - 1) / 2)];
-}
-
-function fmt(n: number | null | undefined, digits = 0): string {
-  if (n === null || n === undefined || !Number.isFinite(n)) return 'n/a';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  return medianBy(runs, (r) => r.iops);
 }
 
 function latency(m?: Measurement): string {
@@ -355,14 +269,10 @@ function table(rows: Row[], o: Options): string {
     fmt(r.ours?.result?.backend_cpu_us_per_io, 1),
     fmt(r.qsd?.result?.backend_cpu_us_per_io, 1),
   ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
   return [
     `vhost-user-blk, 4 KiB random I/O, ${o.queues} queue(s), ${o.runtime} s per case (+${o.warmup} s warm-up), median of ${o.repeat}` +
       `${o.poll ? ', front-end polling' : ''}${o.qsdIothread ? ', qsd in an iothread' : ''}`,
-    line(header),
-    line(widths.map((w) => '-'.repeat(w))),
-    ...body.map(line),
+    ...formatTable(header, body),
   ].join('\n');
 }
 
@@ -380,7 +290,7 @@ async function main(): Promise<number> {
     return 2;
   }
   fs.mkdirSync(path.join(buildDir, 'logs'), { recursive: true });
-  buildLoadgen();
+  buildLoadgens();
 
   const qsd = qsdVersion();
   // Other work on the machine skews absolute numbers; the report records how busy it was.

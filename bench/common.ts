@@ -1,0 +1,117 @@
+/**
+ * What the benchmark runners (blk.ts, net.ts) share: building the load generators, starting a
+ * back-end until its socket appears, stopping it, running a load generator for its JSON, medians
+ * and number formatting.
+ */
+import { spawn, spawnSync, type ChildProcess, type StdioOptions } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+export const root = path.resolve(__dirname, '..', '..');
+export const buildDir = path.join(root, 'build', 'bench');
+
+/** Prints the first doc comment of `file` (the runner's usage) and exits. */
+export function usage(file: string): never {
+  process.stdout.write(fs.readFileSync(file, 'utf8').match(/\/\*\*([\s\S]*?)\*\//)![1]!.replace(/^ \* ?/gm, ''));
+  process.exit(0);
+}
+
+/** Builds build/bench/blk-loadgen and net-loadgen (bench/loadgen, make). */
+export function buildLoadgens(): void {
+  const r = spawnSync('make', ['-s', '-C', path.join(root, 'bench', 'loadgen'), `OUT_DIR=${buildDir}`], { stdio: ['ignore', 'inherit', 'inherit'] });
+  if (r.error) throw new Error(`cannot run make: ${r.error.message}`);
+  if (r.status !== 0) throw new Error('building bench/loadgen failed');
+}
+
+export interface Started {
+  child: ChildProcess;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  logFile: string;
+}
+
+/**
+ * Starts `cmd args` with its output in `logFile` and waits until `socket` exists (15 s at most).
+ * `stdin` 'pipe' keeps a program that exits on end of input (testpmd) running.
+ */
+export async function startBackend(name: string, cmd: string, args: string[], socket: string, logFile: string, stdin: 'ignore' | 'pipe' = 'ignore'): Promise<Started> {
+  fs.rmSync(socket, { force: true });
+  const logFd = fs.openSync(logFile, 'w');
+  const stdio: StdioOptions = [stdin, logFd, logFd];
+  const child = spawn(cmd, args, { stdio });
+  fs.closeSync(logFd);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('error', () => resolve({ code: -1, signal: null }));
+  });
+  let gone = false;
+  void exited.then(() => (gone = true));
+  const deadline = Date.now() + 15000;
+  while (!fs.existsSync(socket)) {
+    if (gone) throw new Error(`${name} exited before creating its socket; log ${logFile}:\n${tail(logFile)}`);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`${name} did not create ${socket} within 15 s; log ${logFile}:\n${tail(logFile)}`);
+    }
+    await sleep(20);
+  }
+  return { child, exited, logFile };
+}
+
+/** SIGTERM, then SIGKILL after 5 s; returns what went wrong, if anything. */
+export async function stopBackend(s: Started, name: string): Promise<string | undefined> {
+  if (s.child.exitCode !== null || s.child.signalCode !== null) {
+    return `${name} had already exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`;
+  }
+  s.child.kill('SIGTERM');
+  const timer = sleep(5000).then(() => 'timeout' as const);
+  const r = await Promise.race([s.exited, timer]);
+  if (r === 'timeout') {
+    s.child.kill('SIGKILL');
+    await s.exited;
+    return `${name} did not exit within 5 s of SIGTERM`;
+  }
+  return undefined;
+}
+
+export function tail(file: string, lines = 15): string {
+  try {
+    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).map((l) => `    ${l}`).join('\n');
+  } catch {
+    return '    (no log)';
+  }
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Runs a program to its end, collecting its output. */
+export function runCapture(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + e.message }));
+    child.once('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+/** The element with the median `key` (the lower middle one for an even count). */
+export function medianBy<T>(runs: T[], key: (run: T) => number): T | undefined {
+  const sorted = [...runs].sort((a, b) => key(a) - key(b));
+  return sorted[Math.floor((sorted.length - 1) / 2)];
+}
+
+export function fmt(n: number | null | undefined, digits = 0): string {
+  if (n === null || n === undefined || !Number.isFinite(n)) return 'n/a';
+  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
+
+/** A table: first column left-aligned, the others right-aligned. */
+export function formatTable(header: string[], body: string[][]): string[] {
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
+  return [line(header), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)];
+}
