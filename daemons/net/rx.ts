@@ -8,7 +8,9 @@
  *   batches, one readv each.
  * - With MRG_RXBUF a frame spreads over as many chains as it needs: the device gathers chains until
  *   they hold the largest frame the TAP can deliver (65562 bytes with GSO), reads one frame over all
- *   of them, completes those the frame used and sets num_buffers to their count (§5.1.6.4.2).
+ *   of them, completes those the frame used and sets num_buffers to their count (§5.1.6.4.2). Chains
+ *   that each hold the largest frame (Linux's 1536-byte buffers at MTU 1500 without GUEST_TSO) are
+ *   read in batches, one frame each, as without MRG_RXBUF.
  * - Chains popped for a read that found nothing (EAGAIN), or not used by the frame, go back to the
  *   ring (Virtqueue.unpop) before the event loop runs anything else, so no chain is held across a
  *   memory table change or a stop and no frame already read is lost.
@@ -22,7 +24,7 @@ import type { NetQueueStats } from './metrics';
 import { MAX_IOV } from './tx';
 import { HDR_GSO_TYPE, HDR_NUM_BUFFERS, VNET_HDR_SIZE } from './virtio-net';
 
-/** Frames per readFrames call without MRG_RXBUF. */
+/** Frames per readFrames call when each buffer holds a whole frame. */
 export const RX_BATCH = 64;
 const OVERFLOW_BYTES = 64;
 /** Frames per TAP wakeup before yielding to the event loop (tx and other queues). */
