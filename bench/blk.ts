@@ -4,7 +4,7 @@
  *
  * For every device (a tmpfs image file, then a null device) and every case (4 KiB random read and
  * random write at queue depth 1 and 32), each back-end is started fresh, driven for `--runtime`
- * seconds by bench/blk-loadgen (a C front-end that plays QEMU: memfd guest memory, split rings,
+ * seconds by blk-loadgen (bench/loadgen, a C front-end that plays QEMU: memfd guest memory, split rings,
  * call eventfds), and stopped with SIGTERM. The table gives IOPS, the ratio ours/qsd, p50/p99
  * latency and back-end CPU time per I/O; build/bench/blk-results.json has everything the load
  * generator reported.
@@ -23,8 +23,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { type LoadgenResult, type Started, buildDir, buildLoadgen, createImage, fmt, median, root, runLoadgen, startProcess, stopBackend, tail } from './loadgen';
+import { buildDir, buildLoadgens, createImage, fmt, formatTable, medianIops, root, runCapture, startBackend, stopBackend, tail, usage, type LoadgenResult, type Started } from './common';
 
+const loadgenBin = path.join(buildDir, 'blk-loadgen');
 const daemonMain = path.join(root, 'build', 'daemons', 'blk', 'main.js');
 
 type Backend = 'ours' | 'qsd';
@@ -70,11 +71,6 @@ interface Row {
   ours?: Measurement;
   qsd?: Measurement;
   ratio?: number;
-}
-
-function usage(): never {
-  process.stdout.write(fs.readFileSync(__filename, 'utf8').match(/\/\*\*([\s\S]*?)\*\//)![1]!.replace(/^ \* ?/gm, ''));
-  process.exit(0);
 }
 
 function parseSize(text: string): number {
@@ -151,7 +147,7 @@ function parseOptions(argv: string[]): Options {
           return { rw: m[1] as Rw, iodepth: Number(m[2]) };
         });
         break;
-      case '--help': case '-h': return usage();
+      case '--help': case '-h': return usage(__filename);
       default: throw new Error(`unknown option ${arg} (see --help)`);
     }
   }
@@ -189,28 +185,24 @@ function oursArgs(device: Device, image: string, socket: string, o: Options): st
   return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, ...poll, '--log-level', 'warn'];
 }
 
-async function startBackend(backend: Backend, device: Device, image: string, socket: string, o: Options, logFile: string): Promise<Started> {
-  const [cmd, args] =
-    backend === 'ours' ? [process.execPath, oursArgs(device, image, socket, o)] : ['qemu-storage-daemon', qsdArgs(device, image, socket, o)];
-  if (o.verbose) log(`start ${cmd} ${args.join(' ')}`);
-  return startProcess(backend, cmd, args, socket, logFile);
-}
-
 async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<LoadgenResult> {
   const socket = path.join(runDir, `${backend}.sock`);
   const logFile = path.join(buildDir, 'logs', `${backend}-${device}-${rw}-qd${iodepth}.log`);
-  const started = await startBackend(backend, device, image, socket, o, logFile);
+  const [cmd, args] =
+    backend === 'ours' ? [process.execPath, oursArgs(device, image, socket, o)] : ['qemu-storage-daemon', qsdArgs(device, image, socket, o)];
+  if (o.verbose) log(`start ${cmd} ${args.join(' ')}`);
+  const started: Started = await startBackend(backend, cmd, args, socket, logFile);
   let result: LoadgenResult | undefined;
   let failure: string | undefined;
   try {
-    const args = [
+    const loadgenArgs = [
       '--socket-path', socket, '--rw', rw, '--bs', '4096', '--iodepth', String(iodepth), '--queues', String(o.queues),
       '--queue-size', String(o.queueSize), '--runtime', String(o.runtime), '--warmup', String(o.warmup),
       '--backend-pid', String(started.child.pid),
       ...(o.poll ? ['--poll'] : []),
     ];
-    if (o.verbose) log(`run blk-loadgen ${args.join(' ')}`);
-    const r = await runLoadgen(args);
+    if (o.verbose) log(`run blk-loadgen ${loadgenArgs.join(' ')}`);
+    const r = await runCapture(loadgenBin, loadgenArgs);
     if (r.code !== 0) {
       failure = `blk-loadgen exited ${r.code}: ${r.stderr.trim()}`;
     } else {
@@ -252,14 +244,10 @@ function table(rows: Row[], o: Options): string {
     fmt(r.ours?.result?.backend_cpu_us_per_io, 1),
     fmt(r.qsd?.result?.backend_cpu_us_per_io, 1),
   ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
   return [
     `vhost-user-blk, 4 KiB random I/O, ${o.queues} queue(s), ${o.runtime} s per case (+${o.warmup} s warm-up), median of ${o.repeat}` +
       `${o.pollUs !== undefined ? `, ours --poll-us ${o.pollUs}` : ''}${o.poll ? ', front-end polling' : ''}${o.qsdIothread ? ', qsd in an iothread' : ''}`,
-    line(header),
-    line(widths.map((w) => '-'.repeat(w))),
-    ...body.map(line),
+    ...formatTable(header, body),
   ].join('\n');
 }
 
@@ -277,7 +265,7 @@ async function main(): Promise<number> {
     return 2;
   }
   fs.mkdirSync(path.join(buildDir, 'logs'), { recursive: true });
-  buildLoadgen();
+  buildLoadgens();
 
   const qsd = qsdVersion();
   // Other work on the machine skews absolute numbers; the report records how busy it was.
@@ -337,7 +325,7 @@ async function main(): Promise<number> {
         }
         for (const backend of o.backends) {
           const error = errors.get(backend);
-          row[backend] = error ? { ok: false, error, runs: runs.get(backend) } : { ok: true, result: median(runs.get(backend)!), runs: runs.get(backend) };
+          row[backend] = error ? { ok: false, error, runs: runs.get(backend) } : { ok: true, result: medianIops(runs.get(backend)!), runs: runs.get(backend) };
         }
         if (row.ours?.ok && row.qsd?.ok) row.ratio = row.ours.result!.iops / row.qsd.result!.iops;
         rows.push(row);

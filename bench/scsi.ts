@@ -17,7 +17,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { type LoadgenResult, buildDir, buildLoadgen, createImage, fmt, median, root, runLoadgen, startProcess, stopBackend, tail } from './loadgen';
+import { buildDir, buildLoadgens, createImage, fmt, medianIops, root, runCapture, startBackend, stopBackend, tail, type LoadgenResult } from './common';
+
+const loadgenBin = path.join(buildDir, 'blk-loadgen');
 
 const DAEMONS = ['scsi', 'blk'] as const;
 type Daemon = (typeof DAEMONS)[number];
@@ -103,7 +105,7 @@ function daemonArgs(daemon: Daemon, image: string, socket: string): string[] {
 async function measureOnce(daemon: Daemon, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<LoadgenResult> {
   const socket = path.join(runDir, `${daemon}.sock`);
   const logFile = path.join(buildDir, 'logs', `scsi-bench-${daemon}-${rw}-qd${iodepth}.log`);
-  const started = await startProcess(daemon, process.execPath, daemonArgs(daemon, image, socket), socket, logFile);
+  const started = await startBackend(daemon, process.execPath, daemonArgs(daemon, image, socket), socket, logFile);
   let result: LoadgenResult | undefined;
   let failure: string | undefined;
   try {
@@ -112,7 +114,7 @@ async function measureOnce(daemon: Daemon, rw: Rw, iodepth: number, image: strin
       '--size', String(o.imageSize), '--runtime', String(o.runtime), '--warmup', String(o.warmup), '--backend-pid', String(started.child.pid),
     ];
     if (o.verbose) log(`run blk-loadgen ${args.join(' ')}`);
-    const r = await runLoadgen(args);
+    const r = await runCapture(loadgenBin, args);
     if (r.code !== 0) failure = `blk-loadgen exited ${r.code}: ${r.stderr.trim()}`;
     else result = JSON.parse(r.stdout) as LoadgenResult;
   } finally {
@@ -131,7 +133,7 @@ interface Row {
 }
 
 function summary(runs: LoadgenResult[]): string {
-  const m = median(runs);
+  const m = medianIops(runs);
   if (!m) return 'n/a | n/a | n/a | n/a';
   const iops = runs.map((r) => r.iops);
   const spread = `${fmt(Math.min(...iops))}-${fmt(Math.max(...iops))}`;
@@ -147,8 +149,8 @@ function table(rows: Row[], o: Options): string {
     '|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const row of rows) {
-    const s = median(row.runs.scsi);
-    const b = median(row.runs.blk);
+    const s = medianIops(row.runs.scsi);
+    const b = medianIops(row.runs.blk);
     const ratio = s && b ? fmt(s.iops / b.iops, 2) : 'n/a';
     lines.push(`| ${row.rw} QD${row.iodepth} | ${summary(row.runs.scsi)} | ${summary(row.runs.blk)} | ${ratio} |`);
   }
@@ -170,7 +172,7 @@ async function main(): Promise<number> {
     }
   }
   fs.mkdirSync(path.join(buildDir, 'logs'), { recursive: true });
-  buildLoadgen();
+  buildLoadgens();
   const loadavgStart = os.loadavg();
   const runDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-bench-scsi-'));
   const image = path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : runDir, `vhostd-bench-scsi-${process.pid}.img`);

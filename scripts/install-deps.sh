@@ -4,7 +4,9 @@
 #     vhost-user front-ends we test against and qemu-storage-daemon);
 #   - from bookworm: the native addon's toolchain (make g++ python3 liburing-dev), the guest image's tools
 #     (busybox-static cpio kmod xz-utils), systemd (systemd-analyze verify for the unit files), iproute2
-#     and mount (losetup, for the test of a block device's size and sector size).
+#     and mount (losetup, for the test of a block device's size and sector size), DPDK's testpmd with its
+#     vhost and tap drivers (dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23: bench:net's
+#     reference).
 # Idempotent: when everything is there it touches nothing and returns in well under a second. It also runs
 # `apt-get update` when apt does not yet know linux-image-amd64, which the guest image build downloads.
 #
@@ -15,7 +17,8 @@ set -euo pipefail
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils)
 # The lowest QEMU the backports install must reach; bookworm itself has 7.2.
 MIN_QEMU_VERSION=1:10.0
-PACKAGES=(liburing-dev busybox-static cpio kmod xz-utils systemd iproute2 mount python3 make g++)
+PACKAGES=(liburing-dev busybox-static cpio kmod xz-utils systemd iproute2 mount python3 make g++
+  dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23)
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

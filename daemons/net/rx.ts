@@ -8,7 +8,9 @@
  *   batches, one readv each.
  * - With MRG_RXBUF a frame spreads over as many chains as it needs: the device gathers chains until
  *   they hold the largest frame the TAP can deliver (65562 bytes with GSO), reads one frame over all
- *   of them, completes those the frame used and sets num_buffers to their count (§5.1.6.4.2).
+ *   of them, completes those the frame used and sets num_buffers to their count (§5.1.6.4.2). Chains
+ *   that each hold the largest frame (Linux's 1536-byte buffers at MTU 1500 without GUEST_TSO) are
+ *   read in batches, one frame each, as without MRG_RXBUF.
  * - Chains popped for a read that found nothing (EAGAIN), or not used by the frame, go back to the
  *   ring (Virtqueue.unpop) before the event loop runs anything else, so no chain is held across a
  *   memory table change or a stop and no frame already read is lost.
@@ -22,7 +24,7 @@ import type { NetQueueStats } from './metrics';
 import { MAX_IOV } from './tx';
 import { HDR_GSO_TYPE, HDR_NUM_BUFFERS, VNET_HDR_SIZE } from './virtio-net';
 
-/** Frames per readFrames call without MRG_RXBUF. */
+/** Frames per readFrames call when each buffer holds a whole frame. */
 export const RX_BATCH = 64;
 const OVERFLOW_BYTES = 64;
 /** Frames per TAP wakeup before yielding to the event loop (tx and other queues). */
@@ -151,34 +153,54 @@ export class RxPath {
   }
 
   private receiveWhole(): void {
-    let frames = 0;
-    while (frames < RX_BUDGET) {
+    for (let frames = 0; frames < RX_BUDGET; ) {
       this.gather(Infinity, 0, RX_BATCH);
       const count = this.chains.length - this.first;
       if (count === 0) {
         if (this.starve()) continue;
         return;
       }
-      let iov = 0;
-      for (let f = 0; f < count; f++) {
-        const start = iov;
-        iov = this.addOverflow(this.addWritable(this.chains[this.first + f]!, iov, MAX_IOV - 2 * (count - f)));
-        this.iovStart[f] = start;
-        this.iovCount[f] = iov - start;
-      }
-      const done = native.readFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, count);
-      for (let f = 0; f < done; f++) this.deliver(this.first + f, this.first + f + 1, this.result[f]!);
-      // Delivered chains are done; the rest (not read into: EAGAIN) go back to the ring (giveBack).
-      this.first += done;
+      const done = this.readEach(count);
       frames += done;
       if (done < count) return;
     }
   }
 
+  /**
+   * Read up to `count` frames, one into each held chain from `first` (one readv each, one native call
+   * for the batch); returns how many were read. The chains not read into (EAGAIN) stay held.
+   */
+  private readEach(count: number): number {
+    let iov = 0;
+    for (let f = 0; f < count; f++) {
+      const start = iov;
+      iov = this.addOverflow(this.addWritable(this.chains[this.first + f]!, iov, MAX_IOV - 2 * (count - f)));
+      this.iovStart[f] = start;
+      this.iovCount[f] = iov - start;
+    }
+    const done = native.readFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, count);
+    for (let f = 0; f < done; f++) this.deliver(this.first + f, this.first + f + 1, this.result[f]!);
+    this.first += done;
+    return done;
+  }
+
   private receiveMergeable(): void {
     const want = this.options.maxFrame;
-    let capacity = 0;
     for (let frames = 0; frames < RX_BUDGET; ) {
+      // Buffers that each hold the largest frame (Linux's mergeable buffers for a 1500 MTU do) take
+      // a batch of frames, one buffer each, as without MRG_RXBUF.
+      this.gather(Infinity, 0, RX_BATCH);
+      let whole = 0;
+      while (this.first + whole < this.chains.length && this.chains[this.first + whole]!.writableLength >= want) whole++;
+      if (whole > 0) {
+        const done = this.readEach(whole);
+        frames += done;
+        if (done < whole) return;
+        continue;
+      }
+      // A frame spreads over the next chains: gather until they hold the largest frame.
+      let capacity = 0;
+      for (let i = this.first; i < this.chains.length; i++) capacity += this.chains[i]!.writableLength;
       capacity = this.gather(want, capacity, MAX_IOV);
       if (capacity < want) {
         // Retry only for an empty ring: buffers too small for a frame even at MAX_IOV wait for a kick.
@@ -209,7 +231,6 @@ export class RxPath {
       const first = this.first;
       for (let left = bytes; left > 0 && first + used < this.chains.length; used++) left -= this.chains[first + used]!.writableLength;
       this.deliver(first, first + used, bytes);
-      for (let i = first; i < first + used; i++) capacity -= this.chains[i]!.writableLength;
       this.first += used;
     }
   }

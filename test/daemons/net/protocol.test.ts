@@ -182,6 +182,26 @@ test('with no rx buffers the daemon stops reading; frames wait in the TAP until 
   t.deepEqual([...arp.frame.subarray(22, 28)], PEER_MAC, 'the reply read after the buffers came is the one the kernel kept');
 });
 
+test('with MRG_RXBUF a burst waiting in the TAP is read into whole-frame buffers and a small one before them; each frame takes one buffer', async (t) => {
+  const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF), { rxBuffers: 0 });
+  // Four ARP requests: the peer's four replies (seen arriving on the bridge's veth, net-topology.ts)
+  // wait in the TAP while the guest has no buffers.
+  const veth = `${namespace}v`;
+  const replies = tapCounter(veth, 'rx_packets');
+  for (let i = 0; i < 4; i++) await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
+  await until(() => tapCounter(veth, 'rx_packets') >= replies + 4, 10_000);
+  // A buffer too small for the largest frame (read alone, over as many buffers as it needs), then
+  // three that each hold one (read as a batch).
+  fe.submit(RX, [100, 2048, 2048, 2048].map((length, i) => ({ writable: [{ length, region: i % 3 }] })));
+  const done = await fe.collect(RX, 4, 10_000);
+  for (const c of done) {
+    t.is(c.written[10]! | (c.written[11]! << 8), 1, 'num_buffers');
+    t.true(isArpReply(c.written.subarray(HDR)));
+  }
+  t.is(device.queueStats(RX).frames, 4);
+  t.is(device.queueStats(RX).tapErrors, 0);
+});
+
 test('a missing TAP, and one without multi_queue, fail at start with the ip tuntap line to run', (t) => {
   const missing = t.throws(() => createNetDevice(config('vhnmissing0'), silentLogger), { instanceOf: ConfigError });
   t.is(missing?.code, 'CONFIG_UNAVAILABLE');
@@ -195,7 +215,7 @@ test('a missing TAP, and one without multi_queue, fail at start with the ip tunt
   t.regex(err?.message ?? '', /multi_queue/);
 });
 
-/** A counter of the TAP interface (/sys/class/net/TAP/statistics). */
+/** A counter of an interface, the TAP or the bridge's veth (/sys/class/net/IF/statistics). */
 function tapCounter(tap: string, name: string): number {
   return Number(fs.readFileSync(`/sys/class/net/${tap}/statistics/${name}`, 'utf8'));
 }

@@ -1,19 +1,42 @@
 /*
- * Wire formats the load generator speaks: the vhost-user control protocol
- * (QEMU docs/interop/vhost-user.rst), the split virtqueue (VIRTIO 1.2 §2.7)
- * and virtio-blk requests and config space (VIRTIO 1.2 §5.2).
+ * Wire formats the load generators speak: the vhost-user control protocol
+ * (QEMU docs/interop/vhost-user.rst), the split virtqueue (VIRTIO 1.2 §2.7),
+ * virtio-blk requests and config space (VIRTIO 1.2 §5.2) and the virtio-net
+ * header (VIRTIO 1.2 §5.1.6).
  *
  * Everything is little-endian on the wire and in guest memory; this program
  * only runs on little-endian hosts (checked at compile time below), so the
  * structs are used in place.
  */
-#ifndef BLK_LOADGEN_WIRE_H
-#define BLK_LOADGEN_WIRE_H
+#ifndef LOADGEN_WIRE_H
+#define LOADGEN_WIRE_H
 
 #include <stdint.h>
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "blk-loadgen assumes a little-endian host (virtio 1.x is little-endian)"
+#error "the load generators assume a little-endian host (virtio 1.x is little-endian)"
+/* ---- virtio-net (VIRTIO 1.2 §5.1) ---- */
+#define VIRTIO_NET_F_CSUM 0
+#define VIRTIO_NET_F_HOST_TSO4 11
+#define VIRTIO_NET_F_MRG_RXBUF 15
+#define VIRTIO_NET_RX_QUEUE 0 /* of the first pair: rx 0, tx 1 */
+#define VIRTIO_NET_TX_QUEUE 1
+
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
+#define VIRTIO_NET_HDR_GSO_NONE 0
+#define VIRTIO_NET_HDR_GSO_TCPV4 1
+
+/* The header with VERSION_1 (num_buffers always there): 12 bytes. */
+struct virtio_net_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;
+};
+
 #endif
 
 /* ---- vhost-user front-end requests (vhost-user.rst "Front-end message types") ---- */
@@ -177,5 +200,27 @@ struct virtio_scsi_cmd_resp {
 #define VIRTIO_BLK_CFG_SEG_MAX 12   /* u32 */
 #define VIRTIO_BLK_CFG_BLK_SIZE 20  /* u32 */
 #define VIRTIO_BLK_CFG_NUM_QUEUES 34 /* u16 */
+
+/* ---- virtio-net (VIRTIO 1.2 §5.1) ---- */
+#define VIRTIO_NET_F_CSUM 0
+#define VIRTIO_NET_F_HOST_TSO4 11
+#define VIRTIO_NET_F_MRG_RXBUF 15
+#define VIRTIO_NET_RX_QUEUE 0 /* of the first pair: rx 0, tx 1 */
+#define VIRTIO_NET_TX_QUEUE 1
+
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
+#define VIRTIO_NET_HDR_GSO_NONE 0
+#define VIRTIO_NET_HDR_GSO_TCPV4 1
+
+/* The header with VERSION_1 (num_buffers always there): 12 bytes. */
+struct virtio_net_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;
+};
 
 #endif

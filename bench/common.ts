@@ -1,15 +1,27 @@
 /**
- * What the load generator benchmarks share (bench/blk.ts, bench/scsi.ts): building and running
- * bench/blk-loadgen, images, starting and stopping a back-end process, medians and number format.
+ * What the benchmark runners (blk.ts, scsi.ts, net.ts) share: building the load generators, images,
+ * starting a back-end until its socket appears, stopping it, running a load generator for its JSON,
+ * medians and number formatting.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess, type StdioOptions } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 
 export const root = path.resolve(__dirname, '..', '..');
 export const buildDir = path.join(root, 'build', 'bench');
-const loadgenSrc = path.join(root, 'bench', 'blk-loadgen');
-const loadgenBin = path.join(buildDir, 'blk-loadgen');
+
+/** Prints the first doc comment of `file` (the runner's usage) and exits. */
+export function usage(file: string): never {
+  process.stdout.write(fs.readFileSync(file, 'utf8').match(/\/\*\*([\s\S]*?)\*\//)![1]!.replace(/^ \* ?/gm, ''));
+  process.exit(0);
+}
+
+/** Builds build/bench/blk-loadgen and net-loadgen (bench/loadgen, make). */
+export function buildLoadgens(): void {
+  const r = spawnSync('make', ['-s', '-C', path.join(root, 'bench', 'loadgen'), `OUT_DIR=${buildDir}`], { stdio: ['ignore', 'inherit', 'inherit'] });
+  if (r.error) throw new Error(`cannot run make: ${r.error.message}`);
+  if (r.status !== 0) throw new Error('building bench/loadgen failed');
+}
 
 /** What blk-loadgen prints (the fields the runner uses; the JSON file keeps all of them). */
 export interface LoadgenResult {
@@ -22,12 +34,6 @@ export interface LoadgenResult {
   kicks_per_io: number;
   wakeups_per_io: number;
   [key: string]: unknown;
-}
-
-export function buildLoadgen(): void {
-  const r = spawnSync('make', ['-s', '-C', loadgenSrc, `OUT=${loadgenBin}`], { stdio: ['ignore', 'inherit', 'inherit'] });
-  if (r.error) throw new Error(`cannot run make: ${r.error.message}`);
-  if (r.status !== 0) throw new Error('building bench/blk-loadgen failed');
 }
 
 /** A fully allocated image (tmpfs holes read as zeroes without touching memory, which flatters reads). */
@@ -48,11 +54,15 @@ export interface Started {
   logFile: string;
 }
 
-/** Start `cmd args` with its output in `logFile`; resolves once it created `socket`. */
-export async function startProcess(name: string, cmd: string, args: string[], socket: string, logFile: string): Promise<Started> {
+/**
+ * Starts `cmd args` with its output in `logFile` and waits until `socket` exists (15 s at most).
+ * `stdin` 'pipe' keeps a program that exits on end of input (testpmd) running.
+ */
+export async function startBackend(name: string, cmd: string, args: string[], socket: string, logFile: string, stdin: 'ignore' | 'pipe' = 'ignore'): Promise<Started> {
   fs.rmSync(socket, { force: true });
   const logFd = fs.openSync(logFile, 'w');
-  const child = spawn(cmd, args, { stdio: ['ignore', logFd, logFd] });
+  const stdio: StdioOptions = [stdin, logFd, logFd];
+  const child = spawn(cmd, args, { stdio });
   fs.closeSync(logFd);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     child.once('exit', (code, signal) => resolve({ code, signal }));
@@ -72,6 +82,7 @@ export async function startProcess(name: string, cmd: string, args: string[], so
   return { child, exited, logFile };
 }
 
+/** SIGTERM, then SIGKILL after 5 s; returns what went wrong, if anything. */
 export async function stopBackend(s: Started, name: string): Promise<string | undefined> {
   if (s.child.exitCode !== null || s.child.signalCode !== null) {
     return `${name} had already exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`;
@@ -99,10 +110,10 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** Run bench/blk-loadgen with `args`. */
-export function runLoadgen(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+/** Runs a program to its end, collecting its output. */
+export function runCapture(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    const child = spawn(loadgenBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -112,13 +123,25 @@ export function runLoadgen(args: string[]): Promise<{ code: number | null; stdou
   });
 }
 
-/** The run with the median IOPS (the lower middle one for an even count). */
-export function median(runs: LoadgenResult[]): LoadgenResult | undefined {
-  const sorted = [...runs].sort((a, b) => a.iops - b.iops);
+/** The element with the median `key` (the lower middle one for an even count). */
+export function medianBy<T>(runs: T[], key: (run: T) => number): T | undefined {
+  const sorted = [...runs].sort((a, b) => key(a) - key(b));
   return sorted[Math.floor((sorted.length - 1) / 2)];
+}
+
+/** The blk-loadgen run with the median IOPS (the lower middle one for an even count). */
+export function medianIops(runs: LoadgenResult[]): LoadgenResult | undefined {
+  return medianBy(runs, (r) => r.iops);
 }
 
 export function fmt(n: number | null | undefined, digits = 0): string {
   if (n === null || n === undefined || !Number.isFinite(n)) return 'n/a';
   return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
+
+/** A table: first column left-aligned, the others right-aligned. */
+export function formatTable(header: string[], body: string[][]): string[] {
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
+  return [line(header), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)];
 }
