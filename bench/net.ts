@@ -131,16 +131,22 @@ function run(cmd: string, args: string[]): void {
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr.trim()}`);
 }
 
-/** 2 MiB hugepages for DPDK: at least 512 reserved and hugetlbfs mounted, or the commands to run. */
-function setUpHugepages(): void {
+/**
+ * 2 MiB hugepages for DPDK: at least 512 reserved and hugetlbfs mounted, or the commands to run.
+ * Returns the restore step: the reservation as it was (testpmd runs with --huge-unlink, so its
+ * pages go back when it exits and nothing stays behind in the hugetlbfs).
+ */
+function setUpHugepages(): () => void {
   const nr = '/proc/sys/vm/nr_hugepages';
-  if (Number(fs.readFileSync(nr, 'utf8')) < 512) fs.writeFileSync(nr, '512');
+  const before = fs.readFileSync(nr, 'utf8').trim();
+  if (Number(before) < 512) fs.writeFileSync(nr, '512');
   if (Number(fs.readFileSync(nr, 'utf8')) < 256) throw new Error(`could not reserve hugepages: echo 512 > ${nr}`);
   const mounted = fs.readFileSync('/proc/mounts', 'utf8').split('\n').some((l) => l.split(' ')[1] === hugeDir && l.split(' ')[2] === 'hugetlbfs');
   if (!mounted) {
     fs.mkdirSync(hugeDir, { recursive: true });
     run('mount', ['-t', 'hugetlbfs', 'nodev', hugeDir]);
   }
+  return () => fs.writeFileSync(nr, before);
 }
 
 /** The network namespace and the TAPs: ours persistent (multi_queue vnet_hdr), DPDK's made by its tap PMD. */
@@ -179,7 +185,7 @@ async function startOne(backend: Backend, ns: Namespace, socket: string, o: Opti
       ? ns.exec(process.execPath, [daemonMain, '--socket-path', socket, '--tap', ns.oursTap, '--log-level', 'warn'])
       : // stdbuf: testpmd's "Press enter to exit" (forwarding started) reaches the log at once.
         ns.exec('stdbuf', [
-          '-oL', 'dpdk-testpmd', '-l', '0,1', '--no-pci', '--huge-dir', hugeDir, '--file-prefix', `${ns.name}`, '-m', '512',
+          '-oL', 'dpdk-testpmd', '-l', '0,1', '--no-pci', '--huge-dir', hugeDir, '--file-prefix', `${ns.name}`, '--huge-unlink', '-m', '512',
           '--vdev', `net_vhost0,iface=${socket},queues=1,tso=1`, '--vdev', `net_tap0,iface=${ns.dpdkTap}`,
           '--', '--forward-mode=io', '--nb-cores=1', '--disable-link-check',
         ]);
@@ -240,12 +246,13 @@ async function main(): Promise<number> {
     log(`${path.relative(root, daemonMain)} is missing (npm run build:ts)`);
     return 1;
   }
+  let restoreHugepages = (): void => undefined;
   if (o.backends.includes('dpdk')) {
     if (spawnSync('dpdk-testpmd', ['--version']).error) {
       log('dpdk-testpmd not found; as root: apt-get install dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23');
       return 1;
     }
-    setUpHugepages();
+    restoreHugepages = setUpHugepages();
   }
   fs.mkdirSync(path.join(buildDir, 'logs'), { recursive: true });
   buildLoadgens();
@@ -255,6 +262,7 @@ async function main(): Promise<number> {
   const cleanup = () => {
     ns.destroy();
     fs.rmSync(runDir, { recursive: true, force: true });
+    restoreHugepages();
   };
   process.once('SIGINT', () => {
     cleanup();
