@@ -167,7 +167,9 @@ export class Vring {
       kickFd: this.kickFd,
       callFd: this.callFd,
       enabled: this.enabled,
-      inflight: env.inflight?.queueView(this.index, this.num),
+      // QEMU asks for the inflight area (GET_INFLIGHT_FD) before SET_FEATURES, so it is made for split
+      // rings even when the guest then picks packed ones; packed rings run untracked.
+      inflight: env.packed ? undefined : env.inflight?.queueView(this.index, this.num),
       pollUs: env.pollUs ?? 0,
       onBroken: (message: string, code: string | undefined) => this.reportBroken(message, code),
     };

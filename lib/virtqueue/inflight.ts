@@ -15,7 +15,7 @@
  *  12 u16 last_batch_head   14 u16 used_idx   16 DescStateSplit desc[desc_num], 16 bytes each:
  *      0 u8 inflight   1 u8 padding[5]   6 u16 next   8 u64 counter
  * ```
- * Packed rings (QueueRegionPacked) are not tracked yet: GET_INFLIGHT_FD answers "no area" for them.
+ * Packed rings (QueueRegionPacked) are not tracked yet: they run without the area (vring.ts).
  * Each queue's area is rounded up to 64 bytes (libvhost-user's and DPDK's INFLIGHT_ALIGNMENT), so an
  * area written by one of them fits ours.
  */
