@@ -7,11 +7,8 @@
  * the in-process soak (test/lib/vhost-user/soak.test.ts), which does no sustained I/O. A new daemon
  * adds itself with one row in DAEMONS.
  *
- * Why outside V8's heap: V8 sizes its heap to the work done (it doubles the young generation once as
- * many bytes as it holds have survived scavenges, shrinks it when idle, and keeps freed pages in a
- * pool), which moves RSS by up to 8 MiB either way within a run without anything being kept. Its
- * pages are easy to tell apart (see v8PagesRss), so they are left out; the whole process, heap
- * included, is what the in-process soak checks.
+ * Why outside V8's heap: see test/helpers/process-memory.ts; the whole process, heap included, is
+ * what the in-process soak checks.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -22,6 +19,7 @@ import test from 'ava';
 import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN } from '../../daemons/blk/virtio-blk';
 import { startDaemon } from '../helpers/daemon';
 import { Frontend, type ChainSpec, type Completion } from '../helpers/frontend';
+import { rss, v8PagesRss } from '../helpers/process-memory';
 import { openFds, settleFds } from '../lib/vhost-user/harness';
 import { blkHeader } from './blk/wire';
 import { command, parseResponse, rw10 } from './scsi/wire';
@@ -122,35 +120,6 @@ const DAEMONS: readonly ChurnCase[] = [
     wrong: (done) => (done.len === 0 ? null : `inflate completed with ${done.len} bytes written`),
   },
 ];
-
-/** VmRSS of process `pid`, in bytes. */
-function rss(pid: number): number {
-  const kib = /^VmRSS:\s+(\d+) kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  if (kib === null) throw new Error(`no VmRSS for ${pid}`);
-  return Number(kib[1]) * 1024;
-}
-
-/**
- * The resident bytes of V8's heap pages in process `pid`. V8 (Node 20) maps each regular heap page,
- * pooled ones included, as its own anonymous mapping of 256 KiB (Page::kPageSize) aligned to its
- * size; nothing else in the process is mapped that way.
- */
-function v8PagesRss(pid: number): number {
-  let total = 0;
-  let v8 = false;
-  for (const line of fs.readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
-    const m = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)\s*(.*)$/.exec(line);
-    if (m !== null) {
-      const start = parseInt(m[1]!, 16);
-      const end = parseInt(m[2]!, 16);
-      v8 = m[3] === '0' && m[4] === '' && start % (256 * 1024) === 0 && end - start === 256 * 1024;
-      continue;
-    }
-    const r = /^Rss:\s+(\d+) kB/.exec(line);
-    if (r !== null && v8) total += Number(r[1]) * 1024;
-  }
-  return total;
-}
 
 /** The fd count of `pid` once it stayed the same for 200 ms (the last disconnect's closes are done). */
 async function steadyFds(pid: number): Promise<number> {
