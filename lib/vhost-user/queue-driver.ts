@@ -144,6 +144,7 @@ export class QueueDriver {
     this.unwatch();
     this.endPoll(false);
     await this.device.stopQueue?.(this.index);
+    this.queue.clearInflight();
     return this.queue.base();
   }
 

@@ -12,7 +12,8 @@
  * validates the ring addresses here (same errors as on this thread), hands the worker dups of the
  * memory, kick and call fds, forwards kick/call/enable/memory changes, asks it to stop, and keeps
  * the err fd (the worker, which runs the same QueueDriver, reports ring errors back). See
- * lib/runtime/queue-workers.ts.
+ * lib/runtime/queue-workers.ts. With an inflight area (SET_INFLIGHT_FD) every ring, split or packed,
+ * here or in a worker (which maps its own part of the area), tracks what it has in flight.
  */
 import { native } from '../../native';
 import type { DirtyLog } from '../memory/dirty-log';
@@ -167,20 +168,19 @@ export class Vring {
       kickFd: this.kickFd,
       callFd: this.callFd,
       enabled: this.enabled,
-      // QEMU asks for the inflight area (GET_INFLIGHT_FD) before SET_FEATURES, so it is made for split
-      // rings even when the guest then picks packed ones; packed rings run untracked.
-      inflight: env.packed ? undefined : env.inflight?.queueView(this.index, this.num),
       pollUs: env.pollUs ?? 0,
       onBroken: (message: string, code: string | undefined) => this.reportBroken(message, code),
     };
     const group = env.device.queueGroup !== undefined ? env.device.queueGroup(this.index) : this.index;
     if (env.workers !== undefined && group !== null) {
-      // Checked here first (a throwaway queue only reads), so a bad ring fails as it does on this thread.
+      // Checked here first (a throwaway queue only reads; the inflight area is left to the worker, which
+      // maps its own part and reports a bad one as a broken ring), so a bad ring fails as on this thread.
       createVirtqueue({ ...options, notify: () => undefined }, env.packed); // throws VIRTQ_NO_RING / VIRTQ_BAD_BASE
-      this.remote = env.workers.start({ ...options, group, features: env.features ?? 0n, dirtyLog: this.ringLogSpec() });
+      const inflight = env.inflight?.queuePart(this.index, this.num) ?? null;
+      this.remote = env.workers.start({ ...options, group, features: env.features ?? 0n, dirtyLog: this.ringLogSpec(), inflight });
       return;
     }
-    this.driver = new QueueDriver({ ...options, device: env.device });
+    this.driver = new QueueDriver({ ...options, device: env.device, inflight: env.inflight?.queueView(this.index, this.num) });
     this.driver.queue.setDirtyLog(this.ringLogSpec());
     this.driver.start();
   }
