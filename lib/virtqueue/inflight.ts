@@ -218,6 +218,8 @@ export interface PackedRecovery extends InflightRecovery {
   /** Next slot to pop and the driver wrap counter expected there: past the slots still in flight. */
   nextAvail: number;
   availWrap: number;
+  /** Ring slots the chains in flight occupy, from `usedIdx` on. */
+  slots: number;
 }
 
 /** Byte offset of entry `e` of a packed area. */
@@ -389,7 +391,7 @@ export class PackedInflight {
       nextAvail -= size;
       availWrap ^= 1;
     }
-    return { resubmit: byCounter(heads, counters, 'chains in flight'), usedIdx, usedWrap, nextAvail, availWrap };
+    return { resubmit: byCounter(heads, counters, 'chains in flight'), usedIdx, usedWrap, nextAvail, availWrap, slots };
   }
 
   /**

@@ -132,6 +132,7 @@ export class PackedRing implements Virtqueue {
         this.nextAvail = recovery.nextAvail;
         this.availWrap = recovery.availWrap;
         this.resubmit = recovery.resubmit;
+        this.hideStaleUsed(recovery.slots);
       }
     }
   }
@@ -347,8 +348,27 @@ export class PackedRing implements Virtqueue {
     this.counters.bytesRead -= chain.readableLength;
   }
 
+  /**
+   * After a crash the slots of the chains in flight may hold used descriptors of a batch that was
+   * never published (pushUsed writes all but the first one's flags at once). The resubmitted chains
+   * complete in another order, so their used descriptors land elsewhere, and the driver, reading on
+   * past them, would take a stale one for a completion. Those slots are the device's until it uses
+   * them, and it has their descriptors in the area: each gets the driver's "available" flag bits back.
+   */
+  private hideStaleUsed(slots: number): void {
+    let slot = this.usedPublished;
+    let wrap = this.usedPublishedWrap;
+    for (let k = 0; k < slots; k++) {
+      this.desc16[slot * 8 + 7] = wrap === 1 ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED;
+      if (++slot === this.size) {
+        slot = 0;
+        wrap ^= 1;
+      }
+    }
+  }
+
   clearInflight(): void {
-    if (this.pool.inFlight === 0 && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
+    if (this.pool.inFlight === 0 && this.pending === 0 && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
   }
 
   /**

@@ -277,7 +277,7 @@ export class SplitRing implements Virtqueue {
   }
 
   clearInflight(): void {
-    if (this.pool.inFlight === 0 && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
+    if (this.pool.inFlight === 0 && this.usedShadow === this.usedPublished && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
   }
 
   setDirtyLog(spec: RingLogSpec | null): void {
