@@ -1,0 +1,101 @@
+/**
+ * Crash-safe restart through the real engine (INFLIGHT_SHMFD), with the queues in worker threads
+ * (each maps its own part of the inflight area) and on the main thread, split and packed rings.
+ * The test front-end gets an area from the first back-end and hands it over (SET_INFLIGHT_FD); the
+ * first back-end's device completes two chains per queue and keeps the rest; the connection drops
+ * with those in flight; the front-end reconnects to a second back-end with the same area and the
+ * base QEMU sends after a crash (split: used.idx; packed: the base of the last start), and the
+ * second back-end completes exactly the chains the first left, oldest first, with their data, before
+ * anything new.
+ */
+import test, { type ExecutionContext } from 'ava';
+
+import { native } from '../../../native';
+import { DEFAULT_LAYOUT, type ChainSpec } from '../../helpers/frontend';
+import { TestDevice, transform, type TestDeviceOptions } from '../../helpers/test-device';
+import { TestServer, pattern } from './harness';
+
+const SIZE = 16;
+const CHAINS = 6;
+const COMPLETED_FIRST = 2;
+
+function workersFor(config: TestDeviceOptions): { threads: number; modulePath: string; exportName: string; config: TestDeviceOptions } {
+  return { threads: 2, modulePath: require.resolve('../../helpers/test-device'), exportName: 'createTestDeviceForWorker', config };
+}
+
+async function backend(config: TestDeviceOptions, workers: boolean): Promise<{ ts: TestServer; device: TestDevice }> {
+  const device = new TestDevice(config);
+  const ts = await TestServer.start(device, workers ? { queueWorkers: workersFor(config) } : {});
+  return { ts, device };
+}
+
+async function until(check: () => boolean, ms = 5000): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) return false;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  return true;
+}
+
+async function run(t: ExecutionContext, packed: boolean, workers: boolean): Promise<void> {
+  const negotiate = { packed, eventIdx: true };
+  const first = await backend({ numQueues: 2, inflight: true, holdFrom: COMPLETED_FIRST }, workers);
+  t.teardown(() => first.ts.close());
+  const fe = first.ts.connect();
+  t.teardown(() => fe.close());
+  await fe.negotiate(negotiate);
+  await fe.setMemTable(DEFAULT_LAYOUT);
+  // QEMU's order (vhost_user_blk_start): features, then GET_INFLIGHT_FD once, SET_INFLIGHT_FD, then the rings.
+  const area = await fe.getInflightFd(2, SIZE);
+  t.teardown(() => native.close(area.fd));
+  await fe.setInflightFd(area);
+  await fe.setupQueue(0, SIZE);
+  await fe.setupQueue(1, SIZE, { ringRegion: 1 });
+
+  const data = [0, 1].map((q) => Array.from({ length: CHAINS }, (_, i) => pattern(40 + i, 16 * q + i)));
+  const specs = (q: number): ChainSpec[] => data[q]!.map((d) => ({ readable: [{ data: d, region: q }], writable: [{ length: d.length, region: q }] }));
+  const ids = [fe.submit(0, specs(0)), fe.submit(1, specs(1))];
+  for (const q of [0, 1]) {
+    const done = await fe.collect(q, COMPLETED_FIRST);
+    t.deepEqual(
+      done.map((c) => c.id),
+      ids[q]!.slice(0, COMPLETED_FIRST),
+    );
+    // The device took every chain: the rest are in flight when the connection drops.
+    t.true(await until(() => first.ts.server.vrings[q]!.totals().requests === CHAINS), `queue ${q} popped all ${CHAINS}`);
+  }
+  if (workers) t.deepEqual(first.device.starts, [0, 0], 'the queues ran in worker threads');
+
+  // The back-end goes away with 4 chains per queue in flight; the front-end reconnects to a new one.
+  const bases = [fe.crashBase(0), fe.crashBase(1)];
+  const second = await backend({ numQueues: 2, inflight: true }, workers);
+  t.teardown(() => second.ts.close());
+  await fe.reconnect(second.ts.socketPath, negotiate);
+  await fe.setInflightFd(area);
+  await fe.restartQueue(0, bases[0]!);
+  await fe.restartQueue(1, bases[1]!);
+  for (const q of [0, 1]) {
+    fe.kick(q);
+    const again = await fe.collect(q, CHAINS - COMPLETED_FIRST);
+    t.deepEqual(
+      again.map((c) => c.id),
+      ids[q]!.slice(COMPLETED_FIRST),
+      `queue ${q}: the chains left in flight, oldest first`,
+    );
+    again.forEach((c, k) => t.deepEqual(c.written, transform(q, data[q]![COMPLETED_FIRST + k]!)));
+    // The ring goes on: a new chain after the resubmitted ones.
+    const fresh = pattern(77, 99 + q);
+    const done = await fe.transfer(q, { readable: [{ data: fresh, region: q }], writable: [{ length: fresh.length, region: q }] });
+    t.deepEqual(done.written, transform(q, fresh));
+  }
+  t.is(second.ts.server.vrings[0]!.totals().requests, CHAINS - COMPLETED_FIRST + 1, 'nothing completed twice, nothing new popped twice');
+  if (workers) t.deepEqual(second.device.starts, [0, 0], 'the queues ran in worker threads');
+}
+
+for (const packed of [false, true]) {
+  for (const workers of [true, false]) {
+    test.serial(`chains in flight when the back-end went away are resubmitted by the next one: ${packed ? 'packed' : 'split'} rings, ${workers ? 'worker threads' : 'main thread'}`, (t) =>
+      run(t, packed, workers));
+  }
+}
