@@ -48,10 +48,10 @@ export interface TestDeviceOptions {
   /** Offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (crash-safe restart tests). */
   inflight?: boolean;
   /**
-   * Complete only the first `holdFrom` chains of each queue; later ones are kept and never completed,
-   * and a stop leaves them behind: what a daemon killed with requests in flight leaves.
+   * The chains popped at these positions (0-based, per queue) are kept and never completed, and a
+   * stop leaves them behind: what a daemon killed with requests in flight leaves.
    */
-  holdFrom?: number;
+  holdPops?: number[];
 }
 
 export class TestDevice implements DeviceBackend {
@@ -73,8 +73,8 @@ export class TestDevice implements DeviceBackend {
   readonly calls: string[] = [];
   private readonly deferred: boolean;
   private readonly inflight: boolean;
-  private readonly holdFrom: number;
-  /** Chains popped per queue, and those held (see holdFrom). */
+  private readonly holdPops: ReadonlySet<number>;
+  /** Chains popped per queue, and those held (see holdPops). */
   private readonly popped: number[];
   readonly held: DescriptorChain[][];
   private readonly pending: Array<Array<{ queue: Virtqueue; chain: DescriptorChain; written: number }>>;
@@ -93,7 +93,7 @@ export class TestDevice implements DeviceBackend {
     this.migratable = opts.migratable ?? false;
     this.deferred = opts.deferred ?? false;
     this.inflight = opts.inflight ?? false;
-    this.holdFrom = opts.holdFrom ?? Infinity;
+    this.holdPops = new Set(opts.holdPops);
     this.popped = new Array<number>(this.numQueues).fill(0);
     this.held = Array.from({ length: this.numQueues }, () => []);
     this.starts = new Array<number>(this.numQueues).fill(0);
@@ -186,7 +186,7 @@ export class TestDevice implements DeviceBackend {
     try {
       drainQueue(queue, {
         handle: (chain) => {
-          if (this.popped[index]!++ >= this.holdFrom) {
+          if (this.holdPops.has(this.popped[index]!++)) {
             this.held[index]!.push(chain);
             return true;
           }

@@ -2,7 +2,8 @@
  * Crash-safe restart through the real engine (INFLIGHT_SHMFD), with the queues in worker threads
  * (each maps its own part of the inflight area) and on the main thread, split and packed rings.
  * The test front-end gets an area from the first back-end and hands it over (SET_INFLIGHT_FD); the
- * first back-end's device completes two chains per queue and keeps the rest; the connection drops
+ * first back-end's device completes the 1st and 3rd chain per queue and keeps the rest (out of
+ * order, so the ring alone cannot tell what is left: split rings need the area too); the connection drops
  * with those in flight; the front-end reconnects to a second back-end with the same area and the
  * base QEMU sends after a crash (split: used.idx; packed: the base of the last start), and the
  * second back-end completes exactly the chains the first left, oldest first, with their data, before
@@ -17,7 +18,9 @@ import { TestServer, pattern } from './harness';
 
 const SIZE = 16;
 const CHAINS = 6;
-const COMPLETED_FIRST = 2;
+/** Pop positions the first back-end completes; it keeps the others. */
+const COMPLETED = [0, 2];
+const HELD = [1, 3, 4, 5];
 
 function workersFor(config: TestDeviceOptions): { threads: number; modulePath: string; exportName: string; config: TestDeviceOptions } {
   return { threads: 2, modulePath: require.resolve('../../helpers/test-device'), exportName: 'createTestDeviceForWorker', config };
@@ -40,7 +43,7 @@ async function until(check: () => boolean, ms = 5000): Promise<boolean> {
 
 async function run(t: ExecutionContext, packed: boolean, workers: boolean): Promise<void> {
   const negotiate = { packed, eventIdx: true };
-  const first = await backend({ numQueues: 2, inflight: true, holdFrom: COMPLETED_FIRST }, workers);
+  const first = await backend({ numQueues: 2, inflight: true, holdPops: HELD }, workers);
   t.teardown(() => first.ts.close());
   const fe = first.ts.connect();
   t.teardown(() => fe.close());
@@ -57,10 +60,10 @@ async function run(t: ExecutionContext, packed: boolean, workers: boolean): Prom
   const specs = (q: number): ChainSpec[] => data[q]!.map((d) => ({ readable: [{ data: d, region: q }], writable: [{ length: d.length, region: q }] }));
   const ids = [fe.submit(0, specs(0)), fe.submit(1, specs(1))];
   for (const q of [0, 1]) {
-    const done = await fe.collect(q, COMPLETED_FIRST);
+    const done = await fe.collect(q, COMPLETED.length);
     t.deepEqual(
       done.map((c) => c.id),
-      ids[q]!.slice(0, COMPLETED_FIRST),
+      COMPLETED.map((k) => ids[q]![k]),
     );
     // The device took every chain: the rest are in flight when the connection drops.
     t.true(await until(() => first.ts.server.vrings[q]!.totals().requests === CHAINS), `queue ${q} popped all ${CHAINS}`);
@@ -77,19 +80,19 @@ async function run(t: ExecutionContext, packed: boolean, workers: boolean): Prom
   await fe.restartQueue(1, bases[1]!);
   for (const q of [0, 1]) {
     fe.kick(q);
-    const again = await fe.collect(q, CHAINS - COMPLETED_FIRST);
+    const again = await fe.collect(q, HELD.length);
     t.deepEqual(
       again.map((c) => c.id),
-      ids[q]!.slice(COMPLETED_FIRST),
+      HELD.map((k) => ids[q]![k]),
       `queue ${q}: the chains left in flight, oldest first`,
     );
-    again.forEach((c, k) => t.deepEqual(c.written, transform(q, data[q]![COMPLETED_FIRST + k]!)));
+    again.forEach((c, k) => t.deepEqual(c.written, transform(q, data[q]![HELD[k]!]!)));
     // The ring goes on: a new chain after the resubmitted ones.
     const fresh = pattern(77, 99 + q);
     const done = await fe.transfer(q, { readable: [{ data: fresh, region: q }], writable: [{ length: fresh.length, region: q }] });
     t.deepEqual(done.written, transform(q, fresh));
   }
-  t.is(second.ts.server.vrings[0]!.totals().requests, CHAINS - COMPLETED_FIRST + 1, 'nothing completed twice, nothing new popped twice');
+  t.is(second.ts.server.vrings[0]!.totals().requests, HELD.length + 1, 'nothing completed twice, nothing new popped twice');
   if (workers) t.deepEqual(second.device.starts, [0, 0], 'the queues ran in worker threads');
 }
 
