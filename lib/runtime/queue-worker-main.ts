@@ -150,8 +150,8 @@ class WorkerQueue {
   }
 
   /** Wait for the device, report the base, release fds and memory. */
-  async stop(): Promise<number> {
-    const base = await this.driver.stop();
+  async stop(baseTaken = false): Promise<number> {
+    const base = await this.driver.stop(baseTaken);
     this.syncCounters();
     this.setKickFd(-1);
     this.setCallFd(-1);
@@ -268,7 +268,7 @@ async function handle(message: ToWorker): Promise<void> {
       let base: number | null = null;
       if (q !== undefined) {
         queues.delete(message.index);
-        base = await q.stop();
+        base = await q.stop(message.baseTaken);
       }
       if (queues.size === 0 && counterTimer !== null) {
         clearInterval(counterTimer);

@@ -77,7 +77,7 @@ export type ToWorker =
   | { type: 'memory'; index: number; regions: RegionMessage[] }
   /** Logging started, stopped or moved to a new log (live migration). */
   | { type: 'dirty-log'; index: number; dirtyLog: DirtyLogMessage | null }
-  | { type: 'stop'; index: number }
+  | { type: 'stop'; index: number; baseTaken: boolean }
   | { type: 'config'; offset: number; data: Uint8Array }
   /** RESET_OWNER / RESET_DEVICE, after every queue of the worker stopped. */
   | { type: 'reset' }

@@ -164,11 +164,11 @@ export class RemoteQueue {
     this.acks.shift()?.();
   }
 
-  /** Stop the queue: resolves with its base once the device drained it (null if the worker died). */
-  stop(): Promise<number | null> {
+  /** Stop the queue (QueueDriver.stop): resolves with its base once the device drained it (null if the worker died). */
+  stop(baseTaken = false): Promise<number | null> {
     return new Promise((resolve) => {
       this.stopped = resolve;
-      if (!this.slot.send({ type: 'stop', index: this.index })) this.finish(null);
+      if (!this.slot.send({ type: 'stop', index: this.index, baseTaken })) this.finish(null);
     });
   }
 

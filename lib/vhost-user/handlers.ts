@@ -422,7 +422,7 @@ const entries: Record<number, EntrySpec> = {
     async handle(c, m) {
       const vring = vringAt(c, m.view.getUint32(0, true));
       // vhost-user.rst: "stop a ring upon receiving VHOST_USER_GET_VRING_BASE".
-      const base = await vring.stop();
+      const base = await vring.stop(true);
       vring.setFd('callFd', -1);
       return vringState(vring.index, base ?? 0);
     },

@@ -185,12 +185,15 @@ export class Vring {
     this.driver.start();
   }
 
-  /** Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base. */
-  async stop(): Promise<number | null> {
+  /**
+   * Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base.
+   * `baseTaken` for GET_VRING_BASE (see QueueDriver.stop).
+   */
+  async stop(baseTaken = false): Promise<number | null> {
     this.setKickFd(-1);
     const running = this.driver ?? this.remote;
     if (running !== null) {
-      const base = await running.stop();
+      const base = await running.stop(baseTaken);
       if (base !== null) this.base = base;
     }
     this.retireQueue();

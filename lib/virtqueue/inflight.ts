@@ -26,9 +26,11 @@
  * Each queue gets room for the packed layout (the larger one) whatever the ring turns out to be:
  * QEMU asks for the area once and keeps it over driver resets that can switch ring layouts (scsi
  * never frees it), so its size cannot depend on the features of the moment. The area is rounded up
- * to 64 bytes per queue (libvhost-user's and DPDK's INFLIGHT_ALIGNMENT). A queue that stops with
- * nothing in flight marks its record uninitialized ({@link SplitInflight.clear}), so the next start
- * begins afresh in whichever layout the ring then has.
+ * to 64 bytes per queue (libvhost-user's and DPDK's INFLIGHT_ALIGNMENT). A queue stopped by
+ * GET_VRING_BASE with nothing in flight marks its record uninitialized ({@link SplitInflight.clear}),
+ * so the next start begins afresh, from the front-end's base, in whichever layout the ring then has.
+ * Any other stop (disconnect, daemon exit, crash) keeps it: for a packed ring it is the only place
+ * the ring position survives, as QEMU cannot restore one (virtio_queue_packed_restore_last_avail_idx).
  */
 import { RingError } from '../errors';
 

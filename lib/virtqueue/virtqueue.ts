@@ -131,8 +131,9 @@ export interface Virtqueue {
   unpop(chain: DescriptorChain): void;
 
   /**
-   * The queue stopped (the device drained it): with nothing in flight, its inflight record is marked
-   * uninitialized, so the next start begins afresh in whichever ring layout the driver picks then.
+   * The front-end took the base (GET_VRING_BASE) of the drained queue: with nothing in flight, its
+   * inflight record is marked uninitialized, so the next start begins afresh from the front-end's
+   * base in whichever ring layout the driver picks then (a driver reset may switch layouts).
    */
   clearInflight(): void;
 

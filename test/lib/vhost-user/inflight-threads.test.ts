@@ -18,9 +18,6 @@ import { TestServer, pattern } from './harness';
 
 const SIZE = 16;
 const CHAINS = 6;
-/** Pop positions the first back-end completes; it keeps the others. */
-const COMPLETED = [0, 2];
-const HELD = [1, 3, 4, 5];
 
 function workersFor(config: TestDeviceOptions): { threads: number; modulePath: string; exportName: string; config: TestDeviceOptions } {
   return { threads: 2, modulePath: require.resolve('../../helpers/test-device'), exportName: 'createTestDeviceForWorker', config };
@@ -41,7 +38,10 @@ async function until(check: () => boolean, ms = 5000): Promise<boolean> {
   return true;
 }
 
-async function run(t: ExecutionContext, packed: boolean, workers: boolean): Promise<void> {
+/** `held`: pop positions the first back-end keeps (never completes); it completes the others. */
+async function run(t: ExecutionContext, packed: boolean, workers: boolean, held: number[]): Promise<void> {
+  const HELD = held;
+  const COMPLETED = [...Array(CHAINS).keys()].filter((k) => !held.includes(k));
   const negotiate = { packed, eventIdx: true };
   const first = await backend({ numQueues: 2, inflight: true, holdPops: HELD }, workers);
   t.teardown(() => first.ts.close());
@@ -70,7 +70,7 @@ async function run(t: ExecutionContext, packed: boolean, workers: boolean): Prom
   }
   if (workers) t.deepEqual(first.device.starts, [0, 0], 'the queues ran in worker threads');
 
-  // The back-end goes away with 4 chains per queue in flight; the front-end reconnects to a new one.
+  // The back-end goes away with those chains in flight; the front-end reconnects to a new one.
   const bases = [fe.crashBase(0), fe.crashBase(1)];
   const second = await backend({ numQueues: 2, inflight: true }, workers);
   t.teardown(() => second.ts.close());
@@ -80,7 +80,7 @@ async function run(t: ExecutionContext, packed: boolean, workers: boolean): Prom
   await fe.restartQueue(1, bases[1]!);
   for (const q of [0, 1]) {
     fe.kick(q);
-    const again = await fe.collect(q, HELD.length);
+    const again = HELD.length === 0 ? [] : await fe.collect(q, HELD.length);
     t.deepEqual(
       again.map((c) => c.id),
       HELD.map((k) => ids[q]![k]),
@@ -97,8 +97,13 @@ async function run(t: ExecutionContext, packed: boolean, workers: boolean): Prom
 }
 
 for (const packed of [false, true]) {
+  const rings = packed ? 'packed' : 'split';
   for (const workers of [true, false]) {
-    test.serial(`chains in flight when the back-end went away are resubmitted by the next one: ${packed ? 'packed' : 'split'} rings, ${workers ? 'worker threads' : 'main thread'}`, (t) =>
-      run(t, packed, workers));
+    const where = workers ? 'worker threads' : 'main thread';
+    test.serial(`chains in flight when the back-end went away are resubmitted by the next one: ${rings} rings, ${where}`, (t) => run(t, packed, workers, [1, 3, 4, 5]));
   }
+  // A daemon that exits with nothing in flight (SIGTERM) still leaves the ring position: QEMU has
+  // none to give for a packed ring, whose base after the reconnect is the one of the last start.
+  test.serial(`after a back-end went away with nothing in flight the next one goes on where the ring is: ${rings} rings, worker threads`, (t) =>
+    run(t, packed, true, []));
 }
