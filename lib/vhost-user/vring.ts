@@ -128,13 +128,24 @@ export class Vring {
     this.remote = null;
   }
 
-  /** Replace the call or err fd, closing what was there. */
+  /**
+   * Replace the call or err fd, closing what was there. A running ring's new call fd is signalled
+   * once the queue uses it: chains it completed meanwhile were signalled on the old fd, which the
+   * front-end may no longer watch (QEMU swaps its masked notifier for the irqfd right after the rings
+   * start, and after a reconnect a request the guest sent while the back-end was away completes in
+   * between: the guest would wait for it forever). libvhost-user does the same ("in case of I/O hang
+   * after reconnecting"); an extra interrupt costs the driver one look at the used ring.
+   */
   setFd(slot: 'callFd' | 'errFd', fd: number): Promise<void> | undefined {
     const old = this[slot];
     this[slot] = fd;
     if (slot === 'callFd') this.driver?.setCallFd(fd);
     if (old >= 0) native.close(old);
-    return slot === 'callFd' ? this.remote?.setCallFd(fd) : undefined;
+    if (slot !== 'callFd') return undefined;
+    if (this.driver !== null) signalEventfd(fd);
+    return this.remote?.setCallFd(fd).then(() => {
+      if (this.callFd === fd) signalEventfd(fd);
+    });
   }
 
   /** Replace the kick fd; a running ring moves its watch to the new fd before the old one closes. */
