@@ -12,7 +12,7 @@
  *
  * The disk is idle when the daemon stops (the guest synced and waits): a request the old daemon had
  * taken but not completed is recovered through VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, tested with
- * SIGKILL under load in blk-inflight.test.ts.
+ * SIGKILL under load in inflight.test.ts.
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
