@@ -14,7 +14,7 @@ import test, { type ExecutionContext } from 'ava';
 import { native } from '../../../native';
 import { DEFAULT_LAYOUT, type ChainSpec } from '../../helpers/frontend';
 import { TestDevice, transform, type TestDeviceOptions } from '../../helpers/test-device';
-import { TestServer, pattern } from './harness';
+import { assertServes, TestServer, pattern } from './harness';
 
 const SIZE = 16;
 const CHAINS = 6;
@@ -106,4 +106,39 @@ for (const packed of [false, true]) {
   // none to give for a packed ring, whose base after the reconnect is the one of the last start.
   test.serial(`after a back-end went away with nothing in flight the next one goes on where the ring is: ${rings} rings, worker threads`, (t) =>
     run(t, packed, true, []));
+}
+
+for (const workers of [true, false]) {
+  test.serial(`an area the front-end filled with a bad record refuses the ring and the daemon keeps serving: packed ring, ${workers ? 'worker thread' : 'main thread'}`, async (t) => {
+    const { ts } = await backend({ numQueues: 2, inflight: true }, workers);
+    t.teardown(() => ts.close());
+    const fe = ts.connect();
+    t.teardown(() => fe.close());
+    await fe.negotiate({ packed: true });
+    await fe.setMemTable(DEFAULT_LAYOUT);
+    const area = await fe.getInflightFd(2, SIZE);
+    t.teardown(() => native.close(area.fd));
+    // Queue 0's record: version 1, the right size, a free list whose head is past the ring.
+    const mapping = native.mmap(area.fd, Number(area.mmapSize), 0, true);
+    t.teardown(() => native.munmap(mapping.id));
+    const u16 = new Uint16Array(mapping.views[0]!.buffer, mapping.views[0]!.byteOffset, 16);
+    u16[4] = 1;
+    u16[5] = SIZE;
+    u16[6] = u16[7] = 0x7fff;
+    await fe.setInflightFd(area);
+    if (workers) {
+      // The worker maps its part and reports the ring broken; the connection stays.
+      await fe.setupQueue(0, SIZE);
+      t.true(await until(() => ts.server.vrings[0]!.broken), 'queue 0 broken');
+      t.true(ts.logged('VIRTQ_BAD_INFLIGHT').length > 0);
+      const data = pattern(50, 3);
+      await fe.setupQueue(1, SIZE, { ringRegion: 1 });
+      t.deepEqual((await fe.transfer(1, { readable: [{ data, region: 1 }], writable: [{ length: data.length, region: 1 }] })).written, transform(1, data), 'the other ring serves');
+    } else {
+      // On the main thread the ring start fails the message: the connection is dropped with the code.
+      await t.throwsAsync(() => fe.setupQueue(0, SIZE));
+      t.is((await ts.nextDisconnect()).code, 'VHOST_USER_BAD_INFLIGHT');
+      await assertServes(t, ts);
+    }
+  });
 }
