@@ -234,9 +234,9 @@ function entryAt(e: number): number {
  * the record keeps a copy of each popped ring descriptor in an entry taken from a free list (entries
  * are linked by `next`; a chain's entries by the same links, its head entry naming the `last` one and
  * their `num`). The ring calls, per vhost-user.rst:
- * - `popped(chain)` after a pop (head entry: num 0, counter, inflight 1; then per descriptor a copy,
+ * - `popped` after a pop (head entry: num 0, counter, inflight 1; then per descriptor a copy,
  *   free_head moves on; last: `last`, and old_free_head catches up, which commits the pop);
- * - `used(chain)` per used descriptor, `publishing(usedIdx, usedWrap)` right before the store that makes
+ * - `used(entry)` per used descriptor, `publishing(usedIdx, usedWrap)` right before the store that makes
  *   the batch visible (entries back on the free list, used_idx and wrap), `published()` right after it
  *   (inflight 0, then old_free_head, old_used_idx, old_used_wrap_counter: the commit).
  * A crash at any store leaves either the old or the new state, which {@link recover} tells apart by
