@@ -258,10 +258,10 @@ guestTest('blk under socket activation (--fd, the socket outlives the daemon): t
 );
 
 /**
- * scsi with packed rings across a restart: the guest's disk stays (QEMU reconnects and sets the rings
- * up again), data written before reads back after, new writes go through the new daemon.
+ * scsi across a restart, split or packed rings: the guest's disk stays (QEMU reconnects and sets the
+ * rings up again), data written before reads back after, new writes go through the new daemon.
  */
-async function scsiPackedRestart(t: ExecutionContext): Promise<void> {
+async function scsiRestart(t: ExecutionContext, packed: boolean): Promise<void> {
   const dir = socketDir('scsi');
   const image = path.join(dir, 'lun0.img');
   fs.writeFileSync(image, '');
@@ -273,7 +273,7 @@ async function scsiPackedRestart(t: ExecutionContext): Promise<void> {
     const result = await runGuest({
       qemuArgs: [
         '-chardev', `socket,id=scsi0,path=${daemon.socketPath},${reconnectOption()}`,
-        '-device', 'vhost-user-scsi-pci,chardev=scsi0,packed=on',
+        '-device', `vhost-user-scsi-pci,chardev=scsi0${packed ? ',packed=on' : ''}`,
       ],
       timeoutMs: 90_000,
       onConsoleLine: (line) => daemon.onLine(line),
@@ -306,7 +306,7 @@ mark two_back "$(dd if=$D bs=65536 skip=256 count=64 2>/dev/null | md5)"
     const why = explain(result, daemon);
     t.is(result.exitStatus, 0, why);
     checkRestart(t, daemon, why);
-    t.is(result.mark('packed'), '1', `the driver negotiated packed rings\n${why}`);
+    t.is(result.mark('packed'), packed ? '1' : '0', `the driver negotiated ${packed ? 'packed' : 'split'} rings\n${why}`);
     const one = result.mark('one');
     const two = result.mark('two');
     t.truthy(one, why);
@@ -333,4 +333,5 @@ mark two_back "$(dd if=$D bs=65536 skip=256 count=64 2>/dev/null | md5)"
  * request the guest sent while the daemon was away completes before QEMU installs its irqfd (the
  * last SET_VRING_CALL): the new call fd is signalled once (vring.ts setFd), or the guest waits forever.
  */
-guestTest('scsi with packed rings (packed=on): data written before a daemon restart reads back after it', (t) => scsiPackedRestart(t));
+guestTest('scsi with packed rings (packed=on): data written before a daemon restart reads back after it', (t) => scsiRestart(t, true));
+guestTest('scsi with split rings: data written before a daemon restart reads back after it', (t) => scsiRestart(t, false));
