@@ -16,6 +16,7 @@ import { DirtyLog } from '../memory/dirty-log';
 import type { GuestMemory } from '../memory/guest-memory';
 import { mapGuestMemory } from '../memory/mapped-region';
 import type { DeviceBackend, DeviceContext } from '../vhost-user/device-backend';
+import { InflightPart } from '../vhost-user/inflight-region';
 import { QueueDriver } from '../vhost-user/queue-driver';
 import type { LogFields, LogLevel, Logger } from './logger';
 import { CounterSlot, type DirtyLogMessage, type FromWorker, type RegionMessage, type ToWorker, type WorkerData } from './queue-worker-protocol';
@@ -51,10 +52,25 @@ class WorkerQueue {
   private readonly counters: Float64Array;
   /** This worker's mapping of the dirty page log while a live migration logs. */
   private dirtyLog: DirtyLog | null = null;
+  /** This worker's mapping of the queue's part of the inflight area. */
+  private readonly inflight: InflightPart | null = null;
 
   constructor(message: Extract<ToWorker, { type: 'start' }>) {
     this.counters = new Float64Array(message.counters);
-    this.memory = mapRegions(message.regions);
+    try {
+      this.memory = mapRegions(message.regions);
+    } catch (err) {
+      if (message.inflight !== null) native.close(message.inflight.fd);
+      if (message.dirtyLog !== null) native.close(message.dirtyLog.fd);
+      throw err;
+    }
+    try {
+      this.inflight = message.inflight === null ? null : new InflightPart(message.inflight); // takes the fd
+    } catch (err) {
+      this.memory.close();
+      if (message.dirtyLog !== null) native.close(message.dirtyLog.fd);
+      throw err;
+    }
     try {
       const { index, size, addresses, base, packed, eventIdx, indirect, enabled, kickFd, callFd, pollUs } = message;
       this.driver = new QueueDriver({
@@ -69,6 +85,7 @@ class WorkerQueue {
         kickFd,
         callFd,
         pollUs,
+        inflight: this.inflight?.view,
         memory: this.memory,
         device,
         onBroken: (text, code) => post({ type: 'broken', index, message: text, code }),
@@ -76,6 +93,7 @@ class WorkerQueue {
       });
     } catch (err) {
       this.memory.close();
+      this.inflight?.close();
       if (message.dirtyLog !== null) native.close(message.dirtyLog.fd);
       throw err;
     }
@@ -83,6 +101,7 @@ class WorkerQueue {
       this.setDirtyLog(message.dirtyLog); // takes the log fd, closed on failure
     } catch (err) {
       this.memory.close();
+      this.inflight?.close();
       throw err;
     }
   }
@@ -131,12 +150,13 @@ class WorkerQueue {
   }
 
   /** Wait for the device, report the base, release fds and memory. */
-  async stop(): Promise<number> {
-    const base = await this.driver.stop();
+  async stop(baseTaken = false): Promise<number> {
+    const base = await this.driver.stop(baseTaken);
     this.syncCounters();
     this.setKickFd(-1);
     this.setCallFd(-1);
     this.memory.close();
+    this.inflight?.close();
     this.dirtyLog?.close();
     this.dirtyLog = null;
     return base;
@@ -248,7 +268,7 @@ async function handle(message: ToWorker): Promise<void> {
       let base: number | null = null;
       if (q !== undefined) {
         queues.delete(message.index);
-        base = await q.stop();
+        base = await q.stop(message.baseTaken);
       }
       if (queues.size === 0 && counterTimer !== null) {
         clearInterval(counterTimer);

@@ -4,6 +4,7 @@
  */
 import type { MetricSnapshot } from '../metrics/thread-metrics';
 import type { LogFields, LogLevel } from './logger';
+import type { InflightPartMessage } from '../vhost-user/inflight-region';
 import type { RingAddresses } from '../virtqueue/virtqueue';
 
 /** `workerData` of a queue worker. */
@@ -67,6 +68,8 @@ export type ToWorker =
       counters: SharedArrayBuffer;
       /** Logging is on (live migration): mark what the queue writes here. */
       dirtyLog: DirtyLogMessage | null;
+      /** The queue's part of the inflight area (INFLIGHT_SHMFD), with a dup of the area's fd. */
+      inflight: InflightPartMessage | null;
     }
   | { type: 'kick'; index: number; fd: number }
   | { type: 'call'; index: number; fd: number }
@@ -74,7 +77,7 @@ export type ToWorker =
   | { type: 'memory'; index: number; regions: RegionMessage[] }
   /** Logging started, stopped or moved to a new log (live migration). */
   | { type: 'dirty-log'; index: number; dirtyLog: DirtyLogMessage | null }
-  | { type: 'stop'; index: number }
+  | { type: 'stop'; index: number; baseTaken: boolean }
   | { type: 'config'; offset: number; data: Uint8Array }
   /** RESET_OWNER / RESET_DEVICE, after every queue of the worker stopped. */
   | { type: 'reset' }

@@ -30,6 +30,7 @@ import type { GuestMemory } from '../memory/guest-memory';
 import { MappedRegion } from '../memory/mapped-region';
 import { lastingMetrics, mergeSnapshots, type MetricSnapshot } from '../metrics/thread-metrics';
 import type { RingLogSpec } from '../virtqueue/ring-log';
+import type { InflightPartMessage } from '../vhost-user/inflight-region';
 import type { PollCounters } from '../vhost-user/queue-driver';
 import type { QueueCounters, RingAddresses } from '../virtqueue/virtqueue';
 import { silentLogger, type Logger } from './logger';
@@ -77,6 +78,8 @@ export interface RemoteQueueSpec {
   callFd: number;
   /** Logging is on (live migration): the worker maps its own view of the log. */
   dirtyLog: RingLogSpec | null;
+  /** The queue's part of the inflight area (its fd is dup'ed for the worker, which maps it). */
+  inflight: InflightPartMessage | null;
   /** The worker found the ring broken (or died). */
   onBroken(message: string, code: string | undefined): void;
 }
@@ -161,11 +164,11 @@ export class RemoteQueue {
     this.acks.shift()?.();
   }
 
-  /** Stop the queue: resolves with its base once the device drained it (null if the worker died). */
-  stop(): Promise<number | null> {
+  /** Stop the queue (QueueDriver.stop): resolves with its base once the device drained it (null if the worker died). */
+  stop(baseTaken = false): Promise<number | null> {
     return new Promise((resolve) => {
       this.stopped = resolve;
-      if (!this.slot.send({ type: 'stop', index: this.index })) this.finish(null);
+      if (!this.slot.send({ type: 'stop', index: this.index, baseTaken })) this.finish(null);
     });
   }
 
@@ -262,6 +265,7 @@ class WorkerSlot {
       callFd: spec.callFd < 0 ? -1 : native.dup(spec.callFd),
       counters: queue.counters.buffer as SharedArrayBuffer,
       dirtyLog: dirtyLogMessage(spec.dirtyLog),
+      inflight: spec.inflight === null ? null : { ...spec.inflight, fd: native.dup(spec.inflight.fd) },
     });
     if (!sent || this.worker !== worker) throw new Error(`queue worker ${this.id} is gone`);
     return queue;
@@ -341,6 +345,7 @@ function closeFds(message: ToWorker): void {
   if (message.type === 'kick' || message.type === 'call') fds.push(message.fd);
   if (message.type === 'start' || message.type === 'memory') fds.push(...message.regions.map((r) => r.fd));
   if ((message.type === 'start' || message.type === 'dirty-log') && message.dirtyLog !== null) fds.push(message.dirtyLog.fd);
+  if (message.type === 'start' && message.inflight !== null) fds.push(message.inflight.fd);
   for (const fd of fds) if (fd >= 0) native.close(fd);
 }
 

@@ -422,7 +422,7 @@ const entries: Record<number, EntrySpec> = {
     async handle(c, m) {
       const vring = vringAt(c, m.view.getUint32(0, true));
       // vhost-user.rst: "stop a ring upon receiving VHOST_USER_GET_VRING_BASE".
-      const base = await vring.stop();
+      const base = await vring.stop(true);
       vring.setFd('callFd', -1);
       return vringState(vring.index, base ?? 0);
     },
@@ -561,13 +561,14 @@ const entries: Record<number, EntrySpec> = {
 
   [Request.GET_INFLIGHT_FD]: {
     // vhost-user.rst: the front-end names the queues and ring size; the back-end answers with a new
-    // area (mmap_size, mmap_offset) and its fd. SET_FEATURES came first, so the ring layout is known.
+    // area (mmap_size, mmap_offset) and its fd. Sized for either ring layout: QEMU keeps one area over
+    // driver resets that may change it.
     size: INFLIGHT_PAYLOAD_SIZE,
     fds: 'none',
     requires: ProtocolFeature.INFLIGHT_SHMFD,
     handle(c, m) {
-      const { fd, description } = createInflightArea(decodeInflight(m.view), inflightTracked(c), c.vrings.length, c.device.maxQueueSize);
-      return { payload: encodeInflight(description), fds: fd === null ? [] : [fd] };
+      const { fd, description } = createInflightArea(decodeInflight(m.view), c.vrings.length, c.device.maxQueueSize);
+      return { payload: encodeInflight(description), fds: [fd] };
     },
   },
 
@@ -580,7 +581,7 @@ const entries: Record<number, EntrySpec> = {
     handle(c, m) {
       const running = c.vrings.find((vring) => vring.started);
       if (running !== undefined) throw new ProtocolError('VHOST_USER_BAD_STATE', `SET_INFLIGHT_FD while queue ${running.index} runs`);
-      const area = InflightArea.map(m.fds[0]!, decodeInflight(m.view), inflightTracked(c), c.vrings.length, c.device.maxQueueSize);
+      const area = InflightArea.map(m.fds[0]!, decodeInflight(m.view), c.vrings.length, c.device.maxQueueSize);
       m.fds[0] = -1;
       c.setInflight(area);
       return undefined;
@@ -601,11 +602,6 @@ const entries: Record<number, EntrySpec> = {
 
   [Request.GET_STATUS]: { size: 0, fds: 'none', requires: ProtocolFeature.STATUS, handle: (c) => u64(BigInt(c.status)) },
 };
-
-/** Rings get an inflight area: split rings run on the main thread (packed and worker queues: not yet). */
-function inflightTracked(c: VhostUserConnection): boolean {
-  return !negotiated(c, VIRTIO_F_RING_PACKED) && c.queueWorkers === null;
-}
 
 /** GET_CONFIG / SET_CONFIG: the region must lie inside the 256-byte config space and match the payload. */
 function checkConfigRequest(m: Message): { offset: number; size: number } {

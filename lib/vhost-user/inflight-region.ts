@@ -66,23 +66,51 @@ function checkShape(numQueues: number, queueSize: number, deviceQueues: number, 
 }
 
 /**
- * GET_INFLIGHT_FD: a new zeroed area for `numQueues` split rings of `queueSize`, as a sealed memfd.
- * Returns the fd (the caller sends and closes it) and its description. With `tracked` false (packed
- * rings, queues in worker threads: not tracked yet) the answer is mmap_size 0 and no fd, which QEMU
- * takes as "no inflight area" (vhost_user_get_inflight_fd) and then sends no SET_INFLIGHT_FD.
+ * GET_INFLIGHT_FD: a new zeroed area for `numQueues` rings of `queueSize`, as a sealed memfd, with
+ * room for either ring layout (inflight.ts). Returns the fd (the caller sends and closes it) and its
+ * description.
  */
-export function createInflightArea(
-  request: InflightDescription,
-  tracked: boolean,
-  deviceQueues: number,
-  maxQueueSize: number,
-): { fd: number | null; description: InflightDescription } {
+export function createInflightArea(request: InflightDescription, deviceQueues: number, maxQueueSize: number): { fd: number; description: InflightDescription } {
   const { numQueues, queueSize } = request;
   checkShape(numQueues, queueSize, deviceQueues, maxQueueSize);
-  if (!tracked) return { fd: null, description: { mmapSize: 0n, mmapOffset: 0n, numQueues, queueSize } };
   const size = numQueues * inflightQueueBytes(queueSize);
   const fd = native.memfdCreateSealed('vhostd-inflight', size);
   return { fd, description: { mmapSize: BigInt(size), mmapOffset: 0n, numQueues, queueSize } };
+}
+
+/**
+ * One queue's part of an area as a queue worker maps it (lib/runtime/queue-workers.ts): the area's fd
+ * (a dup in the message) and place in it, and the part's bytes from the mapping's start.
+ */
+export interface InflightPartMessage {
+  fd: number;
+  mmapOffset: number;
+  size: number;
+  start: number;
+  length: number;
+}
+
+/** A queue worker's mapping of its part of the area. Takes `message.fd` (closed here on failure). */
+export class InflightPart {
+  readonly view: Uint8Array;
+  private mapping: Mapping | null;
+
+  constructor(private readonly message: InflightPartMessage) {
+    try {
+      this.mapping = native.mmap(message.fd, message.size, message.mmapOffset, true);
+    } catch (err) {
+      native.close(message.fd);
+      throw bad(`cannot be mapped: ${(err as Error).message}`);
+    }
+    this.view = partOf(this.mapping, message.start, message.length);
+  }
+
+  close(): void {
+    if (this.mapping === null) return;
+    native.munmap(this.mapping.id);
+    this.mapping = null;
+    native.close(this.message.fd);
+  }
 }
 
 /** A mapped inflight area (SET_INFLIGHT_FD). Owns the fd and the mapping until {@link close}. */
@@ -100,9 +128,8 @@ export class InflightArea {
    * Check SET_INFLIGHT_FD's description and fd and map the area. Takes no ownership when it throws
    * ProtocolError VHOST_USER_BAD_INFLIGHT; on success the area owns `fd`.
    */
-  static map(fd: number, description: InflightDescription, tracked: boolean, deviceQueues: number, maxQueueSize: number): InflightArea {
+  static map(fd: number, description: InflightDescription, deviceQueues: number, maxQueueSize: number): InflightArea {
     const { numQueues, queueSize, mmapSize, mmapOffset } = description;
-    if (!tracked) throw bad('was sent for rings this back-end does not track (GET_INFLIGHT_FD answered none)');
     checkShape(numQueues, queueSize, deviceQueues, maxQueueSize);
     const expected = numQueues * inflightQueueBytes(queueSize);
     // The area must be exactly what GET_INFLIGHT_FD made for this shape; anything else is a made-up one.
@@ -140,9 +167,20 @@ export class InflightArea {
    */
   queueView(index: number, ringSize: number): Uint8Array | undefined {
     const mapping = this.mapping;
-    if (mapping === null || index >= this.numQueues) return undefined;
+    if (mapping === null || !this.covers(index, ringSize)) return undefined;
+    return partOf(mapping, index * this.queueStride, this.queueStride);
+  }
+
+  /** Queue `index`'s part for a queue worker (its fd not yet dup'ed), as {@link queueView} decides. */
+  queuePart(index: number, ringSize: number): InflightPartMessage | undefined {
+    if (this.mapping === null || !this.covers(index, ringSize)) return undefined;
+    return { fd: this.fd, mmapOffset: this.offset, size: this.size, start: index * this.queueStride, length: this.queueStride };
+  }
+
+  private covers(index: number, ringSize: number): boolean {
+    if (index >= this.numQueues) return false;
     if (ringSize > this.queueSize) throw bad(`tracks rings of ${this.queueSize}, queue ${index} has ${ringSize}`);
-    return queueSlice(mapping, index, this.queueStride);
+    return true;
   }
 
   /** Unmap and close the fd (a new SET_INFLIGHT_FD, or the front-end went away). */
@@ -154,8 +192,8 @@ export class InflightArea {
   }
 }
 
-/** Queue `index`'s `stride` bytes of a mapped area (areas are far below one view stride). */
-export function queueSlice(mapping: Mapping, index: number, stride: number): Uint8Array {
+/** `length` bytes from `start` of a mapped area (areas are far below one view stride). */
+function partOf(mapping: Mapping, start: number, length: number): Uint8Array {
   if (mapping.length > MAP_VIEW_STRIDE) throw bad(`of ${mapping.length} bytes is larger than one view`);
-  return mapping.views[0]!.subarray(index * stride, (index + 1) * stride);
+  return mapping.views[0]!.subarray(start, start + length);
 }

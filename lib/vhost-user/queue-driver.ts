@@ -139,11 +139,17 @@ export class QueueDriver {
     }
   }
 
-  /** Stop watching, wait until the device has nothing of this queue in flight, return the ring base. */
-  async stop(): Promise<number> {
+  /**
+   * Stop watching, wait until the device has nothing of this queue in flight, return the ring base.
+   * `baseTaken`: the front-end asked for the base (GET_VRING_BASE) and restarts the ring from it, so
+   * the inflight record is not needed any more (Virtqueue.clearInflight). Otherwise (disconnect,
+   * daemon exit) the record stays: it is where the next daemon finds a packed ring's position.
+   */
+  async stop(baseTaken = false): Promise<number> {
     this.unwatch();
     this.endPoll(false);
     await this.device.stopQueue?.(this.index);
+    if (baseTaken) this.queue.clearInflight();
     return this.queue.base();
   }
 

@@ -12,7 +12,8 @@
  * validates the ring addresses here (same errors as on this thread), hands the worker dups of the
  * memory, kick and call fds, forwards kick/call/enable/memory changes, asks it to stop, and keeps
  * the err fd (the worker, which runs the same QueueDriver, reports ring errors back). See
- * lib/runtime/queue-workers.ts.
+ * lib/runtime/queue-workers.ts. With an inflight area (SET_INFLIGHT_FD) every ring, split or packed,
+ * here or in a worker (which maps its own part of the area), tracks what it has in flight.
  */
 import { native } from '../../native';
 import type { DirtyLog } from '../memory/dirty-log';
@@ -127,13 +128,24 @@ export class Vring {
     this.remote = null;
   }
 
-  /** Replace the call or err fd, closing what was there. */
+  /**
+   * Replace the call or err fd, closing what was there. A running ring's new call fd is signalled
+   * once the queue uses it: chains it completed meanwhile were signalled on the old fd, which the
+   * front-end may no longer watch (QEMU swaps its masked notifier for the irqfd right after the rings
+   * start, and after a reconnect a request the guest sent while the back-end was away completes in
+   * between: the guest would wait for it forever). libvhost-user does the same ("in case of I/O hang
+   * after reconnecting"); an extra interrupt costs the driver one look at the used ring.
+   */
   setFd(slot: 'callFd' | 'errFd', fd: number): Promise<void> | undefined {
     const old = this[slot];
     this[slot] = fd;
     if (slot === 'callFd') this.driver?.setCallFd(fd);
     if (old >= 0) native.close(old);
-    return slot === 'callFd' ? this.remote?.setCallFd(fd) : undefined;
+    if (slot !== 'callFd') return undefined;
+    if (this.driver !== null) signalEventfd(fd);
+    return this.remote?.setCallFd(fd).then(() => {
+      if (this.callFd === fd) signalEventfd(fd);
+    });
   }
 
   /** Replace the kick fd; a running ring moves its watch to the new fd before the old one closes. */
@@ -167,30 +179,32 @@ export class Vring {
       kickFd: this.kickFd,
       callFd: this.callFd,
       enabled: this.enabled,
-      // QEMU asks for the inflight area (GET_INFLIGHT_FD) before SET_FEATURES, so it is made for split
-      // rings even when the guest then picks packed ones; packed rings run untracked.
-      inflight: env.packed ? undefined : env.inflight?.queueView(this.index, this.num),
       pollUs: env.pollUs ?? 0,
       onBroken: (message: string, code: string | undefined) => this.reportBroken(message, code),
     };
     const group = env.device.queueGroup !== undefined ? env.device.queueGroup(this.index) : this.index;
     if (env.workers !== undefined && group !== null) {
-      // Checked here first (a throwaway queue only reads), so a bad ring fails as it does on this thread.
+      // Checked here first (a throwaway queue only reads; the inflight area is left to the worker, which
+      // maps its own part and reports a bad one as a broken ring), so a bad ring fails as on this thread.
       createVirtqueue({ ...options, notify: () => undefined }, env.packed); // throws VIRTQ_NO_RING / VIRTQ_BAD_BASE
-      this.remote = env.workers.start({ ...options, group, features: env.features ?? 0n, dirtyLog: this.ringLogSpec() });
+      const inflight = env.inflight?.queuePart(this.index, this.num) ?? null;
+      this.remote = env.workers.start({ ...options, group, features: env.features ?? 0n, dirtyLog: this.ringLogSpec(), inflight });
       return;
     }
-    this.driver = new QueueDriver({ ...options, device: env.device });
+    this.driver = new QueueDriver({ ...options, device: env.device, inflight: env.inflight?.queueView(this.index, this.num) });
     this.driver.queue.setDirtyLog(this.ringLogSpec());
     this.driver.start();
   }
 
-  /** Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base. */
-  async stop(): Promise<number | null> {
+  /**
+   * Stop the ring (GET_VRING_BASE, reset, disconnect): wait for the device, then report the base.
+   * `baseTaken` for GET_VRING_BASE (see QueueDriver.stop).
+   */
+  async stop(baseTaken = false): Promise<number | null> {
     this.setKickFd(-1);
     const running = this.driver ?? this.remote;
     if (running !== null) {
-      const base = await running.stop();
+      const base = await running.stop(baseTaken);
       if (base !== null) this.base = base;
     }
     this.retireQueue();

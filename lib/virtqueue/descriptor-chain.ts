@@ -28,6 +28,8 @@ export class DescriptorChain {
   ringDescriptors = 0;
   /** Four words per ring descriptor as read at pop: address low, address high, length, flags. */
   ringDescriptorWords = new Uint32Array(4 * INITIAL_SEGMENTS);
+  /** Packed rings with an inflight area: the area entry that records the chain (inflight.ts). */
+  inflightEntry = 0;
   /** Pops of its queue before this one (pool bookkeeping: which chain was popped last). */
   popSerial = 0;
   /** The queue that handed this chain out and has not had it back (pool bookkeeping). */

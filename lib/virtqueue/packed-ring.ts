@@ -29,6 +29,7 @@ import {
   VIRTQUEUE_MAX_SIZE,
 } from '../virtio/constants';
 import { fullFence } from './barrier';
+import { PackedInflight } from './inflight';
 import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
@@ -38,6 +39,7 @@ import { RingLog, userToGuestAddress, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
 
 const USED_BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
+const NOTHING_TO_RESUBMIT = new Uint16Array(0);
 
 /**
  * A packed ring's device side. Construct through `createVirtqueue`; throws RingError VIRTQ_NO_RING when
@@ -83,10 +85,14 @@ export class PackedRing implements Virtqueue {
   /** Set while a live migration logs dirty pages (ring-log.ts), with the spec it was built from. */
   private log: RingLog | null = null;
   private logSpec: RingLogSpec | null = null;
+  /** Inflight tracking (INFLIGHT_SHMFD), or null when the front-end gave no area. */
+  private readonly inflight: PackedInflight | null = null;
+  /** Head entries of the chains an earlier process left in flight, popped before the ring, oldest first. */
+  private resubmit: Uint16Array = NOTHING_TO_RESUBMIT;
+  private resubmitAt = 0;
 
   constructor(options: VirtqueueOptions) {
     const { size, base } = options;
-    if (options.inflight !== undefined) throw new RingError('VIRTQ_BAD_INFLIGHT', 'packed rings do not track in-flight chains');
     if (!Number.isInteger(size) || size < 1 || size > VIRTQUEUE_MAX_SIZE) {
       throw new RangeError(`packed queue size ${size} is not in 1..32768`);
     }
@@ -113,6 +119,22 @@ export class PackedRing implements Virtqueue {
       throw err;
     }
     this.walker = new ChainWalker(size, true, options.indirect, options.memory);
+    if (options.inflight !== undefined) {
+      this.inflight = new PackedInflight(options.inflight, size);
+      const desc16 = this.desc16;
+      const recovery = this.inflight.recover(this.usedPublished, this.usedPublishedWrap, (slot) => desc16[slot * 8 + 7]!);
+      if (recovery !== null) {
+        // The area, not the base, says where the ring is: after a crash QEMU has no packed ring state to
+        // give back (it keeps the base of the last start), and the slots of the chains in flight lie
+        // between the used position and the next available one.
+        this.usedPublished = this.usedShadow = recovery.usedIdx;
+        this.usedPublishedWrap = this.usedShadowWrap = recovery.usedWrap;
+        this.nextAvail = recovery.nextAvail;
+        this.availWrap = recovery.availWrap;
+        this.resubmit = recovery.resubmit;
+        this.hideStaleUsed(recovery.slots);
+      }
+    }
   }
 
   get inFlight(): number {
@@ -121,6 +143,7 @@ export class PackedRing implements Virtqueue {
 
   pop(): DescriptorChain | null {
     if (this.batchPopped >= this.burst) return null;
+    if (this.resubmitAt < this.resubmit.length) return this.popResubmitted();
     const desc16 = this.desc16;
     if (desc16.length === 0) throw new RingError('VIRTQ_NO_RING', 'descriptor ring is no longer mapped');
     if (!this.isAvailable(desc16[this.nextAvail * 8 + 7]!)) return null;
@@ -153,6 +176,7 @@ export class PackedRing implements Virtqueue {
       }
       if ((flags & VRING_DESC_F_NEXT) === 0) break;
     }
+    if (this.inflight !== null) chain.inflightEntry = this.inflight.popped(chain.ringDescriptors, chain.ringDescriptorWords, id);
     this.pool.take(this);
     chain.head = id;
     this.nextAvail = slot;
@@ -163,8 +187,25 @@ export class PackedRing implements Virtqueue {
     return chain;
   }
 
+  /** Pop the next chain an earlier process left in flight, from the descriptors the area kept. */
+  private popResubmitted(): DescriptorChain {
+    const entry = this.resubmit[this.resubmitAt++]!;
+    const chain = this.pool.peek()!; // at most `size` chains are in flight
+    const walker = this.walker;
+    walker.begin(chain);
+    const id = this.inflight!.walkSaved(entry, (addrLo, addrHi, len, flags) => walker.descriptor(chain, addrLo, addrHi, len, flags));
+    this.pool.take(this);
+    chain.head = id;
+    chain.inflightEntry = entry;
+    this.batchPopped++;
+    this.counters.requests++;
+    this.counters.bytesRead += chain.readableLength;
+    return chain;
+  }
+
   pushUsed(chain: DescriptorChain, written: number): void {
     this.pool.give(chain, this);
+    this.inflight?.used(chain.inflightEntry);
     const len = written > chain.writableLength ? chain.writableLength : written;
     const slot = this.usedShadow;
     // §2.8.1: "To mark a descriptor as used, the device sets the VIRTQ_DESC_F_USED bit in Flags to match
@@ -204,7 +245,9 @@ export class PackedRing implements Virtqueue {
     // Every other used descriptor of the batch is complete; x86-64 keeps stores in order, so the driver
     // cannot see this flag before them (the device's mirror of §2.8.21.1.1, "The driver MUST perform a
     // suitable memory barrier before the flags update").
+    this.inflight?.publishing(this.usedShadow, this.usedShadowWrap);
     this.desc16[this.batchHeadSlot * 8 + 7] = this.batchHeadFlags;
+    this.inflight?.published();
     // Marked after the store: a page the front-end sends between a mark and a later write would stay stale.
     if (this.log !== null) this.log.ring(16 * this.batchHeadSlot, 16);
     this.pending = 0;
@@ -281,7 +324,17 @@ export class PackedRing implements Virtqueue {
   }
 
   unpop(chain: DescriptorChain): void {
+    // The first pops of this queue were the resubmitted chains (pop serials count from 0).
+    if (chain.owner === this && chain.popSerial < this.resubmit.length) {
+      // It came from the inflight area, not the ring: it goes back there, still in flight.
+      this.pool.untake(chain, this);
+      this.resubmitAt--;
+      this.counters.requests--;
+      this.counters.bytesRead -= chain.readableLength;
+      return;
+    }
     this.pool.untake(chain, this);
+    this.inflight?.unpopped(chain.inflightEntry);
     // The chain's slots still hold the driver's descriptors: used descriptors are written from the used
     // position on and, per chain completed, cover as many slots as it took, so they stay behind the
     // slots of every chain still in flight, and the latest popped chain's slots are the last of them.
@@ -293,6 +346,29 @@ export class PackedRing implements Virtqueue {
     this.nextAvail = slot;
     this.counters.requests--;
     this.counters.bytesRead -= chain.readableLength;
+  }
+
+  /**
+   * After a crash the slots of the chains in flight may hold used descriptors of a batch that was
+   * never published (pushUsed writes all but the first one's flags at once). The resubmitted chains
+   * complete in another order, so their used descriptors land elsewhere, and the driver, reading on
+   * past them, would take a stale one for a completion. Those slots are the device's until it uses
+   * them, and it has their descriptors in the area: each gets the driver's "available" flag bits back.
+   */
+  private hideStaleUsed(slots: number): void {
+    let slot = this.usedPublished;
+    let wrap = this.usedPublishedWrap;
+    for (let k = 0; k < slots; k++) {
+      this.desc16[slot * 8 + 7] = wrap === 1 ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED;
+      if (++slot === this.size) {
+        slot = 0;
+        wrap ^= 1;
+      }
+    }
+  }
+
+  clearInflight(): void {
+    if (this.pool.inFlight === 0 && this.pending === 0 && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
   }
 
   /**

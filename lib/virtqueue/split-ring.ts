@@ -276,6 +276,10 @@ export class SplitRing implements Virtqueue {
     this.counters.bytesRead -= chain.readableLength;
   }
 
+  clearInflight(): void {
+    if (this.pool.inFlight === 0 && this.usedShadow === this.usedPublished && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
+  }
+
   setDirtyLog(spec: RingLogSpec | null): void {
     this.log = spec === null ? null : new RingLog(spec.log, spec.usedGuestAddr);
   }

@@ -43,9 +43,10 @@ export interface VirtqueueOptions {
   burst?: number;
   /**
    * This queue's part of the shared inflight area (vhost-user INFLIGHT_SHMFD, inflight.ts), at least
-   * `inflightQueueBytes(size)` bytes, 8-aligned; split rings only (a packed ring refuses it). With it the queue records what it pops and
-   * completes there, and at construction resumes what an earlier process left in flight: those chains
-   * come out of `pop` first, oldest first (the base then follows the area, as in libvhost-user).
+   * `inflightQueueBytes(size)` bytes, 8-aligned, split or packed layout by the ring's. With it the
+   * queue records what it pops and completes there, and at construction resumes what an earlier
+   * process left in flight: those chains come out of `pop` first, oldest first (the ring position
+   * then follows the area, as in libvhost-user and DPDK).
    * Construction throws RingError VIRTQ_BAD_INFLIGHT for an area that fails a check.
    */
   inflight?: Uint8Array;
@@ -128,6 +129,13 @@ export interface Virtqueue {
    * (nothing changes) or VIRTQ_NOT_IN_FLIGHT.
    */
   unpop(chain: DescriptorChain): void;
+
+  /**
+   * The front-end took the base (GET_VRING_BASE) of the drained queue: with nothing in flight, its
+   * inflight record is marked uninitialized, so the next start begins afresh from the front-end's
+   * base in whichever ring layout the driver picks then (a driver reset may switch layouts).
+   */
+  clearInflight(): void;
 
   /**
    * Live migration: from now on mark every page the device writes (completed chains' writable

@@ -221,6 +221,8 @@ class Channel {
   private wake: (() => void) | null = null;
   private peerClosed = false;
   private fdClosed = false;
+  /** Hand received fds over with the message instead of closing them. */
+  keepFds = false;
   /** Resolves when the peer closed the connection (EOF or reset). */
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
@@ -350,8 +352,11 @@ class Channel {
       };
       this.pendingFds = [];
       this.acc = this.acc.slice(HEADER_SIZE + size);
-      // A test front-end keeps no fd from the backend (none of our requests expects one).
-      for (const fd of msg.fds) native.close(fd);
+      // A test front-end keeps no fd from the backend but the one getInflightFd waits for.
+      if (!this.keepFds) {
+        for (const fd of msg.fds) native.close(fd);
+        msg.fds = [];
+      }
       if (this.onMessage?.(msg) === true) continue;
       this.inbox.push(msg);
       this.wake?.();
@@ -796,7 +801,18 @@ export interface QueueState {
   alwaysKick: boolean;
 }
 
+/** An inflight area as GET_INFLIGHT_FD returned it (the fd is the front-end's to keep and close). */
+export interface InflightAreaFd {
+  fd: number;
+  mmapSize: bigint;
+  mmapOffset: bigint;
+  numQueues: number;
+  queueSize: number;
+}
+
 interface QueueInternal extends QueueState {
+  /** The last SET_VRING_BASE sent. */
+  lastBase: number;
   watchers: Watcher[];
   pendingCall: boolean;
   pendingErr: boolean;
@@ -818,7 +834,7 @@ export class Frontend {
   readonly queues = new Map<number, QueueInternal>();
   readonly backendMessages: BackendMessage[] = [];
   negotiated: Negotiated | null = null;
-  private readonly main: Channel;
+  private main: Channel;
   private backend: Channel | null = null;
   private backendWake: (() => void) | null = null;
   private closedByUs = false;
@@ -1001,6 +1017,7 @@ export class Frontend {
     const callFd = native.eventfd(0);
     const errFd = opts.errFd === false ? null : native.eventfd(0);
     const q: QueueInternal = {
+      lastBase: 0,
       index,
       driver,
       kickFd,
@@ -1051,6 +1068,7 @@ export class Frontend {
   private async configureQueue(q: QueueInternal, base: number, enable: boolean | undefined): Promise<void> {
     const { index, driver } = q;
     const areas = driver.areas;
+    q.lastBase = base;
     await this.request(Request.SET_VRING_NUM, encodeVringState(index, driver.size));
     await this.request(Request.SET_VRING_BASE, encodeVringState(index, base));
     await this.request(
@@ -1244,6 +1262,66 @@ export class Frontend {
     native.close(q.callFd);
     if (q.errFd !== null) native.close(q.errFd);
     this.queues.delete(index);
+  }
+
+  /**
+   * The SET_VRING_BASE QEMU sends when a back-end went away without answering GET_VRING_BASE: split,
+   * the used index (virtio_queue_restore_last_avail_idx); packed, the base of the last start (QEMU
+   * has no packed ring state to restore from).
+   */
+  crashBase(index: number): number {
+    const q = this.queue(index);
+    return q.driver instanceof SplitQueueDriver ? q.driver.ring.usedIdx() : q.lastBase;
+  }
+
+  // ---- inflight area (INFLIGHT_SHMFD) ----------------------------------------------------------
+
+  /** GET_INFLIGHT_FD for `numQueues` rings of `queueSize`: the back-end's new area and its fd. */
+  async getInflightFd(numQueues: number, queueSize: number): Promise<InflightAreaFd> {
+    const payload = new Uint8Array(24);
+    const dv = new DataView(payload.buffer);
+    dv.setUint16(16, numQueues, true);
+    dv.setUint16(18, queueSize, true);
+    this.main.keepFds = true;
+    let reply: Message;
+    try {
+      this.send(Request.GET_INFLIGHT_FD, payload);
+      reply = await this.reply(Request.GET_INFLIGHT_FD);
+    } finally {
+      this.main.keepFds = false;
+    }
+    if (reply.payload.length !== 24 || reply.fds.length !== 1) {
+      for (const fd of reply.fds) native.close(fd);
+      throw new FrontendError('FRONTEND_BAD_REPLY', `GET_INFLIGHT_FD reply of ${reply.payload.length} bytes with ${reply.fds.length} fds`);
+    }
+    const rv = new DataView(reply.payload.buffer, reply.payload.byteOffset, 24);
+    return { fd: reply.fds[0]!, mmapSize: rv.getBigUint64(0, true), mmapOffset: rv.getBigUint64(8, true), numQueues: rv.getUint16(16, true), queueSize: rv.getUint16(18, true) };
+  }
+
+  /** SET_INFLIGHT_FD with `area` (the fd stays ours: QEMU keeps it for the next back-end). */
+  async setInflightFd(area: InflightAreaFd): Promise<void> {
+    const payload = new Uint8Array(24);
+    const dv = new DataView(payload.buffer);
+    dv.setBigUint64(0, area.mmapSize, true);
+    dv.setBigUint64(8, area.mmapOffset, true);
+    dv.setUint16(16, area.numQueues, true);
+    dv.setUint16(18, area.queueSize, true);
+    await this.request(Request.SET_INFLIGHT_FD, payload, [area.fd]);
+  }
+
+  /**
+   * What QEMU does when its back-end went away: connect to `path` (the restarted back-end) and
+   * negotiate and send the memory table again. Queues keep their rings, eventfds and the chains in
+   * flight; the caller restarts them (SET_INFLIGHT_FD first, then restartQueue with crashBase).
+   */
+  async reconnect(path: string, negotiate: NegotiateOptions = {}): Promise<void> {
+    this.main.close();
+    this.backend?.close();
+    this.backend = null;
+    this.main = new Channel(native.connectUnix(path));
+    this.closedByUs = false;
+    await this.negotiate(negotiate);
+    await this.sendMemTable();
   }
 
   // ---- config space --------------------------------------------------------------------------

@@ -45,6 +45,13 @@ export interface TestDeviceOptions {
   migratable?: boolean;
   /** `queueGroup(i)` answers `queueGroups[i]` (null: main thread); without it the engine's default. */
   queueGroups?: (number | null)[];
+  /** Offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (crash-safe restart tests). */
+  inflight?: boolean;
+  /**
+   * The chains popped at these positions (0-based, per queue) are kept and never completed, and a
+   * stop leaves them behind: what a daemon killed with requests in flight leaves.
+   */
+  holdPops?: number[];
 }
 
 export class TestDevice implements DeviceBackend {
@@ -65,6 +72,11 @@ export class TestDevice implements DeviceBackend {
   /** Lifecycle hooks in the order they came: "attach", "memory 2" (regions), "start 0", "enabled 0 true", "stop 0", "reset", "detach". */
   readonly calls: string[] = [];
   private readonly deferred: boolean;
+  private readonly inflight: boolean;
+  private readonly holdPops: ReadonlySet<number>;
+  /** Chains popped per queue, and those held (see holdPops). */
+  private readonly popped: number[];
+  readonly held: DescriptorChain[][];
   private readonly pending: Array<Array<{ queue: Virtqueue; chain: DescriptorChain; written: number }>>;
   private readonly drained: Array<Array<() => void>>;
 
@@ -80,6 +92,10 @@ export class TestDevice implements DeviceBackend {
     this.maxQueueSize = opts.maxQueueSize ?? 32768;
     this.migratable = opts.migratable ?? false;
     this.deferred = opts.deferred ?? false;
+    this.inflight = opts.inflight ?? false;
+    this.holdPops = new Set(opts.holdPops);
+    this.popped = new Array<number>(this.numQueues).fill(0);
+    this.held = Array.from({ length: this.numQueues }, () => []);
     this.starts = new Array<number>(this.numQueues).fill(0);
     this.stops = new Array<number>(this.numQueues).fill(0);
     this.completed = new Array<number>(this.numQueues).fill(0);
@@ -93,7 +109,7 @@ export class TestDevice implements DeviceBackend {
   }
 
   protocolFeatures(): bigint {
-    return bit(ProtocolFeature.CONFIG);
+    return bit(ProtocolFeature.CONFIG) | (this.inflight ? bit(ProtocolFeature.INFLIGHT_SHMFD) : 0n);
   }
 
   getConfig(offset: number, size: number): Uint8Array {
@@ -170,6 +186,10 @@ export class TestDevice implements DeviceBackend {
     try {
       drainQueue(queue, {
         handle: (chain) => {
+          if (this.holdPops.has(this.popped[index]!++)) {
+            this.held[index]!.push(chain);
+            return true;
+          }
           const input = new Uint8Array(chain.readableLength);
           chain.read(0, input);
           const output = transform(index, input);

@@ -21,13 +21,14 @@ function request(numQueues: number, queueSize: number): InflightDescription {
 
 test('GET makes a zeroed sealed memfd of one 64-byte-aligned area per queue; SET maps it back', (t) => {
   const baseline = openFds();
-  const { fd, description } = createInflightArea(request(2, 256), true, QUEUES, MAX_QUEUE_SIZE);
-  t.not(fd, null);
+  const { fd, description } = createInflightArea(request(2, 256), QUEUES, MAX_QUEUE_SIZE);
   t.is(description.mmapSize, BigInt(2 * inflightQueueBytes(256)));
   t.is(inflightQueueBytes(256) % 64, 0);
-  t.is(native.deviceSize(fd!), Number(description.mmapSize));
-  t.true((native.fileSeals(fd!) & (F_SEAL_SHRINK | F_SEAL_GROW)) === (F_SEAL_SHRINK | F_SEAL_GROW));
-  const area = InflightArea.map(fd!, description, true, QUEUES, MAX_QUEUE_SIZE);
+  // Room for the packed layout (32-byte header, 32 bytes per descriptor), the larger of the two.
+  t.true(inflightQueueBytes(256) >= 32 + 32 * 256);
+  t.is(native.deviceSize(fd), Number(description.mmapSize));
+  t.true((native.fileSeals(fd) & (F_SEAL_SHRINK | F_SEAL_GROW)) === (F_SEAL_SHRINK | F_SEAL_GROW));
+  const area = InflightArea.map(fd, description, QUEUES, MAX_QUEUE_SIZE);
   const q1 = area.queueView(1, 256)!;
   t.is(q1.byteLength, inflightQueueBytes(256));
   t.true(q1.every((b) => b === 0));
@@ -35,12 +36,6 @@ test('GET makes a zeroed sealed memfd of one 64-byte-aligned area per queue; SET
   t.throws(() => area.queueView(0, 512), { instanceOf: ProtocolError, message: /tracks rings of 256/ });
   area.close();
   t.is(openFds(), baseline);
-});
-
-test('GET for rings that are not tracked answers mmap_size 0 and no fd', (t) => {
-  const { fd, description } = createInflightArea(request(1, 128), false, QUEUES, MAX_QUEUE_SIZE);
-  t.is(fd, null);
-  t.is(description.mmapSize, 0n);
 });
 
 for (const [name, numQueues, queueSize] of [
@@ -51,14 +46,14 @@ for (const [name, numQueues, queueSize] of [
 ] as const) {
   test(`GET for ${name} is refused with VHOST_USER_BAD_INFLIGHT`, (t) => {
     const baseline = openFds();
-    const err = t.throws(() => createInflightArea(request(numQueues, queueSize), true, QUEUES, MAX_QUEUE_SIZE), { instanceOf: ProtocolError });
+    const err = t.throws(() => createInflightArea(request(numQueues, queueSize), QUEUES, MAX_QUEUE_SIZE), { instanceOf: ProtocolError });
     t.is(err?.code, 'VHOST_USER_BAD_INFLIGHT');
     t.is(openFds(), baseline);
   });
 }
 
 const SIZE = BigInt(inflightQueueBytes(128));
-const rows: { name: string; fd(): number; description: InflightDescription; tracked?: boolean }[] = [
+const rows: { name: string; fd(): number; description: InflightDescription }[] = [
   { name: 'an unsealed memfd (could shrink under the mapping)', fd: () => native.memfdCreate('unsealed', Number(SIZE)), description: { mmapSize: SIZE, mmapOffset: 0n, numQueues: 1, queueSize: 128 } },
   { name: 'an eventfd', fd: () => native.eventfd(0), description: { mmapSize: SIZE, mmapOffset: 0n, numQueues: 1, queueSize: 128 } },
   { name: 'a size that is not the shape’s', fd: () => native.memfdCreateSealed('big', 2 * Number(SIZE)), description: { mmapSize: 2n * SIZE, mmapOffset: 0n, numQueues: 1, queueSize: 128 } },
@@ -66,14 +61,14 @@ const rows: { name: string; fd(): number; description: InflightDescription; trac
   { name: 'an unaligned offset', fd: () => native.memfdCreateSealed('odd', 2 * Number(SIZE)), description: { mmapSize: SIZE, mmapOffset: 8n, numQueues: 1, queueSize: 128 } },
   { name: 'an offset near 2^64', fd: () => native.memfdCreateSealed('huge', Number(SIZE)), description: { mmapSize: SIZE, mmapOffset: 0xffff_ffff_ffff_f000n, numQueues: 1, queueSize: 128 } },
   { name: 'more queues than the device has (CVE-2022-0669 class)', fd: () => native.memfdCreateSealed('q', Number(SIZE)), description: { mmapSize: SIZE * 300n, mmapOffset: 0n, numQueues: 300, queueSize: 128 } },
-  { name: 'rings that are not tracked (packed, worker threads)', fd: () => native.memfdCreateSealed('p', Number(SIZE)), description: { mmapSize: SIZE, mmapOffset: 0n, numQueues: 1, queueSize: 128 }, tracked: false },
+  { name: 'a split-only size (too small for a packed ring)', fd: () => native.memfdCreateSealed('split', 2112), description: { mmapSize: 2112n, mmapOffset: 0n, numQueues: 1, queueSize: 128 } },
 ];
 
 for (const row of rows) {
   test(`SET with ${row.name} is refused with VHOST_USER_BAD_INFLIGHT and maps nothing`, (t) => {
     const baseline = openFds();
     const fd = row.fd();
-    const err = t.throws(() => InflightArea.map(fd, row.description, row.tracked ?? true, QUEUES, MAX_QUEUE_SIZE), { instanceOf: ProtocolError });
+    const err = t.throws(() => InflightArea.map(fd, row.description, QUEUES, MAX_QUEUE_SIZE), { instanceOf: ProtocolError });
     t.is(err?.code, 'VHOST_USER_BAD_INFLIGHT');
     native.close(fd); // the connection's job for a refused message
     t.is(openFds(), baseline);
