@@ -34,7 +34,8 @@ export interface VirtqueueOptions {
   /**
    * Where to resume (vhost-user SET_VRING_BASE). Split: the next avail index (16 bits).
    * Packed: bits 0-14 next avail index, bit 15 avail wrap counter, bits 16-30 next used index,
-   * bit 31 used wrap counter (QEMU's layout).
+   * bit 31 used wrap counter (QEMU's layout); bits 16-31 all 0 (DPDK's virtio-user) mean the used
+   * index and wrap counter are the avail ones.
    */
   base: number;
   /** Called from `flush` when the driver must be notified (the owner writes the call eventfd). */
