@@ -47,11 +47,11 @@ export class TestPmd {
   }
 
   /**
-   * Start testpmd with one virtio-user port on `socketPath` (`vdevArgs` appended to the `--vdev`, e.g.
-   * `,packed_vq=1`) and wait for its prompt. The port starts with testpmd, so the vhost-user session is
+   * Start testpmd with one virtio-user port of `queuePairs` queue pairs on `socketPath` (`vdevArgs`
+   * appended to the `--vdev`, e.g. `,packed_vq=1`) and wait for its prompt. The port starts with testpmd, so the vhost-user session is
    * set up when this resolves. `--no-huge` with `--no-shconf`: no hugepages, no shared config file.
    */
-  static async start(socketPath: string, vdevArgs: string): Promise<TestPmd> {
+  static async start(socketPath: string, vdevArgs: string, queuePairs = 1): Promise<TestPmd> {
     const prefix = `vhtpmd${process.pid}x${instances++}`;
     // stdbuf: testpmd writes its prompt straight to the fd but the rest through stdio, which a pipe
     // would buffer past the prompt.
@@ -60,8 +60,8 @@ export class TestPmd {
       [
         '-oL', 'dpdk-testpmd',
         '-l', '0,1', '--no-pci', '--no-huge', '-m', '256', '--no-shconf', '--file-prefix', prefix,
-        '--vdev', `net_virtio_user0,path=${socketPath},queues=1${vdevArgs}`,
-        '--', '-i', '--total-num-mbufs=8192', '--disable-link-check',
+        '--vdev', `net_virtio_user0,path=${socketPath},queues=${queuePairs}${vdevArgs}`,
+        '--', '-i', '--total-num-mbufs=8192', '--disable-link-check', `--rxq=${queuePairs}`, `--txq=${queuePairs}`,
       ],
       { stdio: ['pipe', 'pipe', 'pipe'] },
     );

@@ -60,14 +60,15 @@ async function echoRepliesReceived(namespace: string): Promise<number> {
   return Number(values!.split(/\s+/)[column]);
 }
 
-/** The daemon's counters of queue pair 0: rx queue 0 (TAP → testpmd), tx queue 1 (testpmd → TAP). */
+/** The daemon's counters summed over its queues: rx queues 2p (TAP → testpmd), tx queues 2p + 1 (testpmd → TAP). */
 function daemonCounters(m: Scrape): TapCounters {
-  const get = (name: string, queue: number) => m.value(name, { queue: String(queue) }) ?? 0;
+  const sum = (name: string, parity: number) =>
+    m.samples.filter((s) => s.name === name && Number(s.labels['queue']) % 2 === parity).reduce((n, s) => n + s.value, 0);
   return {
-    txPackets: get('vhostd_net_frames_total', 0),
-    txBytes: get('vhostd_net_bytes_total', 0),
-    rxPackets: get('vhostd_net_frames_total', 1),
-    rxBytes: get('vhostd_net_bytes_total', 1),
+    txPackets: sum('vhostd_net_frames_total', 0),
+    txBytes: sum('vhostd_net_bytes_total', 0),
+    rxPackets: sum('vhostd_net_frames_total', 1),
+    rxBytes: sum('vhostd_net_bytes_total', 1),
   };
 }
 
@@ -82,18 +83,18 @@ async function until<T>(read: () => Promise<T>, done: (value: T) => boolean, wha
   }
 }
 
-async function exchange(t: ExecutionContext, vdevArgs: string): Promise<void> {
+async function exchange(t: ExecutionContext, vdevArgs: string, queuePairs: number): Promise<void> {
   const { namespace, tap } = namespaceWithTap(t, `${TAP_IP}/24`);
   // No IPv6 chatter (router solicitations, MLD): every frame counted is one of the test's.
   execFileSync('ip', ['netns', 'exec', namespace, 'sysctl', '-qw', `net.ipv6.conf.${tap}.disable_ipv6=1`]);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-dpdk-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const control = path.join(dir, 'control.sock');
-  const daemon = await startDaemon('net', ['--tap', tap, '--control', control], 10_000, { prefix: ['ip', 'netns', 'exec', namespace] });
+  const daemon = await startDaemon('net', ['--tap', tap, '--queues', String(queuePairs), '--control', control], 10_000, { prefix: ['ip', 'netns', 'exec', namespace] });
   t.teardown(() => daemon.stop());
   const tapAtStart = tapCounters(namespace, tap);
 
-  const pmd = await TestPmd.start(daemon.socketPath, `,mac=${PMD_MAC}${vdevArgs}`);
+  const pmd = await TestPmd.start(daemon.socketPath, `,mac=${PMD_MAC}${vdevArgs}`, queuePairs);
   t.teardown(() => pmd.kill());
   const show = (what: string) => `${what}\n--- daemon:\n${daemon.stderr()}\n--- testpmd:\n${pmd.log()}`;
 
@@ -137,6 +138,10 @@ async function exchange(t: ExecutionContext, vdevArgs: string): Promise<void> {
   t.deepEqual(tapDelta, ours, 'TAP counters = daemon metrics, both directions');
 
   const metrics = await controlMetrics(control);
+  // txonly sends on every tx queue testpmd has: each of the daemon's tx queues carried frames.
+  for (let pair = 0; pair < queuePairs; pair++) {
+    t.true((metrics.value('vhostd_net_frames_total', { queue: String(2 * pair + 1) }) ?? 0) > 0, `tx queue ${2 * pair + 1} carried frames`);
+  }
   t.is(metrics.sum('vhostd_net_tx_dropped_total'), 0, 'no frame of testpmd refused');
   t.is(metrics.sum('vhostd_net_tap_errors_total'), 0);
 
@@ -146,18 +151,21 @@ async function exchange(t: ExecutionContext, vdevArgs: string): Promise<void> {
   t.notRegex(daemon.stderr(), /error|broken/i, show('daemon log'));
 }
 
-const ROWS: [string, string][] = [
-  ['split ring, mergeable rx buffers', ''],
-  ['split ring, one buffer per frame', ',mrg_rxbuf=0'],
-  ['packed ring, mergeable rx buffers', ',packed_vq=1'],
-  ['packed ring, one buffer per frame', ',packed_vq=1,mrg_rxbuf=0'],
+const ROWS: [name: string, vdevArgs: string, queuePairs: number][] = [
+  ['split ring, mergeable rx buffers', '', 1],
+  ['split ring, one buffer per frame', ',mrg_rxbuf=0', 1],
+  ['packed ring, mergeable rx buffers', ',packed_vq=1', 1],
+  ['packed ring, one buffer per frame', ',packed_vq=1,mrg_rxbuf=0', 1],
+  ['split ring, 2 queue pairs', '', 2],
+  ['packed ring, 2 queue pairs', ',packed_vq=1', 2],
 ];
 
 const missing = testpmdMissingReason();
-for (const [name, vdevArgs] of ROWS) {
+for (const [name, vdevArgs, queuePairs] of ROWS) {
   const title = `DPDK virtio-user (testpmd) exchanges frames with the daemon: ${name}`;
-  if (missing === undefined) test.serial(title, (t) => exchange(t, vdevArgs));
+  const run = (t: ExecutionContext) => exchange(t, vdevArgs, queuePairs);
+  if (missing === undefined) test.serial(title, run);
   // CI installs testpmd (scripts/install-deps.sh): there its absence is a failure.
   else if (process.env['CI']) test(title, (t) => t.fail(`CI is set but ${missing}`));
-  else test.skip(`${title} [skipped: ${missing}]`, (t) => exchange(t, vdevArgs));
+  else test.skip(`${title} [skipped: ${missing}]`, run);
 }
