@@ -26,7 +26,10 @@ export interface PortStats {
 let instances = 0;
 
 export class TestPmd {
+  /** Printed since the last prompt was consumed. */
   private output = '';
+  /** Everything printed. */
+  private transcript = '';
   private waiter: (() => void) | null = null;
 
   /** `runtimeDir`: EAL's directory for this `--file-prefix` (made even with `--no-shconf`), removed at exit. */
@@ -36,6 +39,7 @@ export class TestPmd {
   ) {
     const collect = (chunk: Buffer) => {
       this.output += chunk.toString();
+      this.transcript += chunk.toString();
       this.waiter?.();
     };
     child.stdout!.on('data', collect);
@@ -73,7 +77,7 @@ export class TestPmd {
 
   /** Everything testpmd printed so far (for failure messages). */
   log(): string {
-    return this.output;
+    return this.transcript;
   }
 
   /** Run one interactive command and return what it printed before the next prompt. */
@@ -109,14 +113,27 @@ export class TestPmd {
     return new Promise((resolve) => this.child.once('exit', (code) => resolve(code)));
   }
 
+  /**
+   * What testpmd printed up to its next prompt (a message it prints later, a link event say, stays for
+   * `log()`). Throws when testpmd exits, or gives no prompt for 60 s, with everything it printed.
+   */
   private async untilPrompt(): Promise<string> {
-    while (!this.output.endsWith(PROMPT)) {
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const at = this.output.indexOf(PROMPT);
+      if (at >= 0) {
+        const text = this.output.slice(0, at);
+        this.output = this.output.slice(at + PROMPT.length);
+        return text;
+      }
       if (this.child.exitCode !== null || this.child.signalCode !== null) {
         throw new Error(`dpdk-testpmd exited (${this.child.exitCode ?? this.child.signalCode}):\n${this.output}`);
       }
+      if (Date.now() > deadline) throw new Error(`dpdk-testpmd gave no prompt in 60 s:\n${this.output}`);
+      const timer = setTimeout(() => this.waiter?.(), 1000);
       await new Promise<void>((resolve) => (this.waiter = resolve));
+      clearTimeout(timer);
       this.waiter = null;
     }
-    return this.output.slice(0, -PROMPT.length);
   }
 }
