@@ -6,7 +6,9 @@
 #     (busybox-static cpio kmod xz-utils), systemd (systemd-analyze verify for the unit files), iproute2
 #     and mount (losetup, for the test of a block device's size and sector size), DPDK's testpmd with its
 #     vhost and tap drivers (dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23: bench:net's
-#     reference).
+#     reference) and its virtio-user driver with the vdev bus it sits on (librte-net-virtio23
+#     librte-bus-vdev23: the second front-end of test/daemons/net/dpdk-interop.test.ts). testpmd loads
+#     the net and mempool drivers as plugins from /usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0 (ldd lists none).
 # Idempotent: when everything is there it touches nothing and returns in well under a second. It also runs
 # `apt-get update` when apt does not yet know linux-image-amd64, which the guest image build downloads.
 #
@@ -18,7 +20,7 @@ BACKPORTS_PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils)
 # The lowest QEMU the backports install must reach; bookworm itself has 7.2.
 MIN_QEMU_VERSION=1:10.0
 PACKAGES=(liburing-dev busybox-static cpio kmod xz-utils systemd iproute2 mount python3 make g++
-  dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23)
+  dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23 librte-net-virtio23 librte-bus-vdev23)
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

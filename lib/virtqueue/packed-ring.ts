@@ -105,8 +105,13 @@ export class PackedRing implements Virtqueue {
     // Base layout (QEMU's): bits 0-14 next avail, 15 avail wrap, 16-30 next used, 31 used wrap.
     this.nextAvail = base & 0x7fff;
     this.availWrap = (base >>> 15) & 1;
-    this.usedPublished = (base >>> 16) & 0x7fff;
-    this.usedPublishedWrap = (base >>> 31) & 1;
+    // DPDK's and SPDK's virtio-user send only the avail half (a fresh ring is 0x8000), and DPDK's own
+    // back-end ignores the used half: an empty used half means "used resumes where avail is". QEMU
+    // sends back what GET_VRING_BASE reported, and a ring stopped with nothing in flight (base() after
+    // stopQueue) has used == avail, so reading its "used 0, wrap 0" this way changes nothing.
+    const usedHalf = base >>> 16;
+    this.usedPublished = usedHalf === 0 ? this.nextAvail : usedHalf & 0x7fff;
+    this.usedPublishedWrap = usedHalf === 0 ? this.availWrap : usedHalf >>> 15;
     if (this.nextAvail >= size || this.usedPublished >= size) {
       throw new RingError('VIRTQ_BAD_BASE', `packed ring base 0x${(base >>> 0).toString(16)} is outside a ring of ${size}`);
     }

@@ -94,11 +94,16 @@ export class SplitRing implements Virtqueue {
       throw err;
     }
     this.walker = new ChainWalker(size, false, options.indirect, options.memory);
-    this.lastAvail = options.base & 0xffff;
-    this.availCache = this.lastAvail;
     // The used index continues from what is in the ring (as Linux vhost and libvhost-user do).
     this.usedShadow = this.used16[1]!;
     this.usedPublished = this.usedShadow;
+    // Every chain before the base was completed when the ring stopped (a stop waits for in-flight
+    // chains), so QEMU's base is the used index. DPDK's virtio-user sends base 0 whatever the ring
+    // holds, also when it reconnects to a restarted back-end in server mode: resume where the used
+    // index is then, as DPDK's own back-end does. Only with an inflight area may they differ (the
+    // chains in flight at a crash), and its recovery below places the avail side.
+    this.lastAvail = options.inflight === undefined ? this.usedShadow : options.base & 0xffff;
+    this.availCache = this.lastAvail;
     if (options.inflight !== undefined) {
       this.inflight = new SplitInflight(options.inflight, size);
       const recovery = this.inflight.recover(this.usedShadow);

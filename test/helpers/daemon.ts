@@ -40,6 +40,11 @@ export interface StartDaemonOptions {
    * closes) its own copy, so the socket outlives the daemon as a socket unit's does.
    */
   readonly listenFd?: number;
+  /**
+   * Connect out to a front-end listening on `socketPath` (`--connect`, e.g. DPDK virtio-user with
+   * `server=1`) instead of listening; `socketPath` must be given.
+   */
+  readonly connect?: boolean;
   /** Run the daemon under this command, e.g. `['ip', 'netns', 'exec', NS]` (which execs it, same pid). */
   readonly prefix?: readonly string[];
 }
@@ -64,12 +69,12 @@ export async function startDaemon(
   };
   const stale = identity();
   const main = path.join(repoRoot(), 'build', 'daemons', device, 'main.js');
-  const { listenFd } = options;
-  if (listenFd !== undefined && options.socketPath === undefined) throw new Error('startDaemon: listenFd needs socketPath');
+  const { listenFd, connect = false } = options;
+  if ((listenFd !== undefined || connect) && options.socketPath === undefined) throw new Error('startDaemon: listenFd and connect need socketPath');
   const [command, ...prefixArgs] = [...(options.prefix ?? []), process.execPath];
   const child =
     listenFd === undefined
-      ? spawn(command!, [...prefixArgs, main, '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'], env: daemonEnv() })
+      ? spawn(command!, [...prefixArgs, main, connect ? '--connect' : '--socket-path', socketPath, ...args], { stdio: ['ignore', 'inherit', 'pipe'], env: daemonEnv() })
       : spawn(command!, [...prefixArgs, main, '--fd', '3', ...args], { stdio: ['ignore', 'inherit', 'pipe', listenFd], env: daemonEnv() });
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
@@ -90,6 +95,8 @@ export async function startDaemon(
   const listening = (): boolean => {
     // An inherited socket listens already: wait for the daemon to say that it serves on it.
     if (listenFd !== undefined) return / serving .* on fd 3/.test(stderr);
+    // A daemon that connects out makes no socket: it says when it serves.
+    if (connect) return / serving .* on connect /.test(stderr);
     const now = identity();
     return now !== undefined && now !== stale;
   };

@@ -158,6 +158,37 @@ test('base round trip across a wrap: a queue built from base() continues', (t) =
   t.is(fresh.queue.base(), 0x8000_8000);
 });
 
+test('a base with no used half (DPDK virtio-user: 0x8000 for a fresh ring) resumes used where avail is', (t) => {
+  // The driver's ring is fresh (both wrap counters 1); the device is told only the avail half, as
+  // DPDK's and SPDK's virtio-user do. The used descriptors must carry wrap 1 or the driver never sees them.
+  const s = packedSetup({ size: 4 });
+  const fromAvailHalf = createVirtqueue({ ...s.options, base: 0x8000 }, true);
+  t.is(fromAvailHalf.base(), 0x8000_8000);
+  // Two rounds of 3: the second crosses the end of the ring, so the used wrap counter flips with avail's.
+  for (let round = 0; round < 2; round++) {
+    const ids = [0, 1, 2].map(() => s.driver.addChain([{ addr: R0_DATA, len: 8 }]));
+    s.driver.publish();
+    for (const c of drain(fromAvailHalf)) fromAvailHalf.pushUsed(c, 0);
+    fromAvailHalf.flush();
+    t.deepEqual(
+      s.driver.takeUsed().map((u) => u.id),
+      ids,
+    );
+  }
+  // Stopped after the wrap (avail 2, wrap 0): a restart told only "2" goes on at slot 2 with wrap 0.
+  t.is(fromAvailHalf.base(), 2 | (2 << 16));
+  const restarted = createVirtqueue({ ...s.options, base: 2 }, true);
+  const id = s.driver.addChain([{ addr: R0_DATA, len: 8 }]);
+  s.driver.publish();
+  for (const c of drain(restarted)) restarted.pushUsed(c, 0);
+  restarted.flush();
+  t.deepEqual(
+    s.driver.takeUsed().map((u) => u.id),
+    [id],
+  );
+  t.is(restarted.base(), 3 | (3 << 16));
+});
+
 test('a base outside the ring is refused (VIRTQ_BAD_BASE); ring areas must be aligned (VIRTQ_NO_RING)', (t) => {
   const fake = new FakeGuestMemory();
   const layout = packedRingLayout(8, 0x1000);

@@ -168,6 +168,35 @@ test('base round trip: a new queue built from base() continues where the old one
   t.deepEqual(s.driver.takeUsed(), [{ id: next, len: 0 }]);
 });
 
+test('a base that disagrees with used.idx (DPDK virtio-user sends 0, also when it reconnects) resumes at used.idx', (t) => {
+  // The driver posted 8 chains into a ring of 4 and the device completed 6 of them, then went away.
+  const s = splitSetup({ size: 4 });
+  for (let round = 0; round < 2; round++) {
+    for (let i = 0; i < 3; i++) s.driver.addChain([{ addr: R0_DATA, len: 8 }]);
+    s.driver.publish();
+    for (const c of drain(s.queue)) s.queue.pushUsed(c, 0);
+    s.queue.flush();
+    s.driver.takeUsed();
+  }
+  const pending = [0, 1].map(() => s.driver.addChain([{ addr: R0_DATA, len: 8 }]));
+  s.driver.publish();
+  // A new back-end is told base 0: avail.idx 8 would be 8 ahead of it in a ring of 4.
+  const resumed = createVirtqueue({ ...s.options, base: 0 }, false);
+  t.is(resumed.base(), 6);
+  const chains = drain(resumed);
+  t.deepEqual(
+    chains.map((c) => c.head),
+    pending,
+  );
+  for (const c of chains) resumed.pushUsed(c, 0);
+  resumed.flush();
+  t.deepEqual(
+    s.driver.takeUsed().map((u) => u.id),
+    pending,
+  );
+  t.is(s.driver.usedIdx(), 8);
+});
+
 test('reads avail.idx once per batch: a later jump is seen only when the cache runs out', (t) => {
   const { driver, queue } = splitSetup({ size: 8 });
   driver.addChain([{ addr: R0_DATA, len: 4 }]);
