@@ -47,7 +47,7 @@ function tempImage(): string {
 }
 
 function config(file: string): BlkConfig {
-  return { file, readOnly: false, serial: 'metrics', numQueues: 2, queueSize: 128, direct: false, discard: true, writeZeroes: true, writeback: true };
+  return { file, readOnly: false, serial: 'metrics', numQueues: 2, queueSize: 128, direct: false, discard: true, writeZeroes: true, writeback: true, inlineIo: true };
 }
 
 const write = (sector: number, data: Uint8Array): ChainSpec => ({ readable: [{ data: header(VIRTIO_BLK_T_OUT, sector) }, { data, region: 1 }], writable: [{ length: 1 }] });

@@ -53,6 +53,7 @@ function config(file: string, over: Partial<BlkConfig> = {}): BlkConfig {
     discard: true,
     writeZeroes: true,
     writeback: true,
+    inlineIo: true,
     ...over,
   };
 }
