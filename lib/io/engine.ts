@@ -173,7 +173,7 @@ export class IoEngine {
    */
   addReadWrite(opcode: typeof IORING_OP.READV | typeof IORING_OP.WRITEV, fd: number, offset: number, iovecs: number, userData: number, flags = 0): void {
     const inline = this.inline !== null && (flags & (INLINE | INLINE_NOWAIT)) !== 0;
-    const resubmit = inline || (flags & RESUBMIT_SHORT) !== 0;
+    const resubmit = (flags & (RESUBMIT_SHORT | INLINE | INLINE_NOWAIT)) !== 0;
     const length = resubmit ? this.stagedLength(iovecs) : 0;
     if (length > MAX_RESUBMIT_LENGTH) throw new RangeError(`a resubmitted read/write moves at most ${MAX_RESUBMIT_LENGTH} bytes, not ${length}`);
     const tag = this.takeTag(opcode, fd, offset, userData, resubmit ? RESUBMIT_SHORT : 0);
