@@ -232,13 +232,27 @@ function latency(m?: Measurement): string {
   return `${fmt(r.lat_us.p50, r.lat_us.p50 < 100 ? 1 : 0)}/${fmt(r.lat_us.p99, r.lat_us.p99 < 100 ? 1 : 0)}`;
 }
 
+/**
+ * The spread of a row with `--repeat` > 1: the lowest and highest ratio of the rounds (ours run i over
+ * qsd run i: the two ran back to back, under the same machine load), and the IOPS range of each side.
+ */
+function spread(r: Row): string {
+  const ours = r.ours?.runs ?? [];
+  const qsd = r.qsd?.runs ?? [];
+  const n = Math.min(ours.length, qsd.length);
+  if (n < 2) return '-';
+  const ratios = Array.from({ length: n }, (_, i) => ours[i]!.iops / qsd[i]!.iops);
+  return `${fmt(Math.min(...ratios), 2)}–${fmt(Math.max(...ratios), 2)}`;
+}
+
 function table(rows: Row[], o: Options): string {
-  const header = ['case', 'ours IOPS', 'qsd IOPS', 'ours/qsd', 'ours p50/p99 µs', 'qsd p50/p99 µs', 'ours CPU µs/IO', 'qsd CPU µs/IO'];
+  const header = ['case', 'ours IOPS', 'qsd IOPS', 'ours/qsd', 'rounds ours/qsd', 'ours p50/p99 µs', 'qsd p50/p99 µs', 'ours CPU µs/IO', 'qsd CPU µs/IO'];
   const body = rows.map((r) => [
     `${r.device} ${r.rw} QD${r.iodepth}`,
     r.ours ? (r.ours.ok ? fmt(r.ours.result!.iops) : 'FAILED') : '-',
     r.qsd ? (r.qsd.ok ? fmt(r.qsd.result!.iops) : 'FAILED') : '-',
     r.ratio !== undefined ? fmt(r.ratio, 2) : '-',
+    spread(r),
     latency(r.ours),
     latency(r.qsd),
     fmt(r.ours?.result?.backend_cpu_us_per_io, 1),
