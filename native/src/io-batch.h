@@ -44,6 +44,4 @@ bool GetBatchArrays(Napi::Env env, Napi::Object object, Napi::Value values[kBatc
  */
 bool ValidateRequest(Napi::Env env, const Batch& b, size_t i);
 
-
-
 }  // namespace vhostd
