@@ -14,6 +14,7 @@
  *                           [--image PATH] [--out build/bench/blk-results.json] [--qsd-iothread] [--poll] [--verbose]
  *                           [--threads N]   (our daemon's --threads: queues in N worker threads)
  *                           [--poll-us N]   (our daemon's --poll-us; default: the daemon's default)
+ *                           [--no-inline-io] (our daemon's --no-inline-io: every read and write through io_uring)
  *
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
@@ -53,6 +54,8 @@ interface Options {
   threads: number;
   /** Our daemon's --poll-us (undefined: its default). */
   pollUs?: number;
+  /** Our daemon's --no-inline-io. */
+  noInlineIo: boolean;
 }
 
 interface Measurement {
@@ -101,6 +104,7 @@ function parseOptions(argv: string[]): Options {
     qsdIothread: false,
     poll: false,
     threads: 0,
+    noInlineIo: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -128,6 +132,7 @@ function parseOptions(argv: string[]): Options {
       case '--poll': o.poll = true; break;
       case '--threads': o.threads = Math.floor(Number(value())); break;
       case '--poll-us': o.pollUs = Math.floor(Number(value())); break;
+      case '--no-inline-io': o.noInlineIo = true; break;
       case '--only': {
         const v = value();
         if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
@@ -182,7 +187,8 @@ function oursArgs(device: Device, image: string, socket: string, o: Options): st
   const disk = device === 'file' ? ['--file', image] : ['--null', '--null-size', String(o.imageSize)];
   const threads = o.threads > 0 ? ['--threads', String(o.threads)] : [];
   const poll = o.pollUs !== undefined ? ['--poll-us', String(o.pollUs)] : [];
-  return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, ...poll, '--log-level', 'warn'];
+  const inline = o.noInlineIo ? ['--no-inline-io'] : [];
+  return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, ...poll, ...inline, '--log-level', 'warn'];
 }
 
 async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<LoadgenResult> {
@@ -232,13 +238,27 @@ function latency(m?: Measurement): string {
   return `${fmt(r.lat_us.p50, r.lat_us.p50 < 100 ? 1 : 0)}/${fmt(r.lat_us.p99, r.lat_us.p99 < 100 ? 1 : 0)}`;
 }
 
+/**
+ * The spread of a row with `--repeat` > 1: the lowest and highest ratio of the rounds (ours run i over
+ * qsd run i: the two ran back to back, under the same machine load), and the IOPS range of each side.
+ */
+function spread(r: Row): string {
+  const ours = r.ours?.runs ?? [];
+  const qsd = r.qsd?.runs ?? [];
+  const n = Math.min(ours.length, qsd.length);
+  if (n < 2) return '-';
+  const ratios = Array.from({ length: n }, (_, i) => ours[i]!.iops / qsd[i]!.iops);
+  return `${fmt(Math.min(...ratios), 2)}–${fmt(Math.max(...ratios), 2)}`;
+}
+
 function table(rows: Row[], o: Options): string {
-  const header = ['case', 'ours IOPS', 'qsd IOPS', 'ours/qsd', 'ours p50/p99 µs', 'qsd p50/p99 µs', 'ours CPU µs/IO', 'qsd CPU µs/IO'];
+  const header = ['case', 'ours IOPS', 'qsd IOPS', 'ours/qsd', 'rounds ours/qsd', 'ours p50/p99 µs', 'qsd p50/p99 µs', 'ours CPU µs/IO', 'qsd CPU µs/IO'];
   const body = rows.map((r) => [
     `${r.device} ${r.rw} QD${r.iodepth}`,
     r.ours ? (r.ours.ok ? fmt(r.ours.result!.iops) : 'FAILED') : '-',
     r.qsd ? (r.qsd.ok ? fmt(r.qsd.result!.iops) : 'FAILED') : '-',
     r.ratio !== undefined ? fmt(r.ratio, 2) : '-',
+    spread(r),
     latency(r.ours),
     latency(r.qsd),
     fmt(r.ours?.result?.backend_cpu_us_per_io, 1),
@@ -246,7 +266,7 @@ function table(rows: Row[], o: Options): string {
   ]);
   return [
     `vhost-user-blk, 4 KiB random I/O, ${o.queues} queue(s), ${o.runtime} s per case (+${o.warmup} s warm-up), median of ${o.repeat}` +
-      `${o.pollUs !== undefined ? `, ours --poll-us ${o.pollUs}` : ''}${o.poll ? ', front-end polling' : ''}${o.qsdIothread ? ', qsd in an iothread' : ''}`,
+      `${o.pollUs !== undefined ? `, ours --poll-us ${o.pollUs}` : ''}${o.noInlineIo ? ', ours --no-inline-io' : ''}${o.poll ? ', front-end polling' : ''}${o.qsdIothread ? ', qsd in an iothread' : ''}`,
     ...formatTable(header, body),
   ].join('\n');
 }
@@ -344,7 +364,7 @@ async function main(): Promise<number> {
     host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qsd },
     config: {
       runtime_s: o.runtime, warmup_s: o.warmup, repeat: o.repeat, queues: o.queues, queue_size: o.queueSize,
-      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, poll_us: o.pollUs ?? null, loadgen_poll: o.poll, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
+      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, poll_us: o.pollUs ?? null, no_inline_io: o.noInlineIo, loadgen_poll: o.poll, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
     },
     rows,
     failures,

@@ -11,6 +11,7 @@
         "src/poll.cc",
         "src/sd-notify.cc",
         "src/io-uring.cc",
+        "src/io-batch.cc",
         "src/file.cc",
         "src/tap.cc",
         "src/reclaim.cc",

@@ -22,6 +22,7 @@ export {
   IORING_FSYNC_DATASYNC,
   IORING_OP,
   OFFSET_CURRENT,
+  RWF_NOWAIT,
   type IoBatch,
 } from './io-batch';
 
@@ -231,6 +232,15 @@ export interface Native {
     iovLen: Float64Array,
     callback: (result: number) => void,
   ): void;
+  /**
+   * preadv2/pwritev2 of READV/WRITEV requests `0 .. count-1` of `batch` on the calling thread, straight
+   * into or out of the iovecs' memory, with each request's RWF flags from `arg`. `result[i]` gets bytes
+   * (possibly short) or -errno (EAGAIN for an RWF_NOWAIT miss). Throws RangeError, before any transfer,
+   * for another opcode, iovecs outside the arrays, unknown flags, or `count` beyond the arrays.
+   */
+  transferBatch(batch: IoBatch, count: number, result: Int32Array): void;
+  /** fstatfs(fd).f_type: the file system's magic number (linux/magic.h). */
+  fstatfs(fd: number): number;
   /** madvise(MADV_DONTNEED | MADV_REMOVE) on `[offset, offset + length)` of mapping `id`. */
   madvise(id: number, offset: number, length: number, advice: number): void;
 

@@ -15,6 +15,12 @@ export const IORING_OP = {
 /** FSYNC flag: fdatasync semantics (linux/io_uring.h IORING_FSYNC_DATASYNC). */
 export const IORING_FSYNC_DATASYNC = 1;
 
+/**
+ * READV/WRITEV flag in `arg` (linux/fs.h RWF_NOWAIT): fail with EAGAIN rather than wait (a page-cache
+ * miss). The only RWF flag the native side accepts.
+ */
+export const RWF_NOWAIT = 8;
+
 /** FALLOCATE modes (linux/falloc.h). */
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -36,7 +42,7 @@ export interface IoBatch {
   opcode: Uint8Array;
   fd: Int32Array;
   offset: Float64Array;
-  /** FSYNC flags or FALLOCATE mode. */
+  /** FSYNC flags, FALLOCATE mode, or READV/WRITEV RWF flags ({@link RWF_NOWAIT} or 0). */
   arg: Uint32Array;
   iovStart: Uint32Array;
   iovCount: Uint32Array;

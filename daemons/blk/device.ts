@@ -20,7 +20,7 @@ import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import type { ControlMethod } from '../../lib/control/protocol';
 import { RingError } from '../../lib/errors';
 import type { BackingFile } from '../../lib/io/backing-file';
-import { IoEngine, MAX_RESUBMIT_LENGTH, RESUBMIT_SHORT } from '../../lib/io/engine';
+import { inlineFlags, IoEngine, IoEngineStats, MAX_RESUBMIT_LENGTH, RESUBMIT_SHORT, type InlineTransfer } from '../../lib/io/engine';
 import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
@@ -101,7 +101,15 @@ export interface BlkDeviceDeps {
   logger: Logger;
   /** The factory's executor kind, for metrics before the first queue starts (main.ts). */
   executorKind?: string;
+  /**
+   * Runs reads and writes on the queue's own thread (native.transferBatch) where the image allows it
+   * (lib/io/engine.ts inlineFlags); absent (--no-inline-io): every op goes to the executor.
+   */
+  inlineTransfer?: InlineTransfer;
 }
+
+/** The counters of a queue that has no engine (yet, or any more). */
+const NO_ENGINE_STATS = new IoEngineStats();
 
 /** userData of an op: slot index in the low 16 bits (queue size ≤ 32768), sub-operation above. */
 const SLOT_BITS = 16;
@@ -163,6 +171,10 @@ export class BlkDevice implements DaemonDevice {
   private badReason = '';
   /** "io_uring", "thread-pool", "null"... (metrics). */
   executorKind: string;
+  private readonly inlineTransfer: InlineTransfer | null;
+  /** Engine flags of READ and WRITE ops: RESUBMIT_SHORT, plus INLINE / INLINE_NOWAIT as the image allows. */
+  private readonly readFlags: number;
+  private readonly writeFlags: number;
 
   constructor(options: BlkDeviceOptions, deps: BlkDeviceDeps) {
     this.options = options;
@@ -170,6 +182,11 @@ export class BlkDevice implements DaemonDevice {
     this.logger = deps.logger;
     this.createExecutor = deps.createExecutor;
     this.executorKind = deps.executorKind ?? '';
+    const inlineRead = deps.inlineTransfer === undefined ? 0 : inlineFlags(this.image.storage, false);
+    const inlineWrite = deps.inlineTransfer === undefined ? 0 : inlineFlags(this.image.storage, true);
+    this.inlineTransfer = inlineRead | inlineWrite ? deps.inlineTransfer! : null;
+    this.readFlags = RESUBMIT_SHORT | inlineRead;
+    this.writeFlags = RESUBMIT_SHORT | inlineWrite;
     this.numQueues = options.numQueues;
     this.maxQueueSize = options.queueSize;
     this.writeback = options.writeback;
@@ -287,7 +304,7 @@ export class BlkDevice implements DaemonDevice {
     w.queue = queue;
     w.pool.ensure(queue.size);
     if (w.engine === null) {
-      w.engine = new IoEngine(this.createExecutor, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n));
+      w.engine = new IoEngine(this.createExecutor, this.options.queueSize, (u, r, n) => this.onCompletions(w, u, r, n), this.inlineTransfer);
       this.executorKind = w.engine.kind;
     }
   }
@@ -407,7 +424,7 @@ export class BlkDevice implements DaemonDevice {
     const n = fillIovecs(chain, first, end, skip, req.length, engine.iovBase, engine.iovLen, engine.iovUsed, IOV_MAX);
     if (n < 0) return false;
     const fd = read || this.effectiveWriteback() ? this.image.fd : this.image.syncFd;
-    engine.addReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, req.offset, n, slot.index, RESUBMIT_SHORT);
+    engine.addReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, req.offset, n, slot.index, read ? this.readFlags : this.writeFlags);
     return true;
   }
 
@@ -590,6 +607,17 @@ export class BlkDevice implements DaemonDevice {
   /** Requests in flight on queue `index` (tests, metrics). */
   inFlight(index: number): number {
     return this.workers[index]?.inFlight ?? 0;
+  }
+
+  /** How queue `index`'s ops ran: inline, inline tries that fell back, executor (metrics.ts). */
+  engineStats(index: number): IoEngineStats {
+    return this.workers[index]?.engine?.stats ?? NO_ENGINE_STATS;
+  }
+
+  /** Whether reads and writes may run inline (metrics, logs): "memory", "nowait-reads" or "off". */
+  get inlineMode(): string {
+    if (this.inlineTransfer === null) return 'off';
+    return this.image.storage === 'memory' ? 'memory' : 'nowait-reads';
   }
 
   /** Counters of queue `index` (metrics.ts). */

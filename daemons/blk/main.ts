@@ -9,6 +9,7 @@ import { chooseExecutor } from '../../lib/io/choose-executor';
 import { NullExecutor, type ExecutorFactory } from '../../lib/io/executor';
 import type { Logger } from '../../lib/runtime/logger';
 import type { QueueWorkerOptions } from '../../lib/runtime/queue-workers';
+import { native } from '../../native/index';
 import { DESCRIPTION, EPILOGUE, EXAMPLES, PROGRAM, options, toConfig, type BlkConfig } from './cli';
 import { BlkDevice } from './device';
 
@@ -45,11 +46,11 @@ export function createBlkDevice(config: BlkConfig, logger: Logger): BlkDevice {
         writeZeroes: config.writeZeroes,
         writeback: config.writeback,
       },
-      { image, createExecutor: engine.create, logger, executorKind: engine.kind },
+      { image, createExecutor: engine.create, logger, executorKind: engine.kind, inlineTransfer: config.inlineIo ? native.transferBatch : undefined },
     );
     logger.info(
       `${image.path}: ${device.capacity} sectors (${size} bytes), ${lbs}-byte blocks, ${config.numQueues} queue(s), ` +
-        `${engine.kind}${config.direct ? ', O_DIRECT' : ''}${config.readOnly ? ', read-only' : ''}, ${config.writeback ? 'writeback' : 'writethrough'}`,
+        `${engine.kind}, inline I/O ${device.inlineMode}${config.direct ? ', O_DIRECT' : ''}${config.readOnly ? ', read-only' : ''}, ${config.writeback ? 'writeback' : 'writethrough'}`,
     );
     return device;
   } catch (err) {

@@ -10,6 +10,14 @@ import fs from 'node:fs';
 
 import { native, type Mapping } from '../../native/index';
 import { ConfigError } from '../errors';
+import type { FileStorage } from './engine';
+
+/** f_type of the file systems whose files live in memory (linux/magic.h): I/O on them never waits for a disk. */
+export const MEMORY_FS_MAGIC = {
+  TMPFS: 0x01021994,
+  RAMFS: 0x858458f6,
+  HUGETLBFS: 0x958458f6,
+} as const;
 
 /** What a device needs from its backing file. */
 export interface BackingFile {
@@ -20,6 +28,12 @@ export interface BackingFile {
   readonly syncFd: number;
   /** Logical block size of the underlying block device, or 0 for a regular file. */
   readonly nativeBlockSize: number;
+  /**
+   * Where the data lives: 'memory' (a regular file on tmpfs, ramfs or hugetlbfs), 'page-cache'
+   * (buffered), 'direct' (O_DIRECT), 'none' (the null backend). Decides what runs inline (engine.ts
+   * inlineFlags).
+   */
+  readonly storage: FileStorage;
   /** Current size in bytes (read again on every call: the file may have been resized). */
   size(): number;
   /** Host address and length of a buffer of zeroes (zero writes), created on first use. */
@@ -79,6 +93,7 @@ class OpenFile implements BackingFile {
     readonly fd: number,
     readonly syncFd: number,
     readonly nativeBlockSize: number,
+    readonly storage: FileStorage,
   ) {}
 
   size(): number {
@@ -122,11 +137,23 @@ export function openBackingFile(options: OpenBackingFileOptions): BackingFile {
     const st = fs.fstatSync(fd);
     if (!st.isFile() && !st.isBlockDevice()) throw new ConfigError('CONFIG_INVALID', `${names.file} ${path}: not a regular file or block device`);
     const syncFd = readOnly ? fd : fs.openSync(path, base | c.O_DSYNC);
-    return new OpenFile(path, fd, syncFd, native.logicalBlockSize(fd));
+    return new OpenFile(path, fd, syncFd, native.logicalBlockSize(fd), fileStorage(fd, st.isFile(), direct));
   } catch (err) {
     fs.closeSync(fd);
     throw err;
   }
+}
+
+/**
+ * Where the data of open file `fd` lives. Checked for regular files only: a block device node's own
+ * file system is /dev's (devtmpfs, which reports TMPFS_MAGIC), not where its blocks are.
+ */
+function fileStorage(fd: number, regular: boolean, direct: boolean): FileStorage {
+  if (regular) {
+    const type = native.fstatfs(fd);
+    if (type === MEMORY_FS_MAGIC.TMPFS || type === MEMORY_FS_MAGIC.RAMFS || type === MEMORY_FS_MAGIC.HUGETLBFS) return 'memory';
+  }
+  return direct ? 'direct' : 'page-cache';
 }
 
 /** The null backend's file: a size and no file (pair it with the NullExecutor). */
@@ -137,6 +164,7 @@ export function nullBackingFile(size: number): BackingFile {
     fd: -1,
     syncFd: -1,
     nativeBlockSize: 0,
+    storage: 'none',
     size: () => size,
     zeroes: () => zero.get(),
     close: () => zero.close(),

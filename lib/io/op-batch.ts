@@ -46,13 +46,13 @@ export class OpBatch implements IoBatch {
     this.version++;
   }
 
-  /** Stage a READV/WRITEV over the `iovecs` iovecs just written at {@link iovUsed}. */
-  addReadWrite(opcode: number, fd: number, offset: number, iovecs: number, userData: number): void {
+  /** Stage a READV/WRITEV over the `iovecs` iovecs just written at {@link iovUsed}; `rwFlags`: RWF_NOWAIT or 0. */
+  addReadWrite(opcode: number, fd: number, offset: number, iovecs: number, userData: number, rwFlags = 0): void {
     const i = this.next();
     this.opcode[i] = opcode;
     this.fd[i] = fd;
     this.offset[i] = offset;
-    this.arg[i] = 0;
+    this.arg[i] = rwFlags;
     this.iovStart[i] = this.iovUsed;
     this.iovCount[i] = iovecs;
     this.userData[i] = userData;

@@ -22,6 +22,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPoll(env, exports);
   InitSdNotify(env, exports);
   InitIoUring(env, exports);
+  InitIoBatch(env, exports);
   InitFile(env, exports);
   InitTap(env, exports);
   InitReclaim(env, exports);

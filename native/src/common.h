@@ -116,5 +116,6 @@ void InitIoUring(Napi::Env env, Napi::Object exports);
 void InitFile(Napi::Env env, Napi::Object exports);
 void InitTap(Napi::Env env, Napi::Object exports);
 void InitReclaim(Napi::Env env, Napi::Object exports);
+void InitIoBatch(Napi::Env env, Napi::Object exports);
 
 }  // namespace vhostd

@@ -14,6 +14,7 @@
 #include <climits>
 
 #include "common.h"
+#include "io-batch.h"
 
 namespace vhostd {
 namespace {
@@ -25,96 +26,6 @@ constexpr uint8_t kOpFallocate = IORING_OP_FALLOCATE;
 static_assert(kOpReadv == 1 && kOpWritev == 2 && kOpFsync == 3 && kOpFallocate == 17,
               "opcodes must match IORING_OP in native/io-batch.ts");
 static_assert(IORING_FSYNC_DATASYNC == 1, "must match IORING_FSYNC_DATASYNC in native/io-batch.ts");
-
-/** The typed arrays of one IoBatch. */
-struct Batch {
-  uint8_t* opcode;
-  int32_t* fd;
-  double* offset;
-  uint32_t* arg;
-  uint32_t* iovStart;
-  uint32_t* iovCount;
-  uint32_t* userData;
-  double* iovBase;
-  double* iovLen;
-  size_t requests;  // shortest of the per-request arrays
-  size_t iovecs;    // shortest of iovBase / iovLen
-};
-
-/** The IoBatch properties in Batch order, with their typed array types. */
-constexpr int kBatchArrays = 9;
-constexpr const char* kBatchKeys[kBatchArrays] = {"opcode",   "fd",       "offset",  "arg",   "iovStart",
-                                                  "iovCount", "userData", "iovBase", "iovLen"};
-constexpr napi_typedarray_type kBatchTypes[kBatchArrays] = {
-    napi_uint8_array,  napi_int32_array,  napi_float64_array, napi_uint32_array,  napi_uint32_array,
-    napi_uint32_array, napi_uint32_array, napi_float64_array, napi_float64_array};
-
-/** Points `batch` at the nine arrays (data and lengths from ArgTypedArray, in Batch order). */
-void FillBatch(void* const p[kBatchArrays], const size_t n[kBatchArrays], Batch* batch) {
-  batch->opcode = static_cast<uint8_t*>(p[0]);
-  batch->fd = static_cast<int32_t*>(p[1]);
-  batch->offset = static_cast<double*>(p[2]);
-  batch->arg = static_cast<uint32_t*>(p[3]);
-  batch->iovStart = static_cast<uint32_t*>(p[4]);
-  batch->iovCount = static_cast<uint32_t*>(p[5]);
-  batch->userData = static_cast<uint32_t*>(p[6]);
-  batch->iovBase = static_cast<double*>(p[7]);
-  batch->iovLen = static_cast<double*>(p[8]);
-  batch->requests = n[0];
-  for (int k = 1; k < 7; k++) batch->requests = std::min(batch->requests, n[k]);
-  batch->iovecs = std::min(n[7], n[8]);
-}
-
-/** The nine typed arrays of the IoBatch `object` (type-checked), or false after throwing. */
-bool GetBatchArrays(Napi::Env env, Napi::Object object, Napi::Value values[kBatchArrays], void* p[kBatchArrays],
-                    size_t n[kBatchArrays]) {
-  for (int k = 0; k < kBatchArrays; k++) {
-    values[k] = object.Get(kBatchKeys[k]);
-    if (env.IsExceptionPending()) return false;
-    if (!ArgTypedArray(env, values[k], kBatchKeys[k], kBatchTypes[k], &p[k], &n[k])) return false;
-  }
-  return true;
-}
-
-/** Checks request `i` so that nothing is queued from a batch with a bad request. */
-bool ValidateRequest(Napi::Env env, const Batch& b, size_t i) {
-  // The prefix of an error message (built only when one is thrown: no allocation per request).
-  auto where = [i] { return "request " + std::to_string(i) + ": "; };
-  // SAFETY: i < b.requests, the length of every per-request array (checked by the caller).
-  uint8_t op = b.opcode[i];
-  double offset = b.offset[i];
-  uint64_t start = b.iovStart[i], count = b.iovCount[i];
-  switch (op) {
-    case kOpReadv:
-    case kOpWritev:
-      if (!IsIntegerIn(offset, -1, 9223372036854774784.0)) {
-        ThrowRange(env, where() + "offset must be an integer >= -1");
-        return false;
-      }
-      if (count > IOV_MAX || start + count > b.iovecs) {
-        ThrowRange(env, where() + "iovecs out of range");
-        return false;
-      }
-      if (!IovecsValid(b.iovBase, b.iovLen, start, count)) {
-        ThrowRange(env, where() + "iovBase/iovLen must be non-negative integers below 2^53");
-        return false;
-      }
-      return true;
-    case kOpFsync:
-      return true;
-    case kOpFallocate:
-      // SAFETY: start < b.iovecs is checked before iovLen[start] is read.
-      if (!IsIntegerIn(offset, 0, kMaxSafeInteger) || start >= b.iovecs ||
-          !IsIntegerIn(b.iovLen[start], 0, kMaxSafeInteger)) {
-        ThrowRange(env, where() + "fallocate needs offset >= 0 and a length in iovLen[iovStart]");
-        return false;
-      }
-      return true;
-    default:
-      ThrowRange(env, where() + "unsupported opcode " + std::to_string(op));
-      return false;
-  }
-}
 
 class Ring : public Napi::ObjectWrap<Ring> {
  public:
@@ -318,6 +229,8 @@ class Ring : public Napi::ObjectWrap<Ring> {
                                   static_cast<off_t>(b.iovLen[start]));
           break;
       }
+      // READV/WRITEV: the RWF flags of the request (ValidateRequest allowed only known ones).
+      if (op == kOpReadv || op == kOpWritev) sqe->rw_flags = static_cast<__kernel_rwf_t>(b.arg[i]);
       io_uring_sqe_set_data64(sqe, b.userData[i]);
     }
     if (!Flush(env)) return {};

@@ -7,6 +7,7 @@
 import { constants as osConstants } from 'node:os';
 
 import type { BackingFile } from '../../../lib/io/backing-file';
+import type { FileStorage } from '../../../lib/io/engine';
 import type { CompletionSink, IoExecutor } from '../../../lib/io/executor';
 import { OpBatch } from '../../../lib/io/op-batch';
 import { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_OP } from '../../../native/io-batch';
@@ -23,6 +24,7 @@ export class FakeImage implements BackingFile {
   readonly fd = 3;
   readonly syncFd = 4;
   readonly nativeBlockSize = 0;
+  storage: FileStorage = 'none';
   disk: Uint8Array;
   closed = false;
   zeroesUsed = 0;

@@ -47,7 +47,7 @@ function tempImage(): string {
 }
 
 function config(file: string): BlkConfig {
-  return { file, readOnly: false, serial: 'metrics', numQueues: 2, queueSize: 128, direct: false, discard: true, writeZeroes: true, writeback: true };
+  return { file, readOnly: false, serial: 'metrics', numQueues: 2, queueSize: 128, direct: false, discard: true, writeZeroes: true, writeback: true, inlineIo: true };
 }
 
 const write = (sector: number, data: Uint8Array): ChainSpec => ({ readable: [{ data: header(VIRTIO_BLK_T_OUT, sector) }, { data, region: 1 }], writable: [{ length: 1 }] });
@@ -118,6 +118,13 @@ test.serial('a real image: requests by type, bytes read and written, errors, cap
     t.is(m.value('vhostd_blk_requests_in_flight', q1), 0);
     t.is(m.value('vhostd_blk_capacity_bytes', { device: 'blk' }), IMAGE_SIZE);
     t.is(m.value('vhostd_blk_io_uring', { device: 'blk' }), executorFactory(config(file), silentLogger).kind === 'io_uring' ? 1 : 0);
+    // Queue 0's writes, flush, discard and write-zeroes went to the executor; queue 1's reads of what
+    // queue 0 wrote hit the page cache and ran inline (RWF_NOWAIT).
+    t.is(m.value('vhostd_blk_executor_ops_total', q0), 6);
+    t.is(m.value('vhostd_blk_inline_ops_total', q0), 0);
+    t.is(m.value('vhostd_blk_inline_ops_total', q1), 2);
+    t.is(m.value('vhostd_blk_inline_fallbacks_total', q1), 0);
+    t.is(m.value('vhostd_blk_executor_ops_total', q1), 0);
     // The engine's shared metrics agree on the request count.
     t.is(m.value('vhostd_queue_requests_total', q0), 9);
 

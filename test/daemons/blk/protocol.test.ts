@@ -5,6 +5,7 @@
  * back into guest memory.
  */
 import test from 'ava';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -53,6 +54,7 @@ function config(file: string, over: Partial<BlkConfig> = {}): BlkConfig {
     discard: true,
     writeZeroes: true,
     writeback: true,
+    inlineIo: true,
     ...over,
   };
 }
@@ -214,6 +216,67 @@ test.serial('thread-pool fallback executor moves the same data', async (t) => {
   t.deepEqual(new Uint8Array(fs.readFileSync(file).subarray(100 * 512, 100 * 512 + data.length)), data);
   const back = await fe.transfer(0, readChain(100, data.length, 2, true));
   t.deepEqual(back.written.subarray(0, data.length), data);
+  await detach(ts, fe, device);
+});
+
+/** Write `data` at byte `offset` of `file` with O_DIRECT (dd): it lands on disk and leaves the page cache without it. */
+function writeUncached(file: string, offset: number, data: Uint8Array): void {
+  const src = path.join(path.dirname(file), 'src.bin');
+  fs.writeFileSync(src, data);
+  execFileSync('dd', [`if=${src}`, `of=${file}`, `bs=${data.length}`, `seek=${offset / data.length}`, 'conv=notrunc', 'oflag=direct', 'status=none']);
+}
+
+for (const inlineIo of [true, false]) {
+  test.serial(`tmpfs image, ${inlineIo ? 'inline I/O: every read and write runs on the queue thread, none through io_uring' : '--no-inline-io: every read and write goes through io_uring'}; data lands and reads back`, async (t) => {
+    const file = path.join('/dev/shm', `vhostd-blk-inline-${process.pid}-${inlineIo}.img`);
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, IMAGE_SIZE);
+    t.teardown(() => fs.rmSync(file, { force: true }));
+    const device = createBlkDevice(config(file, { numQueues: 1, inlineIo }), silentLogger);
+    t.is(device.inlineMode, inlineIo ? 'memory' : 'off');
+    const { ts, fe } = await attach(device);
+    // One batch of writes (1..16 sectors, 1..5 segments over three regions), then one batch of reads.
+    const writes = Array.from({ length: 20 }, (_, i) => ({ sector: i * 64 + (i % 7), data: pattern(512 * (1 + ((i * 5) % 16)), 100 + i) }));
+    fe.submit(0, writes.map((w, i) => writeChain(w.sector, w.data, i, i % 3 === 0)));
+    t.true((await fe.collect(0, writes.length)).every((c) => c.written[0] === VIRTIO_BLK_S_OK));
+    const onDisk = fs.readFileSync(file);
+    for (const w of writes) t.deepEqual(new Uint8Array(onDisk.subarray(w.sector * 512, w.sector * 512 + w.data.length)), w.data);
+    fe.submit(0, writes.map((w, i) => readChain(w.sector, w.data.length, i, i % 2 === 0)));
+    const back = await fe.collect(0, writes.length);
+    for (const w of writes) {
+      t.truthy(back.find((c) => c.written[c.written.length - 1] === VIRTIO_BLK_S_OK && Buffer.compare(c.written.subarray(0, -1), w.data) === 0), `sector ${w.sector} reads back`);
+    }
+    const stats = device.engineStats(0);
+    t.deepEqual({ ...stats }, inlineIo ? { inline: 40, inlineFallbacks: 0, executor: 0 } : { inline: 0, inlineFallbacks: 0, executor: 40 });
+    await detach(ts, fe, device);
+  });
+}
+
+test.serial('disk image: reads try RWF_NOWAIT; a page-cache miss falls back to io_uring with the right data, the next read of it hits inline; writes go to io_uring', async (t) => {
+  // /var/tmp: a disk file system, not tmpfs, on the usual layouts.
+  const dir = fs.mkdtempSync(path.join('/var/tmp', 'vhostd-blk-nowait-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'disk.img');
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, IMAGE_SIZE);
+  const data = pattern(64 * 1024, 77);
+  const offset = 1 << 20;
+  writeUncached(file, offset, data);
+  const device = createBlkDevice(config(file, { numQueues: 1 }), silentLogger);
+  t.is(device.inlineMode, 'nowait-reads');
+  const { ts, fe } = await attach(device);
+  const first = await fe.transfer(0, readChain(offset / 512, data.length, 3, false));
+  t.is(first.written[data.length], VIRTIO_BLK_S_OK);
+  t.deepEqual(first.written.subarray(0, data.length), data, 'read through the fallback');
+  const missed = { ...device.engineStats(0) };
+  t.true(missed.inlineFallbacks >= 1, 'the uncached range was not read inline');
+  t.is(missed.executor, missed.inlineFallbacks);
+  const again = await fe.transfer(0, readChain(offset / 512, data.length, 2, true));
+  t.deepEqual(again.written.subarray(0, data.length), data, 'read from the page cache inline');
+  t.deepEqual({ ...device.engineStats(0) }, { ...missed, inline: missed.inline + 1 });
+  const w = await fe.transfer(0, writeChain(8, pattern(4096, 9), 1, false));
+  t.is(w.written[0], VIRTIO_BLK_S_OK);
+  t.is(device.engineStats(0).executor, missed.executor + 1);
   await detach(ts, fe, device);
 });
 

@@ -4,10 +4,10 @@
  */
 import test from 'ava';
 
-import { IoEngine, RESUBMIT_SHORT } from '../../../lib/io/engine';
+import { INLINE, INLINE_NOWAIT, inlineFlags, IoEngine, RESUBMIT_SHORT, type InlineTransfer } from '../../../lib/io/engine';
 import { NullExecutor, type CompletionSink, type IoExecutor } from '../../../lib/io/executor';
 import { OpBatch } from '../../../lib/io/op-batch';
-import { IORING_FSYNC_DATASYNC, IORING_OP, OFFSET_CURRENT } from '../../../native/io-batch';
+import { IORING_FSYNC_DATASYNC, IORING_OP, OFFSET_CURRENT, RWF_NOWAIT } from '../../../native/io-batch';
 
 /** An op as the executor saw it. */
 interface Submitted {
@@ -52,7 +52,29 @@ class ScriptedExecutor implements IoExecutor {
   }
 }
 
-function rig(capacity = 4) {
+/** An op as the inline transfer saw it, with its RWF flags. */
+interface Transferred extends Submitted {
+  rwFlags: number;
+}
+
+/** An {@link InlineTransfer} that records each call's ops and answers them with `answer(op)`. */
+function scriptedTransfer(answer: (op: Transferred) => number) {
+  const calls: Transferred[][] = [];
+  const transfer: InlineTransfer = (b, count, result) => {
+    const ops: Transferred[] = [];
+    for (let i = 0; i < count; i++) {
+      const iovecs: [number, number][] = [];
+      for (let k = b.iovStart[i]!; k < b.iovStart[i]! + b.iovCount[i]!; k++) iovecs.push([b.iovBase[k]!, b.iovLen[k]!]);
+      const op = { tag: b.userData[i]!, opcode: b.opcode[i]!, fd: b.fd[i]!, offset: b.offset[i]!, iovecs, rwFlags: b.arg[i]! };
+      ops.push(op);
+      result[i] = answer(op);
+    }
+    calls.push(ops);
+  };
+  return { transfer, calls };
+}
+
+function rig(capacity = 4, transfer: InlineTransfer | null = null) {
   const delivered: [number, number][] = [];
   let exec: ScriptedExecutor | null = null;
   const engine = new IoEngine(
@@ -61,6 +83,7 @@ function rig(capacity = 4) {
     (userData, result, count) => {
       for (let i = 0; i < count; i++) delivered.push([userData[i]!, result[i]!]);
     },
+    transfer,
   );
   return { engine, exec: exec!, delivered };
 }
@@ -244,4 +267,137 @@ test('close releases the executor', (t) => {
   const { engine, exec } = rig();
   engine.close();
   t.true(exec.closed);
+});
+
+/** Bytes of an op's iovecs. */
+const opLength = (op: Submitted) => op.iovecs.reduce((n, [, len]) => n + len, 0);
+
+test('INLINE ops run in one transfer call at submit, results reach the sink before submit returns, the executor sees none', (t) => {
+  const { transfer, calls } = scriptedTransfer(opLength);
+  const { engine, exec, delivered } = rig(4, transfer);
+  stage(engine, IORING_OP.WRITEV, 8192, [[0x1000, 512], [0x2000, 3584]], 1, INLINE);
+  stage(engine, IORING_OP.READV, 0, [[0x3000, 4096]], 2, INLINE);
+  t.is(calls.length, 0, 'nothing runs before submit');
+  engine.submit();
+  t.is(calls.length, 1, 'one call for the batch');
+  t.deepEqual(
+    calls[0]!.map(({ opcode, fd, offset, iovecs, rwFlags }) => ({ opcode, fd, offset, iovecs, rwFlags })),
+    [
+      { opcode: IORING_OP.WRITEV, fd: 7, offset: 8192, iovecs: [[0x1000, 512], [0x2000, 3584]], rwFlags: 0 },
+      { opcode: IORING_OP.READV, fd: 7, offset: 0, iovecs: [[0x3000, 4096]], rwFlags: 0 },
+    ],
+  );
+  t.deepEqual(delivered, [[1, 4096], [2, 4096]]);
+  t.is(exec.submitted.length, 0);
+  t.is(engine.inFlight, 0);
+  t.deepEqual({ ...engine.stats }, { inline: 2, inlineFallbacks: 0, executor: 0 });
+});
+
+test('inline and executor ops of one batch: each goes its way, iovecs stay with their op', (t) => {
+  const { transfer, calls } = scriptedTransfer(opLength);
+  const { engine, exec, delivered } = rig(4, transfer);
+  stage(engine, IORING_OP.WRITEV, 0, [[0x1000, 512]], 1, RESUBMIT_SHORT);
+  stage(engine, IORING_OP.READV, 512, [[0x2000, 1024], [0x2800, 1024]], 2, INLINE);
+  stage(engine, IORING_OP.WRITEV, 4096, [[0x4000, 2048]], 3, RESUBMIT_SHORT);
+  engine.submit();
+  t.deepEqual(calls[0]!.map((op) => op.iovecs), [[[0x2000, 1024], [0x2800, 1024]]]);
+  t.deepEqual(exec.submitted.map((op) => [op.offset, op.iovecs]), [[0, [[0x1000, 512]]], [4096, [[0x4000, 2048]]]]);
+  t.deepEqual(delivered, [[2, 2048]]);
+  exec.complete(512, 2048);
+  t.deepEqual(delivered, [[2, 2048], [1, 512], [3, 2048]]);
+});
+
+test('INLINE_NOWAIT: a miss (EAGAIN) goes to the executor whole, a partial hit sends the rest, a full hit completes inline', (t) => {
+  const EAGAIN = 11;
+  const { transfer, calls } = scriptedTransfer((op) => (op.tag === 0 ? -EAGAIN : op.tag === 1 ? 1536 : opLength(op)));
+  const { engine, exec, delivered } = rig(4, transfer);
+  stage(engine, IORING_OP.READV, 4096, [[0x1000, 4096]], 10, INLINE_NOWAIT);
+  stage(engine, IORING_OP.READV, 65536, [[0x2000, 1024], [0x3000, 1024]], 11, INLINE_NOWAIT);
+  stage(engine, IORING_OP.READV, 0, [[0x5000, 512]], 12, INLINE_NOWAIT);
+  engine.submit();
+  t.true(calls[0]!.every((op) => op.rwFlags === RWF_NOWAIT));
+  t.deepEqual(delivered, [[12, 512]], 'the hit completes at once');
+  t.deepEqual(
+    exec.submitted.map((op) => [op.offset, op.iovecs]),
+    [
+      [4096, [[0x1000, 4096]]],
+      [65536 + 1536, [[0x3000 + 512, 512]]],
+    ],
+  );
+  t.is(engine.inFlight, 2);
+  exec.complete(4096, 512);
+  t.deepEqual(delivered, [[12, 512], [10, 4096], [11, 2048]], 'the sink sees whole-op results');
+  t.deepEqual({ ...engine.stats }, { inline: 1, inlineFallbacks: 2, executor: 2 });
+});
+
+test('INLINE_NOWAIT: a file system without RWF_NOWAIT (EOPNOTSUPP) and a zero-byte read go to the executor, which has the last word', (t) => {
+  const { transfer } = scriptedTransfer((op) => (op.tag === 0 ? -95 : 0));
+  const { engine, exec, delivered } = rig(4, transfer);
+  stage(engine, IORING_OP.READV, 0, [[0x1000, 512]], 0, INLINE_NOWAIT);
+  stage(engine, IORING_OP.READV, 1 << 20, [[0x2000, 512]], 1, INLINE_NOWAIT);
+  engine.submit();
+  t.deepEqual(delivered, []);
+  t.is(exec.submitted.length, 2);
+  exec.complete(512, 0);
+  t.deepEqual(delivered, [[0, 512], [1, 0]], 'the end of the file is the executor\'s zero');
+});
+
+test('INLINE: errors and a zero-byte read are final; a short transfer is resubmitted through the executor', (t) => {
+  const { transfer } = scriptedTransfer((op) => (op.tag === 0 ? -28 : op.tag === 1 ? 0 : 1000));
+  const { engine, exec, delivered } = rig(4, transfer);
+  stage(engine, IORING_OP.WRITEV, 0, [[0x1000, 512]], 0, INLINE);
+  stage(engine, IORING_OP.READV, 1 << 20, [[0x2000, 512]], 1, INLINE);
+  stage(engine, IORING_OP.WRITEV, 4096, [[0x3000, 4096]], 2, INLINE);
+  engine.submit();
+  t.deepEqual(delivered, [[0, -28], [1, 0]]);
+  t.deepEqual(exec.submitted.map((op) => [op.offset, op.iovecs]), [[4096 + 1000, [[0x3000 + 1000, 3096]]]]);
+  exec.complete(3096);
+  t.deepEqual(delivered, [[0, -28], [1, 0], [2, 4096]]);
+});
+
+test('inline ops staged by the sink run in the same submit; a throwing transfer fails its ops with EIO', (t) => {
+  let first = true;
+  const transfer: InlineTransfer = (_batch, count, result) => {
+    if (!first) throw new RangeError('request 0: iovecs out of range');
+    first = false;
+    for (let i = 0; i < count; i++) result[i] = 512;
+  };
+  const delivered: [number, number][] = [];
+  let engine: IoEngine | null = null;
+  engine = new IoEngine(
+    (_c, sink) => new ScriptedExecutor(sink),
+    4,
+    (userData, result, count) => {
+      for (let i = 0; i < count; i++) {
+        delivered.push([userData[i]!, result[i]!]);
+        if (userData[i] === 1) stage(engine!, IORING_OP.READV, 0, [[0x1000, 512]], 2, INLINE);
+      }
+    },
+    transfer,
+  );
+  stage(engine, IORING_OP.READV, 0, [[0x1000, 512]], 1, INLINE);
+  engine.submit();
+  t.deepEqual(delivered, [[1, 512], [2, -5]]);
+  t.is(engine.inFlight, 0);
+});
+
+test('without a transfer the inline flags are ignored: every op goes to the executor', (t) => {
+  const { engine, exec, delivered } = rig(4, null);
+  stage(engine, IORING_OP.READV, 0, [[0x1000, 512]], 1, INLINE);
+  stage(engine, IORING_OP.READV, 512, [[0x2000, 512]], 2, INLINE_NOWAIT);
+  engine.submit();
+  t.is(exec.submitted.length, 2);
+  exec.complete(100, 512);
+  t.deepEqual(exec.submitted[2]!.offset, 100, 'INLINE implies RESUBMIT_SHORT');
+  exec.complete(412);
+  t.deepEqual(delivered, [[2, 512], [1, 512]]);
+});
+
+test('inlineFlags: memory file systems inline, page-cache reads with RWF_NOWAIT, never O_DIRECT or the null backend', (t) => {
+  t.is(inlineFlags('memory', false), INLINE);
+  t.is(inlineFlags('memory', true), INLINE);
+  t.is(inlineFlags('page-cache', false), INLINE_NOWAIT);
+  t.is(inlineFlags('page-cache', true), 0);
+  t.is(inlineFlags('direct', false), 0);
+  t.is(inlineFlags('none', false), 0);
 });
