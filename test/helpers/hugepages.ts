@@ -1,7 +1,8 @@
 /**
  * 2 MiB huge pages for a test: some reserved in the kernel's pool (/proc/sys/vm/nr_hugepages) and a
  * private hugetlbfs mount limited to them, so that guest memory can live on hugetlbfs. Both are put
- * back by {@link HugePages.close}: the mount goes, nr_hugepages returns to its value before.
+ * back by {@link HugePages.close}: the mount goes, nr_hugepages returns to its value before (less
+ * what this reservation added, should another process have changed it meanwhile).
  *
  * The mount's statfs counts what the test's files hold: its `bfree` is the mount's huge pages neither
  * allocated nor reserved (hugetlbfs counts a page of a mapped file as used from mmap on, faulted in or
@@ -63,8 +64,11 @@ function readNumber(file: string): number {
 export function reserveHugePages(count: number, name: string): HugePages {
   const previous = readNumber(NR_HUGEPAGES);
   const available = (): number => readNumber(path.join(POOL, 'free_hugepages')) - readNumber(path.join(POOL, 'resv_hugepages'));
-  const restore = (): void => fs.writeFileSync(NR_HUGEPAGES, String(previous));
   fs.writeFileSync(NR_HUGEPAGES, String(previous + count));
+  // The kernel may find fewer. Giving back subtracts what was added from the pool as it is then, so
+  // that tests of other processes reserving meanwhile get their own pages back too.
+  const added = readNumber(NR_HUGEPAGES) - previous;
+  const restore = (): void => fs.writeFileSync(NR_HUGEPAGES, String(Math.max(0, readNumber(NR_HUGEPAGES) - added)));
   if (available() < count) {
     const got = available();
     restore();
