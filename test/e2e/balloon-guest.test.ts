@@ -68,6 +68,8 @@ interface BalloonState {
   targetPages: number;
   actualPages: number;
   balloonPages: number;
+  partialHugePages: number;
+  unreleasedPages: number;
   releasedBytes: { inflate: number; reporting: number };
   guestStats: Record<string, number>;
 }
@@ -285,6 +287,7 @@ guestTest(
       let freeInflated = -1;
       let freeRefilled = -1;
       let inflated: BalloonState | undefined;
+      let deflated: BalloonState | undefined;
       const result = await runGuest({
         qemu: binary(),
         memory: `${HUGE_GUEST_PAGES * 2}M`,
@@ -306,6 +309,8 @@ guestTest(
                 t.is(r.status, 0, r.stderr);
               })(),
             );
+          } else if (line.includes('VHOSTD-MARK memtotal_deflated=')) {
+            steps.push(settledState(t, control, 0).then((state) => void (deflated = state)));
           } else if (line.includes('VHOSTD-MARK refill=')) {
             freeRefilled = huge.free();
             t.log(`refilled: ${freeRefilled} huge pages free in the mount; ${meminfoHugePages()}`);
@@ -350,6 +355,11 @@ guestTest(
       // Linux inflates free pages, mostly in whole free blocks: most of the balloon forms whole huge pages.
       t.true(releasedPages >= (HUGE_TARGET / HUGE_PAGE_SIZE) * 0.75, `huge pages released: ${releasedPages}`);
       t.is(freeInflated - freeBefore, releasedPages, 'the hugetlbfs got back exactly the huge pages the daemon released');
+      const unreleased = inflated?.unreleasedPages ?? -1;
+      t.log(`${inflated?.partialHugePages} huge pages partly in the balloon hold its other ${unreleased} pages`);
+      t.is(HUGE_TARGET / 4096 - unreleased, released / 4096, 'each page of the balloon is released in a whole huge page or counted as unreleased');
+      t.true((inflated?.partialHugePages ?? 0) * (HUGE_PAGE_SIZE / 4096) > unreleased, 'and those lie in partly inflated huge pages');
+      t.deepEqual([deflated?.balloonPages, deflated?.partialHugePages, deflated?.unreleasedPages], [0, 0, 0]);
       t.true(freeRefilled < freeInflated, `the guest uses the deflated memory again: ${freeInflated} -> ${freeRefilled} huge pages free`);
     });
   },

@@ -219,6 +219,7 @@ async function sendPfns(fe: Frontend, queue: number, pfns: readonly number[]): P
     await sendPfns(fe, 0, pfnRange(first, PAGES_PER_HUGE - 1));
     t.is(huge.free(), 0);
     t.is(dev.stats.releasedInflateBytes, 0);
+    t.deepEqual([dev.partialHugePages, dev.unreleasedPages], [1, PAGES_PER_HUGE - 1]);
     t.is(fe.memory.read(HUGE_REGION + HUGE_PAGE_SIZE - PAGE, 1)[0], 0xab, 'the page still outside the balloon keeps its bytes');
     t.is(fe.memory.read(HUGE_REGION, 1)[0], 0xab, 'and so do the inflated pages of its huge page: nothing was punched');
 
@@ -228,6 +229,7 @@ async function sendPfns(fe: Frontend, queue: number, pfns: readonly number[]): P
     t.is(allocated(region), 3 * HUGE_PAGE_SIZE);
     t.is(dev.stats.releasedInflateBytes, HUGE_PAGE_SIZE);
     t.is(fe.memory.read(HUGE_REGION + HUGE_PAGE_SIZE, 1)[0], 0xab, 'huge page 1 is only half in the balloon');
+    t.deepEqual([dev.partialHugePages, dev.unreleasedPages], [1, PAGES_PER_HUGE / 2]);
 
     // The first half of huge page 1 completes it.
     await sendPfns(fe, 0, pfnRange(first + PAGES_PER_HUGE, PAGES_PER_HUGE / 2));
@@ -244,6 +246,7 @@ async function sendPfns(fe: Frontend, queue: number, pfns: readonly number[]): P
     t.is(huge.free(), 2);
     t.is(dev.stats.releasedInflateBytes, 3 * HUGE_PAGE_SIZE);
     t.is(dev.balloonPages, 2 * PAGES_PER_HUGE);
+    t.deepEqual([dev.partialHugePages, dev.unreleasedPages], [0, 0]);
     t.is(fe.memory.read(HUGE_REGION + 2 * HUGE_PAGE_SIZE, 1)[0], 0xab, 'huge pages 2 and 3 were never touched');
     t.is(dev.stats.releaseErrors, 0);
     // Last, as reading a hole of a hugetlbfs mapping allocates a (zeroed) huge page again.
