@@ -203,12 +203,14 @@ async function sendPfns(fe: Frontend, queue: number, pfns: readonly number[]): P
 }
 
 (hugeUnavailable === undefined ? test : test.skip)(
-  `on hugetlbfs, a huge page is punched once all its 4 KiB pages are in the balloon, not before${hugeUnavailable === undefined ? '' : ` [skipped: ${hugeUnavailable}]`}`,
+  `on hugetlbfs, a huge page is punched once all its 4 KiB pages are in the balloon, not before; reporting releases the whole huge pages of a range${hugeUnavailable === undefined ? '' : ` [skipped: ${hugeUnavailable}]`}`,
   async (t) => {
     const huge = reserveHugePages(4, 'balloon-protocol');
     t.teardown(() => huge.close()); // runs after setup's teardown has closed both ends
-    const dev = device();
-    const { fe } = await setup(t, dev, 0n, 2, [DEFAULT_LAYOUT[0]!, { gpa: HUGE_REGION, size: 4 * HUGE_PAGE_SIZE, file: path.join(huge.mount, 'guest') }]);
+    const dev = device({ freePageReporting: true });
+    const layout = [DEFAULT_LAYOUT[0]!, { gpa: HUGE_REGION, size: 4 * HUGE_PAGE_SIZE, file: path.join(huge.mount, 'guest') }];
+    // Without STATS_VQ the reporting queue is index 2.
+    const { fe } = await setup(t, dev, bit(VIRTIO_BALLOON_F_REPORTING), 3, layout);
     const region = fe.memory.regions[1]!;
     dirty(fe, HUGE_REGION, 4 * PAGES_PER_HUGE);
     t.is(huge.free(), 0, "the front-end's mapping holds the mount's four huge pages");
@@ -248,9 +250,20 @@ async function sendPfns(fe: Frontend, queue: number, pfns: readonly number[]): P
     t.is(dev.balloonPages, 2 * PAGES_PER_HUGE);
     t.deepEqual([dev.partialHugePages, dev.unreleasedPages], [0, 0]);
     t.is(fe.memory.read(HUGE_REGION + 2 * HUGE_PAGE_SIZE, 1)[0], 0xab, 'huge pages 2 and 3 were never touched');
+
+    // A free range reported from the middle of huge page 2 to the end of huge page 3: only huge
+    // page 3 is wholly in it, and only it is released and counted.
+    const used = await fe.transfer(2, { writable: [{ gpa: HUGE_REGION + 5 * 2 ** 20, length: 3 * 2 ** 20 }] }, TIMEOUT);
+    t.is(used.len, 0);
+    t.is(huge.free(), 3);
+    t.is(dev.stats.releasedReportingBytes, HUGE_PAGE_SIZE);
+    // (The test front-end zeroes a writable buffer before it offers it; before the range is untouched.)
+    t.is(fe.memory.read(HUGE_REGION + 5 * 2 ** 20 - PAGE, 1)[0], 0xab, 'huge page 2 keeps its bytes');
+    t.is(allocated(region), HUGE_PAGE_SIZE, 'huge page 2, in part reported, is the one left');
     t.is(dev.stats.releaseErrors, 0);
     // Last, as reading a hole of a hugetlbfs mapping allocates a (zeroed) huge page again.
     t.true(isZero(fe.memory.read(HUGE_REGION, 2 * HUGE_PAGE_SIZE)), 'the released huge pages read back as zeroes');
+    t.true(isZero(fe.memory.read(HUGE_REGION + 3 * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE)));
     t.is(huge.free(), 0);
   },
 );
