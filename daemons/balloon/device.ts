@@ -129,6 +129,16 @@ export class BalloonDevice implements DaemonDevice {
     return this.pages.count;
   }
 
+  /** Huge pages partly in the balloon (hugetlbfs backing): held until their last 4 KiB page comes. */
+  get partialHugePages(): number {
+    return this.huge.partial;
+  }
+
+  /** Pages in the balloon not released to the host, as their huge page is not wholly in the balloon. */
+  get unreleasedPages(): number {
+    return this.huge.unreleasedPages;
+  }
+
   features(): bigint {
     let f = bit(VIRTIO_BALLOON_F_MUST_TELL_HOST) | bit(VIRTIO_BALLOON_F_STATS_VQ);
     if (this.options.deflateOnOom) f |= bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
@@ -359,6 +369,8 @@ export class BalloonDevice implements DaemonDevice {
       actualPages: this.actual,
       actualBytes: this.actual * BALLOON_PAGE_SIZE,
       balloonPages: this.pages.count,
+      partialHugePages: this.huge.partial,
+      unreleasedPages: this.huge.unreleasedPages,
       releasedBytes: { inflate: this.stats.releasedInflateBytes, reporting: this.stats.releasedReportingBytes },
       badPfns: { ...this.stats.badPfns },
       releaseErrors: this.stats.releaseErrors,

@@ -113,32 +113,59 @@ export class BalloonPages {
  * MADV_REMOVE work in huge page units), while the guest inflates 4 KiB pages: a huge page is released
  * once every one of its 4 KiB pages is in the balloon. Keyed by the guest address of the huge page's
  * first byte (huge pages are aligned in the memory fd, so that address follows from the region's
- * mmap offset).
+ * mmap offset); `null` stands for a huge page that does not lie wholly in one region, which is never
+ * released. Also counts the balloon's pages that the host still holds because of that.
  */
 export class HugePageTracker {
   private readonly inBalloon = new Map<number, number>();
+  private whole = 0;
+  private unreleased = 0;
 
-  /** Huge pages with at least one 4 KiB page in the balloon. */
+  /** Huge pages with some, but not all, of their 4 KiB pages in the balloon. */
   get partial(): number {
-    return this.inBalloon.size;
+    return this.inBalloon.size - this.whole;
+  }
+
+  /** 4 KiB pages in the balloon on huge pages not released: partly inflated or never releasable ones. */
+  get unreleasedPages(): number {
+    return this.unreleased;
   }
 
   /** One more 4 KiB page of the huge page at `hugeGpa` is in the balloon; true when it is now whole. */
-  add(hugeGpa: number, pagesPerHugePage: number): boolean {
-    const count = (this.inBalloon.get(hugeGpa) ?? 0) + 1;
-    this.inBalloon.set(hugeGpa, count);
-    return count === pagesPerHugePage;
+  add(hugeGpa: number | null, pagesPerHugePage: number): boolean {
+    const count = hugeGpa === null ? 0 : (this.inBalloon.get(hugeGpa) ?? 0) + 1;
+    if (hugeGpa !== null) this.inBalloon.set(hugeGpa, count);
+    if (count < pagesPerHugePage) {
+      this.unreleased++;
+      return false;
+    }
+    this.whole++;
+    this.unreleased -= pagesPerHugePage - 1;
+    return true;
   }
 
   /** One 4 KiB page of the huge page at `hugeGpa` left the balloon. */
-  delete(hugeGpa: number): void {
-    const count = (this.inBalloon.get(hugeGpa) ?? 0) - 1;
-    if (count > 0) this.inBalloon.set(hugeGpa, count);
+  delete(hugeGpa: number | null, pagesPerHugePage: number): void {
+    if (hugeGpa === null) {
+      this.unreleased = Math.max(0, this.unreleased - 1);
+      return;
+    }
+    const count = this.inBalloon.get(hugeGpa);
+    if (count === undefined) return; // not tracked: the memory map changed since the inflate
+    if (count === pagesPerHugePage) {
+      this.whole--;
+      this.unreleased += pagesPerHugePage - 1;
+    } else {
+      this.unreleased--;
+    }
+    if (count > 1) this.inBalloon.set(hugeGpa, count - 1);
     else this.inBalloon.delete(hugeGpa);
   }
 
   clear(): void {
     this.inBalloon.clear();
+    this.whole = 0;
+    this.unreleased = 0;
   }
 }
 
@@ -223,8 +250,8 @@ export function planInflate(
       continue;
     }
     const hugeGpa = hugePageAt(region, gpa);
-    if (hugeGpa !== null && huge.add(hugeGpa, region.pageSize / BALLOON_PAGE_SIZE)) {
-      hugeRanges.push({ region, offset: hugeGpa - region.guestPhysAddr, length: region.pageSize });
+    if (huge.add(hugeGpa, region.pageSize / BALLOON_PAGE_SIZE)) {
+      hugeRanges.push({ region, offset: hugeGpa! - region.guestPhysAddr, length: region.pageSize });
     }
   }
   const ranges: ReleaseRange[] = [];
@@ -252,10 +279,7 @@ export function applyDeflate(pfns: Uint32Array, memory: GuestMemory, pages: Ball
     taken++;
     const gpa = pfn * BALLOON_PAGE_SIZE;
     const region = pageRegion(memory, gpa);
-    if (region !== null && region.pageSize > BALLOON_PAGE_SIZE) {
-      const hugeGpa = hugePageAt(region, gpa);
-      if (hugeGpa !== null) huge.delete(hugeGpa);
-    }
+    if (region !== null && region.pageSize > BALLOON_PAGE_SIZE) huge.delete(hugePageAt(region, gpa), region.pageSize / BALLOON_PAGE_SIZE);
   }
   return taken;
 }

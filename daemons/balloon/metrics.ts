@@ -32,6 +32,8 @@ export interface BalloonState {
   readonly targetPages: number;
   readonly actualPages: number;
   readonly balloonPages: number;
+  readonly partialHugePages: number;
+  readonly unreleasedPages: number;
   readonly guestStats: Readonly<Record<string, number>>;
 }
 
@@ -58,6 +60,18 @@ export function createBalloonMetrics(registry: Registry, stats: BalloonStats, st
     targetPages: gauge(registry, 'vhostd_balloon_target_pages', 'Balloon size asked of the guest (num_pages), in 4 KiB pages', () => state.targetPages),
     actualPages: gauge(registry, 'vhostd_balloon_actual_pages', 'Balloon size the guest reports (actual), in 4 KiB pages', () => state.actualPages),
     balloonPages: gauge(registry, 'vhostd_balloon_pages', 'Pages in the balloon by the device\'s count (inflated minus deflated)', () => state.balloonPages),
+    partialHugePages: gauge(
+      registry,
+      'vhostd_balloon_partial_huge_pages',
+      'Huge pages (hugetlbfs) with some but not all of their 4 KiB pages in the balloon: not released yet',
+      () => state.partialHugePages,
+    ),
+    unreleasedPages: gauge(
+      registry,
+      'vhostd_balloon_unreleased_pages',
+      '4 KiB pages in the balloon whose memory the host still holds: their huge page is not wholly in the balloon',
+      () => state.unreleasedPages,
+    ),
     inflatedPages: counter('vhostd_balloon_inflated_pages_total', '4 KiB pages the guest put in the balloon', () => stats.inflatedPages),
     deflatedPages: counter('vhostd_balloon_deflated_pages_total', '4 KiB pages the guest took out of the balloon', () => stats.deflatedPages),
     releasedBytes: collectedCounter(registry, 'vhostd_balloon_released_bytes_total', 'Bytes of guest memory given back to the host', ['source'], () => [

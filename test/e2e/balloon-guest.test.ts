@@ -5,7 +5,7 @@
  * memfd (its allocated size and QEMU's resident shared memory drop) and the guest reports `actual`;
  * the guest's statistics arrive as metrics; the target goes back to 0 and the guest uses that memory
  * again. With free page reporting, memory a guest process frees goes back to the host without any
- * target.
+ * target. With guest RAM on a private hugetlbfs, exactly the huge pages wholly in the balloon go back.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -15,6 +15,7 @@ import type { ExecutionContext } from 'ava';
 
 import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { guestTest } from '../helpers/guest-test';
+import { HUGE_PAGE_SIZE, hugePagesUnavailable, reserveHugePages } from '../helpers/hugepages';
 import { qemu102, runGuest } from '../helpers/qemu-guest';
 import { vhostctl } from '../helpers/vhostctl';
 
@@ -57,10 +58,18 @@ function qemuRssShmem(pid: number): number {
   return Number(kib) * 1024;
 }
 
+/** HugePages_Free and HugePages_Rsvd of /proc/meminfo (the whole machine's, for the log). */
+function meminfoHugePages(): string {
+  const meminfo = fs.readFileSync('/proc/meminfo', 'utf8');
+  return ['HugePages_Free', 'HugePages_Rsvd'].map((key) => `${key} ${new RegExp(`${key}:\\s+(\\d+)`).exec(meminfo)?.[1]}`).join(', ');
+}
+
 interface BalloonState {
   targetPages: number;
   actualPages: number;
   balloonPages: number;
+  partialHugePages: number;
+  unreleasedPages: number;
   releasedBytes: { inflate: number; reporting: number };
   guestStats: Record<string, number>;
 }
@@ -69,6 +78,19 @@ async function balloonState(t: ExecutionContext, control: string): Promise<Ballo
   const run = await vhostctl('--control', control, '--json', 'status');
   t.is(run.status, 0, run.stderr);
   return (JSON.parse(run.stdout) as { state: BalloonState }).state;
+}
+
+/**
+ * The balloon state once the guest reports `pages` as its balloon (or after two minutes): the driver
+ * writes `actual` only after the device used its last buffer, so every release has been counted.
+ */
+async function settledState(t: ExecutionContext, control: string, pages: number): Promise<BalloonState> {
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const state = await balloonState(t, control);
+    if (state.actualPages === pages || Date.now() > deadline) return state;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
 }
 
 function qemuDevice(socketPath: string, numVqs: number): string[] {
@@ -249,4 +271,96 @@ guestTest(
     });
   },
   { qemu102: true },
+);
+
+const HUGE_GUEST_PAGES = 128; // 256 MiB of guest RAM
+const HUGE_TARGET = 128 * MiB;
+
+guestTest(
+  'on hugetlbfs, the huge pages wholly in the balloon go back to the host, exactly those, and come back after a deflate',
+  async (t) => {
+    const huge = reserveHugePages(HUGE_GUEST_PAGES, 'balloon-huge');
+    t.teardown(() => huge.close());
+    await withDaemon(t, ['--stats-interval', '0'], async (daemon, control) => {
+      const steps: Promise<void>[] = [];
+      let freeBefore = -1;
+      let freeInflated = -1;
+      let freeRefilled = -1;
+      let inflated: BalloonState | undefined;
+      let deflated: BalloonState | undefined;
+      const result = await runGuest({
+        qemu: binary(),
+        memory: `${HUGE_GUEST_PAGES * 2}M`,
+        memoryFile: path.join(huge.mount, 'guest-ram'),
+        qemuArgs: qemuDevice(daemon.socketPath, 3),
+        timeoutMs: 300_000,
+        onConsoleLine: (line) => {
+          if (line.includes('VHOSTD-MARK inflate=now')) {
+            freeBefore = huge.free();
+            t.log(`before the inflate: ${freeBefore} huge pages free in the mount; ${meminfoHugePages()}`);
+            steps.push(vhostctl('--control', control, 'set-target', String(HUGE_TARGET)).then((r) => void t.is(r.status, 0, r.stderr)));
+          } else if (line.includes('VHOSTD-MARK memtotal_inflated=')) {
+            steps.push(
+              (async () => {
+                inflated = await settledState(t, control, HUGE_TARGET / 4096);
+                freeInflated = huge.free();
+                t.log(`inflated: ${freeInflated} huge pages free in the mount; ${meminfoHugePages()}`);
+                const r = await vhostctl('--control', control, 'set-target', '0');
+                t.is(r.status, 0, r.stderr);
+              })(),
+            );
+          } else if (line.includes('VHOSTD-MARK memtotal_deflated=')) {
+            steps.push(settledState(t, control, 0).then((state) => void (deflated = state)));
+          } else if (line.includes('VHOSTD-MARK refill=')) {
+            freeRefilled = huge.free();
+            t.log(`refilled: ${freeRefilled} huge pages free in the mount; ${meminfoHugePages()}`);
+          }
+        },
+        script: [
+          GUEST_FUNCTIONS,
+          'before=$(memtotal)',
+          'mark memtotal_before "$before"',
+          // Touch most of the free memory (dd's 120 MiB buffer) and free it again, so that the huge
+          // pages the balloon takes are allocated on the host, not only reserved.
+          'dd if=/dev/zero of=/dev/null bs=120M count=1 2>/dev/null; mark touched "$?"',
+          // Data the guest keeps through the inflate: no page it still uses may be punched.
+          'dd if=/dev/urandom of=/keep bs=1M count=16 2>/dev/null; kept=$(md5sum < /keep)',
+          'mark inflate now',
+          `wait_for 120 shrunk_by ${HUGE_TARGET / 1024} && mark memtotal_inflated "$(memtotal)"`,
+          'mark kept "$([ "$(md5sum < /keep)" = "$kept" ] && echo intact || echo changed)"',
+          'wait_for 120 grown_back && mark memtotal_deflated "$(memtotal)"',
+          // The memory given back is the guest's again: a 120 MiB buffer faults the huge pages back in.
+          'dd if=/dev/zero of=/dev/null bs=120M count=1 2>/dev/null; mark refill "$?"',
+          'mark kept_after "$([ "$(md5sum < /keep)" = "$kept" ] && echo intact || echo changed)"',
+        ].join('\n'),
+      });
+      await Promise.all(steps);
+      const why = result.tail(30);
+      t.is(result.exitStatus, 0, why);
+      t.is(result.mark('touched'), '0', why);
+      const before = Number(result.mark('memtotal_before'));
+      t.true(Number(result.mark('memtotal_inflated')) <= before - HUGE_TARGET / 1024, why);
+      t.is(result.mark('kept'), 'intact', "the guest's own data survived the inflate");
+      t.true(Number(result.mark('memtotal_deflated')) >= before, why);
+      t.is(result.mark('refill'), '0', why);
+      t.is(result.mark('kept_after'), 'intact');
+
+      t.is(inflated?.actualPages, HUGE_TARGET / 4096, 'the guest reported the whole balloon');
+      t.is(inflated?.balloonPages, HUGE_TARGET / 4096);
+      const released = inflated?.releasedBytes.inflate ?? 0;
+      t.is(released % HUGE_PAGE_SIZE, 0, `only whole huge pages are released: ${released} bytes`);
+      const releasedPages = released / HUGE_PAGE_SIZE;
+      t.log(`${releasedPages} of the ${HUGE_TARGET / HUGE_PAGE_SIZE} huge pages the balloon could fill were wholly in it and released`);
+      // Linux inflates free pages, mostly in whole free blocks: most of the balloon forms whole huge pages.
+      t.true(releasedPages >= (HUGE_TARGET / HUGE_PAGE_SIZE) * 0.75, `huge pages released: ${releasedPages}`);
+      t.is(freeInflated - freeBefore, releasedPages, 'the hugetlbfs got back exactly the huge pages the daemon released');
+      const unreleased = inflated?.unreleasedPages ?? -1;
+      t.log(`${inflated?.partialHugePages} huge pages partly in the balloon hold its other ${unreleased} pages`);
+      t.is(HUGE_TARGET / 4096 - unreleased, released / 4096, 'each page of the balloon is released in a whole huge page or counted as unreleased');
+      t.true((inflated?.partialHugePages ?? 0) * (HUGE_PAGE_SIZE / 4096) > unreleased, 'and those lie in partly inflated huge pages');
+      t.deepEqual([deflated?.balloonPages, deflated?.partialHugePages, deflated?.unreleasedPages], [0, 0, 0]);
+      t.true(freeRefilled < freeInflated, `the guest uses the deflated memory again: ${freeInflated} -> ${freeRefilled} huge pages free`);
+    });
+  },
+  { qemu102: true, unavailable: hugePagesUnavailable() },
 );

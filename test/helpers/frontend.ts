@@ -15,6 +15,8 @@
  * Ownership: the Frontend owns every fd and mapping it creates and releases them all in `close()`.
  * Fds received from the backend are closed as soon as they are read.
  */
+import fs from 'node:fs';
+
 import { fullFence } from '../../lib/virtqueue/barrier';
 import {
   native,
@@ -374,6 +376,11 @@ export interface RegionLayout {
   size: number;
   userAddr?: number;
   mmapOffset?: number;
+  /**
+   * Back the region with a new file at this path (on a hugetlbfs mount, say: `mmapOffset + size`
+   * must then be whole huge pages) instead of a memfd. It is unlinked at once; the fd keeps it.
+   */
+  file?: string;
 }
 
 /**
@@ -391,6 +398,20 @@ export const ADJACENT_LAYOUT: readonly RegionLayout[] = [
   { gpa: 0x10_0000, size: 1 << 20, userAddr: 0x7f30_0000_0000, mmapOffset: 0x3000 },
   { gpa: 0x20_0000, size: 1 << 20, userAddr: 0x7f40_0000_0000, mmapOffset: 0 },
 ];
+
+/** A file of `size` bytes created at `path` and unlinked, open read-write. */
+function createUnlinkedFile(path: string, size: number): number {
+  const fd = fs.openSync(path, 'wx+', 0o600);
+  try {
+    fs.ftruncateSync(fd, size);
+    return fd;
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
+  } finally {
+    fs.unlinkSync(path);
+  }
+}
 
 export class FrontendRegion implements WireRegion {
   readonly userAddr: number;
@@ -415,7 +436,7 @@ export class FrontendRegion implements WireRegion {
   static create(layout: RegionLayout, name: string): FrontendRegion {
     const mmapOffset = layout.mmapOffset ?? 0;
     const userAddr = layout.userAddr ?? 0x7e00_0000_0000 + layout.gpa;
-    const fd = native.memfdCreate(name, mmapOffset + layout.size);
+    const fd = layout.file === undefined ? native.memfdCreate(name, mmapOffset + layout.size) : createUnlinkedFile(layout.file, mmapOffset + layout.size);
     try {
       const mapping = native.mmap(fd, mmapOffset + layout.size, 0, true);
       return new FrontendRegion(layout.gpa, layout.size, userAddr, mmapOffset, fd, mapping);

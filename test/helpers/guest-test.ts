@@ -14,16 +14,24 @@ export interface GuestTestOptions {
   readonly knownFailure?: string;
   /** The test runs QEMU 10.2 ({@link qemu102}), not the default QEMU: skipped (failed in CI) without it. */
   readonly qemu102?: boolean;
+  /**
+   * Why this machine cannot run the test at all (no root for huge pages, say), or undefined: it is
+   * skipped with that reason, also under CI, which cannot change the machine.
+   */
+  readonly unavailable?: string | undefined;
 }
 
 /**
  * Registers an ava test that needs a real guest. Without QEMU it is skipped, with the reason in its
- * title; but when `CI` is set a missing QEMU fails the test instead, since CI installs it.
+ * title; but when `CI` is set a missing QEMU fails the test instead, since CI installs it. A test
+ * the machine cannot run (`options.unavailable`) is skipped with that reason.
  */
 export function guestTest(title: string, impl: ImplementationFn<[]>, options: GuestTestOptions = {}): void {
   const q102 = options.qemu102 === true ? qemu102() : undefined;
   const missing = q102 !== undefined && 'missing' in q102 ? q102.missing : qemuMissingReason();
-  if (missing === undefined) {
+  if (options.unavailable !== undefined) {
+    test.skip(`${title} [skipped: ${options.unavailable}]`, impl);
+  } else if (missing === undefined) {
     if (options.knownFailure !== undefined) test.failing(`${title} [known failure: ${options.knownFailure}]`, impl);
     else test(title, impl);
   } else if (process.env['CI']) {

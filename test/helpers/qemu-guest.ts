@@ -64,6 +64,11 @@ export interface RunGuestOptions {
   readonly qemuArgs?: readonly string[];
   /** Guest RAM, also the size of the shared memfd backend vhost-user maps; default `256M`. */
   readonly memory?: string;
+  /**
+   * Back guest RAM with this file (created by QEMU; on a hugetlbfs mount for huge pages) instead of a
+   * memfd: `memory-backend-file,mem-path=<file>,share=on`.
+   */
+  readonly memoryFile?: string;
   /** Kill QEMU and reject after this long; default 120 s. */
   readonly timeoutMs?: number;
   /** Called with each console line as it arrives (without the line end). Throwing ends the run. */
@@ -267,14 +272,18 @@ function processExists(pid: number): boolean {
 }
 
 /** The QEMU command line of a run, without the binary. */
-export function qemuArgs(image: GuestImage, initrd: string, opts: Pick<RunGuestOptions, 'memory' | 'append' | 'qemuArgs'>): string[] {
+export function qemuArgs(image: GuestImage, initrd: string, opts: Pick<RunGuestOptions, 'memory' | 'memoryFile' | 'append' | 'qemuArgs'>): string[] {
   const memory = opts.memory ?? DEFAULT_MEMORY;
   const append = opts.append ? `${BASE_KERNEL_ARGS} ${opts.append}` : BASE_KERNEL_ARGS;
+  // vhost-user back-ends map guest RAM, so it must be a shareable fd.
+  const backend =
+    opts.memoryFile === undefined
+      ? `memory-backend-memfd,id=mem,size=${memory},share=on`
+      : `memory-backend-file,id=mem,size=${memory},mem-path=${opts.memoryFile},share=on`;
   return [
     '-accel', 'tcg',
-    // vhost-user back-ends map guest RAM, so it must be a shareable fd.
     '-machine', 'q35,memory-backend=mem',
-    '-object', `memory-backend-memfd,id=mem,size=${memory},share=on`,
+    '-object', backend,
     '-m', memory,
     '-nographic',
     '-no-reboot',

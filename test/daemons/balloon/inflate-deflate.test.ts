@@ -156,12 +156,19 @@ test('on huge pages, a huge page is released once all its 4 KiB pages are in, no
   const firstHalf = Uint32Array.from({ length: perHuge / 2 }, (_, i) => base + i);
   const secondHalf = Uint32Array.from({ length: perHuge / 2 }, (_, i) => base + perHuge / 2 + i);
   t.deepEqual(planInflate(firstHalf, mem, pages, huge, bad).ranges, []);
-  t.is(huge.partial, 1);
+  t.deepEqual([huge.partial, huge.unreleasedPages], [1, perHuge / 2]);
   const plan = planInflate(secondHalf, mem, pages, huge, bad);
   t.deepEqual(summary(plan.ranges), [`${(2 ** 32 + HUGE).toString(16)}+200000@200000`]);
+  t.deepEqual([huge.partial, huge.unreleasedPages], [0, 0]);
   // A page deflated out of it and inflated again completes it again (it faulted back in meanwhile).
   t.is(applyDeflate(new Uint32Array([base + 5]), mem, pages, huge, bad), 1);
+  t.deepEqual([huge.partial, huge.unreleasedPages], [1, perHuge - 1], 'the other pages stay in the balloon, but are backed again');
   t.is(planInflate(new Uint32Array([base + 5]), mem, pages, huge, bad).ranges.length, 1);
+  t.deepEqual([huge.partial, huge.unreleasedPages], [0, 0]);
+  t.is(applyDeflate(secondHalf, mem, pages, huge, bad), perHuge / 2);
+  t.deepEqual([huge.partial, huge.unreleasedPages], [1, perHuge / 2]);
+  huge.clear();
+  t.deepEqual([huge.partial, huge.unreleasedPages], [0, 0]);
 });
 
 test('a huge page the region does not wholly hold is never released', (t) => {
@@ -173,6 +180,9 @@ test('a huge page the region does not wholly hold is never released', (t) => {
   const plan = planInflate(pfns, mem, pages, huge, noBadPfns());
   t.is(plan.accepted, pfns.length);
   t.deepEqual(plan.ranges, []);
+  t.deepEqual([huge.partial, huge.unreleasedPages], [0, pfns.length], 'in the balloon, still held by the host');
+  t.is(applyDeflate(pfns.subarray(0, 10), mem, pages, huge, noBadPfns()), 10);
+  t.is(huge.unreleasedPages, pfns.length - 10);
 });
 
 test('deflate takes pages out and counts PFNs that were not in the balloon', (t) => {

@@ -57,6 +57,8 @@ test('inflate, deflate, bad PFNs, guest stats and the target as metrics', async 
   t.is(scrape.value('vhostd_balloon_target_pages', { device: 'balloon' }), 1000);
   t.is(scrape.value('vhostd_balloon_actual_pages'), 0);
   t.is(scrape.value('vhostd_balloon_pages'), 2);
+  t.is(scrape.value('vhostd_balloon_partial_huge_pages'), 0, 'memfd memory has no huge pages');
+  t.is(scrape.value('vhostd_balloon_unreleased_pages'), 0);
   t.is(scrape.value('vhostd_balloon_inflated_pages_total'), 3);
   t.is(scrape.value('vhostd_balloon_deflated_pages_total'), 1);
   t.is(scrape.value('vhostd_balloon_released_bytes_total', { source: 'inflate' }), 3 * PAGE);
