@@ -14,6 +14,8 @@ export interface GuestTestOptions {
   readonly knownFailure?: string;
   /** The test runs QEMU 10.2 ({@link qemu102}), not the default QEMU: skipped (failed in CI) without it. */
   readonly qemu102?: boolean;
+  /** Run alone (ava's `test.serial`), e.g. a test with two QEMUs whose guest must keep pace with a migration. */
+  readonly serial?: boolean;
 }
 
 /**
@@ -24,8 +26,9 @@ export function guestTest(title: string, impl: ImplementationFn<[]>, options: Gu
   const q102 = options.qemu102 === true ? qemu102() : undefined;
   const missing = q102 !== undefined && 'missing' in q102 ? q102.missing : qemuMissingReason();
   if (missing === undefined) {
-    if (options.knownFailure !== undefined) test.failing(`${title} [known failure: ${options.knownFailure}]`, impl);
-    else test(title, impl);
+    const register = options.serial === true ? test.serial : test;
+    if (options.knownFailure !== undefined) register.failing(`${title} [known failure: ${options.knownFailure}]`, impl);
+    else register(title, impl);
   } else if (process.env['CI']) {
     test(title, (t: ExecutionContext) => t.fail(`CI is set but ${missing}`));
   } else {

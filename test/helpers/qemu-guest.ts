@@ -471,3 +471,103 @@ function shellQuote(arg: string): string {
 function escapeRegExp(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
+
+/**
+ * A long-running QEMU a test drives itself (over QMP, say) rather than waiting for its end as
+ * {@link runGuest} does: its console lines as they come, its stderr, and `kill`. Like runGuest's QEMU it
+ * dies with this process. The guest's `mark` lines are read with {@link QemuProcess.waitMark}.
+ */
+export class QemuProcess {
+  readonly child: ChildProcess;
+  /** Console lines so far, line ends normalized. */
+  readonly lines: string[] = [];
+  private partial = '';
+  private stderrText = '';
+  private wakers: (() => void)[] = [];
+  private readonly echo: string | undefined;
+
+  /** `args` without the binary (e.g. from {@link qemuArgs}); `name` prefixes echoed console lines. */
+  constructor(args: readonly string[], name = 'guest', qemu = qemuBinary()) {
+    installExitHook();
+    this.echo = envFlag('VHOSTD_GUEST_CONSOLE') ? name : undefined;
+    this.child =
+      PDEATHSIG === undefined
+        ? spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+        : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    live.add(this.child);
+    this.child.stdout!.setEncoding('utf8');
+    this.child.stdout!.on('data', (text: string) => {
+      const parts = (this.partial + text).split('\n');
+      this.partial = parts.pop() ?? '';
+      for (const raw of parts) {
+        const line = raw.replace(/\r/g, '');
+        this.lines.push(line);
+        if (this.echo !== undefined) process.stderr.write(`[${this.echo}] ${line}\n`);
+      }
+      this.wake();
+    });
+    this.child.stderr!.setEncoding('utf8');
+    this.child.stderr!.on('data', (text: string) => (this.stderrText += text));
+    this.child.on('error', (err) => (this.stderrText += `cannot run ${qemu}: ${err.message}\n`));
+    this.child.once('close', () => {
+      live.delete(this.child);
+      this.wake();
+    });
+  }
+
+  get stderr(): string {
+    return this.stderrText;
+  }
+
+  get running(): boolean {
+    return this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  /** The values of every `mark KEY ...` printed so far, in order. */
+  marks(key: string): string[] {
+    const prefix = `VHOSTD-MARK ${key}=`;
+    return this.lines.flatMap((line) => {
+      const at = line.indexOf(prefix);
+      return at >= 0 ? [line.slice(at + prefix.length)] : [];
+    });
+  }
+
+  /**
+   * The value of the first `mark KEY ...` that `accept` takes (any by default), waiting for it; throws
+   * when QEMU ends or `timeoutMs` passes first.
+   */
+  async waitMark(key: string, timeoutMs: number, accept: (value: string) => boolean = () => true): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const value = this.marks(key).find(accept);
+      if (value !== undefined) return value;
+      if (!this.running || Date.now() > deadline) {
+        throw new Error(`no mark ${key} (QEMU ${this.running ? 'still running' : 'ended'}): ${this.stderrText.trim()}\n${this.tail(30)}`);
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, 500);
+        this.wakers.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+
+  /** The last `n` console lines, for assertion messages. */
+  tail(n = 40): string {
+    return this.lines.slice(-n).join('\n');
+  }
+
+  /** SIGKILL (if still running) and wait for the process to go. */
+  async kill(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const closed = new Promise((resolve) => this.child.once('close', resolve));
+    this.child.kill('SIGKILL');
+    await closed;
+  }
+
+  private wake(): void {
+    for (const wake of this.wakers.splice(0)) wake();
+  }
+}
