@@ -267,6 +267,7 @@ for (const row of netRows) {
       } else {
         t.true(rarps.length > 0, `the destination daemon sent the RARP; destination daemon stderr: ${destination.daemon.stderr()}`);
         for (const frame of rarps) t.deepEqual(frame.toString('hex'), rarpRequest(GUEST_MAC).toString('hex'), 'the RARP of RFC 903 for the guest MAC');
+        t.regex(destination.daemon.stderr(), new RegExp(`RARP announcement for ${mac} sent`));
       }
       t.regex(source.daemon.stderr(), /dirty page log: \d+ bytes/, 'QEMU gave the source daemon its dirty page log');
     } finally {
