@@ -14,11 +14,12 @@
  * Set `VHOSTD_GUEST_CONSOLE=1` to copy every guest console line to stderr as it arrives, and
  * `VHOSTD_GUEST_KEEP=1` to keep each run's initramfs (its directory is printed) to boot it again by hand.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess, type ChildProcessByStdio } from 'node:child_process';
 import { existsSync, rmSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { Readable } from 'node:stream';
 
 import { GUEST_LIBRARY_PATH, GUEST_SCRIPT_PATH, guestImage, repoRoot, writeTestInitrd, type GuestFile, type GuestImage } from './guest-image';
 
@@ -348,11 +349,7 @@ function runQemu(qemu: string, args: string[], timeoutMs: number, onLine: ((line
       child.kill('SIGKILL');
     };
 
-    const child =
-      PDEATHSIG === undefined
-        ? spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] })
-        : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    live.add(child);
+    const child = spawnQemu(qemu, args);
     const timer = setTimeout(() => fail('GUEST_TIMEOUT', `guest did not finish within ${timeoutMs} ms`), timeoutMs);
 
     const takeLine = (raw: string): void => {
@@ -413,6 +410,27 @@ function runQemu(qemu: string, args: string[], timeoutMs: number, onLine: ((line
   });
 }
 
+/** QEMU with piped stdout and stderr, killed with this process (see `live` and PDEATHSIG). */
+function spawnQemu(qemu: string, args: readonly string[]): ChildProcessByStdio<null, Readable, Readable> {
+  const child =
+    PDEATHSIG === undefined
+      ? spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(child);
+  return child;
+}
+
+/** The values of every `VHOSTD-MARK KEY=...` in `lines`, in order (anywhere in a line: a kernel message may land mid-line). */
+function marksIn(lines: readonly string[], key: string): string[] {
+  const prefix = `VHOSTD-MARK ${key}=`;
+  const values: string[] = [];
+  for (const line of lines) {
+    const at = line.indexOf(prefix);
+    if (at >= 0) values.push(line.slice(at + prefix.length));
+  }
+  return values;
+}
+
 function findLast(lines: readonly string[], re: RegExp): RegExpExecArray | undefined {
   for (let i = lines.length - 1; i >= 0; i--) {
     const m = re.exec(lines[i]!);
@@ -425,16 +443,7 @@ type ResultData = Pick<GuestResult, 'console' | 'qemuStderr' | 'command' | 'exit
 
 function makeResult(data: ResultData): GuestResult {
   const lines = data.console.split('\n');
-  // Markers are matched anywhere in a line: a kernel message may land on the console mid-line.
-  const marks = (key: string): string[] => {
-    const prefix = `VHOSTD-MARK ${key}=`;
-    const values: string[] = [];
-    for (const line of lines) {
-      const at = line.indexOf(prefix);
-      if (at >= 0) values.push(line.slice(at + prefix.length));
-    }
-    return values;
-  };
+  const marks = (key: string): string[] => marksIn(lines, key);
   return {
     ...data,
     lines: () => [...lines],
@@ -478,7 +487,7 @@ function escapeRegExp(s: string): string {
  * dies with this process. The guest's `mark` lines are read with {@link QemuProcess.waitMark}.
  */
 export class QemuProcess {
-  readonly child: ChildProcess;
+  readonly child: ChildProcessByStdio<null, Readable, Readable>;
   /** Console lines so far, line ends normalized. */
   readonly lines: string[] = [];
   private partial = '';
@@ -490,13 +499,9 @@ export class QemuProcess {
   constructor(args: readonly string[], name = 'guest', qemu = qemuBinary()) {
     installExitHook();
     this.echo = envFlag('VHOSTD_GUEST_CONSOLE') ? name : undefined;
-    this.child =
-      PDEATHSIG === undefined
-        ? spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] })
-        : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    live.add(this.child);
-    this.child.stdout!.setEncoding('utf8');
-    this.child.stdout!.on('data', (text: string) => {
+    this.child = spawnQemu(qemu, args);
+    this.child.stdout.setEncoding('utf8');
+    this.child.stdout.on('data', (text: string) => {
       const parts = (this.partial + text).split('\n');
       this.partial = parts.pop() ?? '';
       for (const raw of parts) {
@@ -506,8 +511,8 @@ export class QemuProcess {
       }
       this.wake();
     });
-    this.child.stderr!.setEncoding('utf8');
-    this.child.stderr!.on('data', (text: string) => (this.stderrText += text));
+    this.child.stderr.setEncoding('utf8');
+    this.child.stderr.on('data', (text: string) => (this.stderrText += text));
     this.child.on('error', (err) => (this.stderrText += `cannot run ${qemu}: ${err.message}\n`));
     this.child.once('close', () => {
       live.delete(this.child);
@@ -525,11 +530,7 @@ export class QemuProcess {
 
   /** The values of every `mark KEY ...` printed so far, in order. */
   marks(key: string): string[] {
-    const prefix = `VHOSTD-MARK ${key}=`;
-    return this.lines.flatMap((line) => {
-      const at = line.indexOf(prefix);
-      return at >= 0 ? [line.slice(at + prefix.length)] : [];
-    });
+    return marksIn(this.lines, key);
   }
 
   /**
