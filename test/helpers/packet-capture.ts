@@ -4,6 +4,8 @@
  */
 import { spawn } from 'node:child_process';
 
+import { diesWithParent } from './qemu-guest';
+
 /** Prints "<pkttype> <hex>" for every frame of the wanted EtherTypes that the interface did not send itself. */
 const CAPTURE = `
 import socket, sys
@@ -32,7 +34,7 @@ export interface PacketCapture {
  */
 export function capturePackets(iface: string, etherTypes: readonly number[], namespace?: string): Promise<PacketCapture> {
   const command = ['python3', '-c', CAPTURE, iface, etherTypes.map((t) => t.toString(16)).join(',')];
-  const argv = namespace === undefined ? command : ['ip', 'netns', 'exec', namespace, ...command];
+  const argv = diesWithParent(namespace === undefined ? command : ['ip', 'netns', 'exec', namespace, ...command]);
   const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   const frames: Buffer[] = [];
   let partial = '';

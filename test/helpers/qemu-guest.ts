@@ -412,12 +412,15 @@ function runQemu(qemu: string, args: string[], timeoutMs: number, onLine: ((line
 
 /** QEMU with piped stdout and stderr, killed with this process (see `live` and PDEATHSIG). */
 function spawnQemu(qemu: string, args: readonly string[]): ChildProcessByStdio<null, Readable, Readable> {
-  const child =
-    PDEATHSIG === undefined
-      ? spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] })
-      : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const [command, ...rest] = diesWithParent([qemu, ...args]);
+  const child = spawn(command!, rest, { stdio: ['ignore', 'pipe', 'pipe'] });
   live.add(child);
   return child;
+}
+
+/** `argv` under `setpriv --pdeathsig KILL` where that exists: the kernel kills it when this process dies. */
+export function diesWithParent(argv: readonly string[]): string[] {
+  return PDEATHSIG === undefined ? [...argv] : [PDEATHSIG, '--pdeathsig', 'KILL', '--', ...argv];
 }
 
 /** The values of every `VHOSTD-MARK KEY=...` in `lines`, in order (anywhere in a line: a kernel message may land mid-line). */
