@@ -156,7 +156,9 @@ export class NetDevice implements DeviceBackend {
       const result = new Int32Array(1);
       native.writeFrames(fd, Float64Array.of(mapping.address), Float64Array.of(VNET_HDR_SIZE + RARP_FRAME_LENGTH), Uint32Array.of(0), Uint32Array.of(1), result, 1);
       setTapQueueAttached(fd, false);
-      if (result[0]! < 0) this.logger.warn(`RARP announcement not sent: errno ${-result[0]!}`);
+      const from = Array.from(mac, (b) => b.toString(16).padStart(2, '0')).join(':');
+      if (result[0]! < 0) this.logger.warn(`RARP announcement for ${from} not sent: errno ${-result[0]!}`);
+      else this.logger.info(`RARP announcement for ${from} sent into the TAP`);
     } finally {
       native.munmap(mapping.id);
     }

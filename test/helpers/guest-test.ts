@@ -19,6 +19,8 @@ export interface GuestTestOptions {
    * skipped with that reason, also under CI, which cannot change the machine.
    */
   readonly unavailable?: string | undefined;
+  /** Run alone (ava's `test.serial`), e.g. a test with two QEMUs whose guest must keep pace with a migration. */
+  readonly serial?: boolean;
 }
 
 /**
@@ -32,8 +34,9 @@ export function guestTest(title: string, impl: ImplementationFn<[]>, options: Gu
   if (options.unavailable !== undefined) {
     test.skip(`${title} [skipped: ${options.unavailable}]`, impl);
   } else if (missing === undefined) {
-    if (options.knownFailure !== undefined) test.failing(`${title} [known failure: ${options.knownFailure}]`, impl);
-    else test(title, impl);
+    const register = options.serial === true ? test.serial : test;
+    if (options.knownFailure !== undefined) register.failing(`${title} [known failure: ${options.knownFailure}]`, impl);
+    else register(title, impl);
   } else if (process.env['CI']) {
     test(title, (t: ExecutionContext) => t.fail(`CI is set but ${missing}`));
   } else {

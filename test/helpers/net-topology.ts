@@ -13,6 +13,8 @@ import { execFileSync, spawn } from 'node:child_process';
 export interface BridgedTap {
   /** The TAP for `--tap`. */
   readonly tap: string;
+  /** Every TAP on the bridge (`tap` first), as many as `tapCount` asked for. */
+  readonly taps: readonly string[];
   /** The peer's namespace (for `ip netns exec`). */
   readonly namespace: string;
   /** Remove every interface and the namespace. Idempotent. */
@@ -22,37 +24,41 @@ export interface BridgedTap {
 /**
  * Interfaces `<base>t` (TAP), `<base>b` (bridge), `<base>v`/`<base>p` (veth), namespace `<base>`;
  * `base` has at most 14 characters. The peer gets `peerMac` and `peerCidr` (e.g. 10.79.0.1/24).
+ * `tapCount` > 1 puts more TAPs on the bridge, `<base>t1`, `<base>t2`... (a live migration's
+ * destination on a port of its own); `base` then has at most 13 characters.
  */
-export function createBridgedTap(base: string, peerMac: string, peerCidr: string): BridgedTap {
-  const [tap, bridge, veth, peer, namespace] = [`${base}t`, `${base}b`, `${base}v`, `${base}p`, base];
+export function createBridgedTap(base: string, peerMac: string, peerCidr: string, tapCount = 1): BridgedTap {
+  const [bridge, veth, peer, namespace] = [`${base}b`, `${base}v`, `${base}p`, base];
+  const taps = Array.from({ length: tapCount }, (_, i) => (i === 0 ? `${base}t` : `${base}t${i}`));
+  const tap = taps[0]!;
   const run = (...args: string[]) => execFileSync(args[0]!, args.slice(1));
   let closed = false;
   const close = () => {
     if (closed) return;
     closed = true;
-    for (const dev of [tap, bridge, veth]) execFileSync('ip', ['link', 'del', dev], { stdio: 'ignore' });
+    for (const dev of [...taps, bridge, veth]) execFileSync('ip', ['link', 'del', dev], { stdio: 'ignore' });
     execFileSync('ip', ['netns', 'del', namespace], { stdio: 'ignore' });
   };
   try {
     run('ip', 'netns', 'add', namespace);
-    run('ip', 'tuntap', 'add', 'dev', tap, 'mode', 'tap', 'multi_queue', 'vnet_hdr');
+    for (const dev of taps) run('ip', 'tuntap', 'add', 'dev', dev, 'mode', 'tap', 'multi_queue', 'vnet_hdr');
     run('ip', 'link', 'add', bridge, 'type', 'bridge');
     run('ip', 'link', 'add', veth, 'type', 'veth', 'peer', 'name', peer);
     // IPv6 off keeps router solicitations and the like out of the tests' frames.
-    for (const dev of [tap, bridge, veth]) run('sysctl', '-qw', `net.ipv6.conf.${dev}.disable_ipv6=1`);
-    run('ip', 'link', 'set', tap, 'master', bridge);
+    for (const dev of [...taps, bridge, veth]) run('sysctl', '-qw', `net.ipv6.conf.${dev}.disable_ipv6=1`);
+    for (const dev of taps) run('ip', 'link', 'set', dev, 'master', bridge);
     run('ip', 'link', 'set', veth, 'master', bridge);
     run('ip', 'link', 'set', peer, 'netns', namespace);
     run('ip', 'netns', 'exec', namespace, 'sysctl', '-qw', `net.ipv6.conf.${peer}.disable_ipv6=1`);
     run('ip', '-n', namespace, 'link', 'set', peer, 'address', peerMac);
     run('ip', '-n', namespace, 'addr', 'add', peerCidr, 'dev', peer);
     run('ip', '-n', namespace, 'link', 'set', peer, 'up');
-    for (const dev of [tap, veth, bridge]) run('ip', 'link', 'set', dev, 'up');
+    for (const dev of [...taps, veth, bridge]) run('ip', 'link', 'set', dev, 'up');
   } catch (err) {
     close();
     throw err;
   }
-  return { tap, namespace, close };
+  return { tap, taps, namespace, close };
 }
 
 /** What `namespaceWithTap` cleans up with: ava's `t` or anything else with `teardown`. */

@@ -14,11 +14,12 @@
  * Set `VHOSTD_GUEST_CONSOLE=1` to copy every guest console line to stderr as it arrives, and
  * `VHOSTD_GUEST_KEEP=1` to keep each run's initramfs (its directory is printed) to boot it again by hand.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess, type ChildProcessByStdio } from 'node:child_process';
 import { existsSync, rmSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { Readable } from 'node:stream';
 
 import { GUEST_LIBRARY_PATH, GUEST_SCRIPT_PATH, guestImage, repoRoot, writeTestInitrd, type GuestFile, type GuestImage } from './guest-image';
 
@@ -357,11 +358,7 @@ function runQemu(qemu: string, args: string[], timeoutMs: number, onLine: ((line
       child.kill('SIGKILL');
     };
 
-    const child =
-      PDEATHSIG === undefined
-        ? spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] })
-        : spawn(PDEATHSIG, ['--pdeathsig', 'KILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    live.add(child);
+    const child = spawnQemu(qemu, args);
     const timer = setTimeout(() => fail('GUEST_TIMEOUT', `guest did not finish within ${timeoutMs} ms`), timeoutMs);
 
     const takeLine = (raw: string): void => {
@@ -422,6 +419,30 @@ function runQemu(qemu: string, args: string[], timeoutMs: number, onLine: ((line
   });
 }
 
+/** QEMU with piped stdout and stderr, killed with this process (see `live` and PDEATHSIG). */
+function spawnQemu(qemu: string, args: readonly string[]): ChildProcessByStdio<null, Readable, Readable> {
+  const [command, ...rest] = diesWithParent([qemu, ...args]);
+  const child = spawn(command!, rest, { stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(child);
+  return child;
+}
+
+/** `argv` under `setpriv --pdeathsig KILL` where that exists: the kernel kills it when this process dies. */
+export function diesWithParent(argv: readonly string[]): string[] {
+  return PDEATHSIG === undefined ? [...argv] : [PDEATHSIG, '--pdeathsig', 'KILL', '--', ...argv];
+}
+
+/** The values of every `VHOSTD-MARK KEY=...` in `lines`, in order (anywhere in a line: a kernel message may land mid-line). */
+function marksIn(lines: readonly string[], key: string): string[] {
+  const prefix = `VHOSTD-MARK ${key}=`;
+  const values: string[] = [];
+  for (const line of lines) {
+    const at = line.indexOf(prefix);
+    if (at >= 0) values.push(line.slice(at + prefix.length));
+  }
+  return values;
+}
+
 function findLast(lines: readonly string[], re: RegExp): RegExpExecArray | undefined {
   for (let i = lines.length - 1; i >= 0; i--) {
     const m = re.exec(lines[i]!);
@@ -434,16 +455,7 @@ type ResultData = Pick<GuestResult, 'console' | 'qemuStderr' | 'command' | 'exit
 
 function makeResult(data: ResultData): GuestResult {
   const lines = data.console.split('\n');
-  // Markers are matched anywhere in a line: a kernel message may land on the console mid-line.
-  const marks = (key: string): string[] => {
-    const prefix = `VHOSTD-MARK ${key}=`;
-    const values: string[] = [];
-    for (const line of lines) {
-      const at = line.indexOf(prefix);
-      if (at >= 0) values.push(line.slice(at + prefix.length));
-    }
-    return values;
-  };
+  const marks = (key: string): string[] => marksIn(lines, key);
   return {
     ...data,
     lines: () => [...lines],
@@ -479,4 +491,96 @@ function shellQuote(arg: string): string {
 
 function escapeRegExp(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/**
+ * A long-running QEMU a test drives itself (over QMP, say) rather than waiting for its end as
+ * {@link runGuest} does: its console lines as they come, its stderr, and `kill`. Like runGuest's QEMU it
+ * dies with this process. The guest's `mark` lines are read with {@link QemuProcess.waitMark}.
+ */
+export class QemuProcess {
+  readonly child: ChildProcessByStdio<null, Readable, Readable>;
+  /** Console lines so far, line ends normalized. */
+  readonly lines: string[] = [];
+  private partial = '';
+  private stderrText = '';
+  private wakers: (() => void)[] = [];
+  private readonly echo: string | undefined;
+
+  /** `args` without the binary (e.g. from {@link qemuArgs}); `name` prefixes echoed console lines. */
+  constructor(args: readonly string[], name = 'guest', qemu = qemuBinary()) {
+    installExitHook();
+    this.echo = envFlag('VHOSTD_GUEST_CONSOLE') ? name : undefined;
+    this.child = spawnQemu(qemu, args);
+    this.child.stdout.setEncoding('utf8');
+    this.child.stdout.on('data', (text: string) => {
+      const parts = (this.partial + text).split('\n');
+      this.partial = parts.pop() ?? '';
+      for (const raw of parts) {
+        const line = raw.replace(/\r/g, '');
+        this.lines.push(line);
+        if (this.echo !== undefined) process.stderr.write(`[${this.echo}] ${line}\n`);
+      }
+      this.wake();
+    });
+    this.child.stderr.setEncoding('utf8');
+    this.child.stderr.on('data', (text: string) => (this.stderrText += text));
+    this.child.on('error', (err) => (this.stderrText += `cannot run ${qemu}: ${err.message}\n`));
+    this.child.once('close', () => {
+      live.delete(this.child);
+      this.wake();
+    });
+  }
+
+  get stderr(): string {
+    return this.stderrText;
+  }
+
+  get running(): boolean {
+    return this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  /** The values of every `mark KEY ...` printed so far, in order. */
+  marks(key: string): string[] {
+    return marksIn(this.lines, key);
+  }
+
+  /**
+   * The value of the first `mark KEY ...` that `accept` takes (any by default), waiting for it; throws
+   * when QEMU ends or `timeoutMs` passes first.
+   */
+  async waitMark(key: string, timeoutMs: number, accept: (value: string) => boolean = () => true): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const value = this.marks(key).find(accept);
+      if (value !== undefined) return value;
+      if (!this.running || Date.now() > deadline) {
+        throw new Error(`no mark ${key} (QEMU ${this.running ? 'still running' : 'ended'}): ${this.stderrText.trim()}\n${this.tail(30)}`);
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, 500);
+        this.wakers.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+
+  /** The last `n` console lines, for assertion messages. */
+  tail(n = 40): string {
+    return this.lines.slice(-n).join('\n');
+  }
+
+  /** SIGKILL (if still running) and wait for the process to go. */
+  async kill(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const closed = new Promise((resolve) => this.child.once('close', resolve));
+    this.child.kill('SIGKILL');
+    await closed;
+  }
+
+  private wake(): void {
+    for (const wake of this.wakers.splice(0)) wake();
+  }
 }
