@@ -194,11 +194,18 @@ test('with MRG_RXBUF a burst waiting in the TAP is read into whole-frame buffers
   // three that each hold one (read as a batch).
   fe.submit(RX, [100, 2048, 2048, 2048].map((length, i) => ({ writable: [{ length, region: i % 3 }] })));
   const done = await fe.collect(RX, 4, 10_000);
-  for (const c of done) {
-    t.is(c.written[10]! | (c.written[11]! << 8), 1, 'num_buffers');
-    t.true(isArpReply(c.written.subarray(HDR)));
+  // The host's own stack may put a frame of its own in the TAP too (an IGMP report of the bridge,
+  // seen under load): it takes a buffer like any frame, and the replies it displaced come next.
+  let arpReplies = done.filter((c) => isArpReply(c.written.subarray(HDR))).length;
+  while (arpReplies < 4) {
+    fe.submit(RX, [{ writable: [{ length: 2048 }] }]);
+    const [next] = await fe.collect(RX, 1, 10_000);
+    done.push(next!);
+    if (isArpReply(next!.written.subarray(HDR))) arpReplies++;
   }
-  t.is(device.queueStats(RX).frames, 4);
+  for (const c of done) t.is(c.written[10]! | (c.written[11]! << 8), 1, 'num_buffers');
+  t.is(arpReplies, 4);
+  t.is(device.queueStats(RX).frames, done.length);
   t.is(device.queueStats(RX).tapErrors, 0);
 });
 
