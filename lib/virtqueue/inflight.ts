@@ -93,6 +93,16 @@ function byCounter(indexes: number[], counters: number[], what: string): Uint16A
   return Uint16Array.from(order, (k) => indexes[k]!);
 }
 
+/** A queue's part of the area as byte, u16 and u32 views, once it is known to be large enough. */
+function queueAreaViews(area: Uint8Array, size: number): { u8: Uint8Array; u16: Uint16Array; u32: Uint32Array } {
+  if (area.byteLength < inflightQueueBytes(size)) throw badInflight(`of ${area.byteLength} bytes is too small for ${size} descriptors`);
+  return {
+    u8: area,
+    u16: new Uint16Array(area.buffer, area.byteOffset, area.byteLength >>> 1),
+    u32: new Uint32Array(area.buffer, area.byteOffset, area.byteLength >>> 2),
+  };
+}
+
 /** What a queue resumes from after {@link SplitInflight.recover}. */
 export interface InflightRecovery {
   /** Head indexes to resubmit, oldest first. */
@@ -123,10 +133,7 @@ export class SplitInflight {
     area: Uint8Array,
     readonly size: number,
   ) {
-    if (area.byteLength < inflightQueueBytes(size)) throw badInflight(`of ${area.byteLength} bytes is too small for ${size} descriptors`);
-    this.u8 = area;
-    this.u16 = new Uint16Array(area.buffer, area.byteOffset, area.byteLength >>> 1);
-    this.u32 = new Uint32Array(area.buffer, area.byteOffset, area.byteLength >>> 2);
+    ({ u8: this.u8, u16: this.u16, u32: this.u32 } = queueAreaViews(area, size));
     this.batch = new Uint16Array(size);
   }
 
@@ -265,10 +272,7 @@ export class PackedInflight {
     area: Uint8Array,
     readonly size: number,
   ) {
-    if (area.byteLength < inflightQueueBytes(size)) throw badInflight(`of ${area.byteLength} bytes is too small for ${size} descriptors`);
-    this.u8 = area;
-    this.u16 = new Uint16Array(area.buffer, area.byteOffset, area.byteLength >>> 1);
-    this.u32 = new Uint32Array(area.buffer, area.byteOffset, area.byteLength >>> 2);
+    ({ u8: this.u8, u16: this.u16, u32: this.u32 } = queueAreaViews(area, size));
     this.next = new Uint16Array(size);
     this.last = new Uint16Array(size);
     this.num = new Uint16Array(size);
