@@ -8,7 +8,7 @@ import fs from 'node:fs';
 
 import { DEFAULT_LAYOUT, SplitQueueDriver, type Frontend, type QueueState } from '../../helpers/frontend';
 import { TestDevice, transform } from '../../helpers/test-device';
-import { TestServer, pattern } from '../vhost-user/harness';
+import { TestServer, pattern, until } from '../vhost-user/harness';
 
 const WORKERS = { threads: 2, modulePath: require.resolve('../../helpers/test-device'), exportName: 'createTestDeviceForWorker', config: { numQueues: 2 } };
 
@@ -18,15 +18,6 @@ function openFds(): number {
 
 function threads(): number {
   return Number(/^Threads:\s+(\d+)/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]);
-}
-
-async function until(check: () => boolean, ms = 5000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) return false;
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  return true;
 }
 
 async function roundTrip(t: ExecutionContext, fe: Frontend, queue: number, seed: number, region = 0): Promise<void> {

@@ -14,7 +14,7 @@ import test, { type ExecutionContext } from 'ava';
 import { native } from '../../../native';
 import { DEFAULT_LAYOUT, type ChainSpec } from '../../helpers/frontend';
 import { TestDevice, transform, type TestDeviceOptions } from '../../helpers/test-device';
-import { assertServes, TestServer, pattern } from './harness';
+import { assertServes, TestServer, pattern, until } from './harness';
 
 const SIZE = 16;
 const CHAINS = 6;
@@ -27,15 +27,6 @@ async function backend(config: TestDeviceOptions, workers: boolean): Promise<{ t
   const device = new TestDevice(config);
   const ts = await TestServer.start(device, workers ? { queueWorkers: workersFor(config) } : {});
   return { ts, device };
-}
-
-async function until(check: () => boolean, ms = 5000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) return false;
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  return true;
 }
 
 /** `held`: pop positions the first back-end keeps (never completes); it completes the others. */
