@@ -92,15 +92,6 @@ export function collect(ring: IoUring, count: number, timeoutMs = 5000): Promise
   });
 }
 
-/** Resolves once `condition()` holds (polled every few ms); rejects after `timeoutMs`. */
-export async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
-
 /** Runs a command without blocking the event loop; resolves with its exit status and output. */
 export function run(command: string, args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
