@@ -34,12 +34,12 @@ import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
 import { packedNeedEvent } from './notify';
+import { ResubmitCursor } from './resubmit-cursor';
 import { ringArea, u16, u32 } from './ring-area';
 import { RingLog, userToGuestAddress, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
 
 const USED_BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
-const NOTHING_TO_RESUBMIT = new Uint16Array(0);
 
 /**
  * A packed ring's device side. Construct through `createVirtqueue`; throws RingError VIRTQ_NO_RING when
@@ -88,8 +88,7 @@ export class PackedRing implements Virtqueue {
   /** Inflight tracking (INFLIGHT_SHMFD), or null when the front-end gave no area. */
   private readonly inflight: PackedInflight | null = null;
   /** Head entries of the chains an earlier process left in flight, popped before the ring, oldest first. */
-  private resubmit: Uint16Array = NOTHING_TO_RESUBMIT;
-  private resubmitAt = 0;
+  private readonly resubmit = new ResubmitCursor();
 
   constructor(options: VirtqueueOptions) {
     const { size, base } = options;
@@ -136,7 +135,7 @@ export class PackedRing implements Virtqueue {
         this.usedPublishedWrap = this.usedShadowWrap = recovery.usedWrap;
         this.nextAvail = recovery.nextAvail;
         this.availWrap = recovery.availWrap;
-        this.resubmit = recovery.resubmit;
+        this.resubmit.start(recovery.resubmit);
         this.hideStaleUsed(recovery.slots);
       }
     }
@@ -148,7 +147,7 @@ export class PackedRing implements Virtqueue {
 
   pop(): DescriptorChain | null {
     if (this.batchPopped >= this.burst) return null;
-    if (this.resubmitAt < this.resubmit.length) return this.popResubmitted();
+    if (this.resubmit.pending) return this.popResubmitted();
     const desc16 = this.desc16;
     if (desc16.length === 0) throw new RingError('VIRTQ_NO_RING', 'descriptor ring is no longer mapped');
     if (!this.isAvailable(desc16[this.nextAvail * 8 + 7]!)) return null;
@@ -194,7 +193,7 @@ export class PackedRing implements Virtqueue {
 
   /** Pop the next chain an earlier process left in flight, from the descriptors the area kept. */
   private popResubmitted(): DescriptorChain {
-    const entry = this.resubmit[this.resubmitAt++]!;
+    const entry = this.resubmit.next();
     const chain = this.pool.peek()!; // at most `size` chains are in flight
     const walker = this.walker;
     walker.begin(chain);
@@ -329,16 +328,11 @@ export class PackedRing implements Virtqueue {
   }
 
   unpop(chain: DescriptorChain): void {
-    // The first pops of this queue were the resubmitted chains (pop serials count from 0).
-    if (chain.owner === this && chain.popSerial < this.resubmit.length) {
-      // It came from the inflight area, not the ring: it goes back there, still in flight.
-      this.pool.untake(chain, this);
-      this.resubmitAt--;
-      this.counters.requests--;
-      this.counters.bytesRead -= chain.readableLength;
-      return;
-    }
     this.pool.untake(chain, this);
+    this.counters.requests--;
+    this.counters.bytesRead -= chain.readableLength;
+    // A resubmitted chain goes back to the inflight area, still in flight; any other to the ring.
+    if (this.resubmit.unpop(chain.popSerial)) return;
     this.inflight?.unpopped(chain.inflightEntry);
     // The chain's slots still hold the driver's descriptors: used descriptors are written from the used
     // position on and, per chain completed, cover as many slots as it took, so they stay behind the
@@ -349,8 +343,6 @@ export class PackedRing implements Virtqueue {
       this.availWrap ^= 1;
     }
     this.nextAvail = slot;
-    this.counters.requests--;
-    this.counters.bytesRead -= chain.readableLength;
   }
 
   /**
@@ -373,7 +365,7 @@ export class PackedRing implements Virtqueue {
   }
 
   clearInflight(): void {
-    if (this.pool.inFlight === 0 && this.pending === 0 && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
+    if (this.pool.inFlight === 0 && this.pending === 0 && !this.resubmit.pending) this.inflight?.clear();
   }
 
   /**

@@ -22,10 +22,9 @@ import type { DescriptorChain } from './descriptor-chain';
 import { vringNeedEvent } from './notify';
 import { SplitInflight } from './inflight';
 import { ringArea, u16, u32 } from './ring-area';
+import { ResubmitCursor } from './resubmit-cursor';
 import { RingLog, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
-
-const NOTHING_TO_RESUBMIT = new Uint16Array(0);
 
 /**
  * A split ring's device side. Construct through `createVirtqueue`; throws RingError VIRTQ_NO_RING when
@@ -70,8 +69,7 @@ export class SplitRing implements Virtqueue {
   /** Inflight tracking (INFLIGHT_SHMFD), or null when the front-end gave no area. */
   private readonly inflight: SplitInflight | null = null;
   /** Heads an earlier process left in flight, popped before the available ring, oldest first. */
-  private resubmit: Uint16Array = NOTHING_TO_RESUBMIT;
-  private resubmitAt = 0;
+  private readonly resubmit = new ResubmitCursor();
 
   constructor(options: VirtqueueOptions) {
     const { size } = options;
@@ -111,7 +109,7 @@ export class SplitRing implements Virtqueue {
         // libvhost-user's vu_check_queue_inflights: every chain popped before is either used (up to
         // used.idx) or still in flight, so the available ring resumes after both. The front-end's base
         // after a crash is used.idx (QEMU restores last_avail_idx from the used ring).
-        this.resubmit = recovery.resubmit;
+        this.resubmit.start(recovery.resubmit);
         this.lastAvail = (this.usedShadow + recovery.resubmit.length) & 0xffff;
         this.availCache = this.lastAvail;
       }
@@ -124,7 +122,7 @@ export class SplitRing implements Virtqueue {
 
   pop(): DescriptorChain | null {
     if (this.batchPopped >= this.burst) return null;
-    if (this.resubmitAt < this.resubmit.length) return this.popResubmitted();
+    if (this.resubmit.pending) return this.popResubmitted();
     if (this.availCache === this.lastAvail) {
       const avail16 = this.avail16;
       if (avail16.length === 0) throw new RingError('VIRTQ_NO_RING', 'available ring is no longer mapped');
@@ -162,7 +160,7 @@ export class SplitRing implements Virtqueue {
 
   /** Pop the next chain an earlier process left in flight (already marked in the inflight area). */
   private popResubmitted(): DescriptorChain {
-    const head = this.resubmit[this.resubmitAt++]!;
+    const head = this.resubmit.next();
     const chain = this.pool.peek()!; // at most `size` entries are in flight
     this.walk(chain, head);
     this.pool.take(this);
@@ -263,26 +261,19 @@ export class SplitRing implements Virtqueue {
   }
 
   unpop(chain: DescriptorChain): void {
-    // The first pops of this queue were the resubmitted chains (pop serials count from 0).
-    if (chain.owner === this && chain.popSerial < this.resubmit.length) {
-      // It came from the inflight area, not the available ring: it goes back there, still in flight.
-      this.pool.untake(chain, this);
-      this.resubmitAt--;
-      this.counters.requests--;
-      this.counters.bytesRead -= chain.readableLength;
-      return;
-    }
     this.pool.untake(chain, this);
+    this.counters.requests--;
+    this.counters.bytesRead -= chain.readableLength;
+    // A resubmitted chain goes back to the inflight area, still in flight; any other to the ring.
+    if (this.resubmit.unpop(chain.popSerial)) return;
     this.inflight?.unpopped(chain.head);
     // Its available ring entry still names its head: the driver cannot have reused that entry, which
     // it writes again only `size` entries later, while this buffer still holds a descriptor.
     this.lastAvail = (this.lastAvail - 1) & 0xffff;
-    this.counters.requests--;
-    this.counters.bytesRead -= chain.readableLength;
   }
 
   clearInflight(): void {
-    if (this.pool.inFlight === 0 && this.usedShadow === this.usedPublished && this.resubmitAt === this.resubmit.length) this.inflight?.clear();
+    if (this.pool.inFlight === 0 && this.usedShadow === this.usedPublished && !this.resubmit.pending) this.inflight?.clear();
   }
 
   setDirtyLog(spec: RingLogSpec | null): void {

@@ -21,13 +21,14 @@
 
 namespace vhostd {
 
+namespace {
+
+/** The IoBatch properties in Batch order, with their typed array types. */
 const char* const kBatchKeys[kBatchArrays] = {"opcode",   "fd",       "offset",  "arg",   "iovStart",
                                               "iovCount", "userData", "iovBase", "iovLen"};
 const napi_typedarray_type kBatchTypes[kBatchArrays] = {
     napi_uint8_array,  napi_int32_array,  napi_float64_array, napi_uint32_array,  napi_uint32_array,
     napi_uint32_array, napi_uint32_array, napi_float64_array, napi_float64_array};
-
-namespace {
 
 // Opcode values of native/io-batch.ts IORING_OP (io-uring.cc static_asserts them against liburing).
 constexpr uint8_t kOpReadv = 1;
@@ -39,9 +40,19 @@ constexpr uint8_t kOpFallocate = 17;
 constexpr uint32_t kRwFlags = RWF_NOWAIT;
 static_assert(RWF_NOWAIT == 8, "must match RWF_NOWAIT in native/io-batch.ts");
 
-}  // namespace
-
-void FillBatch(void* const p[kBatchArrays], const size_t n[kBatchArrays], Batch* batch) {
+/**
+ * The one reading of a batch: `array(k)` gives its k-th array in Batch order (a property lookup
+ * may throw), each is type-checked before the next is asked for, then `batch` points at them.
+ */
+template <typename ArrayAt>
+bool ReadBatchArrays(Napi::Env env, ArrayAt array, Batch* batch) {
+  void* p[kBatchArrays];
+  size_t n[kBatchArrays];
+  for (int k = 0; k < kBatchArrays; k++) {
+    Napi::Value value = array(k);
+    if (env.IsExceptionPending()) return false;
+    if (!ArgTypedArray(env, value, kBatchKeys[k], kBatchTypes[k], &p[k], &n[k])) return false;
+  }
   batch->opcode = static_cast<uint8_t*>(p[0]);
   batch->fd = static_cast<int32_t*>(p[1]);
   batch->offset = static_cast<double*>(p[2]);
@@ -54,16 +65,24 @@ void FillBatch(void* const p[kBatchArrays], const size_t n[kBatchArrays], Batch*
   batch->requests = n[0];
   for (int k = 1; k < 7; k++) batch->requests = std::min(batch->requests, n[k]);
   batch->iovecs = std::min(n[7], n[8]);
+  return true;
 }
 
-bool GetBatchArrays(Napi::Env env, Napi::Object object, Napi::Value values[kBatchArrays], void* p[kBatchArrays],
-                    size_t n[kBatchArrays]) {
-  for (int k = 0; k < kBatchArrays; k++) {
-    values[k] = object.Get(kBatchKeys[k]);
-    if (env.IsExceptionPending()) return false;
-    if (!ArgTypedArray(env, values[k], kBatchKeys[k], kBatchTypes[k], &p[k], &n[k])) return false;
-  }
-  return true;
+}  // namespace
+
+bool ReadBatch(Napi::Env env, Napi::Object object, Batch* batch, Napi::Value* arrays) {
+  return ReadBatchArrays(
+      env,
+      [&](int k) {
+        Napi::Value value = object.Get(kBatchKeys[k]);
+        if (arrays != nullptr) arrays[k] = value;
+        return value;
+      },
+      batch);
+}
+
+bool ReadBatch(Napi::Env env, const Napi::ObjectReference arrays[kBatchArrays], Batch* batch) {
+  return ReadBatchArrays(env, [&](int k) -> Napi::Value { return arrays[k].Value(); }, batch);
 }
 
 bool ValidateRequest(Napi::Env env, const Batch& b, size_t i) {
@@ -118,12 +137,8 @@ Napi::Value TransferBatch(const Napi::CallbackInfo& info) {
   void* resultRaw = nullptr;
   size_t resultLength = 0;
   if (!ArgTypedArray(env, info[2], "result", napi_int32_array, &resultRaw, &resultLength)) return {};
-  Napi::Value values[kBatchArrays];
-  void* p[kBatchArrays];
-  size_t n[kBatchArrays];
-  if (!GetBatchArrays(env, object, values, p, n)) return {};
   Batch b;
-  FillBatch(p, n, &b);
+  if (!ReadBatch(env, object, &b)) return {};
   if (count > b.requests || count > resultLength) {
     ThrowRange(env, "count exceeds the batch or result arrays");
     return {};

@@ -25,17 +25,21 @@ struct Batch {
   size_t iovecs;    // shortest of iovBase / iovLen
 };
 
-/** The IoBatch properties in Batch order, with their typed array types. */
+/** The number of typed arrays in an IoBatch (the fields of Batch before the lengths). */
 constexpr int kBatchArrays = 9;
-extern const char* const kBatchKeys[kBatchArrays];
-extern const napi_typedarray_type kBatchTypes[kBatchArrays];
 
-/** Points `batch` at the nine arrays (data and lengths from ArgTypedArray, in Batch order). */
-void FillBatch(void* const p[kBatchArrays], const size_t n[kBatchArrays], Batch* batch);
+/**
+ * Points `batch` at the nine typed arrays of the IoBatch `object`, each read and type-checked in
+ * Batch order; `arrays`, when given, receives them (bindBatch keeps references). Returns false
+ * after throwing (TypeError for a missing or mistyped array).
+ */
+bool ReadBatch(Napi::Env env, Napi::Object object, Batch* batch, Napi::Value* arrays = nullptr);
 
-/** The nine typed arrays of the IoBatch `object` (type-checked), or false after throwing. */
-bool GetBatchArrays(Napi::Env env, Napi::Object object, Napi::Value values[kBatchArrays], void* p[kBatchArrays],
-                    size_t n[kBatchArrays]);
+/**
+ * ReadBatch for the arrays kept by bindBatch, in Batch order: data pointers and lengths are read
+ * afresh on every call (a detached buffer reads as length 0).
+ */
+bool ReadBatch(Napi::Env env, const Napi::ObjectReference arrays[kBatchArrays], Batch* batch);
 
 /**
  * Checks request `i` (i < b.requests) so that nothing runs from a batch with a bad request: opcode,

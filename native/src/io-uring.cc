@@ -122,12 +122,8 @@ class Ring : public Napi::ObjectWrap<Ring> {
     ARG_OBJECT(object, 0);
     ARG_U32(count, 1);
     if (!CheckOpen(env, "io_uring_enter")) return {};
-    Napi::Value values[kBatchArrays];
-    void* p[kBatchArrays];
-    size_t n[kBatchArrays];
-    if (!GetBatchArrays(env, object, values, p, n)) return {};
     Batch b;
-    FillBatch(p, n, &b);
+    if (!ReadBatch(env, object, &b)) return {};
     return SubmitBatch(env, b, count);
   }
 
@@ -141,9 +137,8 @@ class Ring : public Napi::ObjectWrap<Ring> {
     ARG_OBJECT(object, 0);
     if (!CheckOpen(env, "io_uring_enter")) return {};
     Napi::Value values[kBatchArrays];
-    void* p[kBatchArrays];
-    size_t n[kBatchArrays];
-    if (!GetBatchArrays(env, object, values, p, n)) return {};
+    Batch b;
+    if (!ReadBatch(env, object, &b, values)) return {};
     for (int k = 0; k < kBatchArrays; k++) bound_[k] = Napi::Persistent(values[k].As<Napi::Object>());
     return env.Undefined();
   }
@@ -157,14 +152,8 @@ class Ring : public Napi::ObjectWrap<Ring> {
       ThrowType(env, "submitBound needs a batch from bindBatch");
       return {};
     }
-    // Data pointers and lengths are read afresh on every call (a detached buffer reads as length 0).
-    void* p[kBatchArrays];
-    size_t n[kBatchArrays];
-    for (int k = 0; k < kBatchArrays; k++) {
-      if (!ArgTypedArray(env, bound_[k].Value(), kBatchKeys[k], kBatchTypes[k], &p[k], &n[k])) return {};
-    }
     Batch b;
-    FillBatch(p, n, &b);
+    if (!ReadBatch(env, bound_, &b)) return {};
     return SubmitBatch(env, b, count);
   }
 

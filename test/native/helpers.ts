@@ -48,6 +48,14 @@ export function makeBatch(requests: number, iovecs: number): IoBatch {
   };
 }
 
+/** The arrays of an IoBatch with one entry per request (the batch holds as many as the shortest). */
+export const PER_REQUEST_ARRAYS = ['opcode', 'fd', 'offset', 'arg', 'iovStart', 'iovCount', 'userData'] as const;
+
+/** A copy of `batch` whose per-request array `key` holds only its first `length` entries. */
+export function shortened(batch: IoBatch, key: (typeof PER_REQUEST_ARRAYS)[number], length: number): IoBatch {
+  return { ...batch, [key]: batch[key].slice(0, length) };
+}
+
 /**
  * Collects `count` completions of `ring`, waiting on its eventfd with `watch`.
  * Resolves with a map from userData to result.
@@ -82,15 +90,6 @@ export function collect(ring: IoUring, count: number, timeoutMs = 5000): Promise
     // watch still fires, but draining now is harmless).
     if (drain()) finish();
   });
-}
-
-/** Resolves once `condition()` holds (polled every few ms); rejects after `timeoutMs`. */
-export async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
 }
 
 /** Runs a command without blocking the event loop; resolves with its exit status and output. */

@@ -11,7 +11,7 @@ import test from 'ava';
 
 import { MEMORY_FS_MAGIC } from '../../lib/io/backing-file';
 import { IORING_OP, native, RWF_NOWAIT, type IoBatch } from '../../native';
-import { makeBatch, mappedMemfd, nativeError, tempFile } from './helpers';
+import { makeBatch, mappedMemfd, nativeError, PER_REQUEST_ARRAYS, shortened, tempFile } from './helpers';
 
 const PAGE = 4096;
 const { EAGAIN, EBADF, EFAULT } = os.constants.errno;
@@ -95,6 +95,9 @@ test('a bad batch is refused with a RangeError before any byte moves', (t) => {
   batch.opcode[1] = IORING_OP.WRITEV;
   refuse('count beyond the batch arrays', 3);
   refuse('count beyond the result array', 2, new Int32Array(1));
+  for (const key of PER_REQUEST_ARRAYS) {
+    t.throws(() => native.transferBatch(shortened(batch, key, 1), 2, result), { instanceOf: RangeError }, `a ${key} array shorter than count`);
+  }
   t.throws(() => native.transferBatch({ ...batch, iovLen: new Uint32Array(2) } as unknown as IoBatch, 1, result), { instanceOf: TypeError });
   native.transferBatch(batch, 2, result);
   t.deepEqual([...result], [PAGE, PAGE], 'the same batch, fixed, runs');

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import test from 'ava';
 
 import { IORING_OP, POLL_READABLE, native } from '../../native';
-import { collect, fdCount, makeBatch, mappedMemfd, nativeError, tempFile } from './helpers';
+import { collect, fdCount, makeBatch, mappedMemfd, nativeError, PER_REQUEST_ARRAYS, shortened, tempFile } from './helpers';
 
 const PAGE = 4096;
 
@@ -273,6 +273,27 @@ test('bad batches are refused before anything is queued', (t) => {
   });
   t.is(ring.reap(new Uint32Array(4), new Int32Array(4)), 0, 'nothing was queued');
   ring.close();
+});
+
+test('every per-request array must cover count, in submit and submitBound: a shorter one refuses the batch', async (t) => {
+  const ring = native.createIoUring(4);
+  const { fd } = tempFile(0);
+  const batch = makeBatch(2, 0);
+  batch.opcode.fill(IORING_OP.FSYNC);
+  batch.fd.fill(fd);
+  batch.userData.set([1, 2]);
+  for (const key of PER_REQUEST_ARRAYS) {
+    const short = shortened(batch, key, 1);
+    t.throws(() => ring.submit(short, 2), { instanceOf: RangeError }, `a ${key} array shorter than count`);
+    ring.bindBatch(short);
+    t.throws(() => ring.submitBound(2), { instanceOf: RangeError }, `a bound ${key} array shorter than count`);
+  }
+  t.is(ring.reap(new Uint32Array(4), new Int32Array(4)), 0, 'nothing was queued');
+  t.is(ring.submit(batch, 2), 2, 'the whole batch runs');
+  const done = await collect(ring, 2);
+  t.deepEqual([done.get(1), done.get(2)], [0, 0], 'both fsyncs completed');
+  ring.close();
+  fs.closeSync(fd);
 });
 
 test.serial('close is idempotent, closes the eventfd, and later use throws EBADF', (t) => {

@@ -21,7 +21,8 @@ import {
   TUN_F_USO6,
 } from '../../native';
 import { arpRequest as arpFrame, echoRequest as echoFrame, isArpReply, isEchoReply } from '../helpers/frames';
-import { collect, makeBatch, nativeError, until } from './helpers';
+import { until } from '../helpers/until';
+import { collect, makeBatch, nativeError } from './helpers';
 
 // These tests need root (CAP_NET_ADMIN) and /dev/net/tun; each uses its own TAP (and network
 // namespace), so nothing reaches the host's interfaces.
@@ -216,7 +217,7 @@ test('frames move through writeFrames and readFrames with a virtio-net header', 
       }
     }
     return reply !== undefined;
-  });
+  }, 'an ARP reply from the TAP');
   // virtio_net_hdr: no flags, GSO_NONE, no lengths (the kernel checksummed the frame itself).
   t.deepEqual([...header!.subarray(0, 10)], new Array(10).fill(0));
   t.deepEqual([...reply!.subarray(0, 6)], PEER_MAC, 'addressed to the peer');
@@ -225,7 +226,7 @@ test('frames move through writeFrames and readFrames with a virtio-net header', 
   t.deepEqual([...reply!.subarray(28, 32)], TAP_IP, 'sender protocol address');
 
   // Nothing else pending: EAGAIN ends the batch at once.
-  await until(() => native.readFrames(fd, rx.iovBase, rx.iovLen, rx.iovStart, rx.iovCount, rxResult, frames) === 0);
+  await until(() => native.readFrames(fd, rx.iovBase, rx.iovLen, rx.iovStart, rx.iovCount, rxResult, frames) === 0, 'an empty TAP');
   t.is(native.readFrames(fd, rx.iovBase, rx.iovLen, rx.iovStart, rx.iovCount, rxResult, frames), 0);
 });
 

@@ -5,7 +5,8 @@ import path from 'node:path';
 import test from 'ava';
 
 import { native, POLL_READABLE, POLL_WRITABLE } from '../../native';
-import { run, tempDir, until } from './helpers';
+import { until } from '../helpers/until';
+import { run, tempDir } from './helpers';
 
 const tick = (ms = 20): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -39,11 +40,11 @@ test('watch fires on an eventfd write, once per wakeup, and stop() stops it', as
   t.deepEqual(seen, [], 'nothing before a write');
 
   native.eventfdWrite(fd, 1);
-  await until(() => seen.length === 1);
+  await until(() => seen.length === 1, 'the first callback');
   t.deepEqual(seen, [POLL_READABLE]);
 
   native.eventfdWrite(fd, 1);
-  await until(() => seen.length === 2);
+  await until(() => seen.length === 2, 'the second callback');
   await tick();
   t.is(seen.length, 2, 'one callback per wakeup');
 
@@ -63,7 +64,7 @@ test('stop() from inside the callback stops further callbacks', async (t) => {
     calls++;
     watcher.stop(); // the counter stays non-zero: a live watch would fire again and again
   });
-  await until(() => calls === 1);
+  await until(() => calls === 1, 'the callback');
   await tick(50);
   t.is(calls, 1);
   native.close(fd);
@@ -144,7 +145,7 @@ test('a forgotten watcher does not keep its callback from running, and GC does n
   watcher = undefined;
   (globalThis as { gc?: () => void }).gc?.();
   native.eventfdWrite(fd, 1);
-  await until(() => calls === 1);
+  await until(() => calls === 1, 'the callback of the unreferenced watcher');
   t.is(calls, 1);
   stop();
   native.close(fd);

@@ -24,6 +24,7 @@ import { BackendRequest } from '../../../lib/vhost-user/messages';
 import { bit, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from '../../../lib/virtio/constants';
 import { DEFAULT_LAYOUT, type Frontend, type FrontendRegion, type RegionLayout } from '../../helpers/frontend';
 import { HUGE_PAGE_SIZE, hugePagesUnavailable, reserveHugePages } from '../../helpers/hugepages';
+import { until } from '../../helpers/until';
 import { TestServer } from '../../lib/vhost-user/harness';
 
 const PAGE = 4096;
@@ -279,20 +280,12 @@ function statsBuffer(entries: [number, number][]): Uint8Array {
   return bytes;
 }
 
-async function until(condition: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + TIMEOUT;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
 for (const ring of RINGS) {
 test(`${ring.name}: the stats buffer is held, handed back for fresh numbers, and returned to the ring by GET_VRING_BASE`, async (t) => {
   const dev = device();
   const { fe } = await setup(t, dev, bit(VIRTIO_BALLOON_F_STATS_VQ) | ring.features, 3);
   fe.submit(2, { readable: [{ data: statsBuffer([[4, 100 << 20], [5, 512 << 20], [99, 1]]) }] });
-  await until(() => dev.stats.statsUpdates === 1, 'the first stats buffer');
+  await until(() => dev.stats.statsUpdates === 1, 'the first stats buffer', TIMEOUT);
   t.deepEqual(dev.guestStats, { free_bytes: 100 << 20, total_bytes: 512 << 20 });
   t.deepEqual(fe.takeCompletions(2), [], 'the device keeps the buffer');
 
@@ -308,7 +301,7 @@ test(`${ring.name}: the stats buffer is held, handed back for fresh numbers, and
   t.is(base, ring.base(1, 1), 'one buffer used, the held one back in the ring');
   await fe.restartQueue(2, base);
   fe.kick(2);
-  await until(() => dev.stats.statsUpdates === 3, 'the held buffer popped again');
+  await until(() => dev.stats.statsUpdates === 3, 'the held buffer popped again', TIMEOUT);
   t.deepEqual(dev.guestStats, { free_bytes: 50 << 20, major_faults: 7 });
 });
 }

@@ -30,7 +30,7 @@ import { encodeU64, type Completion, type Frontend, type SplitQueueDriver } from
 import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
 import { createBridgedTap, type BridgedTap } from '../../helpers/net-topology';
 import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
-import { until } from '../../native/helpers';
+import { until } from '../../helpers/until';
 import { TestServer } from '../../lib/vhost-user/harness';
 import { createDaemonMetrics } from '../../../lib/metrics/registry';
 import { Scrape } from '../../helpers/scrape';
@@ -175,7 +175,7 @@ test('hostile tx headers are dropped and counted; the queue keeps serving', asyn
 test('with no rx buffers the daemon stops reading; frames wait in the TAP until the guest posts some', async (t) => {
   const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF), { rxBuffers: 0 });
   await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
-  await until(() => device.queueStats(RX).ringEmpty > 0, 10_000);
+  await until(() => device.queueStats(RX).ringEmpty > 0, 'a frame found the rx ring empty', 10_000);
   t.is(device.queueStats(RX).frames, 0);
   postRx(fe, 8, 2048);
   const arp = await receive(fe, isArpReply);
@@ -189,7 +189,7 @@ test('with MRG_RXBUF a burst waiting in the TAP is read into whole-frame buffers
   const veth = `${namespace}v`;
   const replies = tapCounter(veth, 'rx_packets');
   for (let i = 0; i < 4; i++) await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
-  await until(() => tapCounter(veth, 'rx_packets') >= replies + 4, 10_000);
+  await until(() => tapCounter(veth, 'rx_packets') >= replies + 4, 'the four replies on the veth', 10_000);
   // A buffer too small for the largest frame (read alone, over as many buffers as it needs), then
   // three that each hold one (read as a batch).
   fe.submit(RX, [100, 2048, 2048, 2048].map((length, i) => ({ writable: [{ length, region: i % 3 }] })));
@@ -247,7 +247,7 @@ test('--create-tap makes a missing TAP, which goes away with the daemon', async 
   const device = createNetDevice(config(name, { createTap: true }), silentLogger);
   t.true(fs.existsSync(`/sys/class/net/${name}`));
   device.close();
-  await until(() => !fs.existsSync(`/sys/class/net/${name}`));
+  await until(() => !fs.existsSync(`/sys/class/net/${name}`), `${name} gone`);
   t.pass();
 });
 
@@ -313,7 +313,7 @@ test('without MRG_RXBUF a frame too big for its buffer is lost and counted; the 
   await receive(fe, isArpReply, 80); // 12 + 42 bytes fit
   // An echo reply with 200 bytes of data does not fit in 80 bytes.
   await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 5, new Array<number>(200).fill(1))));
-  await until(() => device.queueStats(RX).tapErrors > 0, 10_000);
+  await until(() => device.queueStats(RX).tapErrors > 0, 'a frame too big counted', 10_000);
   // Its buffer came back empty rather than holding a cut-off frame (other frames may come and go).
   const done = fe.takeCompletions(RX);
   t.true(done.some((c) => c.len === 0));
@@ -344,10 +344,10 @@ test('--threads 2: two queue pairs in two worker threads both move frames; /metr
   await until(() => {
     for (const rx of [0, 2]) replies += fe.takeCompletions(rx).filter((c) => isArpReply(c.written.subarray(HDR))).length;
     return replies >= 2;
-  }, 10_000);
+  }, () => `two ARP replies (${replies} so far)`, 10_000);
   t.is(replies, 2);
   // Worker queues publish their counters to the main thread after each pass and every 250 ms.
-  await until(() => ts.server.vrings[1]!.totals().requests === 1 && ts.server.vrings[3]!.totals().requests === 1, 10_000);
+  await until(() => ts.server.vrings[1]!.totals().requests === 1 && ts.server.vrings[3]!.totals().requests === 1, 'one request counted on each tx queue', 10_000);
   // The device counters of the worker instances reach the main thread's /metrics.
   const m = await Scrape.of(createDaemonMetrics(ts.server));
   for (const tx of ['1', '3']) {

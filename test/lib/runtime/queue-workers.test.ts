@@ -8,7 +8,8 @@ import fs from 'node:fs';
 
 import { DEFAULT_LAYOUT, SplitQueueDriver, type Frontend, type QueueState } from '../../helpers/frontend';
 import { TestDevice, transform } from '../../helpers/test-device';
-import { TestServer, pattern, until } from '../vhost-user/harness';
+import { until } from '../../helpers/until';
+import { TestServer, pattern } from '../vhost-user/harness';
 
 const WORKERS = { threads: 2, modulePath: require.resolve('../../helpers/test-device'), exportName: 'createTestDeviceForWorker', config: { numQueues: 2 } };
 
@@ -51,7 +52,7 @@ test.serial('two queues in two workers: data moves on both, counters come back, 
   // Config space is still answered by the main device.
   t.deepEqual(await fe.getConfig(0, 4), Uint8Array.of(0xa0, 0xa1, 0xa2, 0xa3));
   // Counters come back through shared memory.
-  t.true(await until(() => ts.server.vrings[1]!.totals().requests === 5));
+  await until(() => ts.server.vrings[1]!.totals().requests === 5, 'five requests counted on queue 1');
   t.is(ts.server.vrings[0]!.totals().requests, 5);
   t.true(ts.server.vrings[0]!.kicks > 0);
 
@@ -138,8 +139,8 @@ test.serial('disconnect: threads exit and no fd stays open', async (t) => {
     t.true(threads() >= threadsBefore + 2, 'two worker threads run');
     fe.close();
     await ts.nextDisconnect();
-    t.true(await until(() => threads() <= threadsBefore), `threads back to ${threadsBefore} (now ${threads()})`);
-    t.true(await until(() => openFds() === fdsBefore), `fds back to ${fdsBefore} (now ${openFds()})`);
+    await until(() => threads() <= threadsBefore, () => `threads back to ${threadsBefore} (now ${threads()})`);
+    await until(() => openFds() === fdsBefore, () => `fds back to ${fdsBefore} (now ${openFds()})`);
   }
 });
 

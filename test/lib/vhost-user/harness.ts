@@ -184,13 +184,3 @@ export async function assertServes(t: ExecutionContext, ts: TestServer, negotiat
   const ev = await ts.nextDisconnect();
   t.is(ev.code, undefined, 'a clean hang-up is not reported as a violation');
 }
-
-/** Whether `check()` comes true within `ms` (polled every 10 ms): false, for the caller's assertion to say what did not happen. */
-export async function until(check: () => boolean, ms = 5000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) return false;
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  return true;
-}

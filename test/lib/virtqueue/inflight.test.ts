@@ -119,6 +119,29 @@ test('a chain given back unused (unpop) is not in flight any more', (t) => {
   t.is(popAll(second).length, 2);
 });
 
+test('a resubmitted chain given back (unpop) is popped again before the ring, and stays in flight in the area', (t) => {
+  const inflight = area();
+  const setup = splitSetup({ size: SIZE });
+  const first = createVirtqueue({ ...setup.options, inflight }, false);
+  const offered = offer(setup, 3);
+  const popped = [first.pop()!, first.pop()!, first.pop()!];
+  // The middle one completes: the two in flight at the crash are not the ring's last entries.
+  first.pushUsed(popped[1]!, 16);
+  first.flush();
+  t.deepEqual(setup.driver.takeUsed().map((u) => u.id), [offered[1]]);
+  const expected = [offered[0], offered[2], ...offer(setup, 1, 3)];
+
+  const second = restart(setup, inflight, 1);
+  const held = second.pop()!;
+  t.is(held.head, expected[0]!);
+  second.unpop(held);
+  t.is(second.inFlight, 0);
+  t.deepEqual(popAll(second), expected, 'the given-back chain first, then the other resubmitted one, then the new one');
+
+  const third = restart(setup, inflight, 1);
+  t.deepEqual(popAll(third), expected, 'all three in flight in the area, the given-back one too');
+});
+
 const hostile: { name: string; corrupt(u8: Uint8Array, u16: Uint16Array, u32: Uint32Array): void }[] = [
   { name: 'version 2', corrupt: (_u8, u16) => void (u16[4] = 2) },
   { name: 'unknown feature flags', corrupt: (_u8, _u16, u32) => void (u32[0] = 4) },

@@ -255,6 +255,36 @@ test('crash in the middle of a pop (before old_free_head): the chain is popped a
   );
 });
 
+test('a resubmitted chain given back (unpop) is popped again before the ring and completes once', (t) => {
+  const inflight = new Uint8Array(inflightQueueBytes(SIZE));
+  const setup = packedSetup({ size: SIZE });
+  const guest = new Guest(setup);
+  const first = start(setup, inflight);
+  const [a, b, c] = [guest.offer(), guest.offer(true), guest.offer()];
+  const popped = popAll(first);
+  // The middle one completes: the two in flight at the crash are not the ring's last chains.
+  complete(first, popped[1]!);
+  first.flush();
+  t.deepEqual(guest.takeUsed(), [b]);
+  const d = guest.offer();
+
+  const second = start(setup, inflight);
+  const held = second.pop()!;
+  t.is(held.head, a);
+  second.unpop(held);
+  t.is(second.inFlight, 0);
+  const again = popAll(second);
+  t.deepEqual(
+    again.map((chain) => chain.head),
+    [a, c, d],
+    'the given-back chain first, then the other resubmitted one, then the new one',
+  );
+  for (const chain of again) complete(second, chain);
+  second.flush();
+  t.deepEqual(guest.takeUsed().sort(), [a, c, d].sort(), 'each completed once');
+  t.is(guest.outstanding.size, 0);
+});
+
 test('an unpopped chain is not resubmitted, even after a crash between its two stores', (t) => {
   for (const midway of [false, true]) {
     const inflight = new Uint8Array(inflightQueueBytes(SIZE));
