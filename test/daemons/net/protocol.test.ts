@@ -160,6 +160,8 @@ test('hostile tx headers are dropped and counted; the queue keeps serving', asyn
     txChain(frame, header([VIRTIO_NET_HDR_F_DATA_VALID])),
     // TSO that was not negotiated.
     txChain(frame, header([VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 34, 0, 0x10, 0, 34, 0, 16, 0])),
+    // USO that was not negotiated (offered on this kernel, but the driver did not take HOST_USO).
+    txChain(frame, header([VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 34, 0, 0x10, 0, 34, 0, 6, 0])),
     // hdr_len past the frame.
     txChain(frame, header([0, 0, 0xff, 0x7f])),
     // 10 bytes: shorter than Ethernet.
@@ -176,7 +178,7 @@ test('hostile tx headers are dropped and counted; the queue keeps serving', asyn
     hostile.map(() => 0),
   );
   const dropped = Object.fromEntries(TX_DROP_REASONS.map((r, i) => [r, device.queueStats(TX).dropped[i]]));
-  t.deepEqual(dropped, { bad_header: 4, too_short: 2, too_long: 1, too_many_segments: 0 });
+  t.deepEqual(dropped, { bad_header: 5, too_short: 2, too_long: 1, too_many_segments: 0 });
   t.is(device.queueStats(TX).frames, 0, 'none reached the TAP');
   await ping(fe, 9);
   t.is(device.queueStats(TX).frames, 2);
