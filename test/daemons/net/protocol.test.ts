@@ -20,6 +20,7 @@ import { TX_DROP_REASONS } from '../../../daemons/net/net-header';
 import {
   VIRTIO_NET_F_CSUM,
   VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_UFO,
   VIRTIO_NET_F_GUEST_USO4,
   VIRTIO_NET_F_GUEST_USO6,
   VIRTIO_NET_F_HOST_UFO,
@@ -511,6 +512,22 @@ async function receiveMerged(fe: Frontend, size: number, enough: (frames: { head
   return frames;
 }
 
+/**
+ * Send `payload` as one UDP datagram from the peer's namespace to the guest's port, with the
+ * UDP_SEGMENT socket option (SOL_UDP 103) at `segment` bytes when given: one sendto then leaves the
+ * stack as one GSO packet of datagrams of that size.
+ */
+function sendFromPeer(namespace: string, payload: Uint8Array, segment?: number): void {
+  execFileSync('ip', ['-n', namespace, 'neigh', 'replace', GUEST_IP.join('.'), 'lladdr', GUEST_MAC.map((b) => b.toString(16)).join(':'), 'dev', `${namespace}p`]);
+  const script = [
+    'import socket, sys',
+    's = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)',
+    ...(segment === undefined ? [] : [`s.setsockopt(17, 103, ${segment})`]),
+    `s.sendto(sys.stdin.buffer.read(), ("${GUEST_IP.join('.')}", ${GUEST.port}))`,
+  ].join('\n');
+  execFileSync('ip', ['netns', 'exec', namespace, 'python3', '-c', script], { input: payload });
+}
+
 for (const [name, features, uso] of [
   ['with GUEST_USO4 and GUEST_USO6: ONE frame, gso_type UDP_L4, gso_size 1400', bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6), true],
   // Linux takes TUN_F_USO4 only with TUN_F_USO6: the TAP then cuts the datagram itself.
@@ -520,11 +537,8 @@ for (const [name, features, uso] of [
   test(`rx USO, a UDP_SEGMENT sender in the peer's namespace: ${name}`, async (t) => {
     const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_GUEST_CSUM) | features, { rxBuffers: 64 });
     t.is(fe.negotiated!.features & (bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6)), features, 'the daemon offers them on this kernel');
-    execFileSync('ip', ['-n', namespace, 'neigh', 'replace', GUEST_IP.join('.'), 'lladdr', GUEST_MAC.map((b) => b.toString(16)).join(':'), 'dev', `${namespace}p`]);
     const payload = udpPayload();
-    // setsockopt(SOL_UDP, UDP_SEGMENT, 1400): one sendto of 60 KiB leaves the stack as one GSO packet.
-    const script = `import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setsockopt(17, 103, ${USO_MSS}); s.sendto(sys.stdin.buffer.read(), ("${GUEST_IP.join('.')}", ${GUEST.port}))`;
-    execFileSync('ip', ['netns', 'exec', namespace, 'python3', '-c', script], { input: payload });
+    sendFromPeer(namespace, payload, USO_MSS);
     const isOurs = (f: Uint8Array) => isUdpTo(f, GUEST.port);
     const frames = (await receiveMerged(fe, 2048, (got) => got.filter((f) => isOurs(f.frame)).reduce((n, f) => n + f.frame.length - 42, 0) >= PAYLOAD_BYTES)).filter((f) => isOurs(f.frame));
     t.deepEqual(Buffer.concat(frames.map((f) => f.frame.subarray(42))), Buffer.from(payload), 'the payload, in order');
@@ -569,4 +583,19 @@ test('hostile USO headers with HOST_USO negotiated are dropped and counted; a go
   await fe.transfer(TX, txChain(frame, udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS)));
   await fe.transfer(TX, txChain(udpFrame(GUEST, PEER, new TextEncoder().encode('end'))));
   t.is((await received.report).bytes, PAYLOAD_BYTES);
+});
+
+test('rx with GUEST_UFO: a 60 KiB datagram from the peer comes as IP fragments (Linux hands no UFO frame to a TAP)', async (t) => {
+  const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_UFO), { rxBuffers: 64 });
+  t.true((fe.negotiated!.features & bit(VIRTIO_NET_F_GUEST_UFO)) !== 0n, 'the daemon offers it on this kernel');
+  sendFromPeer(namespace, udpPayload());
+  // IPv4 UDP from the peer: the fragments of the one datagram (8 bytes of UDP header, then the payload).
+  const isFragment = (f: Uint8Array) => f[12] === 0x08 && f[13] === 0x00 && f[23] === 17 && f.subarray(26, 30).every((b, i) => b === PEER_IP[i]);
+  const ipPayload = (f: Uint8Array) => ((f[16]! << 8) | f[17]!) - 20;
+  const frames = (await receiveMerged(fe, 2048, (got) => got.filter((f) => isFragment(f.frame)).reduce((n, f) => n + ipPayload(f.frame), 0) >= 8 + PAYLOAD_BYTES)).filter((f) =>
+    isFragment(f.frame),
+  );
+  t.is(frames.length, Math.ceil((8 + PAYLOAD_BYTES) / 1480), '1480 bytes of datagram per fragment');
+  t.true(frames.every((f) => f.header[1] === 0 && f.frame.length <= 1514), 'MTU-sized, no GSO frame');
+  t.is(device.queueStats(RX).gsoFrames.reduce((n, c) => n + c, 0), 0);
 });
