@@ -103,7 +103,7 @@ export function tapExists(name: string): boolean {
 
 /**
  * Probe which optional offloads the kernel's TAP accepts, on queue `fd`; leaves offloads off. Each
- * flag is tried alone, and USO4 with USO6: Linux (6.2 to at least 6.18) takes those two only together.
+ * flag is tried alone, and USO4 with USO6: Linux (seen on 6.18, tun.c since 6.2) takes those two only together.
  */
 export function probeOffloads(fd: number): TapOffloadSupport {
   const accepts = (offloads: number) => {
