@@ -115,6 +115,28 @@ async function receive(fe: Frontend, match: (frame: Uint8Array) => boolean, size
   throw new Error('no matching frame');
 }
 
+/**
+ * Receive whole frames (merged over as many buffers as num_buffers says, each buffer reposted) until
+ * `enough` says so; returns every frame with its header.
+ */
+async function receiveMerged(fe: Frontend, size: number, enough: (frames: { header: Uint8Array; frame: Uint8Array }[]) => boolean) {
+  const frames: { header: Uint8Array; frame: Uint8Array }[] = [];
+  const pending: Completion[] = [];
+  const next = async () => {
+    if (pending.length === 0) pending.push(...(await fe.collect(RX, 1, 10_000)));
+    return pending.shift()!;
+  };
+  while (!enough(frames)) {
+    const first = await next();
+    const count = first.written[10]! | (first.written[11]! << 8);
+    const rest: Completion[] = [];
+    while (rest.length < count - 1) rest.push(await next());
+    postRx(fe, count, size);
+    frames.push({ header: first.written.subarray(0, HDR), frame: Buffer.concat([first.written.subarray(HDR), ...rest.map((c) => c.written)]) });
+  }
+  return frames;
+}
+
 /** ARP for the peer, then ping it; resolves with the echo reply. */
 async function ping(fe: Frontend, id: number): Promise<Uint8Array> {
   await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
@@ -300,24 +322,10 @@ test('with MRG_RXBUF a frame larger than one buffer spreads over several; num_bu
   await receive(fe, isArpReply, 128);
   const data = Array.from({ length: 1000 }, (_, i) => (i * 13) & 0xff);
   await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 0x77, data)));
-  // Completions come in order; a frame's first buffer carries num_buffers for it and the ones after.
-  const completions: Completion[] = [];
-  const next = async () => {
-    if (completions.length === 0) completions.push(...(await fe.collect(RX, 1, 10_000)));
-    return completions.shift()!;
-  };
-  for (;;) {
-    const first = await next();
-    const count = first.written[10]! | (first.written[11]! << 8);
-    const rest: Completion[] = [];
-    while (rest.length < count - 1) rest.push(await next());
-    postRx(fe, count, 128);
-    const frame = Buffer.concat([first.written.subarray(HDR), ...rest.map((c) => c.written)]);
-    if (!isEchoReply(frame)) continue;
-    t.is(count, Math.ceil((HDR + frame.length) / 128), 'as many 128-byte buffers as the frame needs');
-    t.deepEqual([...frame.subarray(42)], data, 'the payload reassembles');
-    break;
-  }
+  // A frame's first buffer carries num_buffers for it and the ones after it.
+  const reply = (await receiveMerged(fe, 128, (got) => got.some((f) => isEchoReply(f.frame)))).find((f) => isEchoReply(f.frame))!;
+  t.is(reply.header[10]! | (reply.header[11]! << 8), Math.ceil((HDR + reply.frame.length) / 128), 'as many 128-byte buffers as the frame needs');
+  t.deepEqual([...reply.frame.subarray(42)], data, 'the payload reassembles');
 });
 
 test('without MRG_RXBUF a frame too big for its buffer is lost and counted; the queue goes on', async (t) => {
@@ -488,28 +496,6 @@ for (const [name, feature, gsoType, gsoSize, datagrams, gsoLabel] of [
     t.is(device.queueStats(TX).tapErrors, 0);
     t.is(device.queueStats(TX).gsoFrames[GSO_TYPES.indexOf(gsoLabel)], 1);
   });
-}
-
-/**
- * Receive whole frames (merged over as many buffers as num_buffers says, each buffer reposted) until
- * `enough` says so; returns every frame with its header.
- */
-async function receiveMerged(fe: Frontend, size: number, enough: (frames: { header: Uint8Array; frame: Uint8Array }[]) => boolean) {
-  const frames: { header: Uint8Array; frame: Uint8Array }[] = [];
-  const pending: Completion[] = [];
-  const next = async () => {
-    if (pending.length === 0) pending.push(...(await fe.collect(RX, 1, 10_000)));
-    return pending.shift()!;
-  };
-  while (!enough(frames)) {
-    const first = await next();
-    const count = first.written[10]! | (first.written[11]! << 8);
-    const rest: Completion[] = [];
-    while (rest.length < count - 1) rest.push(await next());
-    postRx(fe, count, size);
-    frames.push({ header: first.written.subarray(0, HDR), frame: Buffer.concat([first.written.subarray(HDR), ...rest.map((c) => c.written)]) });
-  }
-  return frames;
 }
 
 /**
