@@ -21,7 +21,7 @@ import { native } from '../../native';
 import { createNetMetrics, NetQueueStats } from './metrics';
 import { txLimits } from './net-header';
 import { RxPath } from './rx';
-import { openTapQueue, setTapQueueAttached, tapOffloads, type TapOffloadSupport } from './tap';
+import { openTapQueue, setTapOffloads, setTapQueueAttached, type TapOffloadSupport } from './tap';
 import { TxPath } from './tx';
 import {
   ETH_HLEN,
@@ -105,7 +105,9 @@ export class NetDevice implements DeviceBackend {
    * what TAP cannot do: the checksum and segmentation offloads both ways (TAP passes the virtio-net
    * header through), mergeable rx buffers, MTU, multiqueue, and GUEST_ANNOUNCE (the guest announces
    * itself after migration; QEMU then sends no SEND_RARP). UFO and USO only when the host's TAP
-   * takes them. The engine adds VERSION_1 and the ring features.
+   * takes them (QEMU 10 itself clears the USO bits for any vhost-user back-end: net/vhost-user.c
+   * has no has_uso, so virtio_net_get_features drops them; other front-ends see them). The engine
+   * adds VERSION_1 and the ring features.
    */
   features(): bigint {
     let f = [
@@ -122,8 +124,12 @@ export class NetDevice implements DeviceBackend {
       VIRTIO_NET_F_MQ,
       VIRTIO_NET_F_GUEST_ANNOUNCE,
     ].reduce((mask, n) => mask | bit(n), 0n);
-    if (this.host.offloads.ufo) f |= bit(VIRTIO_NET_F_GUEST_UFO) | bit(VIRTIO_NET_F_HOST_UFO);
-    if (this.host.offloads.uso) f |= bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6) | bit(VIRTIO_NET_F_HOST_USO);
+    const { ufo, uso4, uso6 } = this.host.offloads;
+    if (ufo) f |= bit(VIRTIO_NET_F_GUEST_UFO) | bit(VIRTIO_NET_F_HOST_UFO);
+    if (uso4) f |= bit(VIRTIO_NET_F_GUEST_USO4);
+    if (uso6) f |= bit(VIRTIO_NET_F_GUEST_USO6);
+    // The kernel that hands USO frames over also takes them (gso_type UDP_L4) on write, since 6.2.
+    if (uso4 || uso6) f |= bit(VIRTIO_NET_F_HOST_USO);
     return f;
   }
 
@@ -191,7 +197,7 @@ export class NetDevice implements DeviceBackend {
       const fd = openTapQueue(this.options.tap);
       try {
         native.tapSetVnetHdrSize(fd, headerSize);
-        native.tapSetOffload(fd, tapOffloads(features));
+        setTapOffloads(fd, features);
         setTapQueueAttached(fd, false); // until the guest enables a ring of the pair
       } catch (err) {
         native.close(fd);

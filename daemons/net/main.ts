@@ -28,7 +28,7 @@ export function createNetDevice(config: NetConfig, logger: Logger): NetDevice {
     setTapQueueAttached(anchor, false);
     logger.info(
       `${existed ? 'attached to' : 'created'} TAP ${config.tap}: ${config.queuePairs} queue pair(s), MTU limit ${config.mtu}` +
-        `${offloads.ufo ? ', UFO' : ''}${offloads.uso ? ', USO' : ''}`,
+        `${offloads.ufo ? ', UFO' : ''}${offloads.uso4 ? ', USO4' : ''}${offloads.uso6 ? ', USO6' : ''}`,
     );
     return new NetDevice(deviceOptions(config, logger), { anchorFd: anchor, offloads });
   } catch (err) {
@@ -42,7 +42,7 @@ export function createNetDevice(config: NetConfig, logger: Logger): NetDevice {
  * Features, config and the anchor stay with the main thread's device.
  */
 export function createNetDeviceForWorker(config: NetConfig, logger: Logger): NetDevice {
-  return new NetDevice(deviceOptions(config, logger), { anchorFd: null, offloads: { ufo: false, uso: false } });
+  return new NetDevice(deviceOptions(config, logger), { anchorFd: null, offloads: { ufo: false, uso4: false, uso6: false } });
 }
 
 /** `--threads N`: pair p runs in thread p % N (queueGroup keeps rx and tx of a pair together). */

@@ -8,6 +8,16 @@ import type { Registry } from 'prom-client';
 
 import { collectedCounter, queueCounter } from '../../lib/metrics/collected';
 import { TX_DROP_REASONS, type TxDropReason } from './net-header';
+import { VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4 } from './virtio-net';
+
+/** The `type` label of vhostd_net_gso_frames_total: TSO over IPv4 and IPv6, UFO, USO. */
+export const GSO_TYPES = ['tcpv4', 'tcpv6', 'udp', 'udp_l4'] as const;
+/** gso_type (its low 3 bits: the ECN bit 0x80 aside, tx checked it and rx has it from the kernel) → index in GSO_TYPES; -1 for none. */
+const GSO_TYPE_INDEX = new Int8Array(8).fill(-1);
+GSO_TYPE_INDEX[VIRTIO_NET_HDR_GSO_TCPV4] = 0;
+GSO_TYPE_INDEX[VIRTIO_NET_HDR_GSO_TCPV6] = 1;
+GSO_TYPE_INDEX[VIRTIO_NET_HDR_GSO_UDP] = 2;
+GSO_TYPE_INDEX[VIRTIO_NET_HDR_GSO_UDP_L4] = 3;
 
 /** Counters of one virtqueue (rx or tx): plain numbers, cumulative for the life of the device. */
 export class NetQueueStats {
@@ -15,8 +25,8 @@ export class NetQueueStats {
   frames = 0;
   /** Their bytes, without the virtio-net header. */
   bytes = 0;
-  /** Frames carrying a GSO type (TSO/UFO/USO super-frames). */
-  gsoFrames = 0;
+  /** Frames carrying a GSO type (TSO/UFO/USO super-frames), by GSO_TYPES index. */
+  readonly gsoFrames = new Float64Array(GSO_TYPES.length);
   /** tx frames dropped before the TAP, by TX_DROP_REASONS index. */
   readonly dropped = new Float64Array(TX_DROP_REASONS.length);
   /** readv/writev on the TAP failed (the frame is lost). */
@@ -26,6 +36,12 @@ export class NetQueueStats {
 
   drop(reason: TxDropReason): void {
     this.dropped[TX_DROP_REASONS.indexOf(reason)]!++;
+  }
+
+  /** Count a frame moved with the header's `gsoType` byte (tx: checked already; rx: from the kernel). */
+  gso(gsoType: number): void {
+    const index = GSO_TYPE_INDEX[gsoType & 7]!;
+    if (index >= 0) this.gsoFrames[index]!++;
   }
 }
 
@@ -44,7 +60,18 @@ export function createNetMetrics(registry: Registry, device: NetMetricsSource) {
   return {
     frames: perQueue('vhostd_net_frames_total', 'Frames moved: on an rx queue (even index) from the TAP to the guest, on a tx queue (odd) from the guest to the TAP', (s) => s.frames),
     bytes: perQueue('vhostd_net_bytes_total', 'Bytes of those frames, without the virtio-net header', (s) => s.bytes),
-    gsoFrames: perQueue('vhostd_net_gso_frames_total', 'Frames larger than the MTU handed over unsegmented (TSO/UFO/USO)', (s) => s.gsoFrames),
+    gsoFrames: collectedCounter(
+      registry,
+      'vhostd_net_gso_frames_total',
+      'Frames larger than the MTU handed over unsegmented, by gso_type: tcpv4, tcpv6 (TSO), udp (UFO), udp_l4 (USO)',
+      ['queue', 'type'],
+      function* () {
+        for (let q = 0; q < device.numQueues; q++) {
+          const gso = device.queueStats(q).gsoFrames;
+          for (let g = 0; g < GSO_TYPES.length; g++) yield [{ queue: String(q), type: GSO_TYPES[g]! }, gso[g]!];
+        }
+      },
+    ),
     tapErrors: perQueue('vhostd_net_tap_errors_total', 'Frames lost because readv/writev on the TAP failed', (s) => s.tapErrors),
     ringEmpty: perQueue(
       'vhostd_net_rx_ring_empty_total',

@@ -11,6 +11,8 @@
  *   csum_start + csum_offset": both must fall inside the frame.
  * - gso_type must be one the device offered and the driver accepted (HOST_TSO4/6, HOST_UFO,
  *   HOST_USO; the ECN bit only with HOST_ECN), with gso_size > 0 and hdr_len inside the frame.
+ * - USO (gso_type UDP_L4) as Linux takes it from a TAP (virtio_net_hdr_to_skb): NEEDS_CSUM set and
+ *   csum_offset 6, the UDP checksum field; else the kernel refuses the write.
  */
 import {
   ETH_HLEN,
@@ -69,6 +71,9 @@ export function txLimits(features: bigint, headerSize: number, mtu: number): TxL
   return { headerSize, maxFrame: mtu + ETH_HLEN + VLAN_HLEN, csum: has(VIRTIO_NET_F_CSUM), gsoTypes, ecn: has(VIRTIO_NET_F_HOST_ECN) };
 }
 
+/** offsetof(struct udphdr, check): where a USO frame's partial checksum goes. */
+const UDP_CHECK_OFFSET = 6;
+
 /** The largest GSO super-frame: a 64 KiB IP packet behind an Ethernet header and a VLAN tag. */
 const MAX_GSO_FRAME = MAX_GSO_PAYLOAD + ETH_HLEN + VLAN_HLEN;
 
@@ -96,5 +101,6 @@ export function checkTxHeader(hdr: Uint8Array, frameLength: number, limits: TxLi
   if (gsoType !== type && (!limits.ecn || (type !== VIRTIO_NET_HDR_GSO_TCPV4 && type !== VIRTIO_NET_HDR_GSO_TCPV6))) return 'bad_header';
   const gsoSize = u16(HDR_GSO_SIZE);
   if (gsoSize === 0 || gsoSize > frameLength) return 'bad_header';
+  if (type === VIRTIO_NET_HDR_GSO_UDP_L4 && (flags !== VIRTIO_NET_HDR_F_NEEDS_CSUM || u16(HDR_CSUM_OFFSET) !== UDP_CHECK_OFFSET)) return 'bad_header';
   return frameLength > MAX_GSO_FRAME ? 'too_long' : null;
 }

@@ -270,7 +270,7 @@ export class RxPath {
       this.numBuffers[1] = (end - first) >> 8;
       head.write(HDR_NUM_BUFFERS, this.numBuffers);
     }
-    if (writableByte(head, HDR_GSO_TYPE) !== 0) this.stats.gsoFrames++;
+    this.stats.gso(writableByte(head, HDR_GSO_TYPE));
     this.stats.frames++;
     this.stats.bytes += bytes - hdrSize;
     let left = bytes;

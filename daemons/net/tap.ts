@@ -40,12 +40,13 @@ import {
 
 export const TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE;
 
-/** What the host's TAP driver accepts beyond checksum and TSO (probed once with TUNSETOFFLOAD). */
+/** What the host's TAP driver can hand over beyond checksum and TSO (probed once with TUNSETOFFLOAD). */
 export interface TapOffloadSupport {
-  /** TUN_F_UFO: Linux dropped UFO in 4.14 and brought it back for TAP in 4.19. */
+  /** TUN_F_UFO: Linux takes the flag (and UFO frames written to the TAP, which it fragments) but never hands UFO frames over since 4.14. */
   ufo: boolean;
-  /** TUN_F_USO4 | TUN_F_USO6: Linux 6.2 and later. */
-  uso: boolean;
+  /** TUN_F_USO4 / TUN_F_USO6, alone or as a pair: Linux 6.2 and later. */
+  uso4: boolean;
+  uso6: boolean;
 }
 
 /** The operator's command to make the TAP this daemon expects. */
@@ -100,11 +101,14 @@ export function tapExists(name: string): boolean {
   return fs.existsSync(`/sys/class/net/${name}/tun_flags`);
 }
 
-/** Probe which optional offloads the kernel's TAP accepts, on queue `fd`; leaves offloads off. */
+/**
+ * Probe which optional offloads the kernel's TAP accepts, on queue `fd`; leaves offloads off. Each
+ * flag is tried alone, and USO4 with USO6: Linux (seen on 6.18, tun.c since 6.2) takes those two only together.
+ */
 export function probeOffloads(fd: number): TapOffloadSupport {
   const accepts = (offloads: number) => {
     try {
-      native.tapSetOffload(fd, offloads);
+      native.tapSetOffload(fd, TUN_F_CSUM | offloads);
       return true;
     } catch (err) {
       if (err instanceof NativeError && err.code === 'EINVAL') return false;
@@ -112,7 +116,8 @@ export function probeOffloads(fd: number): TapOffloadSupport {
     }
   };
   native.tapSetOffload(fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN);
-  const support = { ufo: accepts(TUN_F_CSUM | TUN_F_UFO), uso: accepts(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6) };
+  const usoPair = accepts(TUN_F_USO4 | TUN_F_USO6);
+  const support = { ufo: accepts(TUN_F_UFO), uso4: accepts(TUN_F_USO4) || usoPair, uso6: accepts(TUN_F_USO6) || usoPair };
   native.tapSetOffload(fd, 0);
   return support;
 }
@@ -122,7 +127,7 @@ export function probeOffloads(fd: number): TapOffloadSupport {
  * unsegmented frames only of the kinds the guest said it can take (GUEST_*), since they go to the
  * guest as they are. Linux requires TUN_F_CSUM for any segmentation offload.
  */
-export function tapOffloads(features: bigint): number {
+function tapOffloads(features: bigint): number {
   const has = (bitNumber: number) => (features & (1n << BigInt(bitNumber))) !== 0n;
   if (!has(VIRTIO_NET_F_GUEST_CSUM)) return 0;
   let offloads = TUN_F_CSUM;
@@ -133,6 +138,22 @@ export function tapOffloads(features: bigint): number {
   if (has(VIRTIO_NET_F_GUEST_USO4)) offloads |= TUN_F_USO4;
   if (has(VIRTIO_NET_F_GUEST_USO6)) offloads |= TUN_F_USO6;
   return offloads;
+}
+
+/**
+ * Set TAP queue `fd`'s offloads (shared by every queue of the TAP) for the negotiated features. A
+ * guest that accepted only one of GUEST_USO4/6 gets no USO frame when the kernel takes the two only
+ * together (the EINVAL), rather than a failed queue start.
+ */
+export function setTapOffloads(fd: number, features: bigint): void {
+  const offloads = tapOffloads(features);
+  const uso = offloads & (TUN_F_USO4 | TUN_F_USO6);
+  try {
+    native.tapSetOffload(fd, offloads);
+  } catch (err) {
+    if (!(err instanceof NativeError && err.code === 'EINVAL' && uso !== 0 && uso !== (TUN_F_USO4 | TUN_F_USO6))) throw err;
+    native.tapSetOffload(fd, offloads & ~uso);
+  }
 }
 
 /** Attach (true) or detach the TAP queue `fd`; a queue already in that state is left alone. */

@@ -165,7 +165,7 @@ export class TxPath {
       else {
         this.stats.frames++;
         this.stats.bytes += bytes - this.limits.headerSize;
-        if (this.headerSlots[frame]![HDR_GSO_TYPE] !== 0) this.stats.gsoFrames++;
+        this.stats.gso(this.headerSlots[frame]![HDR_GSO_TYPE]!);
       }
       this.complete(frame);
     }

@@ -228,8 +228,8 @@ guestTest('1000 pings each way without loss; TCP through busybox nc, each way, m
     t.log(`${TRANSFER_BYTES >> 20} MiB down in ${(Number(d1) - Number(d0)).toFixed(2)} s (${rate(TRANSFER_BYTES, d0, d1)}), up in ${(Number(u1) - Number(u0)).toFixed(2)} s (${rate(TRANSFER_BYTES, u0, u1)}); run ${result.durationMs} ms`);
 
     const metrics = await controlMetrics(control);
-    t.true(metrics.sum('vhostd_net_gso_frames_total', { queue: '0' }) > 0, 'TSO frames TAP → guest');
-    t.true(metrics.sum('vhostd_net_gso_frames_total', { queue: '1' }) > 0, 'TSO frames guest → TAP');
+    t.true(metrics.sum('vhostd_net_gso_frames_total', { queue: '0', type: 'tcpv4' }) > 0, 'TSO frames TAP → guest');
+    t.true(metrics.sum('vhostd_net_gso_frames_total', { queue: '1', type: 'tcpv4' }) > 0, 'TSO frames guest → TAP');
     t.is(metrics.sum('vhostd_net_tx_dropped_total'), 0, metrics.text);
   } finally {
     t.is(await daemon.stop(), 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr()}`);

@@ -49,3 +49,39 @@ export function isArpReply(frame: Uint8Array): boolean {
 export function isEchoReply(frame: Uint8Array): boolean {
   return frame[12] === 0x08 && frame[13] === 0x00 && frame[23] === 1 && frame[34] === 0;
 }
+
+/**
+ * An IPv4 UDP datagram (RFC 768) from (`srcMac`, `srcIp`, port `srcPort`) to (`dstMac`, `dstIp`,
+ * `dstPort`). `partialChecksum`: the checksum field holds only the pseudo-header sum, as a driver
+ * leaves it for the device to finish (virtio-net NEEDS_CSUM, csum_start 34, csum_offset 6);
+ * otherwise it is complete.
+ */
+export function udpFrame(
+  src: { mac: Mac; ip: Ipv4; port: number },
+  dst: { mac: Mac; ip: Ipv4; port: number },
+  payload: Uint8Array,
+  partialChecksum = false,
+): Uint8Array {
+  const udpLength = 8 + payload.length;
+  const ipLength = 20 + udpLength;
+  const ip = [0x45, 0, ipLength >> 8, ipLength & 0xff, 0, 0, 0x40, 0, 64, 17, 0, 0, ...src.ip, ...dst.ip];
+  const ipSum = checksum(ip);
+  ip[10] = ipSum >> 8;
+  ip[11] = ipSum & 0xff;
+  const udp = [src.port >> 8, src.port & 0xff, dst.port >> 8, dst.port & 0xff, udpLength >> 8, udpLength & 0xff, 0, 0];
+  const pseudo = [...src.ip, ...dst.ip, 0, 17, udpLength >> 8, udpLength & 0xff];
+  // RFC 768: a computed 0 is sent as 0xffff (0 means "no checksum").
+  const udpSum = partialChecksum ? ~checksum(pseudo) & 0xffff : checksum([...pseudo, ...udp, ...payload]) || 0xffff;
+  udp[6] = udpSum >> 8;
+  udp[7] = udpSum & 0xff;
+  const frame = ethernet(dst.mac, src.mac, 0x0800, [...ip, ...udp]);
+  const out = new Uint8Array(frame.length + payload.length);
+  out.set(frame);
+  out.set(payload, frame.length);
+  return out;
+}
+
+/** Whether `frame` is an IPv4 UDP datagram (without IP options) to port `port`. */
+export function isUdpTo(frame: Uint8Array, port: number): boolean {
+  return frame[12] === 0x08 && frame[13] === 0x00 && frame[14] === 0x45 && frame[23] === 17 && ((frame[36]! << 8) | frame[37]!) === port;
+}

@@ -10,6 +10,8 @@ import {
   VIRTIO_NET_F_HOST_ECN,
   VIRTIO_NET_F_HOST_TSO4,
   VIRTIO_NET_F_HOST_TSO6,
+  VIRTIO_NET_F_HOST_UFO,
+  VIRTIO_NET_F_HOST_USO,
   VIRTIO_NET_HDR_F_DATA_VALID,
   VIRTIO_NET_HDR_F_NEEDS_CSUM,
   VIRTIO_NET_HDR_F_RSC_INFO,
@@ -49,6 +51,9 @@ const plain = txLimits(bit(VIRTIO_F_VERSION_1), 12, 1500);
 const NEEDS_CSUM = VIRTIO_NET_HDR_F_NEEDS_CSUM;
 // A TCP/IPv4 frame as Linux sends it: checksum at 14 + 20 + 16.
 const tcpCsum = { flags: NEEDS_CSUM, csumStart: 34, csumOffset: 16 };
+const udp = txLimits(OFFLOADS | bit(VIRTIO_NET_F_HOST_UFO) | bit(VIRTIO_NET_F_HOST_USO), 12, 1500);
+// A UDP/IPv4 frame: checksum at 14 + 20 + 6; USO cuts the payload after the 42 header bytes.
+const uso = { flags: NEEDS_CSUM, csumStart: 34, csumOffset: 6, gsoType: VIRTIO_NET_HDR_GSO_UDP_L4, hdrLen: 42, gsoSize: 1400 };
 
 const cases: [string, Header, number, typeof full, TxDropReason | null][] = [
   ['a plain 60-byte frame', {}, 60, plain, null],
@@ -57,6 +62,15 @@ const cases: [string, Header, number, typeof full, TxDropReason | null][] = [
   ['a frame with a partial TCP checksum', tcpCsum, 1514, full, null],
   ['a 64 KiB TSO frame', { ...tcpCsum, gsoType: VIRTIO_NET_HDR_GSO_TCPV4, hdrLen: 66, gsoSize: 1448 }, 65000, full, null],
   ['a TSO6 frame with ECN', { flags: NEEDS_CSUM, csumStart: 54, csumOffset: 16, gsoType: VIRTIO_NET_HDR_GSO_TCPV6 | VIRTIO_NET_HDR_GSO_ECN, hdrLen: 86, gsoSize: 1428 }, 30000, full, null],
+  ['a 60 KiB USO frame', uso, 61482, udp, null],
+  ['a UFO frame (8 KiB datagram)', { flags: NEEDS_CSUM, csumStart: 34, csumOffset: 6, gsoType: VIRTIO_NET_HDR_GSO_UDP, hdrLen: 42, gsoSize: 1480 }, 8042, udp, null],
+  ['USO without NEEDS_CSUM', { ...uso, flags: 0, csumStart: 0, csumOffset: 0 }, 61482, udp, 'bad_header'],
+  ['USO with the checksum not at the UDP check field', { ...uso, csumOffset: 16 }, 61482, udp, 'bad_header'],
+  ['USO with gso_size 0', { ...uso, gsoSize: 0 }, 61482, udp, 'bad_header'],
+  ['USO with gso_size past the frame', { ...uso, gsoSize: 61483 }, 61482, udp, 'bad_header'],
+  ['USO with hdr_len past the frame', { ...uso, hdrLen: 61483 }, 61482, udp, 'bad_header'],
+  ['USO with the ECN bit', { ...uso, gsoType: VIRTIO_NET_HDR_GSO_UDP_L4 | VIRTIO_NET_HDR_GSO_ECN }, 61482, udp, 'bad_header'],
+  ['a USO frame over 64 KiB', uso, 65554, udp, 'too_long'],
   ['13 bytes: shorter than an Ethernet header', {}, 13, plain, 'too_short'],
   ['1519 bytes without GSO at MTU 1500', {}, 1519, plain, 'too_long'],
   ['a GSO frame over 64 KiB', { ...tcpCsum, gsoType: VIRTIO_NET_HDR_GSO_TCPV4, hdrLen: 66, gsoSize: 1448 }, 65554, full, 'too_long'],

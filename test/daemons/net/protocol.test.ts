@@ -7,6 +7,7 @@
  * Needs root (a TAP, a bridge, a network namespace).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 
 import test, { type ExecutionContext } from 'ava';
@@ -14,22 +15,32 @@ import test, { type ExecutionContext } from 'ava';
 import type { NetConfig } from '../../../daemons/net/cli';
 import type { NetDevice } from '../../../daemons/net/device';
 import { createNetDevice, netQueueWorkers } from '../../../daemons/net/main';
+import { GSO_TYPES } from '../../../daemons/net/metrics';
 import { TX_DROP_REASONS } from '../../../daemons/net/net-header';
 import {
   VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_UFO,
+  VIRTIO_NET_F_GUEST_USO4,
+  VIRTIO_NET_F_GUEST_USO6,
+  VIRTIO_NET_F_HOST_UFO,
+  VIRTIO_NET_F_HOST_USO,
   VIRTIO_NET_F_MQ,
   VIRTIO_NET_F_MRG_RXBUF,
   VIRTIO_NET_HDR_F_DATA_VALID,
   VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_GSO_ECN,
   VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_HDR_GSO_UDP,
+  VIRTIO_NET_HDR_GSO_UDP_L4,
 } from '../../../daemons/net/virtio-net';
 import { ConfigError } from '../../../lib/errors';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, bit } from '../../../lib/virtio/constants';
 import { encodeU64, type Completion, type Frontend, type SplitQueueDriver } from '../../helpers/frontend';
 import { ProtocolFeature, Request } from '../../../lib/vhost-user/messages';
-import { createBridgedTap, type BridgedTap } from '../../helpers/net-topology';
-import { arpRequest, echoRequest, isArpReply, isEchoReply, type Ipv4, type Mac } from '../../helpers/frames';
+import { createBridgedTap, runInNamespace, type BridgedTap } from '../../helpers/net-topology';
+import { arpRequest, echoRequest, isArpReply, isEchoReply, isUdpTo, udpFrame, type Ipv4, type Mac } from '../../helpers/frames';
 import { until } from '../../helpers/until';
 import { TestServer } from '../../lib/vhost-user/harness';
 import { createDaemonMetrics } from '../../../lib/metrics/registry';
@@ -87,7 +98,7 @@ function postRx(fe: Frontend, count: number, size: number): void {
 }
 
 /** A tx chain: the header, then the frame split in two descriptors (as a driver without any_layout). */
-function txChain(frame: Uint8Array, header = new Uint8Array(HDR)) {
+function txChain(frame: Uint8Array, header: Uint8Array = new Uint8Array(HDR)) {
   const pieces = [frame.subarray(0, 20), frame.subarray(20)].filter((piece) => piece.length > 0);
   return { readable: [{ data: header, region: 1 }, ...pieces.map((data, i) => ({ data, region: 2 - 2 * i }))] };
 }
@@ -102,6 +113,28 @@ async function receive(fe: Frontend, match: (frame: Uint8Array) => boolean, size
     }
   }
   throw new Error('no matching frame');
+}
+
+/**
+ * Receive whole frames (merged over as many buffers as num_buffers says, each buffer reposted) until
+ * `enough` says so; returns every frame with its header.
+ */
+async function receiveMerged(fe: Frontend, size: number, enough: (frames: { header: Uint8Array; frame: Uint8Array }[]) => boolean) {
+  const frames: { header: Uint8Array; frame: Uint8Array }[] = [];
+  const pending: Completion[] = [];
+  const next = async () => {
+    if (pending.length === 0) pending.push(...(await fe.collect(RX, 1, 10_000)));
+    return pending.shift()!;
+  };
+  while (!enough(frames)) {
+    const first = await next();
+    const count = first.written[10]! | (first.written[11]! << 8);
+    const rest: Completion[] = [];
+    while (rest.length < count - 1) rest.push(await next());
+    postRx(fe, count, size);
+    frames.push({ header: first.written.subarray(0, HDR), frame: Buffer.concat([first.written.subarray(HDR), ...rest.map((c) => c.written)]) });
+  }
+  return frames;
 }
 
 /** ARP for the peer, then ping it; resolves with the echo reply. */
@@ -150,6 +183,8 @@ test('hostile tx headers are dropped and counted; the queue keeps serving', asyn
     txChain(frame, header([VIRTIO_NET_HDR_F_DATA_VALID])),
     // TSO that was not negotiated.
     txChain(frame, header([VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 34, 0, 0x10, 0, 34, 0, 16, 0])),
+    // USO that was not negotiated (offered on this kernel, but the driver did not take HOST_USO).
+    txChain(frame, header([VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 34, 0, 0x10, 0, 34, 0, 6, 0])),
     // hdr_len past the frame.
     txChain(frame, header([0, 0, 0xff, 0x7f])),
     // 10 bytes: shorter than Ethernet.
@@ -166,7 +201,7 @@ test('hostile tx headers are dropped and counted; the queue keeps serving', asyn
     hostile.map(() => 0),
   );
   const dropped = Object.fromEntries(TX_DROP_REASONS.map((r, i) => [r, device.queueStats(TX).dropped[i]]));
-  t.deepEqual(dropped, { bad_header: 4, too_short: 2, too_long: 1, too_many_segments: 0 });
+  t.deepEqual(dropped, { bad_header: 5, too_short: 2, too_long: 1, too_many_segments: 0 });
   t.is(device.queueStats(TX).frames, 0, 'none reached the TAP');
   await ping(fe, 9);
   t.is(device.queueStats(TX).frames, 2);
@@ -287,24 +322,10 @@ test('with MRG_RXBUF a frame larger than one buffer spreads over several; num_bu
   await receive(fe, isArpReply, 128);
   const data = Array.from({ length: 1000 }, (_, i) => (i * 13) & 0xff);
   await fe.transfer(TX, txChain(echoRequest(GUEST_MAC, GUEST_IP, PEER_MAC, PEER_IP, 0x77, data)));
-  // Completions come in order; a frame's first buffer carries num_buffers for it and the ones after.
-  const completions: Completion[] = [];
-  const next = async () => {
-    if (completions.length === 0) completions.push(...(await fe.collect(RX, 1, 10_000)));
-    return completions.shift()!;
-  };
-  for (;;) {
-    const first = await next();
-    const count = first.written[10]! | (first.written[11]! << 8);
-    const rest: Completion[] = [];
-    while (rest.length < count - 1) rest.push(await next());
-    postRx(fe, count, 128);
-    const frame = Buffer.concat([first.written.subarray(HDR), ...rest.map((c) => c.written)]);
-    if (!isEchoReply(frame)) continue;
-    t.is(count, Math.ceil((HDR + frame.length) / 128), 'as many 128-byte buffers as the frame needs');
-    t.deepEqual([...frame.subarray(42)], data, 'the payload reassembles');
-    break;
-  }
+  // A frame's first buffer carries num_buffers for it and the ones after it.
+  const reply = (await receiveMerged(fe, 128, (got) => got.some((f) => isEchoReply(f.frame)))).find((f) => isEchoReply(f.frame))!;
+  t.is(reply.header[10]! | (reply.header[11]! << 8), Math.ceil((HDR + reply.frame.length) / 128), 'as many 128-byte buffers as the frame needs');
+  t.deepEqual([...reply.frame.subarray(42)], data, 'the payload reassembles');
 });
 
 test('without MRG_RXBUF a frame too big for its buffer is lost and counted; the queue goes on', async (t) => {
@@ -366,4 +387,201 @@ test('a frame in more pieces than one writev takes is dropped as too_many_segmen
   t.is(device.queueStats(TX).dropped[TX_DROP_REASONS.indexOf('too_many_segments')], 1);
   t.is(device.queueStats(TX).frames, 0);
   await ping(fe, 21);
+});
+
+// UDP segmentation offloads (USO, gso_type UDP_L4) and UFO (gso_type UDP), with real datagrams
+// through the TAP, the bridge and the peer's namespace.
+
+const USO_PORT = 9000;
+const PAYLOAD_BYTES = 60 * 1024;
+const USO_MSS = 1400;
+const GUEST = { mac: GUEST_MAC, ip: GUEST_IP, port: 4000 };
+const PEER = { mac: PEER_MAC, ip: PEER_IP, port: USO_PORT };
+
+/** 60 KiB that differ from one offset to the next (a misplaced segment changes the digest). */
+function udpPayload(): Uint8Array {
+  return Uint8Array.from({ length: PAYLOAD_BYTES }, (_, i) => (i * 7 + (i >> 8)) & 0xff);
+}
+
+/** A virtio-net header (little-endian) for a UDP/IPv4 frame whose checksum is left to the device. */
+function udpHeader(gsoType: number, gsoSize: number, over: { flags?: number; hdrLen?: number; csumOffset?: number } = {}): Uint8Array {
+  const h = new Uint8Array(HDR);
+  const dv = new DataView(h.buffer);
+  dv.setUint8(0, over.flags ?? VIRTIO_NET_HDR_F_NEEDS_CSUM);
+  dv.setUint8(1, gsoType);
+  dv.setUint16(2, over.hdrLen ?? 42, true);
+  dv.setUint16(4, gsoSize, true);
+  dv.setUint16(6, 34, true);
+  dv.setUint16(8, over.csumOffset ?? 6, true);
+  return h;
+}
+
+/**
+ * A UDP socket on PEER_IP:USO_PORT in the peer's namespace that takes datagrams until one reads
+ * "end", then reports (`report`) how many came before it, their bytes and their SHA-256. Resolves
+ * once it listens.
+ */
+async function udpReceiver(namespace: string): Promise<{ report: Promise<{ datagrams: number; bytes: number; sha256: string }> }> {
+  const script = [
+    'import hashlib, socket, sys',
+    's = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)',
+    `s.bind(("${PEER_IP.join('.')}", ${USO_PORT}))`,
+    'print("listening", flush=True)',
+    'n = b = 0; h = hashlib.sha256()',
+    'while True:',
+    '    d = s.recv(65536)',
+    '    if d == b"end": break',
+    '    n += 1; b += len(d); h.update(d)',
+    'print(n, b, h.hexdigest(), flush=True)',
+  ].join('\n');
+  let listening!: () => void;
+  const ready = new Promise<void>((resolve) => (listening = resolve));
+  const done = runInNamespace(namespace, ['python3', '-c', script], { onOutput: (text) => text.includes('listening') && listening() });
+  await Promise.race([ready, done.then(({ output }) => Promise.reject(new Error(`UDP receiver: ${output}`)))]);
+  const report = done.then(({ status, output }) => {
+    const [datagrams, bytes, sha256] = output.replace('listening', '').trim().split(/\s+/);
+    if (status !== 0) throw new Error(`UDP receiver exited ${status}: ${output}`);
+    return { datagrams: Number(datagrams), bytes: Number(bytes), sha256: sha256! };
+  });
+  return { report };
+}
+
+/**
+ * Turn transmit checksum offload off on `iface` (ETHTOOL_STXCSUM, as `ethtool -K IF tx off`): the
+ * kernel then finishes every checksum, and segments every GSO packet, before the frame goes out, so
+ * the peer's stack checks real checksums instead of trusting partial ones.
+ */
+function txChecksumOff(iface: string): void {
+  const script = [
+    'import array, fcntl, socket, struct, sys',
+    'value = array.array("I", [0x17, 0])  # struct ethtool_value { ETHTOOL_STXCSUM, 0 }',
+    'fcntl.ioctl(socket.socket(), 0x8946, struct.pack("16sP", sys.argv[1].encode(), value.buffer_info()[0]))  # SIOCETHTOOL',
+  ].join('\n');
+  execFileSync('python3', ['-c', script, iface]);
+}
+
+/** The peer's UDP counters (/proc/net/snmp in its namespace): datagrams taken, and dropped for a bad checksum. */
+function peerUdpCounters(namespace: string): { inDatagrams: number; inCsumErrors: number } {
+  const lines = execFileSync('ip', ['netns', 'exec', namespace, 'cat', '/proc/net/snmp'], { encoding: 'utf8' })
+    .split('\n')
+    .filter((line) => line.startsWith('Udp:'));
+  const [names, values] = lines.map((line) => line.split(/\s+/).slice(1));
+  const get = (name: string) => Number(values![names!.indexOf(name)]);
+  return { inDatagrams: get('InDatagrams'), inCsumErrors: get('InCsumErrors') };
+}
+
+const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
+
+for (const [name, feature, gsoType, gsoSize, datagrams, gsoLabel] of [
+  // USO: the kernel cuts 44 datagrams of 1400 bytes (the last 1240) from the one frame.
+  ['USO (gso_type UDP_L4, gso_size 1400): the kernel cuts 44 datagrams', VIRTIO_NET_F_HOST_USO, VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS, Math.ceil(PAYLOAD_BYTES / USO_MSS), 'udp_l4'],
+  // UFO: the kernel sends IP fragments of 1480 bytes; the peer reassembles the one datagram.
+  ['UFO (gso_type UDP, gso_size 1480): IP fragments make one datagram', VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_HDR_GSO_UDP, 1480, 1, 'udp'],
+] as const) {
+  test(`tx ${name} of 60 KiB on the peer's socket, bytes equal`, async (t) => {
+    const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(feature));
+    t.true((fe.negotiated!.features & bit(feature)) !== 0n, 'the daemon offers it on this kernel');
+    txChecksumOff(`${namespace}v`);
+    const received = await udpReceiver(namespace);
+    const payload = udpPayload();
+    const frame = udpFrame(GUEST, PEER, payload, true);
+    t.is((await fe.transfer(TX, txChain(frame, udpHeader(gsoType, gsoSize)))).len, 0);
+    await fe.transfer(TX, txChain(udpFrame(GUEST, PEER, new TextEncoder().encode('end'))));
+    const got = await received.report;
+    t.deepEqual(got, { datagrams, bytes: PAYLOAD_BYTES, sha256: sha256(payload) });
+    // USO segments reach the peer with checksums the kernel finished from the frame's partial one, and
+    // the peer checks them (a wrong seed in the frame: 0 datagrams, 44 InCsumErrors). Software UFO
+    // marks its fragments' checksum as verified, so there the SHA-256 is the check.
+    t.deepEqual(peerUdpCounters(namespace), { inDatagrams: datagrams + 1, inCsumErrors: 0 }, 'datagrams (and "end") the peer took');
+    t.is(device.queueStats(TX).tapErrors, 0);
+    t.is(device.queueStats(TX).gsoFrames[GSO_TYPES.indexOf(gsoLabel)], 1);
+  });
+}
+
+/**
+ * Send `payload` as one UDP datagram from the peer's namespace to the guest's port, with the
+ * UDP_SEGMENT socket option (SOL_UDP 103) at `segment` bytes when given: one sendto then leaves the
+ * stack as one GSO packet of datagrams of that size.
+ */
+function sendFromPeer(namespace: string, payload: Uint8Array, segment?: number): void {
+  execFileSync('ip', ['-n', namespace, 'neigh', 'replace', GUEST_IP.join('.'), 'lladdr', GUEST_MAC.map((b) => b.toString(16)).join(':'), 'dev', `${namespace}p`]);
+  const script = [
+    'import socket, sys',
+    's = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)',
+    ...(segment === undefined ? [] : [`s.setsockopt(17, 103, ${segment})`]),
+    `s.sendto(sys.stdin.buffer.read(), ("${GUEST_IP.join('.')}", ${GUEST.port}))`,
+  ].join('\n');
+  execFileSync('ip', ['netns', 'exec', namespace, 'python3', '-c', script], { input: payload });
+}
+
+for (const [name, features, uso] of [
+  ['with GUEST_USO4 and GUEST_USO6: ONE frame, gso_type UDP_L4, gso_size 1400', bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6), true],
+  // Linux takes TUN_F_USO4 only with TUN_F_USO6: the TAP then cuts the datagram itself.
+  ['with GUEST_USO4 alone: MTU-sized frames (the TAP takes USO4 only with USO6)', bit(VIRTIO_NET_F_GUEST_USO4), false],
+  ['without GUEST_USO: MTU-sized frames', 0n, false],
+] as const) {
+  test(`rx USO, a UDP_SEGMENT sender in the peer's namespace: ${name}`, async (t) => {
+    const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_GUEST_CSUM) | features, { rxBuffers: 64 });
+    t.is(fe.negotiated!.features & (bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6)), features, 'the daemon offers them on this kernel');
+    const payload = udpPayload();
+    sendFromPeer(namespace, payload, USO_MSS);
+    const isOurs = (f: Uint8Array) => isUdpTo(f, GUEST.port);
+    const frames = (await receiveMerged(fe, 2048, (got) => got.filter((f) => isOurs(f.frame)).reduce((n, f) => n + f.frame.length - 42, 0) >= PAYLOAD_BYTES)).filter((f) => isOurs(f.frame));
+    t.deepEqual(Buffer.concat(frames.map((f) => f.frame.subarray(42))), Buffer.from(payload), 'the payload, in order');
+    const gso = frames.map((f) => ({ type: f.header[1], size: f.header[4]! | (f.header[5]! << 8) }));
+    if (uso) {
+      t.is(frames.length, 1);
+      t.deepEqual(gso, [{ type: VIRTIO_NET_HDR_GSO_UDP_L4, size: USO_MSS }]);
+      t.true(frames[0]!.frame.length > 1514, 'larger than the MTU');
+      t.is(device.queueStats(RX).gsoFrames[GSO_TYPES.indexOf('udp_l4')], 1);
+    } else {
+      t.is(frames.length, Math.ceil(PAYLOAD_BYTES / USO_MSS));
+      t.true(gso.every((g) => g.type === 0), 'no GSO frame');
+      t.true(frames.every((f) => f.frame.length <= 1514), 'MTU-sized');
+      t.is(device.queueStats(RX).gsoFrames.reduce((n, c) => n + c, 0), 0);
+    }
+  });
+}
+
+test('hostile USO headers with HOST_USO negotiated are dropped and counted; a good USO frame follows', async (t) => {
+  const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_HOST_USO));
+  const frame = udpFrame(GUEST, PEER, udpPayload(), true);
+  const hostile = [
+    udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4, 0), // gso_size 0
+    udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4, frame.length + 1), // gso_size past the frame
+    udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS, { hdrLen: frame.length + 1 }), // hdr_len past the frame
+    udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS, { flags: 0 }), // no NEEDS_CSUM (Linux refuses USO without it)
+    udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS, { csumOffset: 16 }), // the checksum not at the UDP check field
+    udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4 | VIRTIO_NET_HDR_GSO_ECN, USO_MSS), // ECN is for TCP
+    udpHeader(VIRTIO_NET_HDR_GSO_UDP, 1480), // UFO, not negotiated here
+  ].map((header) => txChain(frame, header));
+  fe.submit(TX, hostile);
+  const done = await fe.collect(TX, hostile.length);
+  t.deepEqual(
+    done.map((c) => c.len),
+    hostile.map(() => 0),
+  );
+  t.is(device.queueStats(TX).dropped[TX_DROP_REASONS.indexOf('bad_header')], hostile.length);
+  t.is(device.queueStats(TX).frames, 0, 'none reached the TAP');
+  t.is(device.queueStats(TX).tapErrors, 0, 'none was refused by the kernel either');
+  // The queue goes on: a good USO frame reaches the peer.
+  const received = await udpReceiver(namespace);
+  await fe.transfer(TX, txChain(frame, udpHeader(VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS)));
+  await fe.transfer(TX, txChain(udpFrame(GUEST, PEER, new TextEncoder().encode('end'))));
+  t.is((await received.report).bytes, PAYLOAD_BYTES);
+});
+
+test('rx with GUEST_UFO: a 60 KiB datagram from the peer comes as IP fragments (Linux hands no UFO frame to a TAP)', async (t) => {
+  const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_UFO), { rxBuffers: 64 });
+  t.true((fe.negotiated!.features & bit(VIRTIO_NET_F_GUEST_UFO)) !== 0n, 'the daemon offers it on this kernel');
+  sendFromPeer(namespace, udpPayload());
+  // IPv4 UDP from the peer: the fragments of the one datagram (8 bytes of UDP header, then the payload).
+  const isFragment = (f: Uint8Array) => f[12] === 0x08 && f[13] === 0x00 && f[23] === 17 && f.subarray(26, 30).every((b, i) => b === PEER_IP[i]);
+  const ipPayload = (f: Uint8Array) => ((f[16]! << 8) | f[17]!) - 20;
+  const frames = (await receiveMerged(fe, 2048, (got) => got.filter((f) => isFragment(f.frame)).reduce((n, f) => n + ipPayload(f.frame), 0) >= 8 + PAYLOAD_BYTES)).filter((f) =>
+    isFragment(f.frame),
+  );
+  t.is(frames.length, Math.ceil((8 + PAYLOAD_BYTES) / 1480), '1480 bytes of datagram per fragment');
+  t.true(frames.every((f) => f.header[1] === 0 && f.frame.length <= 1514), 'MTU-sized, no GSO frame');
+  t.is(device.queueStats(RX).gsoFrames.reduce((n, c) => n + c, 0), 0);
 });
