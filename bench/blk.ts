@@ -75,6 +75,8 @@ interface CpuShare {
   threads: { name: string; pct: number }[];
   /** The whole daemon. */
   daemonPct: number;
+  /** Time the daemon's threads were runnable but waited for a CPU (schedstat run_delay), summed. */
+  daemonWaitPct: number;
   /** The whole machine, busy (not idle or iowait), in % of one core (200 = both cores of a 2-CPU VM). */
   machinePct: number;
 }
@@ -248,8 +250,10 @@ async function sampleCpu(pid: number, startMs: number, endMs: number): Promise<C
     .map((t) => ({ name: label(t), pct: pct(t.seconds - (before.get(t.tid)?.seconds ?? 0)) }))
     .filter((t) => t.pct > 1)
     .sort((a, b) => b.pct - a.pct);
+  const waited = after.reduce((n, t) => n + t.waitSeconds - (before.get(t.tid)?.waitSeconds ?? 0), 0);
   return {
     threads,
+    daemonWaitPct: pct(waited),
     daemonPct: pct(processAfter - processBefore),
     machinePct: pct((machineAfter.busy - machineBefore.busy) / CLK_TCK),
   };
@@ -394,7 +398,7 @@ function scalingTable(rows: ScalingRow[], o: Options): string {
   const lines = [`vhost-user-blk multiqueue scaling, ours only, 4 KiB, ${o.runtime} s per run (+${o.warmup} s warm-up), ${o.repeat} alternating rounds` + `${o.pollUs !== undefined ? `, --poll-us ${o.pollUs}` : ''}`];
   for (const row of rows) {
     lines.push('', `${row.device} ${row.rw} QD${row.iodepth} per queue${row.error ? ` (FAILED: ${row.error.split('\n')[0]})` : ''}`);
-    const header = ['set-up', 'median IOPS', 'min–max IOPS', 'p50/p99 µs', 'daemon CPU µs/IO', 'daemon % core', 'busiest daemon threads % core', 'loadgen % core', 'loadgen µs/IO', 'machine busy % core'];
+    const header = ['set-up', 'median IOPS', 'min–max IOPS', 'p50/p99 µs', 'daemon CPU µs/IO', 'daemon % core', 'daemon waiting for a CPU %', 'busiest daemon threads % core', 'loadgen % core', 'loadgen µs/IO', 'machine busy % core'];
     const body = SCALING_SETUPS.map((setup, i) => {
       const runs = row.runs[i]!;
       const m = medianIops(runs);
@@ -407,6 +411,7 @@ function scalingTable(rows: ScalingRow[], o: Options): string {
         m ? latency({ ok: true, result: m }) : 'n/a',
         fmt(m?.backend_cpu_us_per_io, 2),
         range(cpus.map((c) => c.daemonPct)),
+        range(cpus.map((c) => c.daemonWaitPct)),
         mc ? mc.threads.slice(0, 4).map((t) => `${t.name} ${fmt(t.pct)}`).join(', ') : 'n/a',
         range(runs.map(loadgenPct)),
         fmt(m?.loadgen_cpu_us_per_io, 2),

@@ -165,11 +165,13 @@ export function statCpuSeconds(file: string): number | undefined {
   return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
 }
 
-/** One thread's name (comm) and CPU seconds so far. */
+/** One thread's name (comm), CPU seconds and seconds spent runnable but waiting for a CPU, so far. */
 export interface ThreadCpu {
   tid: number;
   name: string;
   seconds: number;
+  /** schedstat's run_delay: time on a run queue, not running (another task had the CPU). */
+  waitSeconds: number;
 }
 
 /** The CPU seconds of every live thread of `pid`. */
@@ -183,12 +185,14 @@ export function threadCpu(pid: number): ThreadCpu[] {
   return tids.flatMap((tid) => {
     const seconds = statCpuSeconds(`/proc/${pid}/task/${tid}/stat`);
     let name = '?';
+    let waitSeconds = 0;
     try {
       name = fs.readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+      waitSeconds = Number(fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[1]) / 1e9;
     } catch {
       // gone meanwhile
     }
-    return seconds === undefined ? [] : [{ tid: Number(tid), name, seconds }];
+    return seconds === undefined ? [] : [{ tid: Number(tid), name, seconds, waitSeconds }];
   });
 }
 
@@ -201,7 +205,7 @@ export function machineTicks(): { total: number; busy: number } {
 
 /** The lowest and highest of `values`, as "min–max" with `digits` decimals. */
 export function range(values: number[], digits = 0): string {
-  return values.length === 0 ? 'n/a' : `${fmt(Math.min(...values), digits)}–${fmt(Math.max(...values), digits)}`;
+  return values.length === 0 || values.some(Number.isNaN) ? 'n/a' : `${fmt(Math.min(...values), digits)}–${fmt(Math.max(...values), digits)}`;
 }
 
 /** The median of `values` (the lower middle one for an even count). */
