@@ -77,6 +77,8 @@ interface CpuShare {
   daemonPct: number;
   /** Time the daemon's threads were runnable but waited for a CPU (schedstat run_delay), summed. */
   daemonWaitPct: number;
+  /** Time the load generator (one thread) was runnable but waited for a CPU. */
+  loadgenWaitPct: number;
   /** The whole machine, busy (not idle or iowait), in % of one core (200 = both cores of a 2-CPU VM). */
   machinePct: number;
 }
@@ -232,14 +234,18 @@ function oursArgs(device: Device, image: string, socket: string, o: Options): st
  * The CPU shares of `pid`'s threads and of the machine from `startMs` to `endMs` after now (inside the
  * load generator's measured window; the edges are left out, as the set-up and the drain are).
  */
-async function sampleCpu(pid: number, startMs: number, endMs: number): Promise<CpuShare | undefined> {
+async function sampleCpu(pid: number, loadgenPid: Promise<number>, startMs: number, endMs: number): Promise<CpuShare | undefined> {
   await sleep(startMs);
+  const loadgen = await loadgenPid;
+  const waiting = () => threadCpu(loadgen).reduce((n, t) => n + t.waitSeconds, 0);
+  const loadgenBefore = waiting();
   const before = new Map(threadCpu(pid).map((t) => [t.tid, t]));
   const processBefore = statCpuSeconds(`/proc/${pid}/stat`);
   const machineBefore = machineTicks();
   const t0 = performance.now();
   await sleep(endMs - startMs);
   const after = threadCpu(pid);
+  const loadgenAfter = waiting();
   const processAfter = statCpuSeconds(`/proc/${pid}/stat`);
   const machineAfter = machineTicks();
   const wall = (performance.now() - t0) / 1000;
@@ -254,6 +260,7 @@ async function sampleCpu(pid: number, startMs: number, endMs: number): Promise<C
   return {
     threads,
     daemonWaitPct: pct(waited),
+    loadgenWaitPct: pct(loadgenAfter - loadgenBefore),
     daemonPct: pct(processAfter - processBefore),
     machinePct: pct((machineAfter.busy - machineBefore.busy) / CLK_TCK),
   };
@@ -277,9 +284,11 @@ async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: nu
     ];
     if (o.verbose) log(`run blk-loadgen ${loadgenArgs.join(' ')}`);
     const window = [o.warmup * 1000 + 300, (o.warmup + o.runtime) * 1000 - 200] as const;
+    let spawned: (pid: number) => void = () => {};
+    const loadgenPid = new Promise<number>((resolve) => (spawned = resolve));
     const [r, cpu] = await Promise.all([
-      runCapture(loadgenBin, loadgenArgs),
-      o.scaling && window[1] > window[0] ? sampleCpu(started.child.pid!, ...window) : undefined,
+      runCapture(loadgenBin, loadgenArgs, spawned),
+      o.scaling && window[1] > window[0] ? sampleCpu(started.child.pid!, loadgenPid, ...window) : undefined,
     ]);
     if (r.code !== 0) {
       failure = `blk-loadgen exited ${r.code}: ${r.stderr.trim()}`;
@@ -398,7 +407,7 @@ function scalingTable(rows: ScalingRow[], o: Options): string {
   const lines = [`vhost-user-blk multiqueue scaling, ours only, 4 KiB, ${o.runtime} s per run (+${o.warmup} s warm-up), ${o.repeat} alternating rounds` + `${o.pollUs !== undefined ? `, --poll-us ${o.pollUs}` : ''}`];
   for (const row of rows) {
     lines.push('', `${row.device} ${row.rw} QD${row.iodepth} per queue${row.error ? ` (FAILED: ${row.error.split('\n')[0]})` : ''}`);
-    const header = ['set-up', 'median IOPS', 'min–max IOPS', 'p50/p99 µs', 'daemon CPU µs/IO', 'daemon % core', 'daemon waiting for a CPU %', 'busiest daemon threads % core', 'loadgen % core', 'loadgen µs/IO', 'machine busy % core'];
+    const header = ['set-up', 'median IOPS', 'min–max IOPS', 'p50/p99 µs', 'daemon CPU µs/IO', 'daemon % core', 'daemon waiting for a CPU %', 'busiest daemon threads % core', 'loadgen % core', 'loadgen waiting %', 'loadgen µs/IO', 'machine busy % core'];
     const body = SCALING_SETUPS.map((setup, i) => {
       const runs = row.runs[i]!;
       const m = medianIops(runs);
@@ -414,6 +423,7 @@ function scalingTable(rows: ScalingRow[], o: Options): string {
         range(cpus.map((c) => c.daemonWaitPct)),
         mc ? mc.threads.slice(0, 4).map((t) => `${t.name} ${fmt(t.pct)}`).join(', ') : 'n/a',
         range(runs.map(loadgenPct)),
+        range(cpus.map((c) => c.loadgenWaitPct)),
         fmt(m?.loadgen_cpu_us_per_io, 2),
         range(cpus.map((c) => c.machinePct)),
       ];
