@@ -16,6 +16,12 @@
  *                           [--poll-us N]   (our daemon's --poll-us; default: the daemon's default)
  *                           [--no-inline-io] (our daemon's --no-inline-io: every read and write through io_uring)
  *
+ *   node build/bench/blk.js --scaling [--repeat 5] [--runtime 3] [--cases randread:32] [--devices null]
+ *     Multiqueue scaling of our daemon alone (issue 12): one queue on the main thread against
+ *     `--num-queues 2 --threads 2` (QD per queue), alternating run by run; prints median IOPS, the
+ *     spread, the per-round ratio and where the CPU went (the load generator, the daemon's threads
+ *     from /proc/PID/task/*\/stat, the whole machine) over the measured window.
+ *
  * Exit status: 0 when every measurement ran (whatever the ratios), 1 when something failed to run.
  * See docs/benchmarks.md for how to read the numbers.
  */
@@ -24,7 +30,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { buildDir, buildLoadgens, createImage, fmt, formatTable, medianIops, root, runCapture, startBackend, stopBackend, tail, usage, type LoadgenResult, type Started } from './common';
+import {
+  buildDir, buildLoadgens, CLK_TCK, createImage, fmt, formatTable, machineTicks, median, medianIops, range, root, runCapture, sleep, startBackend, statCpuSeconds, stopBackend,
+  tail, threadCpu, usage, type LoadgenResult, type Started, type ThreadCpu,
+} from './common';
 
 const loadgenBin = path.join(buildDir, 'blk-loadgen');
 const daemonMain = path.join(root, 'build', 'daemons', 'blk', 'main.js');
@@ -56,7 +65,25 @@ interface Options {
   pollUs?: number;
   /** Our daemon's --no-inline-io. */
   noInlineIo: boolean;
+  /** Measure multiqueue scaling (one queue on the main thread vs 2 queues in 2 threads) instead. */
+  scaling: boolean;
 }
+
+/** Where the CPU went over a run's measured window (`--scaling`), in % of one core. */
+interface CpuShare {
+  /** Every thread of the daemon that used more than 1% of a core, busiest first. */
+  threads: { name: string; pct: number }[];
+  /** The whole daemon. */
+  daemonPct: number;
+  /** Time the daemon's threads were runnable but waited for a CPU (schedstat run_delay), summed. */
+  daemonWaitPct: number;
+  /** Time the load generator (one thread) was runnable but waited for a CPU. */
+  loadgenWaitPct: number;
+  /** The whole machine, busy (not idle or iowait), in % of one core (200 = both cores of a 2-CPU VM). */
+  machinePct: number;
+}
+
+type ScalingResult = LoadgenResult & { cpu?: CpuShare };
 
 interface Measurement {
   ok: boolean;
@@ -105,7 +132,9 @@ function parseOptions(argv: string[]): Options {
     poll: false,
     threads: 0,
     noInlineIo: false,
+    scaling: false,
   };
+  const given = new Set(argv);
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     const value = (): string => {
@@ -133,6 +162,7 @@ function parseOptions(argv: string[]): Options {
       case '--threads': o.threads = Math.floor(Number(value())); break;
       case '--poll-us': o.pollUs = Math.floor(Number(value())); break;
       case '--no-inline-io': o.noInlineIo = true; break;
+      case '--scaling': o.scaling = true; break;
       case '--only': {
         const v = value();
         if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
@@ -157,6 +187,15 @@ function parseOptions(argv: string[]): Options {
     }
   }
   if (!(o.warmup >= 0)) throw new Error('--warmup needs a number >= 0');
+  if (o.scaling) {
+    // What issue 12 asks for: the null device (the engine's own cost), QD32 per queue, several rounds.
+    o.backends = ['ours'];
+    if (!given.has('--devices')) o.devices = ['null'];
+    if (!given.has('--cases')) o.cases = [{ rw: 'randread', iodepth: 32 }];
+    if (!given.has('--repeat')) o.repeat = 5;
+    if (!given.has('--runtime')) o.runtime = 3;
+    if (given.has('--queues') || given.has('--threads')) throw new Error('--scaling sets --queues and --threads itself (1 queue, then 2 queues in 2 threads)');
+  }
   return o;
 }
 
@@ -191,14 +230,50 @@ function oursArgs(device: Device, image: string, socket: string, o: Options): st
   return [daemonMain, '--socket-path', socket, ...disk, '--num-queues', String(o.queues), ...threads, ...poll, ...inline, '--log-level', 'warn'];
 }
 
-async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<LoadgenResult> {
+/**
+ * The CPU shares of `pid`'s threads and of the machine from `startMs` to `endMs` after now (inside the
+ * load generator's measured window; the edges are left out, as the set-up and the drain are).
+ */
+async function sampleCpu(pid: number, loadgenPid: Promise<number>, startMs: number, endMs: number): Promise<CpuShare | undefined> {
+  await sleep(startMs);
+  const loadgen = await loadgenPid;
+  const waiting = () => threadCpu(loadgen).reduce((n, t) => n + t.waitSeconds, 0);
+  const loadgenBefore = waiting();
+  const before = new Map(threadCpu(pid).map((t) => [t.tid, t]));
+  const processBefore = statCpuSeconds(`/proc/${pid}/stat`);
+  const machineBefore = machineTicks();
+  const t0 = performance.now();
+  await sleep(endMs - startMs);
+  const after = threadCpu(pid);
+  const loadgenAfter = waiting();
+  const processAfter = statCpuSeconds(`/proc/${pid}/stat`);
+  const machineAfter = machineTicks();
+  const wall = (performance.now() - t0) / 1000;
+  if (processBefore === undefined || processAfter === undefined) return undefined;
+  const pct = (s: number) => (100 * s) / wall;
+  const label = (t: ThreadCpu) => (t.tid === pid ? 'main' : t.name.startsWith('iou-wrk') ? 'io-wq' : t.name);
+  const threads = after
+    .map((t) => ({ name: label(t), pct: pct(t.seconds - (before.get(t.tid)?.seconds ?? 0)) }))
+    .filter((t) => t.pct > 1)
+    .sort((a, b) => b.pct - a.pct);
+  const waited = after.reduce((n, t) => n + t.waitSeconds - (before.get(t.tid)?.waitSeconds ?? 0), 0);
+  return {
+    threads,
+    daemonWaitPct: pct(waited),
+    loadgenWaitPct: pct(loadgenAfter - loadgenBefore),
+    daemonPct: pct(processAfter - processBefore),
+    machinePct: pct((machineAfter.busy - machineBefore.busy) / CLK_TCK),
+  };
+}
+
+async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: number, image: string, o: Options, runDir: string): Promise<ScalingResult> {
   const socket = path.join(runDir, `${backend}.sock`);
   const logFile = path.join(buildDir, 'logs', `${backend}-${device}-${rw}-qd${iodepth}.log`);
   const [cmd, args] =
     backend === 'ours' ? [process.execPath, oursArgs(device, image, socket, o)] : ['qemu-storage-daemon', qsdArgs(device, image, socket, o)];
   if (o.verbose) log(`start ${cmd} ${args.join(' ')}`);
   const started: Started = await startBackend(backend, cmd, args, socket, logFile);
-  let result: LoadgenResult | undefined;
+  let result: ScalingResult | undefined;
   let failure: string | undefined;
   try {
     const loadgenArgs = [
@@ -208,12 +283,18 @@ async function measureOnce(backend: Backend, device: Device, rw: Rw, iodepth: nu
       ...(o.poll ? ['--poll'] : []),
     ];
     if (o.verbose) log(`run blk-loadgen ${loadgenArgs.join(' ')}`);
-    const r = await runCapture(loadgenBin, loadgenArgs);
+    const window = [o.warmup * 1000 + 300, (o.warmup + o.runtime) * 1000 - 200] as const;
+    let spawned: (pid: number) => void = () => {};
+    const loadgenPid = new Promise<number>((resolve) => (spawned = resolve));
+    const [r, cpu] = await Promise.all([
+      runCapture(loadgenBin, loadgenArgs, spawned),
+      o.scaling && window[1] > window[0] ? sampleCpu(started.child.pid!, loadgenPid, ...window) : undefined,
+    ]);
     if (r.code !== 0) {
       failure = `blk-loadgen exited ${r.code}: ${r.stderr.trim()}`;
     } else {
       if (r.stderr.trim()) log(`${backend} ${device} ${rw} QD${iodepth}: ${r.stderr.trim()}`);
-      result = JSON.parse(r.stdout) as LoadgenResult;
+      result = { ...(JSON.parse(r.stdout) as LoadgenResult), cpu };
     }
   } finally {
     const stopError = await stopBackend(started, backend);
@@ -271,6 +352,96 @@ function table(rows: Row[], o: Options): string {
   ].join('\n');
 }
 
+/** The two set-ups `--scaling` compares. */
+const SCALING_SETUPS = [
+  { name: '1 queue, main thread', queues: 1, threads: 0 },
+  { name: '2 queues, --threads 2', queues: 2, threads: 2 },
+] as const;
+
+interface ScalingRow {
+  device: Device;
+  rw: Rw;
+  iodepth: number;
+  /** Runs per set-up (SCALING_SETUPS order), round by round. */
+  runs: ScalingResult[][];
+  error?: string;
+}
+
+/**
+ * `--scaling`: per case, `--repeat` rounds of both set-ups back to back (the order swaps every round,
+ * so drift in the machine's load hits both alike).
+ */
+async function measureScaling(image: string, o: Options, runDir: string): Promise<ScalingRow[]> {
+  const rows: ScalingRow[] = [];
+  for (const device of o.devices) {
+    for (const c of o.cases) {
+      const row: ScalingRow = { device, rw: c.rw, iodepth: c.iodepth, runs: SCALING_SETUPS.map(() => []) };
+      rows.push(row);
+      for (let rep = 0; rep < o.repeat && row.error === undefined; rep++) {
+        const order = rep % 2 === 0 ? [0, 1] : [1, 0];
+        for (const i of order) {
+          const setup = SCALING_SETUPS[i]!;
+          const what = `${setup.name}: ${device} ${c.rw} QD${c.iodepth} per queue (round ${rep + 1}/${o.repeat})`;
+          try {
+            const r = await measureOnce('ours', device, c.rw, c.iodepth, image, { ...o, queues: setup.queues, threads: setup.threads }, runDir);
+            row.runs[i]!.push(r);
+            log(`${what}: ${fmt(r.iops)} IOPS, daemon ${fmt(r.cpu?.daemonPct)}% of a core, load generator ${fmt(loadgenPct(r))}%`);
+          } catch (e) {
+            row.error = `${what}: ${(e as Error).message}`;
+            log(`${what} FAILED: ${(e as Error).message}`);
+            break;
+          }
+        }
+      }
+    }
+  }
+  return rows;
+}
+
+/** The load generator's CPU in % of one core over its measured window. */
+function loadgenPct(r: LoadgenResult): number {
+  return (r.loadgen_cpu_us_per_io * r.iops) / 1e4;
+}
+
+function scalingTable(rows: ScalingRow[], o: Options): string {
+  const lines = [`vhost-user-blk multiqueue scaling, ours only, 4 KiB, ${o.runtime} s per run (+${o.warmup} s warm-up), ${o.repeat} alternating rounds` + `${o.pollUs !== undefined ? `, --poll-us ${o.pollUs}` : ''}`];
+  for (const row of rows) {
+    lines.push('', `${row.device} ${row.rw} QD${row.iodepth} per queue${row.error ? ` (FAILED: ${row.error.split('\n')[0]})` : ''}`);
+    const header = ['set-up', 'median IOPS', 'min–max IOPS', 'p50/p99 µs', 'daemon CPU µs/IO', 'daemon % core', 'daemon waiting for a CPU %', 'busiest daemon threads % core', 'loadgen % core', 'loadgen waiting %', 'loadgen µs/IO', 'machine busy % core'];
+    const body = SCALING_SETUPS.map((setup, i) => {
+      const runs = row.runs[i]!;
+      const m = medianIops(runs);
+      const cpus = runs.flatMap((r) => (r.cpu ? [r.cpu] : []));
+      const mc = m?.cpu;
+      return [
+        setup.name,
+        fmt(m?.iops),
+        range(runs.map((r) => r.iops)),
+        m ? latency({ ok: true, result: m }) : 'n/a',
+        fmt(m?.backend_cpu_us_per_io, 2),
+        range(cpus.map((c) => c.daemonPct)),
+        range(cpus.map((c) => c.daemonWaitPct)),
+        mc ? mc.threads.slice(0, 4).map((t) => `${t.name} ${fmt(t.pct)}`).join(', ') : 'n/a',
+        range(runs.map(loadgenPct)),
+        range(cpus.map((c) => c.loadgenWaitPct)),
+        fmt(m?.loadgen_cpu_us_per_io, 2),
+        range(cpus.map((c) => c.machinePct)),
+      ];
+    });
+    lines.push(...formatTable(header, body));
+    const [one, two] = row.runs;
+    const n = Math.min(one!.length, two!.length);
+    if (n > 0) {
+      const ratios = Array.from({ length: n }, (_, i) => two![i]!.iops / one![i]!.iops);
+      const ratioOfMedians = medianIops(two!)!.iops / medianIops(one!)!.iops;
+      lines.push(
+        `2 queues / 1 queue: ${fmt(ratioOfMedians, 2)} (ratio of the medians); per round ${ratios.map((r) => fmt(r, 2)).join(' ')}, median ${fmt(median(ratios), 2)}; goal ≥ 1.7`,
+      );
+    }
+  }
+  return lines.join('\n');
+}
+
 function qsdVersion(): string | undefined {
   const r = spawnSync('qemu-storage-daemon', ['--version'], { encoding: 'utf8' });
   return r.status === 0 ? r.stdout.split('\n')[0] : undefined;
@@ -308,6 +479,7 @@ async function main(): Promise<number> {
   });
 
   const rows: Row[] = [];
+  let scalingRows: ScalingRow[] = [];
   try {
     if (ownImage && o.devices.includes('file')) {
       const fsInfo = fs.statfsSync(path.dirname(image));
@@ -319,7 +491,8 @@ async function main(): Promise<number> {
     } else if (!ownImage) {
       o.imageSize = fs.statSync(image).size;
     }
-    for (const device of o.devices) {
+    if (o.scaling) scalingRows = await measureScaling(image, o, runDir);
+    for (const device of o.scaling ? [] : o.devices) {
       for (const c of o.cases) {
         const row: Row = { device, rw: c.rw, iodepth: c.iodepth };
         const runs = new Map<Backend, LoadgenResult[]>(o.backends.map((b) => [b, []]));
@@ -355,18 +528,21 @@ async function main(): Promise<number> {
     cleanup();
   }
 
-  process.stdout.write(`${table(rows, o)}\n`);
+  process.stdout.write(`${o.scaling ? scalingTable(scalingRows, o) : table(rows, o)}\n`);
   const la = (l: number[]) => l.map((x) => x.toFixed(1)).join(' ');
   process.stdout.write(`machine: ${os.cpus().length} CPUs, load average ${la(loadavgStart)} at start, ${la(os.loadavg())} at end; ${qsd ?? 'no qsd'}\n`);
-  const failures = rows.flatMap((r) => o.backends.filter((b) => r[b] && !r[b]!.ok).map((b) => `${b} ${r.device} ${r.rw} QD${r.iodepth}: ${r[b]!.error}`));
+  const failures = [
+    ...rows.flatMap((r) => o.backends.filter((b) => r[b] && !r[b]!.ok).map((b) => `${b} ${r.device} ${r.rw} QD${r.iodepth}: ${r[b]!.error}`)),
+    ...scalingRows.flatMap((r) => (r.error ? [r.error] : [])),
+  ];
   const report = {
     date: new Date().toISOString(),
     host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qsd },
     config: {
       runtime_s: o.runtime, warmup_s: o.warmup, repeat: o.repeat, queues: o.queues, queue_size: o.queueSize,
-      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, poll_us: o.pollUs ?? null, no_inline_io: o.noInlineIo, loadgen_poll: o.poll, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
+      image_size: o.imageSize, bs: 4096, qsd_iothread: o.qsdIothread, poll_us: o.pollUs ?? null, no_inline_io: o.noInlineIo, loadgen_poll: o.poll, scaling: o.scaling, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(),
     },
-    rows,
+    rows: o.scaling ? scalingRows : rows,
     failures,
   };
   fs.writeFileSync(o.out, `${JSON.stringify(report, null, 2)}\n`);

@@ -110,10 +110,11 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** Runs a program to its end, collecting its output. */
-export function runCapture(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+/** Runs a program to its end, collecting its output; `onSpawn` gets its pid (to watch it meanwhile). */
+export function runCapture(cmd: string, args: string[], onSpawn?: (pid: number) => void): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    if (child.pid !== undefined) onSpawn?.(child.pid);
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -130,7 +131,7 @@ export function medianBy<T>(runs: T[], key: (run: T) => number): T | undefined {
 }
 
 /** The blk-loadgen run with the median IOPS (the lower middle one for an even count). */
-export function medianIops(runs: LoadgenResult[]): LoadgenResult | undefined {
+export function medianIops<T extends LoadgenResult>(runs: T[]): T | undefined {
   return medianBy(runs, (r) => r.iops);
 }
 
@@ -144,4 +145,71 @@ export function formatTable(header: string[], body: string[][]): string[] {
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
   return [line(header), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)];
+}
+
+/** Clock ticks per second of the CPU times in /proc (USER_HZ). */
+export const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout?.trim()) || 100;
+
+/**
+ * utime + stime in seconds from a /proc stat file: `/proc/PID/stat` (the whole process, threads that
+ * exited included) or `/proc/PID/task/TID/stat` (one thread); undefined when it is gone.
+ */
+export function statCpuSeconds(file: string): number | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    return undefined;
+  }
+  // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+}
+
+/** One thread's name (comm), CPU seconds and seconds spent runnable but waiting for a CPU, so far. */
+export interface ThreadCpu {
+  tid: number;
+  name: string;
+  seconds: number;
+  /** schedstat's run_delay: time on a run queue, not running (another task had the CPU). */
+  waitSeconds: number;
+}
+
+/** The CPU seconds of every live thread of `pid`. */
+export function threadCpu(pid: number): ThreadCpu[] {
+  let tids: string[];
+  try {
+    tids = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return [];
+  }
+  return tids.flatMap((tid) => {
+    const seconds = statCpuSeconds(`/proc/${pid}/task/${tid}/stat`);
+    let name = '?';
+    let waitSeconds = 0;
+    try {
+      name = fs.readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+      waitSeconds = Number(fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[1]) / 1e9;
+    } catch {
+      // gone meanwhile
+    }
+    return seconds === undefined ? [] : [{ tid: Number(tid), name, seconds, waitSeconds }];
+  });
+}
+
+/** The machine's CPU time so far (first line of /proc/stat), in ticks: all, and busy (not idle or iowait). */
+export function machineTicks(): { total: number; busy: number } {
+  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
+  const total = f.reduce((a, b) => a + b, 0);
+  return { total, busy: total - f[3]! - f[4]! };
+}
+
+/** The lowest and highest of `values`, as "min–max" with `digits` decimals. */
+export function range(values: number[], digits = 0): string {
+  return values.length === 0 || values.some(Number.isNaN) ? 'n/a' : `${fmt(Math.min(...values), digits)}–${fmt(Math.max(...values), digits)}`;
+}
+
+/** The median of `values` (the lower middle one for an even count). */
+export function median(values: number[]): number {
+  return medianBy(values, (v) => v) ?? NaN;
 }

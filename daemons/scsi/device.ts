@@ -345,6 +345,15 @@ export class ScsiDevice implements DaemonDevice {
     rq.engine ??= new IoEngine(this.createExecutor, this.maxQueueSize, (u, r, n) => this.onCompletions(rq, u, r, n));
   }
 
+  /**
+   * While the queue driver polls a request queue (`--poll-us`): reap its finished I/O. Without this a
+   * READ or WRITE still in flight when the poll begins ends the poll at once, and the next command
+   * needs a kick.
+   */
+  pollCompletions(index: number): number {
+    return index < FIRST_REQUEST_QUEUE ? 0 : (this.queues[index - FIRST_REQUEST_QUEUE]?.engine?.poll() ?? 0);
+  }
+
   /** Resolves once nothing of the queue is in flight: I/O drained, TMFs answered, event buffers given back. */
   stopQueue(index: number): Promise<void> | void {
     if (index === CONTROL_QUEUE) {

@@ -819,6 +819,8 @@ export interface QueueState {
   readonly errFd: number | null;
   calls: number;
   errors: number;
+  /** Kicks written (every `kick`, the ones `submit` decided on included). */
+  kicks: number;
   alwaysKick: boolean;
 }
 
@@ -1046,6 +1048,7 @@ export class Frontend {
       errFd,
       calls: 0,
       errors: 0,
+      kicks: 0,
       alwaysKick: opts.alwaysKick ?? false,
       watchers: [],
       pendingCall: false,
@@ -1130,7 +1133,9 @@ export class Frontend {
 
   /** Write the kick eventfd. */
   kick(index: number): void {
-    native.eventfdWrite(this.queue(index).kickFd, 1);
+    const q = this.queue(index);
+    native.eventfdWrite(q.kickFd, 1);
+    q.kicks++;
   }
 
   /** Wait for the call eventfd (consumes calls that already arrived). */
@@ -1201,9 +1206,10 @@ export class Frontend {
 
   /**
    * Add chains to queue `index`, publish them with one index update and kick if the device asked
-   * for it (or always with `alwaysKick`). Returns the chain ids.
+   * for it (or always with `alwaysKick`; never with `kick: false`, to see what the device does without
+   * one). Returns the chain ids.
    */
-  submit(index: number, chains: ChainSpec | readonly ChainSpec[]): number[] {
+  submit(index: number, chains: ChainSpec | readonly ChainSpec[], opts: { kick?: boolean } = {}): number[] {
     const q = this.queue(index);
     const list: readonly ChainSpec[] = Array.isArray(chains) ? chains : [chains as ChainSpec];
     const ids = list.map((spec) => {
@@ -1222,7 +1228,7 @@ export class Frontend {
       return id;
     });
     const wantsKick = q.driver.publish();
-    if (wantsKick || q.alwaysKick) this.kick(index);
+    if (opts.kick !== false && (wantsKick || q.alwaysKick)) this.kick(index);
     return ids;
   }
 
