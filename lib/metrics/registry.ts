@@ -10,6 +10,9 @@ import { collectedCounter, queueCounter } from './collected';
 import { registerMergedMetrics } from './thread-metrics';
 import type { QueueCounters } from '../virtqueue/virtqueue';
 
+/** Sampling period of the event-loop lag metrics (vhostd_nodejs_eventloop_lag_*), ms. */
+const EVENT_LOOP_MONITOR_MS = 100;
+
 /**
  * Build the registry for `server`, labelled with the device name: process metrics, the engine's
  * queue/protocol/front-end metrics, then the device's own (DeviceBackend.registerMetrics), summed
@@ -18,7 +21,10 @@ import type { QueueCounters } from '../virtqueue/virtqueue';
 export function createDaemonMetrics(server: VhostUserServer): Registry {
   const registry = new Registry();
   registry.setDefaultLabels({ device: server.device.name });
-  collectDefaultMetrics({ register: registry, prefix: 'vhostd_' });
+  // The event-loop delay monitor is a timer: at prom-client's 10 ms it woke an idle daemon 100 times a
+  // second, most of its idle CPU (docs/benchmarks.md "Idle guest"). At 100 ms it still shows the stalls
+  // that matter to a datapath (a blocked loop shows up as lag however coarse the sampling).
+  collectDefaultMetrics({ register: registry, prefix: 'vhostd_', eventLoopMonitoringPrecision: EVENT_LOOP_MONITOR_MS });
 
   const vrings = server.vrings;
   const totals = (read: (c: QueueCounters) => number) => (q: number) => read(vrings[q]!.totals());
