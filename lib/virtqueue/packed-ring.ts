@@ -34,6 +34,7 @@ import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
 import { packedNeedEvent } from './notify';
+import { findPackedPosition } from './packed-position';
 import { ringArea, u16, u32 } from './ring-area';
 import { RingLog, userToGuestAddress, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
@@ -90,6 +91,7 @@ export class PackedRing implements Virtqueue {
   /** Head entries of the chains an earlier process left in flight, popped before the ring, oldest first. */
   private resubmit: Uint16Array = NOTHING_TO_RESUBMIT;
   private resubmitAt = 0;
+  resumeNote: string | null = null;
 
   constructor(options: VirtqueueOptions) {
     const { size, base } = options;
@@ -124,7 +126,8 @@ export class PackedRing implements Virtqueue {
       throw err;
     }
     this.walker = new ChainWalker(size, true, options.indirect, options.memory);
-    if (options.inflight !== undefined) {
+    if (options.inflight === undefined) this.resumeFromRing(base);
+    else {
       this.inflight = new PackedInflight(options.inflight, size);
       const desc16 = this.desc16;
       const recovery = this.inflight.recover(this.usedPublished, this.usedPublishedWrap, (slot) => desc16[slot * 8 + 7]!);
@@ -144,6 +147,26 @@ export class PackedRing implements Virtqueue {
 
   get inFlight(): number {
     return this.pool.inFlight;
+  }
+
+  /**
+   * Without an inflight area the position comes from the descriptor ring when it reads unambiguously
+   * (packed-position.ts): after a back-end went away QEMU's base is the one of the last start, and the
+   * ring is what the driver and the old device last agreed on. A base from a clean stop names the same
+   * position (nothing is in flight then), so this changes nothing there. Otherwise the base stands.
+   */
+  private resumeFromRing(base: number): void {
+    const found = findPackedPosition(this.desc16, this.size);
+    const given = `avail ${this.nextAvail} wrap ${this.availWrap}, used ${this.usedPublished} wrap ${this.usedPublishedWrap}`;
+    if (typeof found === 'string') {
+      this.resumeNote = `packed ring position not read from the descriptor ring (${found}): resuming at the front-end's base 0x${(base >>> 0).toString(16)} (${given})`;
+      return;
+    }
+    const { index, wrap } = found;
+    if (index === this.nextAvail && wrap === this.availWrap && index === this.usedPublished && wrap === this.usedPublishedWrap) return;
+    this.resumeNote = `packed ring resumes at slot ${index} wrap ${wrap} as its descriptor ring shows, not at the front-end's base 0x${(base >>> 0).toString(16)} (${given})`;
+    this.nextAvail = this.usedPublished = this.usedShadow = index;
+    this.availWrap = this.usedPublishedWrap = this.usedShadowWrap = wrap;
   }
 
   pop(): DescriptorChain | null {
