@@ -185,17 +185,66 @@ test('a new queue told the stale base 0x8000 resumes where the old device stood,
   }
 });
 
-test('an ambiguous ring keeps the base and says why; an inflight area or a right base changes nothing', (t) => {
+test('chains of several descriptors: the device marks their other slots used, so the ring still reads', (t) => {
   const s = packedSetup({ size: 8 });
-  // A used two-descriptor chain: its second slot keeps the driver's flags.
+  const twoDescriptors = (): number =>
+    s.driver.addChain([
+      { addr: R0_DATA, len: 8 },
+      { addr: R0_DATA + 64, len: 8, writable: true },
+    ]);
+  // 2 + 1 + 2 + 2 descriptors, then a chain across the end of the ring: used at 7, its second slot 0.
+  const ids = [twoDescriptors(), s.driver.addChain([{ addr: R0_DATA, len: 8 }]), twoDescriptors(), twoDescriptors()];
+  s.driver.publish();
+  for (const c of drain(s.queue)) s.queue.pushUsed(c, 8);
+  s.queue.flush();
+  t.deepEqual(
+    s.driver.takeUsed().map((u) => u.id),
+    ids,
+  );
+  const last = twoDescriptors();
+  s.driver.publish();
+  for (const c of drain(s.queue)) s.queue.pushUsed(c, 8);
+  s.queue.flush();
+  t.deepEqual(
+    s.driver.takeUsed().map((u) => u.id),
+    [last],
+  );
+  // Every slot shows "used" with its lap's wrap counter: slot 0 in lap 0, the others in lap 1.
+  t.deepEqual(
+    [0, 1, 2, 3, 4, 5, 6, 7].map((slot) => s.driver.descriptorFlags(slot) & (A | U)),
+    [0, A | U, A | U, A | U, A | U, A | U, A | U, A | U],
+  );
+  const resumed = createVirtqueue({ ...s.options, base: 0x8000 }, true);
+  t.is(resumed.base(), (1 | (0 << 15) | (1 << 16) | (0 << 31)) >>> 0);
+  const next = twoDescriptors();
+  s.driver.publish();
+  const got = drain(resumed);
+  t.deepEqual(
+    got.map((c) => c.head),
+    [next],
+  );
+  for (const c of got) resumed.pushUsed(c, 8);
+  resumed.flush();
+  t.deepEqual(
+    s.driver.takeUsed().map((u) => u.id),
+    [next],
+  );
+});
+
+test('a ring that does not read unambiguously keeps the base and says why; a right base changes nothing', (t) => {
+  const s = packedSetup({ size: 8 });
+  // A two-descriptor chain and a one-descriptor chain, used; then the second slot gets the driver's
+  // flags back, as a device that skips those slots without marking them leaves it.
   s.driver.addChain([
     { addr: R0_DATA, len: 8 },
     { addr: R0_DATA + 64, len: 8, writable: true },
   ]);
+  s.driver.addChain([{ addr: R0_DATA, len: 8 }]);
   s.driver.publish();
   for (const c of drain(s.queue)) s.queue.pushUsed(c, 8);
   s.queue.flush();
   s.driver.takeUsed();
+  s.fake.write(s.layout.desc + 16 + 14, Uint8Array.of(A & 0xff, A >>> 8));
   const resumed = createVirtqueue({ ...s.options, base: 0x8000 }, true);
   t.is(resumed.base(), 0x8000_8000);
   t.regex(resumed.resumeNote ?? '', /not read from the descriptor ring \(the used flags change more than once.*resuming at the front-end's base 0x8000/);
