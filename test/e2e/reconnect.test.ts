@@ -409,6 +409,8 @@ section after ping -c ${AFTER_PINGS} -i 0.01 -s 1000 -W 60 ${NET_HOST_IP}
     t.is(result.mark('packed'), packed ? '1' : '0', `the driver negotiated ${packed ? 'packed' : 'split'} rings\n${why}`);
     t.regex(result.section('before')?.output ?? '', /100 packets transmitted, 100 packets received/, why);
     t.log(`pings sent while the daemon was replaced: ${result.mark('during') ?? '?'} of 400`);
+    // The rings were well past their first slots: a packed one resumed where its descriptors said.
+    if (packed) t.regex(daemon.current?.stderr() ?? '', /packed ring resumes at slot \d+ wrap \d as its descriptor ring shows/, why);
     t.regex(result.section('after')?.output ?? '', new RegExp(`${AFTER_PINGS} packets transmitted, ${AFTER_PINGS} packets received`), why);
   } finally {
     await daemon.stop();
