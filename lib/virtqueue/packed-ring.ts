@@ -102,6 +102,7 @@ export class PackedRing implements Virtqueue {
   /** Head entries of the chains an earlier process left in flight, popped before the ring, oldest first. */
   private resubmit: Uint16Array = NOTHING_TO_RESUBMIT;
   private resubmitAt = 0;
+  /** Set at construction when the ring's own position replaced the base, or could not be read (Virtqueue). */
   resumeNote: string | null = null;
 
   constructor(options: VirtqueueOptions) {
