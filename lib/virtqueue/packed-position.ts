@@ -8,10 +8,11 @@
  *
  * What the ring shows (virtio 1.2 §2.8.1, §2.8.6): the driver makes a descriptor available with AVAIL
  * set to its wrap counter and USED to the inverse; the device marks one used with both set to its own
- * wrap counter W; both go through the slots in order. With one descriptor per chain (Linux virtio-net:
- * one per mergeable rx buffer, indirect descriptors for multi-part tx frames), every slot was last
- * written either by the device as used or by the driver as available, and, with U the device's used
- * position, read in ring order from U:
+ * wrap counter W; both go through the slots in order. The device writes one used descriptor per chain
+ * and skips its other slots (§2.8.6); PackedRing marks those used too (Linux virtio-net has one slot
+ * per chain anyway: one per mergeable rx buffer, indirect descriptors for multi-part tx frames). So
+ * every slot was last written either by the device as used or by the driver as available, and, with U
+ * the device's used position, read in ring order from U:
  *
  * ```
  * U ... D-1   available (popped or not): AVAIL = the wrap of its lap, USED the inverse
@@ -25,11 +26,13 @@
  * first available shapes (AVAIL != USED), then used ones (AVAIL == USED), nothing else.
  *
  * Refused (the caller keeps the front-end's base) when the ring does not read that way:
- * - a used chain of several descriptors: the device writes one used descriptor and skips the others,
- *   which keep the driver's flags, a second USED boundary after each such chain. The buffer id does not
- *   tell them apart from a buffer the driver made available again with the same id, so no guess;
- * - a batch the old process wrote but never published (pushUsed writes all used descriptors but the
- *   first's flags before flush): used descriptors after an available one;
+ * - a used chain of several descriptors whose other slots kept the driver's flags (a device that only
+ *   skips them, as the spec asks at least): a second USED boundary after each such chain. Right before
+ *   U such slots read exactly as buffers the driver made available (the buffer id does not tell them
+ *   apart: Linux gives a new buffer the id just freed), which is why PackedRing marks them;
+ * - a batch the old process was writing when it died (flush writes every used descriptor of a batch
+ *   but the first one's flags, then those: a window of a few stores): used descriptors after an
+ *   available one;
  * - anything else the guest wrote there.
  *
  * Chains the old process popped but never completed lie at U and after: the device pops them again

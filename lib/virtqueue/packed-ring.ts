@@ -424,7 +424,8 @@ export class PackedRing implements Virtqueue {
 
   /**
    * After a crash the slots of the chains in flight may hold used descriptors of a batch that was
-   * never published (pushUsed writes all but the first one's flags at once). The resubmitted chains
+   * never published (flush writes all but the first one's flags before it, and the process may die
+   * in between; an older version wrote them in pushUsed already). The resubmitted chains
    * complete in another order, so their used descriptors land elsewhere, and the driver, reading on
    * past them, would take a stale one for a completion. Those slots are the device's until it uses
    * them, and it has their descriptors in the area: each gets the driver's "available" flag bits back.
