@@ -13,6 +13,10 @@
  * The disk is idle when the daemon stops (the guest synced and waits): a request the old daemon had
  * taken but not completed is recovered through VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, tested with
  * SIGKILL under load in inflight.test.ts.
+ *
+ * net (no inflight area: QEMU gives vhost-user-net none) is replaced while the guest pings, after
+ * SIGTERM or SIGKILL, with split and packed rings; a packed ring's position then comes from its
+ * descriptor ring (lib/virtqueue/packed-position.ts).
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
