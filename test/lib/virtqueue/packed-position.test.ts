@@ -50,7 +50,7 @@ function modelRing(size: number, index: number, wrap: number, ahead: number, ext
   return ring(flags);
 }
 
-test('a fresh ring (zeroed, §2.8.13) reads as slot 0 with wrap 1', (t) => {
+test('a fresh ring (zeroed, as Linux and DPDK allocate it) reads as slot 0 with wrap 1', (t) => {
   t.deepEqual(findPackedPosition(ring(new Array<number>(8).fill(0)), 8), { index: 0, wrap: 1 });
   // Linux fills a fresh rx ring at once: every slot available in lap 1.
   t.deepEqual(findPackedPosition(ring(new Array<number>(8).fill(avail(1))), 8), { index: 0, wrap: 1 });
