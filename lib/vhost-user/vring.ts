@@ -186,14 +186,21 @@ export class Vring {
     if (env.workers !== undefined && group !== null) {
       // Checked here first (a throwaway queue only reads; the inflight area is left to the worker, which
       // maps its own part and reports a bad one as a broken ring), so a bad ring fails as on this thread.
-      createVirtqueue({ ...options, notify: () => undefined }, env.packed); // throws VIRTQ_NO_RING / VIRTQ_BAD_BASE
+      const check = createVirtqueue({ ...options, notify: () => undefined }, env.packed); // throws VIRTQ_NO_RING / VIRTQ_BAD_BASE
+      // Without an inflight area the worker's queue reads the same ring to the same start.
+      if (env.inflight === undefined) this.logResume(check);
       const inflight = env.inflight?.queuePart(this.index, this.num) ?? null;
       this.remote = env.workers.start({ ...options, group, features: env.features ?? 0n, dirtyLog: this.ringLogSpec(), inflight });
       return;
     }
     this.driver = new QueueDriver({ ...options, device: env.device, inflight: env.inflight?.queueView(this.index, this.num) });
     this.driver.queue.setDirtyLog(this.ringLogSpec());
+    this.logResume(this.driver.queue);
     this.driver.start();
+  }
+
+  private logResume(queue: Virtqueue): void {
+    if (queue.resumeNote) this.logger?.info(`queue ${this.index}: ${queue.resumeNote}`, { queue: this.index });
   }
 
   /**

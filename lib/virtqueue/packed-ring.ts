@@ -12,9 +12,16 @@
  * only poll the next descriptor in ring order. A used descriptor carries the buffer id of the chain and
  * the device skips as many slots as the chain occupied (§2.8.6), so completion order is free.
  *
- * Batching: {@link PackedRing.pushUsed} writes id and len of each used descriptor and the flags of all
- * but the first of the batch; {@link PackedRing.flush} writes the first one's flags last, which makes
- * the whole batch visible at once (the driver polls that slot first; §2.8.9's multi-buffer rule).
+ * Batching: {@link PackedRing.pushUsed} only notes each used descriptor; {@link PackedRing.flush} writes
+ * them all, the first one's flags last, which makes the whole batch visible at once (the driver polls
+ * that slot first; §2.8.9's multi-buffer rule). Writing at flush, not at pushUsed, leaves a daemon that
+ * dies between the two (a receive batch spans its reads) a ring with nothing of the batch in it, which
+ * a new process without an inflight area can read its position from (packed-position.ts).
+ *
+ * A chain of several descriptors gets one used descriptor and its other slots are skipped (§2.8.6); the
+ * device also marks those slots used (flags only, written before the batch is published, while the
+ * slots are still the device's; drivers skip them by their own count and never read them), so that the
+ * used part of the ring reads as one run (packed-position.ts).
  */
 import { MemoryError, RingError } from '../errors';
 import type { GuestMemory } from '../memory/guest-memory';
@@ -34,6 +41,7 @@ import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
 import { packedNeedEvent } from './notify';
+import { findPackedPosition } from './packed-position';
 import { ResubmitCursor } from './resubmit-cursor';
 import { ringArea, u16, u32 } from './ring-area';
 import { RingLog, userToGuestAddress, type RingLogSpec } from './ring-log';
@@ -74,10 +82,14 @@ export class PackedRing implements Virtqueue {
   /** Slot and wrap counter after the last published used descriptor. */
   private usedPublished: number;
   private usedPublishedWrap: number;
-  /** Used descriptors pushed since the last flush, and where the first of them went. */
+  /** Used descriptors pushed since the last flush: slot, buffer id, len, flags, ring descriptors. */
   private pending = 0;
-  private batchHeadSlot = 0;
-  private batchHeadFlags = 0;
+  private readonly pendingSlot: Uint16Array;
+  private readonly pendingId: Uint16Array;
+  private readonly pendingLen: Uint32Array;
+  private readonly pendingFlags: Uint16Array;
+  private readonly pendingDescriptors: Uint16Array;
+  private pendingRingSlots = 0;
   private signalledValid = false;
   private batchPopped = 0;
   /** The map the ring areas were resolved in (the dirty log translates their guest addresses). */
@@ -89,6 +101,8 @@ export class PackedRing implements Virtqueue {
   private readonly inflight: PackedInflight | null = null;
   /** Head entries of the chains an earlier process left in flight, popped before the ring, oldest first. */
   private readonly resubmit = new ResubmitCursor();
+  /** Set at construction when the ring's own position replaced the base, or could not be read (Virtqueue). */
+  resumeNote: string | null = null;
 
   constructor(options: VirtqueueOptions) {
     const { size, base } = options;
@@ -101,6 +115,12 @@ export class PackedRing implements Virtqueue {
     this.notify = options.notify;
     this.burst = options.burst ?? size;
     this.pool = new ChainPool(size);
+    // At most `size` chains are in flight, so at most `size` wait for a flush.
+    this.pendingSlot = new Uint16Array(size);
+    this.pendingId = new Uint16Array(size);
+    this.pendingLen = new Uint32Array(size);
+    this.pendingFlags = new Uint16Array(size);
+    this.pendingDescriptors = new Uint16Array(size);
     // Base layout (QEMU's): bits 0-14 next avail, 15 avail wrap, 16-30 next used, 31 used wrap.
     this.nextAvail = base & 0x7fff;
     this.availWrap = (base >>> 15) & 1;
@@ -123,7 +143,8 @@ export class PackedRing implements Virtqueue {
       throw err;
     }
     this.walker = new ChainWalker(size, true, options.indirect, options.memory);
-    if (options.inflight !== undefined) {
+    if (options.inflight === undefined) this.resumeFromRing(base);
+    else {
       this.inflight = new PackedInflight(options.inflight, size);
       const desc16 = this.desc16;
       const recovery = this.inflight.recover(this.usedPublished, this.usedPublishedWrap, (slot) => desc16[slot * 8 + 7]!);
@@ -143,6 +164,26 @@ export class PackedRing implements Virtqueue {
 
   get inFlight(): number {
     return this.pool.inFlight;
+  }
+
+  /**
+   * Without an inflight area the position comes from the descriptor ring when it reads unambiguously
+   * (packed-position.ts): after a back-end went away QEMU's base is the one of the last start, and the
+   * ring is what the driver and the old device last agreed on. A base from a clean stop names the same
+   * position (nothing is in flight then), so this changes nothing there. Otherwise the base stands.
+   */
+  private resumeFromRing(base: number): void {
+    const found = findPackedPosition(this.desc16, this.size);
+    const given = `avail ${this.nextAvail} wrap ${this.availWrap}, used ${this.usedPublished} wrap ${this.usedPublishedWrap}`;
+    if (typeof found === 'string') {
+      this.resumeNote = `packed ring position not read from the descriptor ring (${found}): resuming at the front-end's base 0x${(base >>> 0).toString(16)} (${given})`;
+      return;
+    }
+    const { index, wrap } = found;
+    if (index === this.nextAvail && wrap === this.availWrap && index === this.usedPublished && wrap === this.usedPublishedWrap) return;
+    this.resumeNote = `packed ring resumes at slot ${index} wrap ${wrap} as its descriptor ring shows, not at the front-end's base 0x${(base >>> 0).toString(16)} (${given})`;
+    this.nextAvail = this.usedPublished = this.usedShadow = index;
+    this.availWrap = this.usedPublishedWrap = this.usedShadowWrap = wrap;
   }
 
   pop(): DescriptorChain | null {
@@ -208,6 +249,11 @@ export class PackedRing implements Virtqueue {
   }
 
   pushUsed(chain: DescriptorChain, written: number): void {
+    // The pending used descriptors cover slots the device popped and has not given back: never more than
+    // the ring, unless the driver made slots available again before they were used. Then the batch so
+    // far goes out first (what the driver gets from such a ring is its own doing), and the pending
+    // arrays stay within the ring's size.
+    if (this.pendingRingSlots + chain.ringDescriptors > this.size) this.flush();
     this.pool.give(chain, this);
     this.inflight?.used(chain.inflightEntry);
     const len = written > chain.writableLength ? chain.writableLength : written;
@@ -217,15 +263,13 @@ export class PackedRing implements Virtqueue {
     // value." §2.8.3: in a used descriptor WRITE says whether any data was written.
     let flags = this.usedShadowWrap === 1 ? USED_BOTH : 0;
     if (len > 0) flags |= VRING_DESC_F_WRITE;
-    this.desc16[slot * 8 + 6] = chain.head;
-    this.desc32[slot * 4 + 2] = len;
-    if (this.pending === 0) {
-      this.batchHeadSlot = slot;
-      this.batchHeadFlags = flags;
-    } else {
-      this.desc16[slot * 8 + 7] = flags;
-    }
-    this.pending++;
+    const k = this.pending++;
+    this.pendingSlot[k] = slot;
+    this.pendingId[k] = chain.head;
+    this.pendingLen[k] = len;
+    this.pendingFlags[k] = flags;
+    this.pendingDescriptors[k] = chain.ringDescriptors;
+    this.pendingRingSlots += chain.ringDescriptors;
     // §2.8.6: "The device only writes out a single used descriptor for the whole list. It then skips
     // forward according to the number of descriptors in the list."
     let next = slot + chain.ringDescriptors;
@@ -235,10 +279,27 @@ export class PackedRing implements Virtqueue {
     }
     this.usedShadow = next;
     this.counters.bytesWritten += len;
-    if (this.log !== null) {
-      this.log.chainWritten(chain);
-      this.log.ring(16 * slot, 16);
+    this.log?.chainWritten(chain);
+  }
+
+  /** Write the `k`th pending used descriptor, all but the flags of its first slot; returns its slot. */
+  private writeUsed(k: number): number {
+    const { desc16, desc32 } = this;
+    const slot = this.pendingSlot[k]!;
+    desc16[slot * 8 + 6] = this.pendingId[k]!;
+    desc32[slot * 4 + 2] = this.pendingLen[k]!;
+    // The chain's other slots: used under the wrap counter of their own lap (the chain may cross the end).
+    let wrapFlags = this.pendingFlags[k]! & USED_BOTH;
+    let at = slot;
+    for (let n = this.pendingDescriptors[k]!; n > 1; n--) {
+      if (++at === this.size) {
+        at = 0;
+        wrapFlags ^= USED_BOTH;
+      }
+      desc16[at * 8 + 7] = wrapFlags;
+      this.log?.ring(16 * at, 16);
     }
+    return slot;
   }
 
   flush(): number {
@@ -246,15 +307,23 @@ export class PackedRing implements Virtqueue {
     const count = this.pending;
     if (count === 0) return 0;
     const old = this.usedPublished;
+    const desc16 = this.desc16;
+    for (let k = 1; k < count; k++) {
+      const slot = this.writeUsed(k);
+      desc16[slot * 8 + 7] = this.pendingFlags[k]!;
+      // Marked after the store: a page the front-end sends between a mark and a later write would stay stale.
+      this.log?.ring(16 * slot, 16);
+    }
+    const head = this.writeUsed(0);
     // Every other used descriptor of the batch is complete; x86-64 keeps stores in order, so the driver
     // cannot see this flag before them (the device's mirror of §2.8.21.1.1, "The driver MUST perform a
     // suitable memory barrier before the flags update").
     this.inflight?.publishing(this.usedShadow, this.usedShadowWrap);
-    this.desc16[this.batchHeadSlot * 8 + 7] = this.batchHeadFlags;
+    desc16[head * 8 + 7] = this.pendingFlags[0]!;
     this.inflight?.published();
-    // Marked after the store: a page the front-end sends between a mark and a later write would stay stale.
-    if (this.log !== null) this.log.ring(16 * this.batchHeadSlot, 16);
+    this.log?.ring(16 * head, 16);
     this.pending = 0;
+    this.pendingRingSlots = 0;
     this.usedPublished = this.usedShadow;
     this.usedPublishedWrap = this.usedShadowWrap;
     this.counters.batches++;
@@ -347,7 +416,8 @@ export class PackedRing implements Virtqueue {
 
   /**
    * After a crash the slots of the chains in flight may hold used descriptors of a batch that was
-   * never published (pushUsed writes all but the first one's flags at once). The resubmitted chains
+   * never published (flush writes all but the first one's flags before it, and the process may die
+   * in between; an older version wrote them in pushUsed already). The resubmitted chains
    * complete in another order, so their used descriptors land elsewhere, and the driver, reading on
    * past them, would take a stale one for a completion. Those slots are the device's until it uses
    * them, and it has their descriptors in the area: each gets the driver's "available" flag bits back.

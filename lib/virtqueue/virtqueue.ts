@@ -73,6 +73,11 @@ export interface Virtqueue {
   readonly counters: QueueCounters;
   /** Chains popped and not yet pushed back. */
   readonly inFlight: number;
+  /**
+   * Set when the queue started somewhere other than the base said, or could not check the base, and
+   * why (a packed ring without an inflight area, packed-position.ts): for the owner to log.
+   */
+  readonly resumeNote?: string | null;
 
   /**
    * Pop the next available chain, or null when the ring is empty. The chain is owned by the queue's

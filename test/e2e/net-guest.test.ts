@@ -7,9 +7,6 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 
 import type { ExecutionContext } from 'ava';
 
@@ -17,7 +14,7 @@ import { startDaemon } from '../helpers/daemon';
 import { namespaceWithTap, runInNamespace } from '../helpers/net-topology';
 import { vhostctl } from '../helpers/vhostctl';
 import { guestTest } from '../helpers/guest-test';
-import { reconnectOption, runGuest } from '../helpers/qemu-guest';
+import { runGuest } from '../helpers/qemu-guest';
 
 interface Metric {
   name: string;
@@ -193,52 +190,5 @@ guestTest('packed rings, two queue pairs in two threads each carry traffic; 9000
   } finally {
     const code = await daemon.stop();
     t.is(code, 0, `daemon exit on SIGTERM; stderr: ${daemon.stderr()}`);
-  }
-});
-
-// Split rings: QEMU cannot give a new daemon a packed ring's position after the old one went away (it
-// learns it only from GET_VRING_BASE, which a stopped daemon cannot answer; a split ring's used index
-// is in guest memory), so a restart under a guest with packed=on loses the ring (daemons/net/README.md).
-guestTest('the daemon restarted under a running guest (chardev reconnect) and traffic resumes', async (t) => {
-  const { namespace, tap } = namespaceWithTap(t, `${HOST_IP}/24`);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhostd-net-restart-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const socketPath = path.join(dir, 'net.sock');
-  const start = () => startDaemon('net', ['--tap', tap], 10_000, { socketPath, prefix: ['ip', 'netns', 'exec', namespace] });
-  let daemon = await start();
-  let restart: Promise<number | null> | undefined;
-  try {
-    const result = await runGuest({
-      qemuArgs: [
-        '-chardev', `socket,id=c0,path=${socketPath},${reconnectOption()}`,
-        '-netdev', 'vhost-user,id=n0,chardev=c0',
-        '-device', 'virtio-net-pci,netdev=n0,mac=52:54:00:78:00:04',
-      ],
-      timeoutMs: 240_000,
-      onConsoleLine: (line) => {
-        if (!line.includes('VHOSTD-MARK restart=now') || restart !== undefined) return;
-        const old = daemon;
-        restart = old.stop().then(async (code) => {
-          daemon = await start();
-          return code;
-        });
-      },
-      script: [
-        'ip link set eth0 up',
-        `ip addr add ${GUEST_IP}/24 dev eth0`,
-        `section before ping -c 3 -W 60 ${HOST_IP}`,
-        'mark restart now',
-        'sleep 1',
-        // Until the new daemon runs, pings go nowhere; then every one comes back.
-        `wait_for 120 ping -c 1 -W 2 ${HOST_IP} > /dev/null`,
-        `section after ping -c 10 -W 60 ${HOST_IP}`,
-      ].join('\n'),
-    });
-    t.is(result.exitStatus, 0, result.tail(40));
-    t.regex(result.section('before')?.output ?? '', /3 packets transmitted, 3 packets received/);
-    t.regex(result.section('after')?.output ?? '', /10 packets transmitted, 10 packets received/);
-    t.is(await restart, 0, 'the first daemon stopped cleanly on SIGTERM');
-  } finally {
-    await daemon.stop();
   }
 });

@@ -116,8 +116,9 @@ test('a batch becomes visible at once: the first used descriptor is written last
   if (!a || !b) return t.fail();
   queue.pushUsed(b, 0);
   queue.pushUsed(a, 0);
+  // Nothing reaches the ring before flush (a daemon that dies here leaves the ring as it was).
   t.is(driver.descriptorFlags(0) & USED, VRING_PACKED_DESC_F_AVAIL, 'slot 0 still looks available');
-  t.is(driver.descriptorFlags(1) & USED, USED, 'slot 1 is already marked used');
+  t.is(driver.descriptorFlags(1) & USED, VRING_PACKED_DESC_F_AVAIL, 'slot 1 still looks available');
   t.deepEqual(driver.takeUsed(), []);
   queue.flush();
   t.deepEqual(
