@@ -19,7 +19,7 @@ import type { Registry } from 'prom-client';
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import { ControlError, RpcErrorCode, type ControlMethod } from '../../lib/control/protocol';
 import { ConfigError, RingError } from '../../lib/errors';
-import { IoEngine, RESUBMIT_SHORT } from '../../lib/io/engine';
+import { IoEngine, IoEngineStats, RESUBMIT_SHORT, type InlineTransfer } from '../../lib/io/engine';
 import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
@@ -108,6 +108,12 @@ export interface ScsiDeviceDeps {
   /** Each request queue's I/O engine runs on an executor from this factory. */
   createExecutor: ExecutorFactory;
   logger: Logger;
+  /**
+   * Lets each request queue's engine run READ/WRITE on the queue's own thread (native.transferBatch)
+   * where the unit's image allows it (IoEngine.addFileReadWrite); absent (--no-inline-io): every op
+   * goes to the executor.
+   */
+  inlineTransfer?: InlineTransfer;
 }
 
 const { E2BIG, EINVAL, ENOSPC, EOPNOTSUPP } = osConstants.errno;
@@ -150,6 +156,9 @@ export type ScsiWorkerMessage =
 
 /** What became of an event: in a buffer now, waiting for one, dropped (EVENTS_MISSED), or not negotiated. */
 export type EventOutcome = 'sent' | 'queued' | 'dropped' | 'not negotiated';
+
+/** The counters of a request queue that has no engine (yet, or any more). */
+const NO_ENGINE_STATS = new IoEngineStats();
 
 /** userData of an op: slot index in the low 16 bits (queue size ≤ 32768). */
 const SLOT_MASK = 0xffff;
@@ -249,6 +258,7 @@ export class ScsiDevice implements DaemonDevice {
   private readonly units: ImageUnit[];
   private readonly queues: RequestQueue[];
   private readonly createExecutor: ExecutorFactory;
+  private readonly inlineTransfer: InlineTransfer | null;
   private readonly logger: Logger;
   private readonly command = new ChainCommand();
   private readonly response = new Uint8Array(RESP_HEADER_SIZE);
@@ -276,6 +286,7 @@ export class ScsiDevice implements DaemonDevice {
     this.numQueues = FIRST_REQUEST_QUEUE + options.requestQueues;
     this.maxQueueSize = options.queueSize;
     this.createExecutor = deps.createExecutor;
+    this.inlineTransfer = deps.inlineTransfer ?? null;
     this.logger = deps.logger;
     this.units = deps.units;
     for (const unit of deps.units) this.addUnit(unit);
@@ -342,7 +353,7 @@ export class ScsiDevice implements DaemonDevice {
     const rq = this.queues[index - FIRST_REQUEST_QUEUE]!;
     rq.queue = queue;
     rq.pool.ensure(queue.size);
-    rq.engine ??= new IoEngine(this.createExecutor, this.maxQueueSize, (u, r, n) => this.onCompletions(rq, u, r, n));
+    rq.engine ??= new IoEngine(this.createExecutor, this.maxQueueSize, (u, r, n) => this.onCompletions(rq, u, r, n), this.inlineTransfer);
   }
 
   /** Resolves once nothing of the queue is in flight: I/O drained, TMFs answered, event buffers given back. */
@@ -466,7 +477,7 @@ export class ScsiDevice implements DaemonDevice {
         }
         slot.pending = 1;
         const fd = read || !result.fua ? image.fd : image.syncFd;
-        engine.addReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, result.offset, n, slot.index, RESUBMIT_SHORT);
+        engine.addFileReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, image.storage, result.offset, n, slot.index);
         break;
       }
       case ScsiAction.FLUSH:
@@ -1055,6 +1066,11 @@ export class ScsiDevice implements DaemonDevice {
   /** Counters of request queue `index` (metrics.ts). */
   queueStats(index: number): ScsiQueueStats {
     return this.queues[index]!.stats;
+  }
+
+  /** How request queue `index`'s I/O ops ran: inline, inline tries that fell back, executor (metrics.ts). */
+  engineStats(index: number): IoEngineStats {
+    return this.queues[index]?.engine?.stats ?? NO_ENGINE_STATS;
   }
 
   /** Commands in flight on request queue `index` (tests). */
