@@ -356,6 +356,22 @@ test('configuration errors are one ConfigError each', (t) => {
   t.is(t.throws(() => createScsiDevice(toConfig({ luns: list }), silentLogger), { instanceOf: ConfigError })?.code, 'CONFIG_INVALID');
 });
 
+test.serial('a response header split over several buffers is written whole: status, residual, sense, then the data-in', async (t) => {
+  const { config } = rig(1);
+  const device = createScsiDevice(config, silentLogger);
+  const { ts, fe } = await attach(device);
+  const data = pattern(2048, 41);
+  const parts = [5, 60, 43];
+  const w = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, rw10(Op.WRITE_10, 8, 4), { dataOut: data, responseParts: parts })));
+  t.deepEqual([w.response, w.status, w.residual, w.senseLength], [VIRTIO_SCSI_S_OK, Status.GOOD, 0, 0]);
+  const r = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, rw10(Op.READ_10, 8, 4), { dataIn: 2560, responseParts: parts })));
+  t.deepEqual([r.response, r.status, r.residual, r.len], [VIRTIO_SCSI_S_OK, Status.GOOD, 512, 108 + 2048]);
+  t.true(Buffer.from(r.data.subarray(0, 2048)).equals(data));
+  const bad = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, rw10(Op.READ_10, SIZE / 512, 1), { dataIn: 512, responseParts: parts })));
+  t.deepEqual([bad.response, bad.status, bad.residual, bad.senseLength, bad.sense[2]! & 0x0f, bad.sense[12]], [VIRTIO_SCSI_S_OK, Status.CHECK_CONDITION, 512, 18, SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE >> 8]);
+  await detach(ts, fe, device);
+});
+
 test.serial('seeded fuzz: random LUN fields, CDBs and buffer sizes always get a well-formed response', async (t) => {
   const { config } = rig(1);
   const device = createScsiDevice(config, silentLogger);
