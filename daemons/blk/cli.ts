@@ -5,6 +5,7 @@
  */
 import type { Options } from 'yargs';
 
+import { inlineIoOption } from '../../lib/cli/common-options';
 import { integerOption, queueSizeOption } from '../../lib/cli/option-checks';
 import { parseSize } from '../../lib/cli/size';
 import { ConfigError } from '../../lib/errors';
@@ -88,15 +89,7 @@ export const options = {
     describe: 'Run the queues in this many worker threads (queue i in thread i % N), for more than one core; 0: all on the main thread',
     group: 'Device:',
   },
-  'inline-io': {
-    type: 'boolean',
-    default: true,
-    describe:
-      'Do reads and writes of an image on tmpfs/ramfs/hugetlbfs, and reads that hit the page cache (RWF_NOWAIT), on the queue thread ' +
-      'instead of io_uring: faster at low queue depth. --no-inline-io sends everything to io_uring: use it when large requests on a ' +
-      'memory-backed image must not hold up the other queues of the same thread, or to compare',
-    group: 'Device:',
-  },
+  'inline-io': inlineIoOption,
   null: {
     type: 'boolean',
     default: false,

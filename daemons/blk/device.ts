@@ -20,7 +20,7 @@ import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import type { ControlMethod } from '../../lib/control/protocol';
 import { RingError } from '../../lib/errors';
 import type { BackingFile } from '../../lib/io/backing-file';
-import { inlineFlags, IoEngine, IoEngineStats, MAX_RESUBMIT_LENGTH, RESUBMIT_SHORT, type InlineTransfer } from '../../lib/io/engine';
+import { inlineMode, IoEngine, IoEngineStats, MAX_RESUBMIT_LENGTH, RESUBMIT_SHORT, type InlineTransfer } from '../../lib/io/engine';
 import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
@@ -102,8 +102,9 @@ export interface BlkDeviceDeps {
   /** The factory's executor kind, for metrics before the first queue starts (main.ts). */
   executorKind?: string;
   /**
-   * Runs reads and writes on the queue's own thread (native.transferBatch) where the image allows it
-   * (lib/io/engine.ts inlineFlags); absent (--no-inline-io): every op goes to the executor.
+   * Lets each queue's engine run reads and writes on the queue's own thread (native.transferBatch)
+   * where the image allows it (IoEngine.addFileReadWrite); absent (--no-inline-io): every op goes to
+   * the executor.
    */
   inlineTransfer?: InlineTransfer;
 }
@@ -172,9 +173,6 @@ export class BlkDevice implements DaemonDevice {
   /** "io_uring", "thread-pool", "null"... (metrics). */
   executorKind: string;
   private readonly inlineTransfer: InlineTransfer | null;
-  /** Engine flags of READ and WRITE ops: RESUBMIT_SHORT, plus INLINE / INLINE_NOWAIT as the image allows. */
-  private readonly readFlags: number;
-  private readonly writeFlags: number;
 
   constructor(options: BlkDeviceOptions, deps: BlkDeviceDeps) {
     this.options = options;
@@ -182,11 +180,7 @@ export class BlkDevice implements DaemonDevice {
     this.logger = deps.logger;
     this.createExecutor = deps.createExecutor;
     this.executorKind = deps.executorKind ?? '';
-    const inlineRead = deps.inlineTransfer === undefined ? 0 : inlineFlags(this.image.storage, false);
-    const inlineWrite = deps.inlineTransfer === undefined ? 0 : inlineFlags(this.image.storage, true);
-    this.inlineTransfer = inlineRead | inlineWrite ? deps.inlineTransfer! : null;
-    this.readFlags = RESUBMIT_SHORT | inlineRead;
-    this.writeFlags = RESUBMIT_SHORT | inlineWrite;
+    this.inlineTransfer = deps.inlineTransfer ?? null;
     this.numQueues = options.numQueues;
     this.maxQueueSize = options.queueSize;
     this.writeback = options.writeback;
@@ -424,7 +418,7 @@ export class BlkDevice implements DaemonDevice {
     const n = fillIovecs(chain, first, end, skip, req.length, engine.iovBase, engine.iovLen, engine.iovUsed, IOV_MAX);
     if (n < 0) return false;
     const fd = read || this.effectiveWriteback() ? this.image.fd : this.image.syncFd;
-    engine.addReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, req.offset, n, slot.index, read ? this.readFlags : this.writeFlags);
+    engine.addFileReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, this.image.storage, req.offset, n, slot.index);
     return true;
   }
 
@@ -614,10 +608,9 @@ export class BlkDevice implements DaemonDevice {
     return this.workers[index]?.engine?.stats ?? NO_ENGINE_STATS;
   }
 
-  /** Whether reads and writes may run inline (metrics, logs): "memory", "nowait-reads" or "off". */
+  /** Whether reads and writes may run inline (logs, tests): "memory", "nowait-reads" or "off". */
   get inlineMode(): string {
-    if (this.inlineTransfer === null) return 'off';
-    return this.image.storage === 'memory' ? 'memory' : 'nowait-reads';
+    return inlineMode(this.image.storage, this.inlineTransfer !== null);
   }
 
   /** Counters of queue `index` (metrics.ts). */

@@ -8,6 +8,7 @@ import { Gauge, type Registry } from 'prom-client';
 
 import type { IoEngineStats } from '../../lib/io/engine';
 import { collectedCounter, queueCounter } from '../../lib/metrics/collected';
+import { ioEngineCounters } from '../../lib/metrics/io-engine';
 
 import {
   VIRTIO_BLK_T_DISCARD,
@@ -88,9 +89,7 @@ export function createBlkMetrics(registry: Registry, device: BlkMetricsSource) {
     readBytes: perQueue('vhostd_blk_read_bytes_total', 'Bytes read from the image by read requests', (s) => s.readBytes),
     writtenBytes: perQueue('vhostd_blk_written_bytes_total', 'Bytes written to the image by write requests', (s) => s.writtenBytes),
     ioErrors: perQueue('vhostd_blk_io_errors_total', 'Requests completed with VIRTIO_BLK_S_IOERR (failed host I/O, or refused: out of range, misaligned, write to a read-only disk)', (s) => s.ioErrors),
-    inlineOps: queueCounter(registry, 'vhostd_blk_inline_ops_total', 'Reads and writes done on the queue thread (image on tmpfs/ramfs/hugetlbfs, or a read that hit the page cache)', count, (q) => device.engineStats(q).inline),
-    inlineFallbacks: queueCounter(registry, 'vhostd_blk_inline_fallbacks_total', 'Reads tried on the queue thread with RWF_NOWAIT that went to io_uring (page-cache miss or partial hit)', count, (q) => device.engineStats(q).inlineFallbacks),
-    executorOps: queueCounter(registry, 'vhostd_blk_executor_ops_total', 'I/O ops handed to io_uring (or the thread-pool fallback), resubmitted rests included', count, (q) => device.engineStats(q).executor),
+    ...ioEngineCounters(registry, 'vhostd_blk', count, (q) => device.engineStats(q)),
     inFlight: new Gauge({
       name: 'vhostd_blk_requests_in_flight',
       help: 'Requests whose I/O on the image has not completed yet',

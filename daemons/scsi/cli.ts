@@ -5,6 +5,7 @@
  */
 import type { Options } from 'yargs';
 
+import { inlineIoOption } from '../../lib/cli/common-options';
 import { ConfigError } from '../../lib/errors';
 import { MAX_LUN } from './target/constants';
 
@@ -15,7 +16,7 @@ export const DESCRIPTION =
   "(vhost-user-scsi-pci, virtio 1.2 §5.6): many disks on one controller, the SCSI command set emulated " +
   'here (INQUIRY and VPD pages, READ/WRITE 6-16 with FUA, SYNCHRONIZE CACHE, UNMAP, MODE SENSE, REPORT ' +
   'LUNS...), task management on the control queue, units added, removed and resized while the guest runs (vhostctl). Data moves through io_uring straight into guest memory, ' +
-  'one ring per request queue whatever the number of LUNs.';
+  'one ring per request queue whatever the number of LUNs (images in memory, and page-cache hits, are copied on the queue thread: --inline-io).';
 
 export const options = {
   lun: {
@@ -53,6 +54,7 @@ export const options = {
     describe: 'Run the request queues in this many worker threads; control and event queues stay on the main thread. 0: all on the main thread',
     group: 'Device:',
   },
+  'inline-io': inlineIoOption,
 } satisfies Record<string, Options>;
 
 export const EXAMPLES: [string, string][] = [
@@ -100,6 +102,8 @@ export interface ScsiConfig {
   queueSize: number;
   direct: boolean;
   threads: number;
+  /** `--inline-io` (default) / `--no-inline-io`: I/O that cannot wait for a disk runs on the queue thread. */
+  inlineIo: boolean;
 }
 
 /** Most request queues: every queue costs an io_uring. */
@@ -197,5 +201,5 @@ export function toConfig(args: Record<string, unknown>): ScsiConfig {
     throw new ConfigError('CONFIG_INVALID', `--queue-size ${queueSize}: expected a power of two (e.g. 128, 256, 1024)`);
   }
   const threads = integerIn('threads', args.threads ?? 0, 0, MAX_QUEUES);
-  return { luns, lunsFile, requestQueues, queueSize, direct: args.direct === true, threads };
+  return { luns, lunsFile, requestQueues, queueSize, direct: args.direct === true, threads, inlineIo: args['inline-io'] !== false };
 }

@@ -19,7 +19,7 @@ import type { Registry } from 'prom-client';
 import type { DaemonDevice } from '../../lib/cli/run-daemon';
 import { ControlError, RpcErrorCode, type ControlMethod } from '../../lib/control/protocol';
 import { ConfigError, RingError } from '../../lib/errors';
-import { IoEngine, RESUBMIT_SHORT } from '../../lib/io/engine';
+import { IoEngine, IoEngineStats, RESUBMIT_SHORT, type InlineTransfer } from '../../lib/io/engine';
 import type { ExecutorFactory } from '../../lib/io/executor';
 import type { GuestMemory } from '../../lib/memory/guest-memory';
 import type { Logger } from '../../lib/runtime/logger';
@@ -28,7 +28,7 @@ import { bit } from '../../lib/virtio/constants';
 import { ProtocolFeature } from '../../lib/vhost-user/messages';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import { SlotPool } from '../../lib/virtqueue/slot-pool';
-import { drainQueue } from '../../lib/virtqueue/drain';
+import { drainQueue, type DrainHandler } from '../../lib/virtqueue/drain';
 import { HeldBuffers } from '../../lib/virtqueue/held-buffers';
 import { IOV_MAX, fillIovecs } from '../../lib/virtqueue/iovecs';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
@@ -57,6 +57,7 @@ import {
   RESP_SENSE,
   RESP_SENSE_LEN,
   RESP_STATUS,
+  RESP_STATUS_QUALIFIER,
   TMF_ID,
   TMF_LUN,
   TMF_REQUEST_SIZE,
@@ -108,6 +109,12 @@ export interface ScsiDeviceDeps {
   /** Each request queue's I/O engine runs on an executor from this factory. */
   createExecutor: ExecutorFactory;
   logger: Logger;
+  /**
+   * Lets each request queue's engine run READ/WRITE on the queue's own thread (native.transferBatch)
+   * where the unit's image allows it (IoEngine.addFileReadWrite); absent (--no-inline-io): every op
+   * goes to the executor.
+   */
+  inlineTransfer?: InlineTransfer;
 }
 
 const { E2BIG, EINVAL, ENOSPC, EOPNOTSUPP } = osConstants.errno;
@@ -151,8 +158,36 @@ export type ScsiWorkerMessage =
 /** What became of an event: in a buffer now, waiting for one, dropped (EVENTS_MISSED), or not negotiated. */
 export type EventOutcome = 'sent' | 'queued' | 'dropped' | 'not negotiated';
 
+/** The counters of a request queue that has no engine (yet, or any more). */
+const NO_ENGINE_STATS = new IoEngineStats();
+
 /** userData of an op: slot index in the low 16 bits (queue size ≤ 32768). */
 const SLOT_MASK = 0xffff;
+
+/**
+ * The virtio-scsi response header (virtio 1.2 §5.6.6.1) at `at` of `b`: sense_len, residual, status
+ * qualifier 0, status, response, then the sense data (only with VIRTIO_SCSI_S_OK) and zeroes to the
+ * end of the sense field.
+ */
+function encodeResponse(b: Uint8Array, at: number, result: ScsiResult, response: number, residual: number): void {
+  const ok = response === VIRTIO_SCSI_S_OK;
+  const senseLength = ok ? result.senseLength : 0;
+  putLe32(b, at + RESP_SENSE_LEN, senseLength);
+  putLe32(b, at + RESP_RESIDUAL, residual);
+  b[at + RESP_STATUS_QUALIFIER] = 0;
+  b[at + RESP_STATUS_QUALIFIER + 1] = 0;
+  b[at + RESP_STATUS] = ok ? result.status : 0;
+  b[at + RESP_RESPONSE] = response;
+  for (let i = 0; i < senseLength; i++) b[at + RESP_SENSE + i] = result.sense[i]!;
+  b.fill(0, at + RESP_SENSE + senseLength, at + RESP_HEADER_SIZE);
+}
+
+function putLe32(b: Uint8Array, at: number, v: number): void {
+  b[at] = v & 0xff;
+  b[at + 1] = (v >>> 8) & 0xff;
+  b[at + 2] = (v >>> 16) & 0xff;
+  b[at + 3] = (v >>> 24) & 0xff;
+}
 
 /** One command in flight: everything the completion needs, preallocated. */
 class Slot {
@@ -230,6 +265,8 @@ class ChainCommand implements ScsiCommand {
 /** One request queue's state. */
 class RequestQueue {
   queue: Virtqueue | null = null;
+  /** What drains the queue at a kick, made once (not an object and two closures per kick). */
+  drain: DrainHandler | null = null;
   readonly pool = new SlotPool((i) => new Slot(i));
   inFlight = 0;
   engine: IoEngine | null = null;
@@ -249,10 +286,11 @@ export class ScsiDevice implements DaemonDevice {
   private readonly units: ImageUnit[];
   private readonly queues: RequestQueue[];
   private readonly createExecutor: ExecutorFactory;
+  private readonly inlineTransfer: InlineTransfer | null;
   private readonly logger: Logger;
   private readonly command = new ChainCommand();
+  /** A response header for a driver that splits it over several buffers. */
   private readonly response = new Uint8Array(RESP_HEADER_SIZE);
-  private readonly responseView = new DataView(this.response.buffer);
   private readonly control = new Uint8Array(TMF_REQUEST_SIZE);
   private readonly controlView = new DataView(this.control.buffer);
   private events: HeldBuffers | null = null;
@@ -276,6 +314,7 @@ export class ScsiDevice implements DaemonDevice {
     this.numQueues = FIRST_REQUEST_QUEUE + options.requestQueues;
     this.maxQueueSize = options.queueSize;
     this.createExecutor = deps.createExecutor;
+    this.inlineTransfer = deps.inlineTransfer ?? null;
     this.logger = deps.logger;
     this.units = deps.units;
     for (const unit of deps.units) this.addUnit(unit);
@@ -342,7 +381,14 @@ export class ScsiDevice implements DaemonDevice {
     const rq = this.queues[index - FIRST_REQUEST_QUEUE]!;
     rq.queue = queue;
     rq.pool.ensure(queue.size);
-    rq.engine ??= new IoEngine(this.createExecutor, this.maxQueueSize, (u, r, n) => this.onCompletions(rq, u, r, n));
+    rq.engine ??= new IoEngine(this.createExecutor, this.maxQueueSize, (u, r, n) => this.onCompletions(rq, u, r, n), this.inlineTransfer);
+    rq.drain ??= {
+      handle: (chain) => {
+        if (!this.startCommand(rq, rq.queue!, chain)) throw new RingError('VIRTQ_BAD_REQUEST', `queue ${index}: chain ${chain.head}: ${this.badReason}`);
+        return true;
+      },
+      endBatch: () => rq.engine!.submit(),
+    };
   }
 
   /**
@@ -390,14 +436,7 @@ export class ScsiDevice implements DaemonDevice {
     }
     const rq = this.queues[index - FIRST_REQUEST_QUEUE]!;
     if (rq.queue !== queue) this.startQueue(index, queue);
-    const engine = rq.engine!;
-    drainQueue(queue, {
-      handle: (chain) => {
-        if (!this.startCommand(rq, queue, chain)) throw new RingError('VIRTQ_BAD_REQUEST', `queue ${index}: chain ${chain.head}: ${this.badReason}`);
-        return true;
-      },
-      endBatch: () => engine.submit(),
-    });
+    drainQueue(queue, rq.drain!);
   }
 
   /** Parse and start one command. Returns false for a malformed chain (nothing is completed for it). */
@@ -475,7 +514,7 @@ export class ScsiDevice implements DaemonDevice {
         }
         slot.pending = 1;
         const fd = read || !result.fua ? image.fd : image.syncFd;
-        engine.addReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, result.offset, n, slot.index, RESUBMIT_SHORT);
+        engine.addFileReadWrite(read ? IORING_OP.READV : IORING_OP.WRITEV, fd, image.storage, result.offset, n, slot.index);
         break;
       }
       case ScsiAction.FLUSH:
@@ -655,20 +694,17 @@ export class ScsiDevice implements DaemonDevice {
 
   /** Write the response header (status, sense, residual) and complete the chain with `dataIn` bytes of data-in. */
   private respond(rq: RequestQueue, queue: Virtqueue | null, chain: DescriptorChain, result: ScsiResult, response: number, residual: number, dataIn: number): void {
-    const r = this.response;
-    const v = this.responseView;
-    r.fill(0);
-    const ok = response === VIRTIO_SCSI_S_OK;
-    const senseLength = ok ? result.senseLength : 0;
-    v.setUint32(RESP_SENSE_LEN, senseLength, true);
-    v.setUint32(RESP_RESIDUAL, residual, true);
-    r[RESP_STATUS] = ok ? result.status : 0;
-    r[RESP_RESPONSE] = response;
-    if (senseLength > 0) r.set(result.sense.subarray(0, senseLength), RESP_SENSE);
-    chain.write(0, r);
+    // The driver puts the header in one buffer (Linux does): write it there in place, no staging copy.
+    const first = chain.readableSegments;
+    if (chain.length[first]! >= RESP_HEADER_SIZE) {
+      encodeResponse(chain.memory.views[chain.viewId[first]!]!, chain.offset[first]!, result, response, residual);
+    } else {
+      encodeResponse(this.response, 0, result, response, residual);
+      chain.write(0, this.response);
+    }
     const stats = rq.stats;
     stats.responses[response]!++;
-    if (ok && result.status === Status.CHECK_CONDITION) stats.checkConditions[result.info.key]!++;
+    if (response === VIRTIO_SCSI_S_OK && result.status === Status.CHECK_CONDITION) stats.checkConditions[result.info.key]!++;
     queue?.pushUsed(chain, RESP_HEADER_SIZE + dataIn);
   }
 
@@ -1064,6 +1100,11 @@ export class ScsiDevice implements DaemonDevice {
   /** Counters of request queue `index` (metrics.ts). */
   queueStats(index: number): ScsiQueueStats {
     return this.queues[index]!.stats;
+  }
+
+  /** How request queue `index`'s I/O ops ran: inline, inline tries that fell back, executor (metrics.ts). */
+  engineStats(index: number): IoEngineStats {
+    return this.queues[index]?.engine?.stats ?? NO_ENGINE_STATS;
   }
 
   /** Commands in flight on request queue `index` (tests). */

@@ -7,8 +7,10 @@ import fs from 'node:fs';
 import { runDaemon } from '../../lib/cli/run-daemon';
 import { ConfigError } from '../../lib/errors';
 import { chooseExecutor } from '../../lib/io/choose-executor';
+import { inlineMode } from '../../lib/io/engine';
 import type { Logger } from '../../lib/runtime/logger';
 import type { QueueWorkerOptions } from '../../lib/runtime/queue-workers';
+import { native } from '../../native/index';
 import { DESCRIPTION, EPILOGUE, EXAMPLES, PROGRAM, checkDistinct, options, parseLunList, toConfig, type LunConfig, type ScsiConfig } from './cli';
 import { ScsiDevice } from './device';
 import { openUnit, type ImageUnit } from './units';
@@ -36,12 +38,15 @@ export function createScsiDevice(config: ScsiConfig, logger: Logger): ScsiDevice
     const engine = chooseExecutor(logger);
     const device = new ScsiDevice(
       { requestQueues: config.requestQueues, queueSize: config.queueSize, workerQueues: config.threads > 0, direct: config.direct },
-      { units, createExecutor: engine.create, logger },
+      { units, createExecutor: engine.create, logger, inlineTransfer: config.inlineIo ? native.transferBatch : undefined },
     );
     for (const unit of units) {
-      logger.debug(`LUN ${unit.target}:${unit.lun}: ${unit.image.path}, ${unit.blocks} blocks of ${unit.blockSize} bytes${unit.options.readOnly ? ', read-only' : ''}${unit.options.discard ? ', discard' : ''}`);
+      logger.debug(
+        `LUN ${unit.target}:${unit.lun}: ${unit.image.path}, ${unit.blocks} blocks of ${unit.blockSize} bytes, inline I/O ${inlineMode(unit.image.storage, config.inlineIo)}` +
+          `${unit.options.readOnly ? ', read-only' : ''}${unit.options.discard ? ', discard' : ''}`,
+      );
     }
-    logger.info(`${units.length} logical unit(s), ${config.requestQueues} request queue(s), ${engine.kind}${config.direct ? ', O_DIRECT' : ''}`);
+    logger.info(`${units.length} logical unit(s), ${config.requestQueues} request queue(s), ${engine.kind}, inline I/O ${config.inlineIo ? 'on' : 'off'}${config.direct ? ', O_DIRECT' : ''}`);
     return device;
   } catch (err) {
     for (const unit of units) unit.image.close();

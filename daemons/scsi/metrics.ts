@@ -7,7 +7,9 @@
  */
 import { Gauge, type Registry } from 'prom-client';
 
+import type { IoEngineStats } from '../../lib/io/engine';
 import { collectedCounter, queueCounter, valueCounter } from '../../lib/metrics/collected';
+import { ioEngineCounters } from '../../lib/metrics/io-engine';
 import { Op } from './target/constants';
 
 /** Values of the `command` label, indexed by {@link commandClass}. */
@@ -90,6 +92,8 @@ export interface ScsiMetricsSource {
   /** Request queues (the queue label counts them from 0). */
   readonly requestQueues: number;
   queueStats(requestQueue: number): ScsiQueueStats;
+  /** How request queue `requestQueue`'s I/O ops ran (lib/io/engine.ts). */
+  engineStats(requestQueue: number): IoEngineStats;
   readonly controlStats: ScsiControlStats;
   /** Logical units served. */
   readonly unitCount: number;
@@ -119,6 +123,7 @@ export function createScsiMetrics(registry: Registry, device: ScsiMetricsSource)
     responses: byQueueAnd('vhostd_scsi_responses_total', 'Requests completed, by virtio-scsi response (overrun: buffers smaller than the transfer; bad_target: no such target or LUN format)', 'response', RESPONSES, (s) => s.responses),
     readBytes: perQueue('vhostd_scsi_read_bytes_total', 'Bytes read from the images by READ commands', (s) => s.readBytes),
     writtenBytes: perQueue('vhostd_scsi_written_bytes_total', 'Bytes written to the images by WRITE commands', (s) => s.writtenBytes),
+    ...ioEngineCounters(registry, 'vhostd_scsi', count, (q) => device.engineStats(q)),
     tmfs: collectedCounter(registry, 'vhostd_scsi_task_management_total', 'Task management functions on the control queue, by function', ['function'], function* () {
       const tmfs = device.controlStats.tmfs;
       for (let i = 0; i < TMFS.length; i++) yield [{ function: TMFS[i]! }, tmfs[i]!];

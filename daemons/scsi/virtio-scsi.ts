@@ -34,6 +34,7 @@ export const CMD_HEADER_SIZE = CMD_CDB + CDB_SIZE;
  */
 export const RESP_SENSE_LEN = 0;
 export const RESP_RESIDUAL = 4;
+export const RESP_STATUS_QUALIFIER = 8;
 export const RESP_STATUS = 10;
 export const RESP_RESPONSE = 11;
 export const RESP_SENSE = 12;

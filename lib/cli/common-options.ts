@@ -23,6 +23,20 @@ export const DEFAULT_POLL_US = 0;
 /** Largest `--poll-us`: a second of spinning per idle spell is already no longer polling. */
 export const MAX_POLL_US = 1_000_000;
 
+/**
+ * `--inline-io` / `--no-inline-io`, for the daemons that serve files (the policy: lib/io/engine.ts
+ * inlineFlags, applied per op by IoEngine.addFileReadWrite).
+ */
+export const inlineIoOption = {
+  type: 'boolean',
+  default: true,
+  describe:
+    'Do reads and writes of images on tmpfs/ramfs/hugetlbfs, and reads that hit the page cache (RWF_NOWAIT), on the queue thread ' +
+    'instead of io_uring: faster at low queue depth. --no-inline-io sends everything to io_uring: use it when large requests on a ' +
+    'memory-backed image must not hold up the other queues of the same thread, or to compare',
+  group: 'Device:',
+} as const;
+
 export const commonOptions = {
   'socket-path': {
     type: 'string',

@@ -12,7 +12,9 @@
  *   thread at submit, one {@link InlineTransfer} call per batch, when it was given one: for a file in
  *   memory (tmpfs) the io_uring round trip (submit, a kernel worker, the completion wake-up) costs more
  *   than the copy itself; a read that may hit the page cache is tried with RWF_NOWAIT and whatever
- *   it did not move goes to the executor.
+ *   it did not move goes to the executor. Devices stage file reads and writes with
+ *   {@link IoEngine.addFileReadWrite}, which applies the policy ({@link inlineFlags}) per op, so every
+ *   device that serves files gets the same choice and the same counters ({@link IoEngineStats}).
  *
  * Every staged op gets a tag (an index into the engine's tables) as the executor's userData; the
  * caller's userData comes back with the result.
@@ -64,6 +66,17 @@ export function inlineFlags(storage: FileStorage, write: boolean): number {
   if (storage === 'memory') return INLINE;
   if (storage === 'page-cache' && !write) return INLINE_NOWAIT;
   return 0;
+}
+
+/**
+ * What runs inline for a file stored as `storage` on an engine given an {@link InlineTransfer}
+ * (`enabled`), as logs and tests name it: 'memory' (reads and writes), 'nowait-reads' (reads tried
+ * with RWF_NOWAIT) or 'off'.
+ */
+export function inlineMode(storage: FileStorage, enabled: boolean): 'memory' | 'nowait-reads' | 'off' {
+  if (!enabled) return 'off';
+  const policy = inlineFlags(storage, false);
+  return policy === INLINE ? 'memory' : policy === INLINE_NOWAIT ? 'nowait-reads' : 'off';
 }
 
 /** How an engine's ops went (metrics): plain counters for the life of the engine. */
@@ -193,6 +206,18 @@ export class IoEngine {
       inl.iovLen[inl.iovUsed + k] = b.iovLen[b.iovUsed + k]!;
     }
     inl.addReadWrite(opcode, fd, offset, iovecs, tag, (flags & INLINE) !== 0 ? 0 : RWF_NOWAIT);
+  }
+
+  /**
+   * Stage a READV/WRITEV of a backing file (lib/io/backing-file.ts) over the `iovecs` iovecs just
+   * written at {@link iovUsed}: the sink gets one result for the whole op ({@link RESUBMIT_SHORT}), and
+   * the engine decides from where the file's data lives (`storage`) whether the op runs inline
+   * ({@link inlineFlags}, when the engine has an {@link InlineTransfer}) or goes to the executor.
+   * Throws RangeError for an op longer than {@link MAX_RESUBMIT_LENGTH}.
+   */
+  addFileReadWrite(opcode: typeof IORING_OP.READV | typeof IORING_OP.WRITEV, fd: number, storage: FileStorage, offset: number, iovecs: number, userData: number): void {
+    const policy = this.inline === null ? 0 : inlineFlags(storage, opcode === IORING_OP.WRITEV);
+    this.addReadWrite(opcode, fd, offset, iovecs, userData, RESUBMIT_SHORT | policy);
   }
 
   /** Stage an fsync; `flags` IORING_FSYNC_DATASYNC for fdatasync. */

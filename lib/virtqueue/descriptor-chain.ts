@@ -17,6 +17,8 @@
 import type { GuestMemory } from '../memory/guest-memory';
 
 const INITIAL_SEGMENTS = 8;
+/** Copies up to this many bytes go byte by byte: cheaper than a subarray view (an allocation) and a set call. */
+const SMALL_COPY = 128;
 
 export class DescriptorChain {
   /** The id to return in the used element (split: head index; packed: buffer id). */
@@ -124,7 +126,11 @@ export class DescriptorChain {
       const view = this.memory.views[this.viewId[i]!]!;
       const start = this.offset[i]! + skip;
       const n = Math.min(len - skip, bytes.length - done);
-      if (toGuest) view.set(bytes.subarray(done, done + n), start);
+      if (n <= SMALL_COPY) {
+        // Request headers and responses (a few dozen bytes, once per request): a loop, no view object.
+        if (toGuest) for (let k = 0; k < n; k++) view[start + k] = bytes[done + k]!;
+        else for (let k = 0; k < n; k++) bytes[done + k] = view[start + k]!;
+      } else if (toGuest) view.set(bytes.subarray(done, done + n), start);
       else bytes.set(view.subarray(start, start + n), done);
       done += n;
       skip = 0;

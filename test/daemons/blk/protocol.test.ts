@@ -29,6 +29,7 @@ import { ThreadPoolExecutor } from '../../../lib/io/thread-pool-executor';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { BackendRequest } from '../../../lib/vhost-user/messages';
 import { Frontend, type ChainSpec, type SegmentSpec } from '../../helpers/frontend';
+import { tmpfsImage } from '../../helpers/tmpfs-image';
 import { TestServer, pattern } from '../../lib/vhost-user/harness';
 import { blkHeader as header, discardSegment as segment } from './wire';
 
@@ -228,10 +229,7 @@ function writeUncached(file: string, offset: number, data: Uint8Array): void {
 
 for (const inlineIo of [true, false]) {
   test.serial(`tmpfs image, ${inlineIo ? 'inline I/O: every read and write runs on the queue thread, none through io_uring' : '--no-inline-io: every read and write goes through io_uring'}; data lands and reads back`, async (t) => {
-    const file = path.join('/dev/shm', `vhostd-blk-inline-${process.pid}-${inlineIo}.img`);
-    fs.writeFileSync(file, '');
-    fs.truncateSync(file, IMAGE_SIZE);
-    t.teardown(() => fs.rmSync(file, { force: true }));
+    const file = tmpfsImage(t, `blk-inline-${inlineIo}`, IMAGE_SIZE);
     const device = createBlkDevice(config(file, { numQueues: 1, inlineIo }), silentLogger);
     t.is(device.inlineMode, inlineIo ? 'memory' : 'off');
     const { ts, fe } = await attach(device);

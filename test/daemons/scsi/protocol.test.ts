@@ -5,6 +5,7 @@
  * malformed chains that break a queue.
  */
 import test from 'ava';
+import { Registry } from 'prom-client';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -42,6 +43,8 @@ import type { CompletionSink, ExecutorFactory } from '../../../lib/io/executor';
 import { silentLogger } from '../../../lib/runtime/logger';
 import { Request } from '../../../lib/vhost-user/messages';
 import { Frontend } from '../../helpers/frontend';
+import { tmpfsImage } from '../../helpers/tmpfs-image';
+import { Scrape } from '../../helpers/scrape';
 import { TestServer, pattern } from '../../lib/vhost-user/harness';
 import { command, parseResponse, rw10, rw16, tmf } from './wire';
 
@@ -113,6 +116,31 @@ for (const packed of [false, true]) {
       t.deepEqual([c.response, c.status, c.residual, c.len], [VIRTIO_SCSI_S_OK, Status.GOOD, 0, 108 + data.length]);
       t.true(Buffer.from(c.data).equals(model.subarray(lba * 512, lba * 512 + data.length)), `read of LBA ${lba}`);
     }
+    await detach(ts, fe, device);
+  });
+}
+
+for (const inlineIo of [true, false]) {
+  test.serial(`tmpfs image, ${inlineIo ? 'inline I/O: every READ and WRITE runs on the queue thread, none through io_uring' : '--no-inline-io: every READ and WRITE goes through io_uring'}; data lands and reads back`, async (t) => {
+    const file = tmpfsImage(t, `scsi-inline-${inlineIo}`, SIZE);
+    const device = createScsiDevice(toConfig({ lun: [`0=${file}`], 'num-queues': 1, 'inline-io': inlineIo }), silentLogger);
+    const registry = new Registry();
+    device.registerMetrics(registry);
+    const { ts, fe } = await attach(device);
+    // One batch of writes (1..16 blocks, data-out over two regions), then one batch of reads.
+    const writes = Array.from({ length: 20 }, (_, i) => ({ lba: i * 64 + (i % 7), data: pattern(512 * (1 + ((i * 5) % 16)), 100 + i) }));
+    fe.submit(REQUEST_QUEUE, writes.map((w, i) => command(0, 0, rw10(Op.WRITE_10, w.lba, w.data.length / 512), { dataOut: w.data, region: i % 3, indirect: i % 3 === 0 })));
+    for (const c of await fe.collect(REQUEST_QUEUE, writes.length)) t.deepEqual([parseResponse(c).response, parseResponse(c).status], [VIRTIO_SCSI_S_OK, Status.GOOD]);
+    const onDisk = fs.readFileSync(file);
+    for (const w of writes) t.true(onDisk.subarray(w.lba * 512, w.lba * 512 + w.data.length).equals(w.data), `LBA ${w.lba} written`);
+    fe.submit(REQUEST_QUEUE, writes.map((w, i) => command(0, 0, rw10(Op.READ_10, w.lba, w.data.length / 512), { dataIn: w.data.length, dataInParts: 1 + (i % 3), region: i % 3 })));
+    const back = (await fe.collect(REQUEST_QUEUE, writes.length)).map(parseResponse);
+    for (const w of writes) t.truthy(back.find((c) => c.status === Status.GOOD && Buffer.from(c.data).equals(w.data)), `LBA ${w.lba} reads back`);
+    const stats = inlineIo ? { inline: 40, inlineFallbacks: 0, executor: 0 } : { inline: 0, inlineFallbacks: 0, executor: 40 };
+    t.deepEqual({ ...device.engineStats(0) }, stats);
+    const m = await Scrape.of(registry);
+    t.is(m.value('vhostd_scsi_inline_ops_total', { queue: '0' }), stats.inline);
+    t.is(m.value('vhostd_scsi_executor_ops_total', { queue: '0' }), stats.executor);
     await detach(ts, fe, device);
   });
 }
@@ -326,6 +354,22 @@ test('configuration errors are one ConfigError each', (t) => {
   device.close();
   fs.writeFileSync(list, JSON.stringify([{ lun: 1, file, color: 'red' }]));
   t.is(t.throws(() => createScsiDevice(toConfig({ luns: list }), silentLogger), { instanceOf: ConfigError })?.code, 'CONFIG_INVALID');
+});
+
+test.serial('a response header split over several buffers is written whole: status, residual, sense, then the data-in', async (t) => {
+  const { config } = rig(1);
+  const device = createScsiDevice(config, silentLogger);
+  const { ts, fe } = await attach(device);
+  const data = pattern(2048, 41);
+  const parts = [5, 60, 43];
+  const w = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, rw10(Op.WRITE_10, 8, 4), { dataOut: data, responseParts: parts })));
+  t.deepEqual([w.response, w.status, w.residual, w.senseLength], [VIRTIO_SCSI_S_OK, Status.GOOD, 0, 0]);
+  const r = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, rw10(Op.READ_10, 8, 4), { dataIn: 2560, responseParts: parts })));
+  t.deepEqual([r.response, r.status, r.residual, r.len], [VIRTIO_SCSI_S_OK, Status.GOOD, 512, 108 + 2048]);
+  t.true(Buffer.from(r.data.subarray(0, 2048)).equals(data));
+  const bad = parseResponse(await fe.transfer(REQUEST_QUEUE, command(0, 0, rw10(Op.READ_10, SIZE / 512, 1), { dataIn: 512, responseParts: parts })));
+  t.deepEqual([bad.response, bad.status, bad.residual, bad.senseLength, bad.sense[2]! & 0x0f, bad.sense[12]], [VIRTIO_SCSI_S_OK, Status.CHECK_CONDITION, 512, 18, SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE >> 8]);
+  await detach(ts, fe, device);
 });
 
 test.serial('seeded fuzz: random LUN fields, CDBs and buffer sizes always get a well-formed response', async (t) => {

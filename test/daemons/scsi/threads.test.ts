@@ -73,6 +73,11 @@ test.serial('--threads 2: I/O on two request queues in two workers lands in the 
     t.is(m.value('vhostd_scsi_written_bytes_total', labels), bytes(writes));
     t.is(m.value('vhostd_scsi_read_bytes_total', labels), bytes(reads));
     t.is(m.value('vhostd_scsi_responses_total', { ...labels, response: 'ok' }), writes.length + reads.length);
+    // The workers' engines run I/O inline too (reads of data just written hit the page cache, or the
+    // image is on tmpfs); every op is counted once, inline or handed to io_uring (fallbacks included).
+    const inline = m.value('vhostd_scsi_inline_ops_total', labels)!;
+    t.true(inline > 0, `inline ops on queue ${queue}`);
+    t.is(inline + m.value('vhostd_scsi_executor_ops_total', labels)!, writes.length + reads.length, `ops on queue ${queue}`);
   }
   // The control queue ran on the main thread: its counter is the main device's, in the same scrape.
   t.is(m.value('vhostd_scsi_task_management_total', { function: 'logical_unit_reset' }), 1);

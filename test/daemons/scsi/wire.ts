@@ -24,6 +24,8 @@ export interface CommandOptions {
   id?: number;
   region?: number;
   indirect?: boolean;
+  /** The response header as buffers of these lengths (adding up to 108), not one buffer. */
+  responseParts?: number[];
 }
 
 /** A command chain: header (+ data-out) readable, response header (+ data-in) writable. */
@@ -34,7 +36,7 @@ export function command(target: number, lun: number, cdb: number[], o: CommandOp
     if (half > 0) readable.push({ data: o.dataOut.subarray(0, half), region: o.region ?? 0 }, { data: o.dataOut.subarray(half), region: ((o.region ?? 0) + 1) % 3 });
     else readable.push({ data: o.dataOut });
   }
-  const writable: SegmentSpec[] = [{ length: RESP_HEADER_SIZE }];
+  const writable: SegmentSpec[] = (o.responseParts ?? [RESP_HEADER_SIZE]).map((length) => ({ length }));
   const dataIn = o.dataIn ?? 0;
   const parts = o.dataInParts ?? 1;
   for (let i = 0, left = dataIn; left > 0; i++) {
