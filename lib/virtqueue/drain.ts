@@ -5,6 +5,15 @@
  *   disableNotification → (ready? → pop → handle)* → endBatch → flush
  * } while (enableNotification())        // chains that came meanwhile: drain again
  * ```
+ * Early publish: when the driver is waiting for the next used element (`driverWaiting`, EVENT_IDX
+ * only), the batch is ended right after the chain just handled (`endBatch`, `flush`), so what
+ * completed so far is published and the driver is woken while the rest of the batch is still being
+ * processed: it refills the ring in parallel instead of sleeping until the whole batch is done.
+ * While it is awake (its used_event behind what we published) the batch is flushed once, as always,
+ * and flush's EVENT_IDX test still decides every notification. A flush that published nothing (the
+ * handler's I/O is asynchronous) stops early ends for the rest of the pass, so asynchronous I/O is
+ * not submitted chain by chain.
+ *
  * Ring-error policy: a RingError from `pop`, or thrown by `handle` for a malformed chain, still lets
  * the chains before it finish (`endBatch`, then `flush` publishes what they completed), then
  * propagates, so the queue's owner marks the queue broken.
@@ -39,6 +48,7 @@ export function drainQueue(queue: Virtqueue, handler: DrainHandler): DrainResult
   let paused = false;
   do {
     queue.disableNotification();
+    let earlyPublish = true;
     try {
       for (;;) {
         if (handler.ready !== undefined && !handler.ready()) {
@@ -50,6 +60,10 @@ export function drainQueue(queue: Virtqueue, handler: DrainHandler): DrainResult
         if (!handler.handle(chain)) {
           paused = true;
           break;
+        }
+        if (earlyPublish && queue.driverWaiting()) {
+          handler.endBatch?.();
+          earlyPublish = queue.flush() > 0;
         }
       }
     } finally {

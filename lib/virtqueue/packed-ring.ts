@@ -268,6 +268,15 @@ export class PackedRing implements Virtqueue {
     return count;
   }
 
+  driverWaiting(): boolean {
+    const event = this.driverEvent;
+    return (
+      this.eventIdx &&
+      (event[1]! & 3) === VRING_PACKED_EVENT_FLAG_DESC &&
+      event[0] === (this.usedPublished | (this.usedPublishedWrap << 15))
+    );
+  }
+
   disableNotification(): void {
     this.deviceEvent[1] = VRING_PACKED_EVENT_FLAG_DISABLE;
     if (this.log !== null) this.log.event(4);

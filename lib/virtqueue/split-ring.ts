@@ -214,6 +214,10 @@ export class SplitRing implements Virtqueue {
     return count;
   }
 
+  driverWaiting(): boolean {
+    return this.eventIdx && this.avail16[this.usedEventIndex] === this.usedPublished;
+  }
+
   disableNotification(): void {
     // virtio 1.2 §2.7.10: with EVENT_IDX "The device MUST set flags to 0"; suppression then comes from
     // avail_event. The driver kicks when its index passes avail_event (§2.7.10.1, vring_need_event):

@@ -89,6 +89,15 @@ export interface Virtqueue {
    */
   flush(): number;
 
+  /**
+   * Whether the driver is waiting for the next used element: EVENT_IDX is negotiated and the driver's
+   * event (split used_event, packed DESC off_wrap) is at the used position we published last, i.e. it
+   * consumed everything we published and asked to be interrupted by the next one. A hint read without
+   * a barrier (flush still decides every notification); false without EVENT_IDX, where the driver
+   * does not say whether it sleeps.
+   */
+  driverWaiting(): boolean;
+
   /** Ask the driver not to kick (used.flags NO_NOTIFY, avail_event behind the driver, or packed DISABLE). */
   disableNotification(): void;
 
