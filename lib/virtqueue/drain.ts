@@ -12,7 +12,9 @@
  * While it is awake (its used_event behind what we published) the batch is flushed once, as always,
  * and flush's EVENT_IDX test still decides every notification. A flush that published nothing (the
  * handler's I/O is asynchronous) stops early ends for the rest of the pass, so asynchronous I/O is
- * not submitted chain by chain.
+ * not submitted chain by chain. A driver that answers the early call within the pass (it is waiting
+ * again before the batch is done) wakes fast, and gets no more early calls for a while
+ * (`EarlyPublishGate`, notify.ts): there an early call only adds a wakeup on both sides.
  *
  * Ring-error policy: a RingError from `pop`, or thrown by `handle` for a malformed chain, still lets
  * the chains before it finish (`endBatch`, then `flush` publishes what they completed), then
@@ -48,7 +50,8 @@ export function drainQueue(queue: Virtqueue, handler: DrainHandler): DrainResult
   let paused = false;
   do {
     queue.disableNotification();
-    let earlyPublish = true;
+    let earlyPublish = queue.earlyPublish.open();
+    let calledEarly = false;
     try {
       for (;;) {
         if (handler.ready !== undefined && !handler.ready()) {
@@ -62,10 +65,20 @@ export function drainQueue(queue: Virtqueue, handler: DrainHandler): DrainResult
           break;
         }
         if (earlyPublish && queue.driverWaiting()) {
-          handler.endBatch?.();
-          earlyPublish = queue.flush() > 0;
+          if (calledEarly) {
+            // It took the early completion and waits again before this batch is done: it wakes fast,
+            // and calling it for every few completions would only add wakeups. Batch as usual.
+            queue.earlyPublish.fast();
+            earlyPublish = false;
+          } else {
+            handler.endBatch?.();
+            const calls = queue.counters.notifications;
+            earlyPublish = queue.flush() > 0;
+            calledEarly = queue.counters.notifications !== calls;
+          }
         }
       }
+      if (earlyPublish && calledEarly) queue.earlyPublish.slow();
     } finally {
       handler.endBatch?.();
       queue.flush();

@@ -33,7 +33,7 @@ import { PackedInflight } from './inflight';
 import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
-import { packedNeedEvent } from './notify';
+import { EarlyPublishGate, packedNeedEvent } from './notify';
 import { ringArea, u16, u32 } from './ring-area';
 import { RingLog, userToGuestAddress, type RingLogSpec } from './ring-log';
 import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from './virtqueue';
@@ -49,6 +49,7 @@ const NOTHING_TO_RESUBMIT = new Uint16Array(0);
 export class PackedRing implements Virtqueue {
   readonly size: number;
   readonly counters: QueueCounters = { requests: 0, bytesWritten: 0, bytesRead: 0, notifications: 0, batches: 0 };
+  readonly earlyPublish = new EarlyPublishGate();
 
   private readonly addresses: RingAddresses;
   private readonly eventIdx: boolean;

@@ -19,7 +19,7 @@ import { fullFence } from './barrier';
 import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
-import { vringNeedEvent } from './notify';
+import { EarlyPublishGate, vringNeedEvent } from './notify';
 import { SplitInflight } from './inflight';
 import { ringArea, u16, u32 } from './ring-area';
 import { RingLog, type RingLogSpec } from './ring-log';
@@ -34,6 +34,7 @@ const NOTHING_TO_RESUBMIT = new Uint16Array(0);
 export class SplitRing implements Virtqueue {
   readonly size: number;
   readonly counters: QueueCounters = { requests: 0, bytesWritten: 0, bytesRead: 0, notifications: 0, batches: 0 };
+  readonly earlyPublish = new EarlyPublishGate();
 
   private readonly mask: number;
   private readonly addresses: RingAddresses;

@@ -9,6 +9,7 @@
  */
 import type { GuestMemory } from '../memory/guest-memory';
 import type { DescriptorChain } from './descriptor-chain';
+import type { EarlyPublishGate } from './notify';
 import type { RingLogSpec } from './ring-log';
 
 /** Where the three ring areas are, as front-end virtual addresses (vhost-user SET_VRING_ADDR). */
@@ -97,6 +98,9 @@ export interface Virtqueue {
    * does not say whether it sleeps.
    */
   driverWaiting(): boolean;
+
+  /** Whether `drainQueue` may publish early, adapted to how fast the driver wakes (notify.ts). */
+  readonly earlyPublish: EarlyPublishGate;
 
   /** Ask the driver not to kick (used.flags NO_NOTIFY, avail_event behind the driver, or packed DISABLE). */
   disableNotification(): void;

@@ -228,23 +228,58 @@ test('EVENT_IDX: a driver busy consuming (used_event behind) gets no interrupt a
   t.is(s.queue.counters.batches, 1 + 1, 'the warm-up and this batch');
 });
 
-test('EVENT_IDX: a driver that re-arms in the middle of a batch is woken again by the next completion', (t) => {
+test('EVENT_IDX: a driver that answers the early call within the batch wakes fast: the rest is published once, and early calls pause', (t) => {
   const s = warmSplit();
-  offer(s.driver, 6);
-  const h = staging(s.queue, s.notified, () => {
+  /** The driver takes what is published and goes back to waiting (used_event = what it has seen). */
+  const fastDriver = (): number => {
     const n = s.driver.takeUsed().length;
-    // The driver took the early completion and went back to sleep (used_event = what it has seen).
     s.driver.setUsedEvent(s.driver.lastUsed);
     return n;
-  });
+  };
+  offer(s.driver, 6);
+  const h = staging(s.queue, s.notified, fastDriver);
   drainQueue(s.queue, h);
   t.deepEqual(
     h.seen.map((x) => x.interrupts),
-    [0, 1, 2, 3, 4, 5],
-    'each chain found the driver waiting again',
+    [0, 1, 1, 1, 1, 1],
+    'one early call, then the batch as usual',
   );
-  t.is(s.notified.count, 6);
-  t.is(s.driver.takeUsed().length, 1);
+  t.is(s.notified.count, 2, 'the early call and the end of the batch');
+  t.is(s.driver.takeUsed().length, 5);
+  s.driver.setUsedEvent(s.driver.lastUsed);
+
+  // The next pass publishes once (backing off one pass), the one after it tries an early call again.
+  const early = (): number[] => {
+    s.notified.count = 0;
+    offer(s.driver, 4);
+    const hh = staging(s.queue, s.notified, fastDriver);
+    drainQueue(s.queue, hh);
+    s.driver.takeUsed();
+    s.driver.setUsedEvent(s.driver.lastUsed);
+    return hh.seen.map((x) => x.interrupts);
+  };
+  t.deepEqual(early(), [0, 0, 0, 0], 'backing off: no early call');
+  t.deepEqual(early(), [0, 1, 1, 1], 'probing again');
+  t.deepEqual(early(), [0, 0, 0, 0], 'fast again: two passes without early calls');
+  t.deepEqual(early(), [0, 0, 0, 0]);
+  t.deepEqual(early(), [0, 1, 1, 1]);
+});
+
+test('EVENT_IDX: a driver slow to wake (still asleep when the batch ends) gets an early call in every batch', (t) => {
+  const s = warmSplit();
+  for (let round = 0; round < 4; round++) {
+    s.notified.count = 0;
+    offer(s.driver, 4);
+    const h = staging(s.queue, s.notified, () => 0);
+    drainQueue(s.queue, h);
+    t.deepEqual(
+      h.seen.map((x) => x.interrupts),
+      [0, 1, 1, 1],
+    );
+    t.is(s.notified.count, 1);
+    t.is(s.driver.takeUsed().length, 4);
+    s.driver.setUsedEvent(s.driver.lastUsed);
+  }
 });
 
 test('EVENT_IDX: with asynchronous completions the early end of batch happens once per pass, not per chain', (t) => {
