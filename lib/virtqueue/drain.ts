@@ -71,10 +71,12 @@ export function drainQueue(queue: Virtqueue, handler: DrainHandler): DrainResult
             queue.earlyPublish.fast();
             earlyPublish = false;
           } else {
+            // The counters, not flush's count: a device that completes in endBatch may flush there.
+            const { batches, notifications } = queue.counters;
             handler.endBatch?.();
-            const calls = queue.counters.notifications;
-            earlyPublish = queue.flush() > 0;
-            calledEarly = queue.counters.notifications !== calls;
+            queue.flush();
+            earlyPublish = queue.counters.batches !== batches;
+            calledEarly = queue.counters.notifications !== notifications;
           }
         }
       }

@@ -156,11 +156,18 @@ interface Seen {
 }
 
 /**
- * A handler like blk's null device: each chain is staged, and the end of a batch completes all of
- * them (`complete` false: the completions come later, as asynchronous I/O). Before taking each chain
- * it records what the driver sees, through `driverUsed` (the used elements it can read now).
+ * How a staging handler's end of batch completes what it staged: 'complete' pushes the used elements
+ * (the drain flushes), 'flush' pushes and flushes them itself (blk: the null executor completes in
+ * submit, and the completion path flushes), 'async' completes nothing (the I/O finishes later).
  */
-function staging(queue: Virtqueue, notified: { count: number }, driverUsed: () => number, complete = true): DrainHandler & { seen: Seen[]; batches: number } {
+type Completing = 'complete' | 'flush' | 'async';
+
+/**
+ * A handler like blk's: each chain is staged, and the end of a batch completes them as `mode` says.
+ * Before taking each chain it records what the driver sees, through `driverUsed` (the used elements
+ * it can read now).
+ */
+function staging(queue: Virtqueue, notified: { count: number }, driverUsed: () => number, mode: Completing = 'complete'): DrainHandler & { seen: Seen[]; batches: number } {
   const staged: DescriptorChain[] = [];
   let used = 0;
   const h = {
@@ -174,7 +181,9 @@ function staging(queue: Virtqueue, notified: { count: number }, driverUsed: () =
     },
     endBatch(): void {
       h.batches++;
-      if (complete) for (const chain of staged.splice(0)) queue.pushUsed(chain, 16);
+      if (mode === 'async') return;
+      for (const chain of staged.splice(0)) queue.pushUsed(chain, 16);
+      if (mode === 'flush') queue.flush();
     },
   };
   return h;
@@ -191,10 +200,11 @@ function warmSplit(): ReturnType<typeof splitSetup> {
   return s;
 }
 
-test('EVENT_IDX: a driver waiting for the next used element is interrupted after the first completion of a batch, not the last', (t) => {
+for (const mode of ['complete', 'flush'] as const) {
+  test(`EVENT_IDX, end of batch ${mode === 'flush' ? 'flushes itself' : 'completes'}: a driver waiting for the next used element is interrupted after the first completion of a batch, not the last`, (t) => {
   const s = warmSplit();
   const heads = offer(s.driver, 6);
-  const h = staging(s.queue, s.notified, () => s.driver.takeUsed().length);
+  const h = staging(s.queue, s.notified, () => s.driver.takeUsed().length, mode);
   t.is(drainQueue(s.queue, h), 'idle');
   t.deepEqual(h.seen[0], { used: 0, interrupts: 0 });
   t.deepEqual(h.seen.slice(1), Array(5).fill({ used: 1, interrupts: 1 }), 'while the device took chains 2..6, the first was published and signalled');
@@ -203,6 +213,7 @@ test('EVENT_IDX: a driver waiting for the next used element is interrupted after
   t.is(s.driver.usedIdx(), (1 + heads.length) & 0xffff);
   t.is(h.batches, 2, 'the early end of batch and the final one');
 });
+}
 
 test('EVENT_IDX: a driver that asked for an interrupt at the end of the batch gets exactly one, when all is published', (t) => {
   const s = warmSplit();
@@ -228,7 +239,8 @@ test('EVENT_IDX: a driver busy consuming (used_event behind) gets no interrupt a
   t.is(s.queue.counters.batches, 1 + 1, 'the warm-up and this batch');
 });
 
-test('EVENT_IDX: a driver that answers the early call within the batch wakes fast: the rest is published once, and early calls pause', (t) => {
+for (const mode of ['complete', 'flush'] as const) {
+  test(`EVENT_IDX, end of batch ${mode === 'flush' ? 'flushes itself' : 'completes'}: a driver that answers the early call within the batch wakes fast: the rest is published once, and early calls pause`, (t) => {
   const s = warmSplit();
   /** The driver takes what is published and goes back to waiting (used_event = what it has seen). */
   const fastDriver = (): number => {
@@ -237,7 +249,7 @@ test('EVENT_IDX: a driver that answers the early call within the batch wakes fas
     return n;
   };
   offer(s.driver, 6);
-  const h = staging(s.queue, s.notified, fastDriver);
+  const h = staging(s.queue, s.notified, fastDriver, mode);
   drainQueue(s.queue, h);
   t.deepEqual(
     h.seen.map((x) => x.interrupts),
@@ -252,7 +264,7 @@ test('EVENT_IDX: a driver that answers the early call within the batch wakes fas
   const early = (): number[] => {
     s.notified.count = 0;
     offer(s.driver, 4);
-    const hh = staging(s.queue, s.notified, fastDriver);
+    const hh = staging(s.queue, s.notified, fastDriver, mode);
     drainQueue(s.queue, hh);
     s.driver.takeUsed();
     s.driver.setUsedEvent(s.driver.lastUsed);
@@ -264,6 +276,7 @@ test('EVENT_IDX: a driver that answers the early call within the batch wakes fas
   t.deepEqual(early(), [0, 0, 0, 0]);
   t.deepEqual(early(), [0, 1, 1, 1]);
 });
+}
 
 test('EVENT_IDX: a driver slow to wake (still asleep when the batch ends) gets an early call in every batch', (t) => {
   const s = warmSplit();
@@ -285,7 +298,7 @@ test('EVENT_IDX: a driver slow to wake (still asleep when the batch ends) gets a
 test('EVENT_IDX: with asynchronous completions the early end of batch happens once per pass, not per chain', (t) => {
   const s = warmSplit();
   offer(s.driver, 6);
-  const h = staging(s.queue, s.notified, () => 0, false);
+  const h = staging(s.queue, s.notified, () => 0, 'async');
   drainQueue(s.queue, h);
   t.is(h.batches, 2, 'one early submit (it published nothing), then the end of the batch');
   t.is(s.notified.count, 0);
