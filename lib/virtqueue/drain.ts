@@ -6,9 +6,10 @@
  * } while (enableNotification())        // chains that came meanwhile: drain again
  * ```
  * Early publish: when the driver is waiting for the next used element (`driverWaiting`, EVENT_IDX
- * only), the batch is ended right after the chain just handled (`endBatch`, `flush`), so what
- * completed so far is published and the driver is woken while the rest of the batch is still being
- * processed: it refills the ring in parallel instead of sleeping until the whole batch is done.
+ * only) and more chains wait in the ring, the batch is ended right after the chain just handled
+ * (`endBatch`, `flush`), so what completed so far is published and the driver is woken while the
+ * rest of the batch is still being processed: it refills the ring in parallel instead of sleeping
+ * until the whole batch is done.
  * While it is awake (its used_event behind what we published) the batch is flushed once, as always,
  * and flush's EVENT_IDX test still decides every notification. A flush that published nothing (the
  * handler's I/O is asynchronous) stops early ends for the rest of the pass, so asynchronous I/O is
@@ -64,7 +65,8 @@ export function drainQueue(queue: Virtqueue, handler: DrainHandler): DrainResult
           paused = true;
           break;
         }
-        if (earlyPublish && queue.driverWaiting()) {
+        // Only with more of the batch in the ring to overlap with (a single chain ends the batch anyway).
+        if (earlyPublish && queue.driverWaiting() && queue.hasAvailable()) {
           if (calledEarly) {
             // It took the early completion and waits again before this batch is done: it wakes fast,
             // and calling it for every few completions would only add wakeups. Batch as usual.

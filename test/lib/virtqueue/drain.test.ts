@@ -295,6 +295,16 @@ test('EVENT_IDX: a driver slow to wake (still asleep when the batch ends) gets a
   }
 });
 
+test('EVENT_IDX: a single chain for a waiting driver is one batch: nothing to overlap with, no early end', (t) => {
+  const s = warmSplit();
+  offer(s.driver, 1);
+  const h = staging(s.queue, s.notified, () => s.driver.takeUsed().length);
+  drainQueue(s.queue, h);
+  t.is(h.batches, 1);
+  t.is(s.notified.count, 1);
+  t.is(s.driver.takeUsed().length, 1);
+});
+
 test('EVENT_IDX: with asynchronous completions the early end of batch happens once per pass, not per chain', (t) => {
   const s = warmSplit();
   offer(s.driver, 6);
