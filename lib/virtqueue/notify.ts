@@ -44,7 +44,7 @@ const EARLY_PUBLISH_MAX_SKIP = 64;
  * wakeup sooner and still finds the whole batch. When the driver instead takes the early completion
  * and waits again before the batch is done (an idle CPU that wakes at once), the early call only
  * added a wakeup on both sides: then early publishing stops for a number of passes that doubles up
- * to {@link EARLY_PUBLISH_MAX_SKIP} while that repeats, and starts again at once when it paid.
+ * to {@link EARLY_PUBLISH_MAX_SKIP} while that repeats, and shrinks by half each time it paid.
  */
 export class EarlyPublishGate {
   /** Passes to skip after the last probe that found a fast driver. */
@@ -65,8 +65,13 @@ export class EarlyPublishGate {
     this.wait = this.skip;
   }
 
-  /** An early call was still unanswered at the end of its pass: the driver is slow to wake. */
+  /**
+   * An early call was still unanswered at the end of its pass: the driver is slow to wake. The back-off
+   * halves rather than ends: on a busy machine a fast driver misses a pass now and then, and a reset
+   * would probe every pass again until it had doubled back up.
+   */
   slow(): void {
-    this.skip = 0;
+    this.skip >>>= 1;
+    this.wait = this.skip;
   }
 }

@@ -261,10 +261,10 @@ for (const mode of ['complete', 'flush'] as const) {
   s.driver.setUsedEvent(s.driver.lastUsed);
 
   // The next pass publishes once (backing off one pass), the one after it tries an early call again.
-  const early = (): number[] => {
+  const early = (driverUsed = fastDriver): number[] => {
     s.notified.count = 0;
     offer(s.driver, 4);
-    const hh = staging(s.queue, s.notified, fastDriver, mode);
+    const hh = staging(s.queue, s.notified, driverUsed, mode);
     drainQueue(s.queue, hh);
     s.driver.takeUsed();
     s.driver.setUsedEvent(s.driver.lastUsed);
@@ -274,7 +274,13 @@ for (const mode of ['complete', 'flush'] as const) {
   t.deepEqual(early(), [0, 1, 1, 1], 'probing again');
   t.deepEqual(early(), [0, 0, 0, 0], 'fast again: two passes without early calls');
   t.deepEqual(early(), [0, 0, 0, 0]);
-  t.deepEqual(early(), [0, 1, 1, 1]);
+  t.deepEqual(early(), [0, 1, 1, 1], 'probing again, fast again: four passes without');
+
+  // The driver turns slow (its early call is still unanswered when the batch ends): the back-off
+  // halves at each probe that paid, down to early calls in every pass.
+  const slowDriver = (): number => 0;
+  const passes = Array.from({ length: 14 }, () => early(slowDriver)[1]);
+  t.deepEqual(passes, [0, 0, 0, 0, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1]);
 });
 }
 
