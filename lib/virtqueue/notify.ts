@@ -34,3 +34,44 @@ export function packedNeedEvent(
   if (eventOffWrap >>> 15 !== newWrap) event -= size;
   return vringNeedEvent(event, newIdx, old);
 }
+
+/** Longest back-off of early publishing, in drain passes (a probe every 64 batches costs nothing). */
+const EARLY_PUBLISH_MAX_SKIP = 64;
+
+/**
+ * Whether a queue's drain may publish early (drain.ts), adapted to how fast the driver wakes. An
+ * early call pays when the driver's wakeup takes longer than the rest of the batch: it starts that
+ * wakeup sooner and still finds the whole batch. When the driver instead takes the early completion
+ * and waits again before the batch is done (an idle CPU that wakes at once), the early call only
+ * added a wakeup on both sides: then early publishing stops for a number of passes that doubles up
+ * to {@link EARLY_PUBLISH_MAX_SKIP} while that repeats, and shrinks by half each time it paid.
+ */
+export class EarlyPublishGate {
+  /** Passes to skip after the last probe that found a fast driver. */
+  private skip = 0;
+  /** Passes still to skip. */
+  private wait = 0;
+
+  /** At the start of a drain pass: may it publish early? */
+  open(): boolean {
+    if (this.wait === 0) return true;
+    this.wait--;
+    return false;
+  }
+
+  /** The driver took an early completion and waited again within the same pass. */
+  fast(): void {
+    this.skip = Math.min(EARLY_PUBLISH_MAX_SKIP, this.skip === 0 ? 1 : this.skip * 2);
+    this.wait = this.skip;
+  }
+
+  /**
+   * An early call was still unanswered at the end of its pass: the driver is slow to wake. The back-off
+   * halves rather than ends: on a busy machine a fast driver misses a pass now and then, and a reset
+   * would probe every pass again until it had doubled back up.
+   */
+  slow(): void {
+    this.skip >>>= 1;
+    this.wait = this.skip;
+  }
+}

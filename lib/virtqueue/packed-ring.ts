@@ -40,7 +40,7 @@ import { PackedInflight } from './inflight';
 import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
-import { packedNeedEvent } from './notify';
+import { EarlyPublishGate, packedNeedEvent } from './notify';
 import { findPackedPosition } from './packed-position';
 import { ResubmitCursor } from './resubmit-cursor';
 import { ringArea, u16, u32 } from './ring-area';
@@ -57,6 +57,7 @@ const USED_BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
 export class PackedRing implements Virtqueue {
   readonly size: number;
   readonly counters: QueueCounters = { requests: 0, bytesWritten: 0, bytesRead: 0, notifications: 0, batches: 0 };
+  readonly earlyPublish = new EarlyPublishGate();
 
   private readonly addresses: RingAddresses;
   private readonly eventIdx: boolean;
@@ -334,6 +335,15 @@ export class PackedRing implements Virtqueue {
       this.notify();
     }
     return count;
+  }
+
+  driverWaiting(): boolean {
+    const event = this.driverEvent;
+    return (
+      this.eventIdx &&
+      (event[1]! & 3) === VRING_PACKED_EVENT_FLAG_DESC &&
+      event[0] === (this.usedPublished | (this.usedPublishedWrap << 15))
+    );
   }
 
   disableNotification(): void {

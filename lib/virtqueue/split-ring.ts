@@ -19,7 +19,7 @@ import { fullFence } from './barrier';
 import { ChainPool } from './chain-pool';
 import { ChainWalker } from './chain-walker';
 import type { DescriptorChain } from './descriptor-chain';
-import { vringNeedEvent } from './notify';
+import { EarlyPublishGate, vringNeedEvent } from './notify';
 import { SplitInflight } from './inflight';
 import { ringArea, u16, u32 } from './ring-area';
 import { ResubmitCursor } from './resubmit-cursor';
@@ -33,6 +33,7 @@ import type { QueueCounters, RingAddresses, Virtqueue, VirtqueueOptions } from '
 export class SplitRing implements Virtqueue {
   readonly size: number;
   readonly counters: QueueCounters = { requests: 0, bytesWritten: 0, bytesRead: 0, notifications: 0, batches: 0 };
+  readonly earlyPublish = new EarlyPublishGate();
 
   private readonly mask: number;
   private readonly addresses: RingAddresses;
@@ -210,6 +211,10 @@ export class SplitRing implements Virtqueue {
       this.notify();
     }
     return count;
+  }
+
+  driverWaiting(): boolean {
+    return this.eventIdx && this.avail16[this.usedEventIndex] === this.usedPublished;
   }
 
   disableNotification(): void {

@@ -9,6 +9,7 @@
  */
 import type { GuestMemory } from '../memory/guest-memory';
 import type { DescriptorChain } from './descriptor-chain';
+import type { EarlyPublishGate } from './notify';
 import type { RingLogSpec } from './ring-log';
 
 /** Where the three ring areas are, as front-end virtual addresses (vhost-user SET_VRING_ADDR). */
@@ -93,6 +94,18 @@ export interface Virtqueue {
    * asked for it (EVENT_IDX used_event, or the NO_INTERRUPT flag). Returns the number published.
    */
   flush(): number;
+
+  /**
+   * Whether the driver is waiting for the next used element: EVENT_IDX is negotiated and the driver's
+   * event (split used_event, packed DESC off_wrap) is at the used position we published last, i.e. it
+   * consumed everything we published and asked to be interrupted by the next one. A hint read without
+   * a barrier (flush still decides every notification); false without EVENT_IDX, where the driver
+   * does not say whether it sleeps.
+   */
+  driverWaiting(): boolean;
+
+  /** Whether `drainQueue` may publish early, adapted to how fast the driver wakes (notify.ts). */
+  readonly earlyPublish: EarlyPublishGate;
 
   /** Ask the driver not to kick (used.flags NO_NOTIFY, avail_event behind the driver, or packed DISABLE). */
   disableNotification(): void;

@@ -52,6 +52,11 @@ export interface TestDeviceOptions {
    * stop leaves them behind: what a daemon killed with requests in flight leaves.
    */
   holdPops?: number[];
+  /**
+   * Called as the device takes each chain, with the queue index and its pop count (0-based), before
+   * it is handled: a main-thread test looks at what the front-end sees in the middle of a batch.
+   */
+  onPop?: (index: number, popped: number) => void;
 }
 
 export class TestDevice implements DeviceBackend {
@@ -74,6 +79,7 @@ export class TestDevice implements DeviceBackend {
   private readonly deferred: boolean;
   private readonly inflight: boolean;
   private readonly holdPops: ReadonlySet<number>;
+  private readonly onPop: ((index: number, popped: number) => void) | undefined;
   /** Chains popped per queue, and those held (see holdPops). */
   private readonly popped: number[];
   readonly held: DescriptorChain[][];
@@ -94,6 +100,7 @@ export class TestDevice implements DeviceBackend {
     this.deferred = opts.deferred ?? false;
     this.inflight = opts.inflight ?? false;
     this.holdPops = new Set(opts.holdPops);
+    this.onPop = opts.onPop;
     this.popped = new Array<number>(this.numQueues).fill(0);
     this.held = Array.from({ length: this.numQueues }, () => []);
     this.starts = new Array<number>(this.numQueues).fill(0);
@@ -186,6 +193,7 @@ export class TestDevice implements DeviceBackend {
     try {
       drainQueue(queue, {
         handle: (chain) => {
+          this.onPop?.(index, this.popped[index]!);
           if (this.holdPops.has(this.popped[index]!++)) {
             this.held[index]!.push(chain);
             return true;
