@@ -9,10 +9,11 @@
  * daemons' metrics, scraped just before and after the window, show the requests the guest still made
  * and the time spent polling: polling must stop when the guest is idle.
  *
- *   node build/bench/idle.js [--rounds 2] [--window 10] [--settle 5] [--poll-us 32] [--out FILE]
+ *   node build/bench/idle.js [--rounds 2] [--window 10] [--settle 5] [--poll-us 64] [--out FILE]
  *                            [--no-metrics]  (daemons without --metrics: prom-client's event-loop
- *                                             delay monitor wakes a daemon every 10 ms; no request
+ *                                             delay monitor wakes a daemon every 100 ms; no request
  *                                             and poll counts then)
+ *   (--poll-us defaults to the daemons' own default)
  *
  * Needs root (a TAP on a bridge, as the demo). A benchmark check, not a test: it prints the numbers
  * and the verdict, and exits 1 only when something failed to run. Results: build/bench/idle-results.json.
@@ -21,6 +22,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
+import { DEFAULT_POLL_US } from '../lib/cli/common-options';
 import { startDaemon, type RunningDaemon } from '../test/helpers/daemon';
 import { createBridgedTap } from '../test/helpers/net-topology';
 import { qemu102, runGuest } from '../test/helpers/qemu-guest';
@@ -64,7 +66,7 @@ interface Sample {
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { rounds: 2, windowS: 10, settleS: 5, pollUs: 32, out: path.join(buildDir, 'idle-results.json'), noMetrics: false };
+  const o: Options = { rounds: 2, windowS: 10, settleS: 5, pollUs: DEFAULT_POLL_US, out: path.join(buildDir, 'idle-results.json'), noMetrics: false };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     const number = (): number => {

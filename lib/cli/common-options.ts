@@ -14,11 +14,13 @@ import { listenFds } from '../systemd/listen-fds';
 export const CONTROL_FD_NAME = 'control';
 
 /**
- * `--poll-us` default: off. On the 2-vCPU development VM, 32 µs (QEMU's poll-max-ns) lowered p50
- * latency at QD1 (6.9 vs 9.3 µs, null device) but not IOPS: the spin competes with the guest for the
- * CPUs (docs/benchmarks.md, "Adaptive polling").
+ * `--poll-us` default: 64. Since a batch's first completions go out early (drain.ts), the front-end's
+ * next requests arrive within tens of µs of a batch, and a short poll takes them without a kick and a
+ * wakeup: on the 2-vCPU VM every bench:blk case went to 1.2x qsd or more, at the same or lower CPU per
+ * I/O (docs/benchmarks.md, "Polling on by default"). QEMU's IOThread polls 32 µs by default, Cloud
+ * Hypervisor's back-ends about 50. The window adapts and shrinks to nothing while the guest idles.
  */
-export const DEFAULT_POLL_US = 0;
+export const DEFAULT_POLL_US = 64;
 
 /** Largest `--poll-us`: a second of spinning per idle spell is already no longer polling. */
 export const MAX_POLL_US = 1_000_000;
