@@ -31,8 +31,8 @@ import os from 'node:os';
 import path from 'node:path';
 
 import {
-  buildDir, buildLoadgens, CLK_TCK, createImage, fmt, formatTable, machineTicks, median, medianIops, range, root, runCapture, sleep, startBackend, statCpuSeconds, stopBackend,
-  tail, threadCpu, usage, type LoadgenResult, type Started, type ThreadCpu,
+  buildDir, buildLoadgens, CLK_TCK, createImage, fmt, formatTable, machineTicks, median, medianIops, range, root, runCapture, runMain, sleep, startBackend, statCpuSeconds,
+  stopBackend, tail, threadCpu, usage, writeResults, type LoadgenResult, type Started, type ThreadCpu,
 } from './common';
 
 const loadgenBin = path.join(buildDir, 'blk-loadgen');
@@ -545,8 +545,7 @@ async function main(): Promise<number> {
     rows: o.scaling ? scalingRows : rows,
     failures,
   };
-  fs.writeFileSync(o.out, `${JSON.stringify(report, null, 2)}\n`);
-  process.stdout.write(`results: ${path.relative(process.cwd(), o.out) || o.out}\n`);
+  writeResults(o.out, report);
   if (failures.length) {
     process.stdout.write(`${failures.length} measurement(s) failed to run:\n${failures.map((f) => `  ${f}`).join('\n')}\n`);
     return 1;
@@ -554,10 +553,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (e: unknown) => {
-    log(`failed: ${(e as Error).stack ?? String(e)}`);
-    process.exit(1);
-  },
-);
+runMain(main, log);

@@ -1,7 +1,7 @@
 /**
- * What the benchmark runners (blk.ts, scsi.ts, net.ts) share: building the load generators, images,
- * starting a back-end until its socket appears, stopping it, running a load generator for its JSON,
- * medians and number formatting.
+ * What the benchmark runners (blk.ts, scsi.ts, net.ts, idle.ts) share: building the load generators,
+ * images, starting a back-end until its socket appears, stopping it, running a load generator for its
+ * JSON, medians and number formatting, the results file and the process exit.
  */
 import { spawn, spawnSync, type ChildProcess, type StdioOptions } from 'node:child_process';
 import fs from 'node:fs';
@@ -14,6 +14,26 @@ export const buildDir = path.join(root, 'build', 'bench');
 export function usage(file: string): never {
   process.stdout.write(fs.readFileSync(file, 'utf8').match(/\/\*\*([\s\S]*?)\*\//)![1]!.replace(/^ \* ?/gm, ''));
   process.exit(0);
+}
+
+/** Writes a runner's results as JSON to `file` and says on stdout where they are. */
+export function writeResults(file: string, report: unknown): void {
+  fs.writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
+  process.stdout.write(`results: ${path.relative(process.cwd(), file) || file}\n`);
+}
+
+/**
+ * Runs a runner's `main` and exits with its status; an exception is reported through `log` with its
+ * stack, and exits 1 (something failed to run).
+ */
+export function runMain(main: () => Promise<number>, log: (message: string) => void): void {
+  main().then(
+    (code) => process.exit(code),
+    (e: unknown) => {
+      log(`failed: ${(e as Error).stack ?? String(e)}`);
+      process.exit(1);
+    },
+  );
 }
 
 /** Builds build/bench/blk-loadgen and net-loadgen (bench/loadgen, make). */

@@ -27,7 +27,7 @@ import { startDaemon, type RunningDaemon } from '../test/helpers/daemon';
 import { createBridgedTap } from '../test/helpers/net-topology';
 import { qemu102, runGuest } from '../test/helpers/qemu-guest';
 import { Scrape } from '../test/helpers/scrape';
-import { buildDir, fmt, formatTable, median, range, sleep, statCpuSeconds, usage } from './common';
+import { buildDir, fmt, formatTable, median, range, runMain, sleep, statCpuSeconds, usage, writeResults } from './common';
 
 /** What issue 12 allows an idle guest to cost a daemon, in % of one core. */
 const BUDGET_PCT = 1;
@@ -247,15 +247,8 @@ async function main(): Promise<number> {
       `machine: ${os.cpus().length} CPUs, load average ${la(loadavgStart)} at start, ${la(os.loadavg())} at end`,
     ].join('\n') + '\n',
   );
-  fs.writeFileSync(o.out, `${JSON.stringify({ date: new Date().toISOString(), config: o, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(), samples }, null, 2)}\n`);
-  process.stdout.write(`results: ${path.relative(process.cwd(), o.out) || o.out}\n`);
+  writeResults(o.out, { date: new Date().toISOString(), config: o, loadavg_at_start: loadavgStart, loadavg_at_end: os.loadavg(), samples });
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (e: unknown) => {
-    log(`failed: ${(e as Error).stack ?? String(e)}`);
-    process.exit(1);
-  },
-);
+runMain(main, log);

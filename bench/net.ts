@@ -27,7 +27,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { buildDir, buildLoadgens, fmt, formatTable, medianBy, root, runCapture, sleep, startBackend, stopBackend, tail, usage, type Started } from './common';
+import { buildDir, buildLoadgens, fmt, formatTable, medianBy, root, runCapture, runMain, sleep, startBackend, stopBackend, tail, usage, writeResults, type Started } from './common';
 
 const loadgenBin = path.join(buildDir, 'net-loadgen');
 const daemonMain = path.join(root, 'build', 'daemons', 'net', 'main.js');
@@ -342,8 +342,7 @@ async function main(): Promise<number> {
     runs: Object.fromEntries(runs),
     failures,
   };
-  fs.writeFileSync(o.out, `${JSON.stringify(report, null, 2)}\n`);
-  process.stdout.write(`results: ${path.relative(process.cwd(), o.out) || o.out}\n`);
+  writeResults(o.out, report);
   if (failures.length) {
     process.stdout.write(`${failures.length} measurement(s) failed to run:\n${failures.map((f) => `  ${f}`).join('\n')}\n`);
     return 1;
@@ -351,10 +350,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (e: unknown) => {
-    log(`failed: ${(e as Error).stack ?? String(e)}`);
-    process.exit(1);
-  },
-);
+runMain(main, log);

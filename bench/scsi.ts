@@ -17,7 +17,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { buildDir, buildLoadgens, createImage, fmt, medianIops, root, runCapture, startBackend, stopBackend, tail, type LoadgenResult } from './common';
+import { buildDir, buildLoadgens, createImage, fmt, medianIops, root, runCapture, runMain, startBackend, stopBackend, tail, type LoadgenResult } from './common';
 
 const loadgenBin = path.join(buildDir, 'blk-loadgen');
 
@@ -215,10 +215,4 @@ async function main(): Promise<number> {
   return rows.some((r) => r.errors.length > 0) ? 1 : 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err: Error) => {
-    log(err.stack ?? err.message);
-    process.exit(1);
-  },
-);
+runMain(main, log);
