@@ -7,7 +7,7 @@
 import { Gauge, type Registry } from 'prom-client';
 
 import type { IoEngineStats } from '../../lib/io/engine';
-import { collectedCounter, queueCounter } from '../../lib/metrics/collected';
+import { queueCounter, queueCountsCounter } from '../../lib/metrics/collected';
 import { ioEngineCounters } from '../../lib/metrics/io-engine';
 
 import {
@@ -74,17 +74,14 @@ export function createBlkMetrics(registry: Registry, device: BlkMetricsSource) {
   const perQueue = (name: string, help: string, read: (s: BlkQueueStats) => number) =>
     queueCounter(registry, name, help, count, (q) => read(device.queueStats(q)));
   return {
-    requests: collectedCounter(
+    requests: queueCountsCounter(
       registry,
       'vhostd_blk_requests_total',
       'virtio-blk requests received, by request type (unsupported: any type the device does not implement)',
-      ['queue', 'type'],
-      function* () {
-        for (let q = 0; q < device.numQueues; q++) {
-          const requests = device.queueStats(q).requests;
-          for (let t = 0; t < REQUEST_TYPES.length; t++) yield [{ queue: String(q), type: REQUEST_TYPES[t]! }, requests[t]!];
-        }
-      },
+      'type',
+      REQUEST_TYPES,
+      count,
+      (q) => device.queueStats(q).requests,
     ),
     readBytes: perQueue('vhostd_blk_read_bytes_total', 'Bytes read from the image by read requests', (s) => s.readBytes),
     writtenBytes: perQueue('vhostd_blk_written_bytes_total', 'Bytes written to the image by write requests', (s) => s.writtenBytes),

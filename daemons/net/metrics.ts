@@ -6,7 +6,7 @@
  */
 import type { Registry } from 'prom-client';
 
-import { collectedCounter, queueCounter } from '../../lib/metrics/collected';
+import { queueCounter, queueCountsCounter } from '../../lib/metrics/collected';
 import { TX_DROP_REASONS, type TxDropReason } from './net-header';
 import { VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4 } from './virtio-net';
 
@@ -60,17 +60,14 @@ export function createNetMetrics(registry: Registry, device: NetMetricsSource) {
   return {
     frames: perQueue('vhostd_net_frames_total', 'Frames moved: on an rx queue (even index) from the TAP to the guest, on a tx queue (odd) from the guest to the TAP', (s) => s.frames),
     bytes: perQueue('vhostd_net_bytes_total', 'Bytes of those frames, without the virtio-net header', (s) => s.bytes),
-    gsoFrames: collectedCounter(
+    gsoFrames: queueCountsCounter(
       registry,
       'vhostd_net_gso_frames_total',
       'Frames larger than the MTU handed over unsegmented, by gso_type: tcpv4, tcpv6 (TSO), udp (UFO), udp_l4 (USO)',
-      ['queue', 'type'],
-      function* () {
-        for (let q = 0; q < device.numQueues; q++) {
-          const gso = device.queueStats(q).gsoFrames;
-          for (let g = 0; g < GSO_TYPES.length; g++) yield [{ queue: String(q), type: GSO_TYPES[g]! }, gso[g]!];
-        }
-      },
+      'type',
+      GSO_TYPES,
+      count,
+      (q) => device.queueStats(q).gsoFrames,
     ),
     tapErrors: perQueue('vhostd_net_tap_errors_total', 'Frames lost because readv/writev on the TAP failed', (s) => s.tapErrors),
     ringEmpty: perQueue(
@@ -78,17 +75,14 @@ export function createNetMetrics(registry: Registry, device: NetMetricsSource) {
       'Times the daemon stopped reading the TAP because the guest had no receive buffers (the kernel queues, then drops: see the TAP\'s TX dropped)',
       (s) => s.ringEmpty,
     ),
-    dropped: collectedCounter(
+    dropped: queueCountsCounter(
       registry,
       'vhostd_net_tx_dropped_total',
       'Frames from the guest dropped before the TAP: bad_header (flags, gso_type or offsets outside the frame), too_short (under 14 bytes), too_long (over MTU + 18 without GSO), too_many_segments (over 1023 descriptors)',
-      ['queue', 'reason'],
-      function* () {
-        for (let q = 0; q < device.numQueues; q++) {
-          const dropped = device.queueStats(q).dropped;
-          if (q % 2 === 1) for (let r = 0; r < TX_DROP_REASONS.length; r++) yield [{ queue: String(q), reason: TX_DROP_REASONS[r]! }, dropped[r]!];
-        }
-      },
+      'reason',
+      TX_DROP_REASONS,
+      count,
+      (q) => (q % 2 === 1 ? device.queueStats(q).dropped : null),
     ),
   };
 }

@@ -8,7 +8,7 @@
 import { Gauge, type Registry } from 'prom-client';
 
 import type { IoEngineStats } from '../../lib/io/engine';
-import { collectedCounter, queueCounter, valueCounter } from '../../lib/metrics/collected';
+import { collectedCounter, queueCounter, queueCountsCounter, valueCounter } from '../../lib/metrics/collected';
 import { ioEngineCounters } from '../../lib/metrics/io-engine';
 import { Op } from './target/constants';
 
@@ -109,14 +109,7 @@ export function createScsiMetrics(registry: Registry, device: ScsiMetricsSource)
   const perQueue = (name: string, help: string, read: (s: ScsiQueueStats) => number) =>
     queueCounter(registry, name, help, count, (q) => read(device.queueStats(q)));
   const byQueueAnd = <L extends string>(name: string, help: string, label: L, values: readonly string[], read: (s: ScsiQueueStats) => Float64Array) =>
-    collectedCounter<'queue' | L>(registry, name, help, ['queue', label], function* () {
-      for (let q = 0; q < device.requestQueues; q++) {
-        const counts = read(device.queueStats(q));
-        for (let i = 0; i < values.length; i++) {
-          if (counts[i]! > 0) yield [{ queue: String(q), [label]: values[i]! } as Record<'queue' | L, string>, counts[i]!];
-        }
-      }
-    });
+    queueCountsCounter(registry, name, help, label, values, count, (q) => read(device.queueStats(q)), true);
   return {
     commands: byQueueAnd('vhostd_scsi_commands_total', 'SCSI commands received, by command class (other: anything else, supported or not)', 'command', COMMAND_CLASSES, (s) => s.commands),
     checkConditions: byQueueAnd('vhostd_scsi_check_conditions_total', 'Commands completed with CHECK CONDITION, by sense key', 'sense_key', SENSE_KEYS, (s) => s.checkConditions),

@@ -35,6 +35,33 @@ export function queueCounter(registry: Registry, name: string, help: string, que
   });
 }
 
+/**
+ * A counter with one sample per queue and per name of `names` (labels `queue` and `label`): `read(queue)`
+ * gives the queue's counts in the order of `names`, or null for a queue that has none (e.g. net's rx
+ * queues for tx drops). `omitZero` leaves out the samples still at 0 (scsi: dozens of classes per queue).
+ */
+export function queueCountsCounter<L extends string>(
+  registry: Registry,
+  name: string,
+  help: string,
+  label: L,
+  names: readonly string[],
+  queues: () => number,
+  read: (queue: number) => ArrayLike<number> | null,
+  omitZero = false,
+): Counter<'queue' | L> {
+  return collectedCounter<'queue' | L>(registry, name, help, ['queue', label], function* () {
+    for (let q = 0; q < queues(); q++) {
+      const counts = read(q);
+      if (counts === null) continue;
+      for (let i = 0; i < names.length; i++) {
+        if (omitZero && counts[i] === 0) continue;
+        yield [{ queue: String(q), [label]: names[i]! } as Record<'queue' | L, string>, counts[i]!];
+      }
+    }
+  });
+}
+
 /** A counter without labels. */
 export function valueCounter(registry: Registry, name: string, help: string, read: () => number): Counter<never> {
   return collectedCounter<never>(registry, name, help, [], () => [[{}, read()]]);
