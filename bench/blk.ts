@@ -447,14 +447,7 @@ function qsdVersion(): string | undefined {
   return r.status === 0 ? r.stdout.split('\n')[0] : undefined;
 }
 
-async function main(): Promise<number> {
-  let o: Options;
-  try {
-    o = parseOptions(process.argv.slice(2));
-  } catch (e) {
-    log((e as Error).message);
-    return 2;
-  }
+async function main(o: Options): Promise<number> {
   fs.mkdirSync(path.join(buildDir, 'logs'), { recursive: true });
   buildLoadgens();
 
@@ -553,4 +546,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-runMain(main, log);
+runMain(parseOptions, main, log);

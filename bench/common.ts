@@ -23,11 +23,19 @@ export function writeResults(file: string, report: unknown): void {
 }
 
 /**
- * Runs a runner's `main` and exits with its status; an exception is reported through `log` with its
- * stack, and exits 1 (something failed to run).
+ * Runs a runner: parses its command line (`parse` throws on a bad option: the message is logged and the
+ * exit status is 2), runs `main` and exits with its status; an exception is reported through `log`
+ * with its stack, and exits 1 (something failed to run).
  */
-export function runMain(main: () => Promise<number>, log: (message: string) => void): void {
-  main().then(
+export function runMain<O>(parse: (argv: string[]) => O, main: (options: O) => Promise<number>, log: (message: string) => void): void {
+  let options: O;
+  try {
+    options = parse(process.argv.slice(2));
+  } catch (e) {
+    log((e as Error).message);
+    process.exit(2);
+  }
+  main(options).then(
     (code) => process.exit(code),
     (e: unknown) => {
       log(`failed: ${(e as Error).stack ?? String(e)}`);

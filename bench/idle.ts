@@ -201,14 +201,7 @@ async function measureRound(o: Options, pollUs: number, round: number, qemu: { b
   }
 }
 
-async function main(): Promise<number> {
-  let o: Options;
-  try {
-    o = parseOptions(process.argv.slice(2));
-  } catch (e) {
-    log((e as Error).message);
-    return 2;
-  }
+async function main(o: Options): Promise<number> {
   fs.mkdirSync(buildDir, { recursive: true });
   const other = process.env['VHOSTD_QEMU'];
   const qemu = other ? { missing: `VHOSTD_QEMU=${other} has no front-end for a vhost-user balloon` } : qemu102();
@@ -251,4 +244,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-runMain(main, log);
+runMain(parseOptions, main, log);

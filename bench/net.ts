@@ -230,14 +230,7 @@ function spread(runs: Run[], key: (r: Run) => number, digits = 0): string {
   return runs.length > 1 ? `${fmt(key(m), digits)} (${fmt(Math.min(...values), digits)}-${fmt(Math.max(...values), digits)})` : fmt(key(m), digits);
 }
 
-async function main(): Promise<number> {
-  let o: Options;
-  try {
-    o = parseOptions(process.argv.slice(2));
-  } catch (e) {
-    log((e as Error).message);
-    return 2;
-  }
+async function main(o: Options): Promise<number> {
   if (process.getuid?.() !== 0) {
     log('needs root: a network namespace, TAPs, AF_PACKET and hugepages (run it with sudo)');
     return 1;
@@ -350,4 +343,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-runMain(main, log);
+runMain(parseOptions, main, log);

@@ -157,14 +157,7 @@ function table(rows: Row[], o: Options): string {
   return lines.join('\n');
 }
 
-async function main(): Promise<number> {
-  let o: Options;
-  try {
-    o = parseOptions(process.argv.slice(2));
-  } catch (e) {
-    log((e as Error).message);
-    return 2;
-  }
+async function main(o: Options): Promise<number> {
   for (const daemon of DAEMONS) {
     if (!fs.existsSync(path.join(root, 'build', 'daemons', daemon, 'main.js'))) {
       log(`build/daemons/${daemon}/main.js is missing (npm run build:ts)`);
@@ -215,4 +208,4 @@ async function main(): Promise<number> {
   return rows.some((r) => r.errors.length > 0) ? 1 : 0;
 }
 
-runMain(main, log);
+runMain(parseOptions, main, log);
