@@ -26,7 +26,11 @@ export interface PortStats {
 let instances = 0;
 
 export class TestPmd {
-  /** Printed since the last prompt was consumed. */
+  /**
+   * Printed on stdout since the last prompt was consumed. Only stdout: the prompt comes in more than
+   * one write, and a stderr message (e.g. "Error during enabling promiscuous mode") that arrives
+   * between them would split it if both streams went into one buffer.
+   */
   private output = '';
   /** Everything printed. */
   private transcript = '';
@@ -37,13 +41,14 @@ export class TestPmd {
     private readonly child: ChildProcess,
     runtimeDir: string,
   ) {
-    const collect = (chunk: Buffer) => {
+    child.stdout!.on('data', (chunk: Buffer) => {
       this.output += chunk.toString();
       this.transcript += chunk.toString();
       this.waiter?.();
-    };
-    child.stdout!.on('data', collect);
-    child.stderr!.on('data', collect);
+    });
+    child.stderr!.on('data', (chunk: Buffer) => {
+      this.transcript += chunk.toString();
+    });
     child.once('exit', () => {
       fs.rmSync(runtimeDir, { recursive: true, force: true });
       this.waiter?.();
@@ -127,9 +132,9 @@ export class TestPmd {
         return text;
       }
       if (this.child.exitCode !== null || this.child.signalCode !== null) {
-        throw new Error(`dpdk-testpmd exited (${this.child.exitCode ?? this.child.signalCode}):\n${this.output}`);
+        throw new Error(`dpdk-testpmd exited (${this.child.exitCode ?? this.child.signalCode}):\n${this.transcript}`);
       }
-      if (Date.now() > deadline) throw new Error(`dpdk-testpmd gave no prompt in 60 s:\n${this.output}`);
+      if (Date.now() > deadline) throw new Error(`dpdk-testpmd gave no prompt in 60 s:\n${this.transcript}`);
       const timer = setTimeout(() => this.waiter?.(), 1000);
       await new Promise<void>((resolve) => (this.waiter = resolve));
       clearTimeout(timer);
