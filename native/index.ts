@@ -157,6 +157,22 @@ export type FrameTransfer = (
   count: number,
 ) => number;
 
+/**
+ * An io_uring bound to one TAP queue fd (registered with the ring) that writes frame batches: one
+ * io_uring_enter per batch instead of one writev per frame.
+ */
+export interface TapWriter {
+  /**
+   * One WRITEV per frame with RWF_NOWAIT, all completed before it returns. `result[i]` gets the
+   * frame's bytes or -errno: -EAGAIN (the TAP was full) means the frame was not sent, while frames
+   * after it may have been; -EOPNOTSUPP means the fd does not take non-blocking io_uring writes.
+   * Returns `count`. A failing io_uring_enter closes the writer and throws.
+   */
+  writeFrames(iovBase: Float64Array, iovLen: Float64Array, iovStart: Uint32Array, iovCount: Uint32Array, result: Int32Array, count: number): number;
+  /** Tear the ring down (idempotent); the fd stays open. */
+  close(): void;
+}
+
 /** The raw native module. */
 export interface Native {
   /** Bind + listen a SOCK_STREAM unix socket (nonblocking, cloexec). Unlinks a stale socket file first. */
@@ -264,6 +280,8 @@ export interface Native {
   readFrames: FrameTransfer;
   /** One writev per frame (no offset), as {@link readFrames}: stops at EAGAIN, -errno per failed frame. */
   writeFrames: FrameTransfer;
+  /** An io_uring of `entries` SQEs writing frames to TAP queue `fd` (see {@link TapWriter}). */
+  createTapWriter(fd: number, entries: number): TapWriter;
 }
 
 function load(): Native {

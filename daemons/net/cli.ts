@@ -49,6 +49,12 @@ export const options = {
     describe: 'Largest MTU: guest frames over MTU + 18 bytes without GSO are dropped, and QEMU host_mtu= above it is refused',
     group: 'Device:',
   },
+  'tx-uring': {
+    type: 'boolean',
+    default: true,
+    describe: 'Write guest frames to the TAP with io_uring, one system call per batch (--no-tx-uring: one writev per frame, as without io_uring)',
+    group: 'Device:',
+  },
   'queue-size': {
     type: 'number',
     default: 1024,
@@ -92,6 +98,7 @@ export interface NetConfig {
   threads: number;
   mtu: number;
   queueSize: number;
+  txUring: boolean;
 }
 
 /** Most queue pairs: Linux's MAX_TAP_QUEUES is 256, QEMU's virtio-net VIRTIO_QUEUE_MAX allows 511 pairs. */
@@ -112,5 +119,5 @@ export function toConfig(args: Record<string, unknown>): NetConfig {
   // 68: the IPv4 minimum (RFC 791), as NET_SET_MTU's range; 65535: the largest IP packet.
   const mtu = integerOption('mtu', args.mtu ?? 1500, 68, 65535);
   const queueSize = queueSizeOption(args['queue-size'] ?? 1024);
-  return { tap, createTap: args['create-tap'] === true, queuePairs, threads, mtu, queueSize };
+  return { tap, createTap: args['create-tap'] === true, queuePairs, threads, mtu, queueSize, txUring: args['tx-uring'] !== false };
 }

@@ -21,8 +21,8 @@ import { native } from '../../native';
 import { createNetMetrics, NetQueueStats } from './metrics';
 import { txLimits } from './net-header';
 import { RxPath } from './rx';
-import { openTapQueue, setTapOffloads, setTapQueueAttached, type TapOffloadSupport } from './tap';
-import { TxPath } from './tx';
+import { openTapQueue, openTapWriter, setTapOffloads, setTapQueueAttached, type TapOffloadSupport } from './tap';
+import { TX_BATCH, TxPath } from './tx';
 import {
   ETH_HLEN,
   MAX_GSO_PAYLOAD,
@@ -55,6 +55,8 @@ export interface NetDeviceOptions {
   queueSize: number;
   /** Largest MTU: frames over MTU + 18 without GSO are dropped; NET_SET_MTU above it is refused. */
   mtu: number;
+  /** Write tx frames to the TAP with io_uring when the kernel allows (else a writev per frame). */
+  txUring: boolean;
   logger: Logger;
 }
 
@@ -87,6 +89,8 @@ export class NetDevice implements DeviceBackend {
   private readonly pairs: QueuePair[];
   private readonly stats: NetQueueStats[];
   private context: DeviceContext | null = null;
+  /** How tx frames were written the last time a tx queue started (logged when it changes, not per start). */
+  private txMethod: 'io_uring' | 'writev' | null = null;
   /** The MTU the front-end announced (NET_SET_MTU), for status. */
   frontendMtu: number | null = null;
 
@@ -212,7 +216,13 @@ export class NetDevice implements DeviceBackend {
       const maxFrame = headerSize + (gso ? MAX_GSO_PAYLOAD : this.options.mtu) + ETH_HLEN + VLAN_HLEN;
       pair.rx = new RxPath(queue, pair.fd, { headerSize, mergeable: has(VIRTIO_NET_F_MRG_RXBUF), maxFrame }, stats, broken);
     } else {
-      pair.tx = new TxPath(queue, pair.fd, txLimits(features, headerSize, this.options.mtu), stats, broken);
+      const { writer, uringUnavailable } = openTapWriter(pair.fd, TX_BATCH, this.options.txUring);
+      if (writer.method !== this.txMethod) {
+        this.txMethod = writer.method;
+        if (uringUnavailable !== null) this.logger.warn(`tx: io_uring unavailable (${uringUnavailable}); one writev per frame`);
+        else this.logger.info(`tx: frames go to the TAP with ${writer.method === 'io_uring' ? 'io_uring, one io_uring_enter per batch' : 'one writev each (--no-tx-uring)'}`);
+      }
+      pair.tx = new TxPath(queue, pair.fd, writer, txLimits(features, headerSize, this.options.mtu), stats, broken);
     }
   }
 

@@ -3,18 +3,22 @@
  * §5.1.6.2), device-readable only. The header is copied out and checked (net-header.ts), and the
  * kernel gets that checked copy, not the guest's bytes, so the driver cannot change it between the
  * check and the kernel's read (a double fetch). The frame itself goes from guest memory to the TAP
- * with writev and no copy, a batch of frames per native call (native.writeFrames).
+ * with no copy, a batch of frames per native call (tap.ts openTapWriter: io_uring, or a writev each).
  *
  * A full TAP (EAGAIN) stops the queue with the unsent frames kept; the TAP fd's writability resumes
- * it. Frames never outlive their memory map: a memory table change or a queue stop first tries them
+ * it. With io_uring a frame after an unsent one may already be out, so under that back-pressure
+ * frames can leave out of order, as on a multi-queue NIC. Frames never outlive their memory map: a memory table change or a queue stop first tries them
  * once more, then completes what is left as lost (counted as TAP errors), as a NIC reset would.
  */
+import { constants as osConstants } from 'node:os';
+
 import { POLL_WRITABLE, native, type Mapping, type Watcher } from '../../native';
 import type { DescriptorChain } from '../../lib/virtqueue/descriptor-chain';
 import { drainQueue } from '../../lib/virtqueue/drain';
 import type { Virtqueue } from '../../lib/virtqueue/virtqueue';
 import type { NetQueueStats } from './metrics';
 import { checkTxHeader, type TxLimits } from './net-header';
+import type { TapFrameWriter } from './tap';
 import { HDR_GSO_TYPE, VNET_HDR_SIZE } from './virtio-net';
 
 /** Frames per writeFrames call. */
@@ -24,6 +28,8 @@ export const MAX_IOV = 1024;
 /** Each frame's header copy gets this many bytes in the header area. */
 const HEADER_SLOT = 16;
 
+const { EAGAIN } = osConstants.errno;
+
 export class TxPath {
   private readonly chains: (DescriptorChain | null)[] = new Array<DescriptorChain | null>(TX_BATCH).fill(null);
   private readonly iovBase = new Float64Array(MAX_IOV);
@@ -31,13 +37,17 @@ export class TxPath {
   private readonly iovStart = new Uint32Array(TX_BATCH);
   private readonly iovCount = new Uint32Array(TX_BATCH);
   private readonly result = new Int32Array(TX_BATCH);
+  /** After an EAGAIN: the batch's unsent frames (indexes into the arrays above) and their iovecs, in order. */
+  private readonly unsentFrame = new Uint32Array(TX_BATCH);
+  private readonly unsentStart = new Uint32Array(TX_BATCH);
+  private readonly unsentCount = new Uint32Array(TX_BATCH);
   /** Checked header copies, one slot per frame of the batch, at a host address writev can use. */
   private readonly headers: Mapping;
   /** `headerSize` bytes of each slot, made once (no view allocated per frame). */
   private readonly headerSlots: Uint8Array[];
-  /** Frames staged in the batch, and how many of them were written already. */
+  /** Frames staged in the batch; after an EAGAIN, how many of them are still unsent (else 0). */
   private staged = 0;
-  private sent = 0;
+  private unsent = 0;
   private iovUsed = 0;
   /** The TAP said EAGAIN: wait for it to become writable. */
   private blocked = false;
@@ -46,6 +56,7 @@ export class TxPath {
   constructor(
     private readonly queue: Virtqueue,
     private readonly fd: number,
+    private readonly writer: TapFrameWriter,
     private readonly limits: TxLimits,
     private readonly stats: NetQueueStats,
     /** A RingError in work started by the TAP's writability (not by a kick): the device reports the queue broken. */
@@ -72,17 +83,18 @@ export class TxPath {
    */
   settle(): void {
     if (this.staged > 0) this.write();
-    for (let i = this.sent; i < this.staged; i++) {
+    for (let k = 0; k < this.unsent; k++) {
       this.stats.tapErrors++;
-      this.complete(i);
+      this.complete(this.unsentFrame[k]!);
     }
-    this.staged = this.sent = this.iovUsed = 0;
+    this.staged = this.unsent = this.iovUsed = 0;
     this.unblock();
     this.queue.flush();
   }
 
   close(): void {
     this.settle();
+    this.writer.close();
     native.munmap(this.headers.id);
   }
 
@@ -94,7 +106,7 @@ export class TxPath {
         return !this.blocked;
       },
       endBatch: () => {
-        if (this.staged > this.sent && !this.blocked) this.write();
+        if (this.staged > 0 && !this.blocked) this.write();
       },
     });
   }
@@ -150,17 +162,27 @@ export class TxPath {
     if (this.staged === TX_BATCH) this.write();
   }
 
-  /** Write the staged frames not sent yet; EAGAIN blocks the queue until the TAP is writable. */
+  /**
+   * Write the batch (or, after an EAGAIN, its unsent frames); another EAGAIN blocks the queue until the
+   * TAP is writable, keeping the frames still unsent.
+   */
   private write(): void {
-    const from = this.sent;
-    const count = this.staged - from;
-    const done =
-      from === 0
-        ? native.writeFrames(this.fd, this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, count)
-        : native.writeFrames(this.fd, this.iovBase, this.iovLen, this.iovStart.subarray(from), this.iovCount.subarray(from), this.result, count);
-    for (let i = 0; i < done; i++) {
-      const bytes = this.result[i]!;
-      const frame = from + i;
+    const retry = this.unsent > 0;
+    const count = retry ? this.unsent : this.staged;
+    const tried = retry
+      ? this.writer.write(this.iovBase, this.iovLen, this.unsentStart, this.unsentCount, this.result, count)
+      : this.writer.write(this.iovBase, this.iovLen, this.iovStart, this.iovCount, this.result, count);
+    let unsent = 0;
+    for (let k = 0; k < count; k++) {
+      const frame = retry ? this.unsentFrame[k]! : k;
+      const bytes = k < tried ? this.result[k]! : -EAGAIN;
+      if (bytes === -EAGAIN) {
+        // unsent <= k: this overwrites only entries already read.
+        this.unsentFrame[unsent] = frame;
+        this.unsentStart[unsent] = this.iovStart[frame]!;
+        this.unsentCount[unsent++] = this.iovCount[frame]!;
+        continue;
+      }
       if (bytes < 0) this.stats.tapErrors++;
       else {
         this.stats.frames++;
@@ -169,12 +191,12 @@ export class TxPath {
       }
       this.complete(frame);
     }
-    this.sent += done;
-    if (this.sent < this.staged) {
+    this.unsent = unsent;
+    if (unsent > 0) {
       this.block();
       return;
     }
-    this.staged = this.sent = this.iovUsed = 0;
+    this.staged = this.iovUsed = 0;
   }
 
   private complete(frame: number): void {
@@ -197,7 +219,7 @@ export class TxPath {
   private onWritable(): void {
     this.write();
     this.queue.flush();
-    if (this.sent === 0 && this.staged === 0) {
+    if (this.staged === 0) {
       this.unblock();
       try {
         this.drain();

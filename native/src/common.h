@@ -28,6 +28,7 @@ struct AddonData {
   Napi::FunctionReference nativeError;
   Napi::FunctionReference watcherClass;
   Napi::FunctionReference ioUringClass;
+  Napi::FunctionReference tapWriterClass;
   std::unordered_map<uint32_t, MappingEntry> mappings;
   uint32_t nextMappingId = 1;
 

@@ -42,7 +42,7 @@ function netMappings(): number {
 test(`${CYCLES} connections with traffic leave no fd, mapping or TAP queue behind`, async (t) => {
   const topology = createBridgedTap(`vhc${process.pid % 100000}`, '02:00:00:00:7a:01', `${PEER_IP.join('.')}/24`);
   t.teardown(() => topology.close());
-  const device = createNetDevice({ tap: topology.tap, createTap: false, queuePairs: 1, threads: 0, mtu: 1500, queueSize: 256 }, silentLogger);
+  const device = createNetDevice({ tap: topology.tap, createTap: false, queuePairs: 1, threads: 0, mtu: 1500, queueSize: 256, txUring: true }, silentLogger);
   const ts = await TestServer.start(device);
   t.teardown(async () => {
     await ts.close();

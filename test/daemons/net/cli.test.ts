@@ -5,7 +5,7 @@ import { netQueueWorkers } from '../../../daemons/net/main';
 import { ConfigError } from '../../../lib/errors';
 
 test('defaults: one queue pair on the main thread, MTU 1500, queue size 1024', (t) => {
-  t.deepEqual(toConfig({ tap: 'vm1tap0' }), { tap: 'vm1tap0', createTap: false, queuePairs: 1, threads: 0, mtu: 1500, queueSize: 1024 });
+  t.deepEqual(toConfig({ tap: 'vm1tap0' }), { tap: 'vm1tap0', createTap: false, queuePairs: 1, threads: 0, mtu: 1500, queueSize: 1024, txUring: true });
   t.is(netQueueWorkers(toConfig({ tap: 'vm1tap0' })), undefined);
 });
 

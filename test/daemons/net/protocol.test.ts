@@ -65,7 +65,7 @@ function bridgedTap(t: ExecutionContext): BridgedTap {
 }
 
 function config(tap: string, over: Partial<NetConfig> = {}): NetConfig {
-  return { tap, createTap: false, queuePairs: 1, threads: 0, mtu: 1500, queueSize: 256, ...over };
+  return { tap, createTap: false, queuePairs: 1, threads: 0, mtu: 1500, queueSize: 256, txUring: true, ...over };
 }
 
 interface Guest {
@@ -75,9 +75,9 @@ interface Guest {
   namespace: string;
 }
 
-async function start(t: ExecutionContext, features: bigint, opts: { rxBuffers?: number; rxSize?: number } = {}): Promise<Guest> {
+async function start(t: ExecutionContext, features: bigint, opts: { rxBuffers?: number; rxSize?: number; txUring?: boolean } = {}): Promise<Guest> {
   const { tap, namespace } = bridgedTap(t);
-  const device = createNetDevice(config(tap), silentLogger);
+  const device = createNetDevice(config(tap, { txUring: opts.txUring ?? true }), silentLogger);
   const ts = await TestServer.start(device);
   const fe = ts.connect();
   t.teardown(async () => {
@@ -148,8 +148,17 @@ async function ping(fe: Frontend, id: number): Promise<Uint8Array> {
   return frame;
 }
 
-test('a ping crosses the TAP both ways with mergeable rx buffers; num_buffers is 1 and counters move', async (t) => {
-  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_CSUM));
+for (const [writer, txUring] of [
+  ['io_uring', true],
+  ['writev (--no-tx-uring)', false],
+] as const) {
+  test(`a ping crosses the TAP both ways with mergeable rx buffers; num_buffers is 1 and counters move; tx with ${writer}`, async (t) => {
+    await pingWithCounters(t, txUring);
+  });
+}
+
+async function pingWithCounters(t: ExecutionContext, txUring: boolean): Promise<void> {
+  const { fe, device } = await start(t, bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_CSUM), { txUring });
   await fe.transfer(TX, txChain(arpRequest(GUEST_MAC, GUEST_IP, PEER_IP)));
   const arp = await receive(fe, isArpReply);
   t.is(arp.header[10]! | (arp.header[11]! << 8), 1, 'num_buffers');
@@ -164,7 +173,7 @@ test('a ping crosses the TAP both ways with mergeable rx buffers; num_buffers is
   // A memory table change (a hot-plugged DIMM) under running queues: traffic goes on.
   await fe.addMemReg({ gpa: 0x2_0000_0000, size: 1 << 20, userAddr: 0x7f50_0000_0000, mmapOffset: 0 });
   await ping(fe, 0x4243);
-});
+}
 
 test('packed ring without mergeable buffers: each frame takes one whole buffer', async (t) => {
   const { fe } = await start(t, bit(VIRTIO_F_RING_PACKED));
