@@ -15,7 +15,9 @@
  *
  *   node build/bench/net.js [--runtime 3] [--warmup 1] [--repeat 3] [--only ours|dpdk]
  *                           [--cases tx64,tx1514,rx64,rx1514,tso] [--window 256] [--poll]
- *                           [--out build/bench/net-results.json] [--verbose]
+ *                           [--daemon-arg ARG ...] [--out build/bench/net-results.json] [--verbose]
+ *
+ * --daemon-arg (repeatable) goes to our daemon's command line, e.g. `--daemon-arg --no-tx-uring`.
  *
  * Needs root (network namespace, TAP, AF_PACKET), dpdk-testpmd (Debian: apt-get install dpdk-dev
  * librte-net-vhost23 librte-net-tap23 librte-mempool-ring23) and 2 MiB hugepages, which it sets up:
@@ -52,6 +54,7 @@ interface Options {
   cases: Case[];
   window: number;
   poll: boolean;
+  daemonArgs: string[];
   out: string;
   verbose: boolean;
 }
@@ -82,7 +85,7 @@ function log(message: string): void {
 
 function parseOptions(argv: string[]): Options {
   const o: Options = {
-    runtime: 3, warmup: 1, repeat: 3, backends: BACKENDS, cases: Object.keys(CASES) as Case[], window: 256, poll: false,
+    runtime: 3, warmup: 1, repeat: 3, backends: BACKENDS, cases: Object.keys(CASES) as Case[], window: 256, poll: false, daemonArgs: [],
     out: path.join(buildDir, 'net-results.json'), verbose: false,
   };
   for (let i = 0; i < argv.length; i++) {
@@ -103,6 +106,7 @@ function parseOptions(argv: string[]): Options {
       case '--repeat': o.repeat = Math.floor(positive()); break;
       case '--window': o.window = Math.floor(positive()); break;
       case '--poll': o.poll = true; break;
+      case '--daemon-arg': o.daemonArgs.push(value()); break;
       case '--out': o.out = path.resolve(value()); break;
       case '--verbose': case '-v': o.verbose = true; break;
       case '--only': {
@@ -182,7 +186,7 @@ async function startOne(backend: Backend, ns: Namespace, socket: string, o: Opti
   const logFile = path.join(buildDir, 'logs', `net-${backend}-${round}.log`);
   const [cmd, args] =
     backend === 'ours'
-      ? ns.exec(process.execPath, [daemonMain, '--socket-path', socket, '--tap', ns.oursTap, '--log-level', 'warn'])
+      ? ns.exec(process.execPath, [daemonMain, '--socket-path', socket, '--tap', ns.oursTap, '--log-level', 'warn', ...o.daemonArgs])
       : // stdbuf: testpmd's "Press enter to exit" (forwarding started) reaches the log at once.
         ns.exec('stdbuf', [
           '-oL', 'dpdk-testpmd', '-l', '0,1', '--no-pci', '--huge-dir', hugeDir, '--file-prefix', `${ns.name}`, '--huge-unlink', '-m', '512',
