@@ -5,6 +5,8 @@
 
 export type Mac = readonly number[];
 export type Ipv4 = readonly number[];
+/** 4 bytes (IPv4) or 16 (IPv6). */
+export type IpAddress = readonly number[];
 
 export const BROADCAST: Mac = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
 
@@ -51,30 +53,39 @@ export function isEchoReply(frame: Uint8Array): boolean {
 }
 
 /**
- * An IPv4 UDP datagram (RFC 768) from (`srcMac`, `srcIp`, port `srcPort`) to (`dstMac`, `dstIp`,
- * `dstPort`). `partialChecksum`: the checksum field holds only the pseudo-header sum, as a driver
- * leaves it for the device to finish (virtio-net NEEDS_CSUM, csum_start 34, csum_offset 6);
+ * A UDP datagram (RFC 768) from (`srcMac`, `srcIp`, port `srcPort`) to (`dstMac`, `dstIp`,
+ * `dstPort`), over IPv4 (RFC 791) or, with 16-byte addresses, IPv6 (RFC 8200; pseudo-header of RFC
+ * 8200 §8.1). `partialChecksum`: the checksum field holds only the pseudo-header sum, as a driver
+ * leaves it for the device to finish (virtio-net NEEDS_CSUM, csum_start 34 or 54, csum_offset 6);
  * otherwise it is complete.
  */
 export function udpFrame(
-  src: { mac: Mac; ip: Ipv4; port: number },
-  dst: { mac: Mac; ip: Ipv4; port: number },
+  src: { mac: Mac; ip: IpAddress; port: number },
+  dst: { mac: Mac; ip: IpAddress; port: number },
   payload: Uint8Array,
   partialChecksum = false,
 ): Uint8Array {
   const udpLength = 8 + payload.length;
-  const ipLength = 20 + udpLength;
-  const ip = [0x45, 0, ipLength >> 8, ipLength & 0xff, 0, 0, 0x40, 0, 64, 17, 0, 0, ...src.ip, ...dst.ip];
-  const ipSum = checksum(ip);
-  ip[10] = ipSum >> 8;
-  ip[11] = ipSum & 0xff;
+  const v6 = src.ip.length === 16;
+  let ip: number[];
+  let pseudo: number[];
+  if (v6) {
+    ip = [0x60, 0, 0, 0, udpLength >> 8, udpLength & 0xff, 17, 64, ...src.ip, ...dst.ip];
+    pseudo = [...src.ip, ...dst.ip, 0, 0, udpLength >> 8, udpLength & 0xff, 0, 0, 0, 17];
+  } else {
+    const ipLength = 20 + udpLength;
+    ip = [0x45, 0, ipLength >> 8, ipLength & 0xff, 0, 0, 0x40, 0, 64, 17, 0, 0, ...src.ip, ...dst.ip];
+    const ipSum = checksum(ip);
+    ip[10] = ipSum >> 8;
+    ip[11] = ipSum & 0xff;
+    pseudo = [...src.ip, ...dst.ip, 0, 17, udpLength >> 8, udpLength & 0xff];
+  }
   const udp = [src.port >> 8, src.port & 0xff, dst.port >> 8, dst.port & 0xff, udpLength >> 8, udpLength & 0xff, 0, 0];
-  const pseudo = [...src.ip, ...dst.ip, 0, 17, udpLength >> 8, udpLength & 0xff];
   // RFC 768: a computed 0 is sent as 0xffff (0 means "no checksum").
   const udpSum = partialChecksum ? ~checksum(pseudo) & 0xffff : checksum([...pseudo, ...udp, ...payload]) || 0xffff;
   udp[6] = udpSum >> 8;
   udp[7] = udpSum & 0xff;
-  const frame = ethernet(dst.mac, src.mac, 0x0800, [...ip, ...udp]);
+  const frame = ethernet(dst.mac, src.mac, v6 ? 0x86dd : 0x0800, [...ip, ...udp]);
   const out = new Uint8Array(frame.length + payload.length);
   out.set(frame);
   out.set(payload, frame.length);

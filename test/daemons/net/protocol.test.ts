@@ -406,21 +406,40 @@ const PAYLOAD_BYTES = 60 * 1024;
 const USO_MSS = 1400;
 const GUEST = { mac: GUEST_MAC, ip: GUEST_IP, port: 4000 };
 const PEER = { mac: PEER_MAC, ip: PEER_IP, port: USO_PORT };
+/** fd77::1 and fd77::2 (unique local addresses of RFC 4193), for the IPv6 rows. */
+const GUEST_IP6 = [0xfd, 0x77, ...new Array<number>(13).fill(0), 1];
+const PEER_IP6 = [0xfd, 0x77, ...new Array<number>(13).fill(0), 2];
+const GUEST6 = { mac: GUEST_MAC, ip: GUEST_IP6, port: 4000 };
+const PEER6 = { mac: PEER_MAC, ip: PEER_IP6, port: USO_PORT };
+/** Ethernet + IPv4 headers (csum_start of a UDP/IPv4 frame), and + IPv6. */
+const L3_END = { 4: 34, 6: 54 } as const;
+
+/** PEER_IP6 on the peer's interface (its namespace starts with IPv6 off); no duplicate address detection to wait for. */
+function peerIpv6(namespace: string): void {
+  execFileSync('ip', ['netns', 'exec', namespace, 'sysctl', '-qw', `net.ipv6.conf.${namespace}p.disable_ipv6=0`]);
+  execFileSync('ip', ['-n', namespace, '-6', 'addr', 'add', 'fd77::2/64', 'dev', `${namespace}p`, 'nodad']);
+}
+
+/** An IPv6 address as Python's socket module takes it. */
+function ipv6Text(ip: readonly number[]): string {
+  return Array.from({ length: 8 }, (_, i) => ((ip[2 * i]! << 8) | ip[2 * i + 1]!).toString(16)).join(':');
+}
 
 /** 60 KiB that differ from one offset to the next (a misplaced segment changes the digest). */
 function udpPayload(): Uint8Array {
   return Uint8Array.from({ length: PAYLOAD_BYTES }, (_, i) => (i * 7 + (i >> 8)) & 0xff);
 }
 
-/** A virtio-net header (little-endian) for a UDP/IPv4 frame whose checksum is left to the device. */
-function udpHeader(gsoType: number, gsoSize: number, over: { flags?: number; hdrLen?: number; csumOffset?: number } = {}): Uint8Array {
+/** A virtio-net header (little-endian) for a UDP frame (IPv4 unless `ipVersion` 6) whose checksum is left to the device. */
+function udpHeader(gsoType: number, gsoSize: number, over: { flags?: number; hdrLen?: number; csumOffset?: number; ipVersion?: 4 | 6 } = {}): Uint8Array {
+  const l3End = L3_END[over.ipVersion ?? 4];
   const h = new Uint8Array(HDR);
   const dv = new DataView(h.buffer);
   dv.setUint8(0, over.flags ?? VIRTIO_NET_HDR_F_NEEDS_CSUM);
   dv.setUint8(1, gsoType);
-  dv.setUint16(2, over.hdrLen ?? 42, true);
+  dv.setUint16(2, over.hdrLen ?? l3End + 8, true);
   dv.setUint16(4, gsoSize, true);
-  dv.setUint16(6, 34, true);
+  dv.setUint16(6, l3End, true);
   dv.setUint16(8, over.csumOffset ?? 6, true);
   return h;
 }
@@ -430,11 +449,11 @@ function udpHeader(gsoType: number, gsoSize: number, over: { flags?: number; hdr
  * "end", then reports (`report`) how many came before it, their bytes and their SHA-256. Resolves
  * once it listens.
  */
-async function udpReceiver(namespace: string): Promise<{ report: Promise<{ datagrams: number; bytes: number; sha256: string }> }> {
+async function udpReceiver(namespace: string, ipVersion: 4 | 6 = 4): Promise<{ report: Promise<{ datagrams: number; bytes: number; sha256: string }> }> {
   const script = [
     'import hashlib, socket, sys',
-    's = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)',
-    `s.bind(("${PEER_IP.join('.')}", ${USO_PORT}))`,
+    `s = socket.socket(socket.${ipVersion === 6 ? 'AF_INET6' : 'AF_INET'}, socket.SOCK_DGRAM)`,
+    `s.bind(("${ipVersion === 6 ? ipv6Text(PEER_IP6) : PEER_IP.join('.')}", ${USO_PORT}))`,
     'print("listening", flush=True)',
     'n = b = 0; h = hashlib.sha256()',
     'while True:',
@@ -469,11 +488,17 @@ function txChecksumOff(iface: string): void {
   execFileSync('python3', ['-c', script, iface]);
 }
 
-/** The peer's UDP counters (/proc/net/snmp in its namespace): datagrams taken, and dropped for a bad checksum. */
-function peerUdpCounters(namespace: string): { inDatagrams: number; inCsumErrors: number } {
-  const lines = execFileSync('ip', ['netns', 'exec', namespace, 'cat', '/proc/net/snmp'], { encoding: 'utf8' })
-    .split('\n')
-    .filter((line) => line.startsWith('Udp:'));
+/**
+ * The peer's UDP counters in its namespace (/proc/net/snmp, or /proc/net/snmp6 for IPv6): datagrams
+ * taken, and dropped for a bad checksum.
+ */
+function peerUdpCounters(namespace: string, ipVersion: 4 | 6 = 4): { inDatagrams: number; inCsumErrors: number } {
+  const read = (file: string) => execFileSync('ip', ['netns', 'exec', namespace, 'cat', file], { encoding: 'utf8' }).split('\n');
+  if (ipVersion === 6) {
+    const get = (name: string) => Number(read('/proc/net/snmp6').find((line) => line.startsWith(`${name} `))!.trim().split(/\s+/)[1]);
+    return { inDatagrams: get('Udp6InDatagrams'), inCsumErrors: get('Udp6InCsumErrors') };
+  }
+  const lines = read('/proc/net/snmp').filter((line) => line.startsWith('Udp:'));
   const [names, values] = lines.map((line) => line.split(/\s+/).slice(1));
   const get = (name: string) => Number(values![names!.indexOf(name)]);
   return { inDatagrams: get('InDatagrams'), inCsumErrors: get('InCsumErrors') };
@@ -481,27 +506,30 @@ function peerUdpCounters(namespace: string): { inDatagrams: number; inCsumErrors
 
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
-for (const [name, feature, gsoType, gsoSize, datagrams, gsoLabel] of [
+for (const [name, feature, gsoType, gsoSize, datagrams, gsoLabel, ipVersion] of [
   // USO: the kernel cuts 44 datagrams of 1400 bytes (the last 1240) from the one frame.
-  ['USO (gso_type UDP_L4, gso_size 1400): the kernel cuts 44 datagrams', VIRTIO_NET_F_HOST_USO, VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS, Math.ceil(PAYLOAD_BYTES / USO_MSS), 'udp_l4'],
+  ['USO (gso_type UDP_L4, gso_size 1400): the kernel cuts 44 datagrams', VIRTIO_NET_F_HOST_USO, VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS, Math.ceil(PAYLOAD_BYTES / USO_MSS), 'udp_l4', 4],
+  ['USO over IPv6 (csum_start 54): the kernel cuts 44 datagrams', VIRTIO_NET_F_HOST_USO, VIRTIO_NET_HDR_GSO_UDP_L4, USO_MSS, Math.ceil(PAYLOAD_BYTES / USO_MSS), 'udp_l4', 6],
   // UFO: the kernel sends IP fragments of 1480 bytes; the peer reassembles the one datagram.
-  ['UFO (gso_type UDP, gso_size 1480): IP fragments make one datagram', VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_HDR_GSO_UDP, 1480, 1, 'udp'],
+  ['UFO (gso_type UDP, gso_size 1480): IP fragments make one datagram', VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_HDR_GSO_UDP, 1480, 1, 'udp', 4],
 ] as const) {
   test(`tx ${name} of 60 KiB on the peer's socket, bytes equal`, async (t) => {
     const { fe, device, namespace } = await start(t, bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(feature));
     t.true((fe.negotiated!.features & bit(feature)) !== 0n, 'the daemon offers it on this kernel');
     txChecksumOff(`${namespace}v`);
-    const received = await udpReceiver(namespace);
+    if (ipVersion === 6) peerIpv6(namespace);
+    const [from, to] = ipVersion === 6 ? [GUEST6, PEER6] : [GUEST, PEER];
+    const received = await udpReceiver(namespace, ipVersion);
     const payload = udpPayload();
-    const frame = udpFrame(GUEST, PEER, payload, true);
-    t.is((await fe.transfer(TX, txChain(frame, udpHeader(gsoType, gsoSize)))).len, 0);
-    await fe.transfer(TX, txChain(udpFrame(GUEST, PEER, new TextEncoder().encode('end'))));
+    const frame = udpFrame(from, to, payload, true);
+    t.is((await fe.transfer(TX, txChain(frame, udpHeader(gsoType, gsoSize, { ipVersion })))).len, 0);
+    await fe.transfer(TX, txChain(udpFrame(from, to, new TextEncoder().encode('end'))));
     const got = await received.report;
     t.deepEqual(got, { datagrams, bytes: PAYLOAD_BYTES, sha256: sha256(payload) });
     // USO segments reach the peer with checksums the kernel finished from the frame's partial one, and
     // the peer checks them (a wrong seed in the frame: 0 datagrams, 44 InCsumErrors). Software UFO
     // marks its fragments' checksum as verified, so there the SHA-256 is the check.
-    t.deepEqual(peerUdpCounters(namespace), { inDatagrams: datagrams + 1, inCsumErrors: 0 }, 'datagrams (and "end") the peer took');
+    t.deepEqual(peerUdpCounters(namespace, ipVersion), { inDatagrams: datagrams + 1, inCsumErrors: 0 }, 'datagrams (and "end") the peer took');
     t.is(device.queueStats(TX).tapErrors, 0);
     t.is(device.queueStats(TX).gsoFrames[GSO_TYPES.indexOf(gsoLabel)], 1);
   });
