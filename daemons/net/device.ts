@@ -57,6 +57,8 @@ export interface NetDeviceOptions {
   mtu: number;
   /** Write tx frames to the TAP with io_uring when the kernel allows (else a writev per frame). */
   txUring: boolean;
+  /** Worker threads running the queue pairs (--threads); 0: this instance runs them. */
+  threads: number;
   logger: Logger;
 }
 
@@ -89,10 +91,13 @@ export class NetDevice implements DeviceBackend {
   private readonly pairs: QueuePair[];
   private readonly stats: NetQueueStats[];
   private context: DeviceContext | null = null;
-  /** How tx frames were written the last time a tx queue started (logged when it changes, not per start). */
+  /**
+   * How tx frames were written the last time a tx queue of this instance started (logged when it
+   * changes, not per start); null before (and on the main thread with --threads, whose queues run in workers).
+   */
   private txMethod: 'io_uring' | 'writev' | null = null;
   /** The MTU the front-end announced (NET_SET_MTU), for status. */
-  frontendMtu: number | null = null;
+  private frontendMtu: number | null = null;
 
   constructor(options: NetDeviceOptions, host: NetDeviceHost) {
     this.options = options;
@@ -176,6 +181,20 @@ export class NetDevice implements DeviceBackend {
 
   registerMetrics(registry: Registry): void {
     createNetMetrics(registry, this);
+  }
+
+  /** The device's state for the control `status` method (`vhostctl status`): the TAP side, and how tx writes it. */
+  status(): Record<string, unknown> {
+    return {
+      tap: this.options.tap,
+      mtuLimit: this.options.mtu,
+      frontendMtu: this.frontendMtu,
+      tapOffloads: this.host.offloads,
+      // With --threads the pairs run in the workers' instances: their state is in the queues above and the log.
+      ...(this.options.threads > 0
+        ? { threads: this.options.threads }
+        : { txWrites: this.txMethod, pairs: this.pairs.map((pair) => ({ tapQueueOpen: pair.fd >= 0, rxEnabled: pair.rxEnabled, txEnabled: pair.txEnabled })) }),
+    };
   }
 
   queueStats(index: number): NetQueueStats {

@@ -12,7 +12,7 @@ import { openTapQueue, probeOffloads, setTapQueueAttached, tapExists } from './t
 import { VNET_HDR_SIZE } from './virtio-net';
 
 function deviceOptions(config: NetConfig, logger: Logger) {
-  return { tap: config.tap, queuePairs: config.queuePairs, queueSize: config.queueSize, mtu: config.mtu, txUring: config.txUring, logger };
+  return { tap: config.tap, queuePairs: config.queuePairs, queueSize: config.queueSize, mtu: config.mtu, txUring: config.txUring, threads: config.threads, logger };
 }
 
 /**

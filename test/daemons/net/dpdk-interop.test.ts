@@ -22,7 +22,7 @@ import { startDaemon } from '../../helpers/daemon';
 import { namespaceWithTap, runInNamespace } from '../../helpers/net-topology';
 import type { Scrape } from '../../helpers/scrape';
 import { TestPmd, testpmdMissingReason, type PortStats } from '../../helpers/testpmd';
-import { controlMetrics } from '../../helpers/vhostctl';
+import { controlMetrics, vhostctl } from '../../helpers/vhostctl';
 
 const TAP_IP = '10.93.0.1';
 const PMD_IP = '10.93.0.2';
@@ -150,6 +150,13 @@ async function exchange(t: ExecutionContext, vdevArgs: string, queuePairs: numbe
   }
   t.is(metrics.sum('vhostd_net_tx_dropped_total'), 0, 'no frame of testpmd refused');
   t.is(metrics.sum('vhostd_net_tap_errors_total'), 0);
+  // What an operator sees with `vhostctl status`: the TAP, and tx through io_uring on every pair.
+  const status = await vhostctl('--control', control, '--json', 'status');
+  t.is(status.status, 0, status.stderr);
+  t.like(JSON.parse(status.stdout), {
+    device: 'net',
+    state: { tap, txWrites: 'io_uring', pairs: Array.from({ length: queuePairs }, () => ({ tapQueueOpen: true, rxEnabled: true, txEnabled: true })) },
+  });
 
   t.is(await pmd.quit(), 0, show('testpmd exit'));
   t.is(await daemon.stop(), 0, show('daemon exit on SIGTERM'));

@@ -169,6 +169,7 @@ async function pingWithCounters(t: ExecutionContext, txUring: boolean): Promise<
   t.true(device.queueStats(RX).frames >= 2);
   t.is(device.queueStats(TX).frames, 3);
   t.is(device.queueStats(TX).bytes, 42 + 42 + 98);
+  t.like(device.status(), { txWrites: txUring ? 'io_uring' : 'writev', frontendMtu: null, pairs: [{ tapQueueOpen: true, rxEnabled: true, txEnabled: true }] });
 
   // A memory table change (a hot-plugged DIMM) under running queues: traffic goes on.
   await fe.addMemReg({ gpa: 0x2_0000_0000, size: 1 << 20, userAddr: 0x7f50_0000_0000, mmapOffset: 0 });
