@@ -7,8 +7,9 @@
  *
  * A full TAP (EAGAIN) stops the queue with the unsent frames kept; the TAP fd's writability resumes
  * it. With io_uring a frame after an unsent one may already be out, so under that back-pressure
- * frames can leave out of order, as on a multi-queue NIC. Frames never outlive their memory map: a memory table change or a queue stop first tries them
- * once more, then completes what is left as lost (counted as TAP errors), as a NIC reset would.
+ * frames can leave out of order, as on a multi-queue NIC. Frames never outlive their memory map: a
+ * memory table change or a queue stop first tries them once more, then completes what is left as
+ * lost (counted as TAP errors), as a NIC reset would.
  */
 import { constants as osConstants } from 'node:os';
 
@@ -21,7 +22,7 @@ import { checkTxHeader, type TxLimits } from './net-header';
 import type { TapFrameWriter } from './tap';
 import { HDR_GSO_TYPE, VNET_HDR_SIZE } from './virtio-net';
 
-/** Frames per writeFrames call. */
+/** Frames per write to the TAP (one io_uring_enter, or one native call of a writev each). */
 export const TX_BATCH = 64;
 /** Linux's UIO_MAXIOV: iovecs of one writev, and the iovecs a batch holds. */
 export const MAX_IOV = 1024;
