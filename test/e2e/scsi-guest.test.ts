@@ -12,8 +12,7 @@ import path from 'node:path';
 
 import { naaDesignator } from '../../daemons/scsi/target/logical-unit';
 import { startDaemon } from '../helpers/daemon';
-import { guestTest } from '../helpers/guest-test';
-import { runGuest } from '../helpers/qemu-guest';
+import { guestTest, runGuestWith } from '../helpers/guest-test';
 import { Scrape } from '../helpers/scrape';
 import { vhostctl, type VhostctlRun } from '../helpers/vhostctl';
 
@@ -54,7 +53,7 @@ guestTest('4 LUNs on 2 targets, 2 request queues: disks found at their addresses
     '--metrics', '0',
   ]);
   try {
-    const result = await runGuest({
+    const { result, why } = await runGuestWith(t, daemon, {
       qemuArgs: ['-smp', '2', '-chardev', `socket,id=scsi0,path=${daemon.socketPath}`, '-device', 'vhost-user-scsi-pci,chardev=scsi0,num_queues=2'],
       timeoutMs: 180_000,
       script: [
@@ -93,13 +92,7 @@ done`,
         'dd if=/tmp/b of=/dev/$B bs=4096 seek=100 conv=notrunc,fsync 2>/dev/null; mark big_write $?',
         'dd if=/tmp/b of=/dev/$O bs=4096 seek=10 conv=notrunc,fsync 2>/dev/null; mark other_write $?',
       ].join('\n'),
-    }).catch((err: unknown) => {
-      t.log(`daemon stderr:\n${daemon.stderr().slice(-4000)}`);
-      throw err;
     });
-    const why = result.tail(40);
-    t.is(result.exitStatus, 0, why);
-    t.log(`boot ${result.bootMs ?? '?'} ms, run ${result.durationMs} ms`);
     t.is(result.mark('disks'), '4', why);
     const lun = (a: string) => result.mark(`lun_${a}`)?.split(' ') ?? [];
     t.deepEqual(lun('0:0').slice(1), [String(48 * MiB), '512', '0'], why);
@@ -166,7 +159,7 @@ guestTest('while the guest runs: write-through by MODE SELECT, lun-add, lun-resi
     remove: () => vhostctl('--control', control, '--json', 'call', 'lun-remove', JSON.stringify({ lun: '0:5' })),
   };
   try {
-    const result = await runGuest({
+    const { result, why } = await runGuestWith(t, daemon, {
       qemuArgs: ['-chardev', `socket,id=scsi0,path=${daemon.socketPath}`, '-device', 'vhost-user-scsi-pci,chardev=scsi0'],
       timeoutMs: 180_000,
       onConsoleLine: (line) => {
@@ -189,12 +182,7 @@ guestTest('while the guest runs: write-through by MODE SELECT, lun-add, lun-resi
         'mark operator remove',
         "wait_for 60 sh -c '! ls -d /sys/class/scsi_disk/*:0:0:5 >/dev/null 2>&1' && mark removed yes",
       ].join('\n'),
-    }).catch((err: unknown) => {
-      t.log(`daemon stderr:\n${daemon.stderr().slice(-4000)}`);
-      throw err;
     });
-    const why = result.tail(40);
-    t.is(result.exitStatus, 0, why);
     t.is(result.section('wt')?.status, 0, result.section('wt')?.output);
     t.is(result.mark('cache'), 'write through', why);
     const runs = await Promise.all(operator);
@@ -225,7 +213,7 @@ guestTest('256 LUNs from a --luns list (flat addressing above 255) appear in the
   fs.writeFileSync(listFile, JSON.stringify(list));
   const daemon = await startDaemon('scsi', ['--luns', listFile, '--num-queues', '2']);
   try {
-    const result = await runGuest({
+    const { result, why } = await runGuestWith(t, daemon, {
       qemuArgs: ['-smp', '2', '-chardev', `socket,id=scsi0,path=${daemon.socketPath}`, '-device', 'vhost-user-scsi-pci,chardev=scsi0,num_queues=2'],
       timeoutMs: 300_000,
       script: [
@@ -243,13 +231,7 @@ mark read_ok "$ok"
 mark read_bad "$bad"`,
         'mark max_lun "$(ls /sys/class/scsi_disk | sed "s/.*://" | sort -n | tail -1)"',
       ].join('\n'),
-    }).catch((err: unknown) => {
-      t.log(`daemon stderr:\n${daemon.stderr().slice(-4000)}`);
-      throw err;
-    });
-    const why = result.tail(30);
-    t.is(result.exitStatus, 0, why);
-    t.log(`boot ${result.bootMs ?? '?'} ms, run ${result.durationMs} ms`);
+    }, 30);
     t.is(result.mark('disks'), String(luns.length), why);
     t.is(result.mark('read_ok'), String(luns.length), `LUNs that read another unit's data: ${result.mark('read_bad')}`);
     t.is(result.mark('max_lun'), String(0x4000 + 355), 'LUN 355, in flat space addressing as Linux numbers it');

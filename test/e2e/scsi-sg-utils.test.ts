@@ -10,8 +10,7 @@ import path from 'node:path';
 
 import { naaDesignator } from '../../daemons/scsi/target/logical-unit';
 import { startDaemon } from '../helpers/daemon';
-import { guestTest } from '../helpers/guest-test';
-import { runGuest } from '../helpers/qemu-guest';
+import { guestTest, runGuestWith } from '../helpers/guest-test';
 import { controlMetrics } from '../helpers/vhostctl';
 
 const MiB = 1 << 20;
@@ -28,7 +27,7 @@ guestTest('sg_inq, sg_vpd 0x83/0xb0, sg_readcap -l, sg_turs and lsscsi show the 
   const control = path.join(dir, 'control.sock');
   const daemon = await startDaemon('scsi', ['--lun', `0=${data},discard,serial=SG-DATA`, '--lun', `3=${ro},ro,block-size=4096`, '--control', control]);
   try {
-    const result = await runGuest({
+    const { result, why } = await runGuestWith(t, daemon, {
       qemuArgs: ['-chardev', `socket,id=scsi0,path=${daemon.socketPath}`, '-device', 'vhost-user-scsi-pci,chardev=scsi0'],
       timeoutMs: 180_000,
       script: [
@@ -56,13 +55,7 @@ guestTest('sg_inq, sg_vpd 0x83/0xb0, sg_readcap -l, sg_turs and lsscsi show the 
         'echo 3 > /proc/sys/vm/drop_caches',
         'mark read "$(dd if=$D bs=4096 skip=256 count=16 2>/dev/null | md5sum | cut -d" " -f1)"',
       ].join('\n'),
-    }).catch((err: unknown) => {
-      t.log(`daemon stderr:\n${daemon.stderr().slice(-4000)}`);
-      throw err;
-    });
-    const why = result.tail(60);
-    t.is(result.exitStatus, 0, why);
-    t.log(`boot ${result.bootMs ?? '?'} ms, run ${result.durationMs} ms`);
+    }, 60);
     const out = (name: string) => {
       const s = result.section(name);
       t.is(s?.status, 0, `${name}: ${s?.output ?? 'did not run'}\n${why}`);

@@ -4,7 +4,7 @@
  */
 import test, { type ExecutionContext, type ImplementationFn } from 'ava';
 
-import { qemu102, qemuMissingReason } from './qemu-guest';
+import { qemu102, qemuMissingReason, runGuest, type GuestResult, type RunGuestOptions } from './qemu-guest';
 
 export interface GuestTestOptions {
   /**
@@ -42,4 +42,25 @@ export function guestTest(title: string, impl: ImplementationFn<[]>, options: Gu
   } else {
     test.skip(`${title} [skipped: ${missing}]`, impl);
   }
+}
+
+/**
+ * {@link runGuest} for a test whose guest uses `daemon`: the daemon's stderr is logged when the run
+ * throws, the guest's script must exit 0, and boot and run times are logged. Returns the result and
+ * its last `tailLines` console lines, the message for the test's own assertions.
+ */
+export async function runGuestWith(
+  t: ExecutionContext,
+  daemon: { stderr(): string },
+  opts: RunGuestOptions,
+  tailLines = 40,
+): Promise<{ result: GuestResult; why: string }> {
+  const result = await runGuest(opts).catch((err: unknown) => {
+    t.log(`daemon stderr:\n${daemon.stderr().slice(-4000)}`);
+    throw err;
+  });
+  const why = result.tail(tailLines);
+  t.is(result.exitStatus, 0, why);
+  t.log(`boot ${result.bootMs ?? '?'} ms, run ${result.durationMs} ms`);
+  return { result, why };
 }
