@@ -204,6 +204,23 @@ mark again "$(dd if=/dev/hwrng bs=4096 count=4 2>/dev/null | wc -c)"
 }, { knownFailure: "QEMU's vhost-user-rng cannot reconnect (start-up and reconnect bugs, see above)" });
 
 /**
+ * The guest wrote 4 MiB before the restart (mark `one`, at 1 MiB of the disk) and 4 MiB after it
+ * (`two`, at 16 MiB): both read back in the guest (`one_back`, `two_back`) and the host image holds them.
+ */
+function checkDataAcrossRestart(t: ExecutionContext, result: GuestResult, image: string, why: string): void {
+  const one = result.mark('one');
+  const two = result.mark('two');
+  t.truthy(one, why);
+  t.truthy(two, why);
+  t.is(result.mark('one_back'), one, why);
+  t.is(result.mark('two_back'), two, why);
+  const file = fs.readFileSync(image);
+  const md5 = (from: number): string => createHash('md5').update(file.subarray(from, from + 4 * MiB)).digest('hex');
+  t.is(md5(1 * MiB), one ?? '', 'host file holds the data written before the restart');
+  t.is(md5(16 * MiB), two ?? '', 'host file holds the data written after the restart');
+}
+
+/**
  * blk across a restart. With `activation`, the test holds the listening socket, as a systemd socket
  * unit does, and hands it to each daemon (`--fd`): the path never goes away, QEMU's reconnect succeeds at
  * once and its first requests wait in the socket until the new daemon reads them.
@@ -261,17 +278,8 @@ mark one_again "$(dd if=/dev/vda bs=65536 skip=16 count=64 2>/dev/null | md5)"
     t.regex(daemon.previous?.stderr() ?? '', /request GET_INFLIGHT_FD/, why);
     t.regex(daemon.current?.stderr() ?? '', /request SET_INFLIGHT_FD/, why);
     t.log(`guest waited ${result.mark('waited') ?? '?'} s for its first request after the restart`);
-    const one = result.mark('one');
-    const two = result.mark('two');
-    t.truthy(one, why);
-    t.truthy(two, why);
-    t.is(result.mark('one_back'), one, why);
-    t.is(result.mark('two_back'), two, why);
-    t.is(result.mark('one_again'), one, why);
-    const file = fs.readFileSync(image);
-    const md5 = (from: number): string => createHash('md5').update(file.subarray(from, from + 4 * MiB)).digest('hex');
-    t.is(md5(1 * MiB), one ?? '', 'host file holds the data written before the restart');
-    t.is(md5(16 * MiB), two ?? '', 'host file holds the data written after the restart');
+    checkDataAcrossRestart(t, result, image, why);
+    t.is(result.mark('one_again'), result.mark('one'), why);
     // The reads and writes after the restart went through the new process: 4 MiB + 4 KiB read back
     // at least twice over, 4 MiB written.
     t.true((await queueMetric(daemon.current!, 'vhostd_queue_written_bytes_total')) >= 8 * MiB, why);
@@ -339,16 +347,7 @@ mark two_back "$(dd if=$D bs=65536 skip=256 count=64 2>/dev/null | md5)"
     t.is(result.exitStatus, 0, why);
     checkRestart(t, daemon, why);
     t.is(result.mark('packed'), packed ? '1' : '0', `the driver negotiated ${packed ? 'packed' : 'split'} rings\n${why}`);
-    const one = result.mark('one');
-    const two = result.mark('two');
-    t.truthy(one, why);
-    t.truthy(two, why);
-    t.is(result.mark('one_back'), one, why);
-    t.is(result.mark('two_back'), two, why);
-    const file = fs.readFileSync(image);
-    const md5 = (from: number): string => createHash('md5').update(file.subarray(from, from + 4 * MiB)).digest('hex');
-    t.is(md5(1 * MiB), one ?? '', 'host file holds the data written before the restart');
-    t.is(md5(16 * MiB), two ?? '', 'host file holds the data written after the restart');
+    checkDataAcrossRestart(t, result, image, why);
     t.true((await queueMetric(daemon.current!, 'vhostd_queue_written_bytes_total')) >= 4 * MiB, why);
   } finally {
     t.is(await daemon.stop(), 0, daemon.stderr());
