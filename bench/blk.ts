@@ -31,8 +31,8 @@ import os from 'node:os';
 import path from 'node:path';
 
 import {
-  buildDir, buildLoadgens, CLK_TCK, createImage, fmt, formatTable, machineTicks, median, medianIops, range, root, runCapture, runMain, sleep, startBackend, statCpuSeconds,
-  stopBackend, tail, threadCpu, usage, writeResults, type LoadgenResult, type Started, type ThreadCpu,
+  ArgReader, buildDir, buildLoadgens, CLK_TCK, createImage, fmt, formatTable, machineTicks, median, medianIops, range, root, runCapture, runMain, sleep, startBackend, statCpuSeconds,
+  stopBackend, tail, threadCpu, usage, writeResults, type IoCase, type LoadgenResult, type Rw, type Started, type ThreadCpu,
 } from './common';
 
 const loadgenBin = path.join(buildDir, 'blk-loadgen');
@@ -40,7 +40,6 @@ const daemonMain = path.join(root, 'build', 'daemons', 'blk', 'main.js');
 
 type Backend = 'ours' | 'qsd';
 type Device = 'file' | 'null';
-type Rw = 'randread' | 'randwrite';
 
 interface Options {
   runtime: number;
@@ -52,7 +51,7 @@ interface Options {
   image?: string;
   backends: Backend[];
   devices: Device[];
-  cases: { rw: Rw; iodepth: number }[];
+  cases: IoCase[];
   out: string;
   verbose: boolean;
   /** Run qsd's export in an iothread (adaptive polling) instead of its main loop. */
@@ -103,13 +102,6 @@ interface Row {
   ratio?: number;
 }
 
-function parseSize(text: string): number {
-  const m = /^(\d+)([KMGT]?)$/i.exec(text);
-  if (!m) throw new Error(`not a size: ${text}`);
-  const shift = { '': 0, K: 10, M: 20, G: 30, T: 40 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Number(m[1]) * 2 ** shift;
-}
-
 function parseOptions(argv: string[]): Options {
   const o: Options = {
     runtime: 5,
@@ -135,58 +127,43 @@ function parseOptions(argv: string[]): Options {
     scaling: false,
   };
   const given = new Set(argv);
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    const value = (): string => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${arg} needs a value`);
-      return v;
-    };
-    const positive = (): number => {
-      const v = Number(value());
-      if (!(v > 0) || !Number.isFinite(v)) throw new Error(`${arg} needs a positive number`);
-      return v;
-    };
+  const args = new ArgReader(argv);
+  for (let arg = args.next(); arg !== undefined; arg = args.next()) {
     switch (arg) {
-      case '--runtime': o.runtime = positive(); break;
-      case '--warmup': o.warmup = Number(value()); break;
-      case '--repeat': o.repeat = Math.floor(positive()); break;
-      case '--queues': o.queues = Math.floor(positive()); break;
-      case '--queue-size': o.queueSize = Math.floor(positive()); break;
-      case '--image-size': o.imageSize = parseSize(value()); break;
-      case '--image': o.image = value(); break;
-      case '--out': o.out = path.resolve(value()); break;
+      case '--runtime': o.runtime = args.positive(); break;
+      case '--warmup': o.warmup = args.nonNegative(); break;
+      case '--repeat': o.repeat = Math.floor(args.positive()); break;
+      case '--queues': o.queues = Math.floor(args.positive()); break;
+      case '--queue-size': o.queueSize = Math.floor(args.positive()); break;
+      case '--image-size': o.imageSize = args.size(); break;
+      case '--image': o.image = args.value(); break;
+      case '--out': o.out = path.resolve(args.value()); break;
       case '--verbose': case '-v': o.verbose = true; break;
       case '--qsd-iothread': o.qsdIothread = true; break;
       case '--poll': o.poll = true; break;
-      case '--threads': o.threads = Math.floor(Number(value())); break;
-      case '--poll-us': o.pollUs = Math.floor(Number(value())); break;
+      case '--threads': o.threads = Math.floor(args.nonNegative()); break;
+      case '--poll-us': o.pollUs = Math.floor(args.nonNegative()); break;
       case '--no-inline-io': o.noInlineIo = true; break;
       case '--scaling': o.scaling = true; break;
       case '--only': {
-        const v = value();
+        const v = args.value();
         if (v !== 'ours' && v !== 'qsd') throw new Error('--only takes ours or qsd');
         o.backends = [v];
         break;
       }
       case '--devices':
-        o.devices = value().split(',').map((d) => {
+        o.devices = args.value().split(',').map((d) => {
           if (d !== 'file' && d !== 'null') throw new Error(`unknown device ${d} (file, null)`);
           return d;
         });
         break;
       case '--cases':
-        o.cases = value().split(',').map((c) => {
-          const m = /^(randread|randwrite):(\d+)$/.exec(c);
-          if (!m) throw new Error(`bad case ${c} (want randread:1,randwrite:32,...)`);
-          return { rw: m[1] as Rw, iodepth: Number(m[2]) };
-        });
+        o.cases = args.ioCases();
         break;
       case '--help': case '-h': return usage(__filename);
       default: throw new Error(`unknown option ${arg} (see --help)`);
     }
   }
-  if (!(o.warmup >= 0)) throw new Error('--warmup needs a number >= 0');
   if (o.scaling) {
     // What issue 12 asks for: the null device (the engine's own cost), QD32 per queue, several rounds.
     o.backends = ['ours'];

@@ -16,6 +16,66 @@ export function usage(file: string): never {
   process.exit(0);
 }
 
+/** A random-I/O case of blk-loadgen: `--cases randread:1,randwrite:32`. */
+export type Rw = 'randread' | 'randwrite';
+export interface IoCase {
+  rw: Rw;
+  iodepth: number;
+}
+
+/**
+ * Walks a runner's command line: `next()` gives each option in turn, and the other methods read the
+ * argument after it, throwing a message that names the option when it is missing or wrong.
+ */
+export class ArgReader {
+  private index = -1;
+
+  constructor(private readonly argv: readonly string[]) {}
+
+  /** The next option, or undefined at the end. */
+  next(): string | undefined {
+    return this.argv[++this.index];
+  }
+
+  value(): string {
+    const option = this.argv[this.index];
+    const v = this.argv[++this.index];
+    if (v === undefined) throw new Error(`${option} needs a value`);
+    return v;
+  }
+
+  positive(): number {
+    const v = Number(this.value());
+    if (!(v > 0) || !Number.isFinite(v)) throw new Error(`${this.argv[this.index - 1]} needs a positive number`);
+    return v;
+  }
+
+  nonNegative(): number {
+    const v = Number(this.value());
+    if (!(v >= 0) || !Number.isFinite(v)) throw new Error(`${this.argv[this.index - 1]} needs a number >= 0`);
+    return v;
+  }
+
+  /** A size in bytes with an optional K, M, G or T suffix (powers of 1024). */
+  size(): number {
+    const text = this.value();
+    const m = /^(\d+)([KMGT]?)$/i.exec(text);
+    if (!m) throw new Error(`${this.argv[this.index - 1]}: not a size: ${text}`);
+    return Number(m[1]) * 2 ** { '': 0, K: 10, M: 20, G: 30, T: 40 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  }
+
+  /** `randread:1,randwrite:32,...` */
+  ioCases(): IoCase[] {
+    return this.value()
+      .split(',')
+      .map((c) => {
+        const m = /^(randread|randwrite):(\d+)$/.exec(c);
+        if (!m) throw new Error(`${this.argv[this.index - 1]}: expected randread:N or randwrite:N, got ${c}`);
+        return { rw: m[1] as Rw, iodepth: Number(m[2]) };
+      });
+  }
+}
+
 /** Writes a runner's results as JSON to `file` and says on stdout where they are. */
 export function writeResults(file: string, report: unknown): void {
   fs.writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);

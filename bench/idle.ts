@@ -27,7 +27,7 @@ import { startDaemon, type RunningDaemon } from '../test/helpers/daemon';
 import { createBridgedTap } from '../test/helpers/net-topology';
 import { qemu102, runGuest } from '../test/helpers/qemu-guest';
 import { Scrape } from '../test/helpers/scrape';
-import { buildDir, fmt, formatTable, median, range, runMain, sleep, statCpuSeconds, usage, writeResults } from './common';
+import { ArgReader, buildDir, fmt, formatTable, median, range, runMain, sleep, statCpuSeconds, usage, writeResults } from './common';
 
 /** What issue 12 allows an idle guest to cost a daemon, in % of one core. */
 const BUDGET_PCT = 1;
@@ -67,19 +67,14 @@ interface Sample {
 
 function parseOptions(argv: string[]): Options {
   const o: Options = { rounds: 2, windowS: 10, settleS: 5, pollUs: DEFAULT_POLL_US, out: path.join(buildDir, 'idle-results.json'), noMetrics: false };
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    const number = (): number => {
-      const v = Number(argv[++i]);
-      if (!(v >= 0) || !Number.isFinite(v)) throw new Error(`${arg} needs a number >= 0`);
-      return v;
-    };
+  const args = new ArgReader(argv);
+  for (let arg = args.next(); arg !== undefined; arg = args.next()) {
     switch (arg) {
-      case '--rounds': o.rounds = Math.max(1, Math.floor(number())); break;
-      case '--window': o.windowS = Math.max(1, number()); break;
-      case '--settle': o.settleS = number(); break;
-      case '--poll-us': o.pollUs = Math.floor(number()); break;
-      case '--out': o.out = path.resolve(argv[++i] ?? ''); break;
+      case '--rounds': o.rounds = Math.max(1, Math.floor(args.nonNegative())); break;
+      case '--window': o.windowS = Math.max(1, args.nonNegative()); break;
+      case '--settle': o.settleS = args.nonNegative(); break;
+      case '--poll-us': o.pollUs = Math.floor(args.nonNegative()); break;
+      case '--out': o.out = path.resolve(args.value()); break;
       case '--no-metrics': o.noMetrics = true; break;
       case '--help': case '-h': return usage(__filename);
       default: throw new Error(`unknown option ${arg} (see --help)`);

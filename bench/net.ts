@@ -29,7 +29,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { buildDir, buildLoadgens, fmt, formatTable, medianBy, root, runCapture, runMain, sleep, startBackend, stopBackend, tail, usage, writeResults, type Started } from './common';
+import { ArgReader, buildDir, buildLoadgens, fmt, formatTable, medianBy, root, runCapture, runMain, sleep, startBackend, stopBackend, tail, usage, writeResults, type Started } from './common';
 
 const loadgenBin = path.join(buildDir, 'net-loadgen');
 const daemonMain = path.join(root, 'build', 'daemons', 'net', 'main.js');
@@ -88,35 +88,25 @@ function parseOptions(argv: string[]): Options {
     runtime: 3, warmup: 1, repeat: 3, backends: BACKENDS, cases: Object.keys(CASES) as Case[], window: 256, poll: false, daemonArgs: [],
     out: path.join(buildDir, 'net-results.json'), verbose: false,
   };
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    const value = (): string => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${arg} needs a value`);
-      return v;
-    };
-    const positive = (): number => {
-      const v = Number(value());
-      if (!(v > 0) || !Number.isFinite(v)) throw new Error(`${arg} needs a positive number`);
-      return v;
-    };
+  const args = new ArgReader(argv);
+  for (let arg = args.next(); arg !== undefined; arg = args.next()) {
     switch (arg) {
-      case '--runtime': o.runtime = positive(); break;
-      case '--warmup': o.warmup = Number(value()); break;
-      case '--repeat': o.repeat = Math.floor(positive()); break;
-      case '--window': o.window = Math.floor(positive()); break;
+      case '--runtime': o.runtime = args.positive(); break;
+      case '--warmup': o.warmup = args.nonNegative(); break;
+      case '--repeat': o.repeat = Math.floor(args.positive()); break;
+      case '--window': o.window = Math.floor(args.positive()); break;
       case '--poll': o.poll = true; break;
-      case '--daemon-arg': o.daemonArgs.push(value()); break;
-      case '--out': o.out = path.resolve(value()); break;
+      case '--daemon-arg': o.daemonArgs.push(args.value()); break;
+      case '--out': o.out = path.resolve(args.value()); break;
       case '--verbose': case '-v': o.verbose = true; break;
       case '--only': {
-        const v = value();
+        const v = args.value();
         if (v !== 'ours' && v !== 'dpdk') throw new Error('--only takes ours or dpdk');
         o.backends = [v];
         break;
       }
       case '--cases':
-        o.cases = value().split(',').map((c) => {
+        o.cases = args.value().split(',').map((c) => {
           if (!(c in CASES)) throw new Error(`unknown case ${c} (${Object.keys(CASES).join(', ')})`);
           return c as Case;
         });
@@ -125,7 +115,6 @@ function parseOptions(argv: string[]): Options {
       default: throw new Error(`unknown option ${arg} (see --help)`);
     }
   }
-  if (!(o.warmup >= 0)) throw new Error('--warmup needs a number >= 0');
   return o;
 }
 

@@ -17,20 +17,19 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { buildDir, buildLoadgens, createImage, fmt, medianIops, root, runCapture, runMain, startBackend, stopBackend, tail, type LoadgenResult } from './common';
+import { ArgReader, buildDir, buildLoadgens, createImage, fmt, medianIops, root, runCapture, runMain, startBackend, stopBackend, tail, usage, type IoCase, type LoadgenResult, type Rw } from './common';
 
 const loadgenBin = path.join(buildDir, 'blk-loadgen');
 
 const DAEMONS = ['scsi', 'blk'] as const;
 type Daemon = (typeof DAEMONS)[number];
-type Rw = 'randread' | 'randwrite';
 
 interface Options {
   runtime: number;
   warmup: number;
   repeat: number;
   imageSize: number;
-  cases: { rw: Rw; iodepth: number }[];
+  cases: IoCase[];
   out: string;
   verbose: boolean;
 }
@@ -54,41 +53,17 @@ function parseOptions(argv: string[]): Options {
     out: path.join(buildDir, 'scsi-results.json'),
     verbose: false,
   };
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    const value = (): string => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${arg} needs a value`);
-      return v;
-    };
-    const positive = (v: string): number => {
-      const n = Number(v);
-      if (!(n > 0)) throw new Error(`${arg}: expected a positive number, got ${v}`);
-      return n;
-    };
+  const args = new ArgReader(argv);
+  for (let arg = args.next(); arg !== undefined; arg = args.next()) {
     switch (arg) {
-      case '--runtime': o.runtime = positive(value()); break;
-      case '--warmup': o.warmup = Number(value()); break;
-      case '--repeat': o.repeat = Math.floor(positive(value())); break;
-      case '--image-size': {
-        const m = /^(\d+)([KMG]?)$/i.exec(value());
-        if (!m) throw new Error(`--image-size: not a size: ${argv[i]}`);
-        o.imageSize = Number(m[1]) * 2 ** { '': 0, K: 10, M: 20, G: 30 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-        break;
-      }
-      case '--cases':
-        o.cases = value().split(',').map((c) => {
-          const m = /^(randread|randwrite):(\d+)$/.exec(c);
-          if (!m) throw new Error(`--cases: expected randread:N or randwrite:N, got ${c}`);
-          return { rw: m[1] as Rw, iodepth: Number(m[2]) };
-        });
-        break;
-      case '--out': o.out = value(); break;
+      case '--runtime': o.runtime = args.positive(); break;
+      case '--warmup': o.warmup = args.nonNegative(); break;
+      case '--repeat': o.repeat = Math.floor(args.positive()); break;
+      case '--image-size': o.imageSize = args.size(); break;
+      case '--cases': o.cases = args.ioCases(); break;
+      case '--out': o.out = args.value(); break;
       case '--verbose': o.verbose = true; break;
-      case '--help':
-        process.stdout.write(fs.readFileSync(__filename, 'utf8').match(/\/\*\*([\s\S]*?)\*\//)![1]!.replace(/^ \* ?/gm, ''));
-        process.exit(0);
-        break;
+      case '--help': case '-h': return usage(__filename);
       default:
         throw new Error(`unknown option ${arg} (see --help)`);
     }
