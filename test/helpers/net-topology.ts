@@ -109,3 +109,20 @@ export function runInNamespace(namespace: string, command: readonly string[], op
   child.on('error', () => {});
   return new Promise((resolve) => child.once('close', (status) => resolve({ status, output })));
 }
+
+export interface InterfaceCounters {
+  rxPackets: number;
+  rxBytes: number;
+  txPackets: number;
+  txBytes: number;
+}
+
+/** An interface's packet and byte counters (`ip -s link`), in `namespace` or the host's. */
+export function interfaceCounters(dev: string, namespace?: string): InterfaceCounters {
+  const args = [...(namespace === undefined ? [] : ['-n', namespace]), '-s', '-j', 'link', 'show', 'dev', dev];
+  const [link] = JSON.parse(execFileSync('ip', args, { encoding: 'utf8' })) as {
+    stats64: { rx: { packets: number; bytes: number }; tx: { packets: number; bytes: number } };
+  }[];
+  const { rx, tx } = link!.stats64;
+  return { rxPackets: rx.packets, rxBytes: rx.bytes, txPackets: tx.packets, txBytes: tx.bytes };
+}

@@ -22,6 +22,7 @@ import {
   TUN_F_USO6,
 } from '../../native';
 import { arpRequest as arpFrame, echoRequest as echoFrame, isArpReply, isEchoReply } from '../helpers/frames';
+import { interfaceCounters } from '../helpers/net-topology';
 import { until } from '../helpers/until';
 import { collect, makeBatch, nativeError } from './helpers';
 
@@ -305,14 +306,6 @@ test('frame batches are checked before any frame moves', (t) => {
 
 // io_uring frame writer -----------------------------------------------------------------------------
 
-/** Rx packets the TAP interface counted (frames written into it). */
-function tapRxPackets(namespace: string, name: string): number {
-  const [link] = JSON.parse(execFileSync('ip', ['-n', namespace, '-s', '-j', 'link', 'show', 'dev', name], { encoding: 'utf8' })) as {
-    stats64: { rx: { packets: number } };
-  }[];
-  return link!.stats64.rx.packets;
-}
-
 test('a TapWriter writes a batch larger than its ring with io_uring; every frame arrives and the peer answers each', async (t) => {
   const tap = tapInNamespace(t);
   const { fd, memory, address } = tap;
@@ -329,11 +322,11 @@ test('a TapWriter writes a batch larger than its ring with io_uring; every frame
     tx.iovStart[i] = 2 * i;
     tx.iovCount[i] = 2;
   });
-  const before = tapRxPackets(name, name);
+  const before = interfaceCounters(name, name).rxPackets;
   const result = new Int32Array(frames.length);
   t.is(writer.writeFrames(tx.iovBase, tx.iovLen, tx.iovStart, tx.iovCount, result, frames.length), frames.length);
   t.deepEqual([...result], frames.map((f) => VNET_HDR_SIZE + f.length));
-  t.is(tapRxPackets(name, name) - before, frames.length, 'the TAP counted each frame');
+  t.is(interfaceCounters(name, name).rxPackets - before, frames.length, 'the TAP counted each frame');
 
   const rx = makeBatch(1, 1);
   rx.iovBase[0] = address + RX_OFFSET;

@@ -19,7 +19,7 @@ import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
 
 import { startDaemon } from '../../helpers/daemon';
-import { namespaceWithTap, runInNamespace } from '../../helpers/net-topology';
+import { interfaceCounters, namespaceWithTap, runInNamespace, type InterfaceCounters } from '../../helpers/net-topology';
 import type { Scrape } from '../../helpers/scrape';
 import { TestPmd, testpmdMissingReason, type PortStats } from '../../helpers/testpmd';
 import { controlMetrics, vhostctl } from '../../helpers/vhostctl';
@@ -36,22 +36,6 @@ const BIG_PINGS = 50;
 /** txonly runs until the daemon has moved this many frames to the TAP: the tx ring wraps many times. */
 const TXONLY_FRAMES = 20_000;
 
-interface TapCounters {
-  rxPackets: number;
-  rxBytes: number;
-  txPackets: number;
-  txBytes: number;
-}
-
-/** The TAP's counters: rx is what the daemon wrote into it (testpmd's tx), tx what the kernel handed the daemon. */
-function tapCounters(namespace: string, tap: string): TapCounters {
-  const [link] = JSON.parse(execFileSync('ip', ['-n', namespace, '-s', '-j', 'link', 'show', 'dev', tap], { encoding: 'utf8' })) as {
-    stats64: { rx: { packets: number; bytes: number }; tx: { packets: number; bytes: number } };
-  }[];
-  const { rx, tx } = link!.stats64;
-  return { rxPackets: rx.packets, rxBytes: rx.bytes, txPackets: tx.packets, txBytes: tx.bytes };
-}
-
 /** ICMP echo replies the namespace's kernel received (/proc/net/snmp, Icmp InEchoReps). */
 async function echoRepliesReceived(namespace: string): Promise<number> {
   const { output } = await runInNamespace(namespace, ['cat', '/proc/net/snmp']);
@@ -61,7 +45,7 @@ async function echoRepliesReceived(namespace: string): Promise<number> {
 }
 
 /** The daemon's counters summed over its queues: rx queues 2p (TAP → testpmd), tx queues 2p + 1 (testpmd → TAP). */
-function daemonCounters(m: Scrape): TapCounters {
+function daemonCounters(m: Scrape): InterfaceCounters {
   const sum = (name: string, parity: number) =>
     m.samples.filter((s) => s.name === name && Number(s.labels['queue']) % 2 === parity).reduce((n, s) => n + s.value, 0);
   return {
@@ -102,7 +86,8 @@ async function exchange(t: ExecutionContext, vdevArgs: string, queuePairs: numbe
   const control = path.join(dir, 'control.sock');
   const daemon = await startDaemon('net', ['--tap', tap, '--queues', String(queuePairs), '--control', control], 10_000, { prefix: ['ip', 'netns', 'exec', namespace] });
   t.teardown(() => daemon.stop());
-  const tapAtStart = tapCounters(namespace, tap);
+  // The TAP's rx is what the daemon wrote into it (testpmd's tx), its tx what the kernel handed the daemon.
+  const tapAtStart = interfaceCounters(tap, namespace);
 
   const pmd = await TestPmd.start(daemon.socketPath, `,mac=${PMD_MAC}${vdevArgs}`, queuePairs);
   t.teardown(() => pmd.kill());
@@ -127,16 +112,16 @@ async function exchange(t: ExecutionContext, vdevArgs: string, queuePairs: numbe
   // Once the daemon has taken everything testpmd put in its tx ring, every counter must agree.
   const pmdStats = await pmd.portStats();
   const ours = await until(() => controlMetrics(control).then(daemonCounters), (c) => c.rxPackets === pmdStats.txPackets, 'daemon tx frames vs testpmd TX-packets');
-  const tapDelta = ((now: TapCounters): TapCounters => ({
+  const tapDelta = ((now: InterfaceCounters): InterfaceCounters => ({
     rxPackets: now.rxPackets - tapAtStart.rxPackets,
     rxBytes: now.rxBytes - tapAtStart.rxBytes,
     txPackets: now.txPackets - tapAtStart.txPackets,
     txBytes: now.txBytes - tapAtStart.txBytes,
-  }))(tapCounters(namespace, tap));
+  }))(interfaceCounters(tap, namespace));
   t.log(`testpmd ${JSON.stringify(pmdStats)}; daemon ${JSON.stringify(ours)}; TAP ${JSON.stringify(tapDelta)}`);
 
   const pings = PINGS + BIG_PINGS;
-  const fromPmd = (s: PortStats): TapCounters => ({ rxPackets: s.txPackets, rxBytes: s.txBytes, txPackets: s.rxPackets, txBytes: s.rxBytes });
+  const fromPmd = (s: PortStats): InterfaceCounters => ({ rxPackets: s.txPackets, rxBytes: s.txBytes, txPackets: s.rxPackets, txBytes: s.rxBytes });
   // TAP → testpmd: the pings, nothing else; testpmd → TAP: their replies and the txonly frames.
   t.is(pmdStats.rxPackets, pings);
   t.true(pmdStats.txPackets >= pings + TXONLY_FRAMES);
@@ -203,7 +188,7 @@ async function restart(t: ExecutionContext, vdevArgs: string): Promise<void> {
   const startOurs = (round: number) =>
     startDaemon('net', ['--tap', tap, '--control', path.join(dir, `control-${round}.sock`)], 10_000, { socketPath, connect: true, prefix: ['ip', 'netns', 'exec', namespace] });
   await until(async () => fs.existsSync(socketPath), (there) => there, 'testpmd listening');
-  const tapRxBefore = tapCounters(namespace, tap).rxPackets;
+  const tapRxBefore = interfaceCounters(tap, namespace).rxPackets;
   let daemon = await startOurs(1);
   const pmd = await starting;
   await pmd.command('set fwd icmpecho');
@@ -235,7 +220,7 @@ async function restart(t: ExecutionContext, vdevArgs: string): Promise<void> {
     const sent = (await pmd.portStats()).txPackets;
     await until(() => controlMetrics(control).then(daemonCounters), (c) => c.rxPackets === sent - sentBefore, `round ${round}: daemon tx frames vs testpmd TX-packets`);
     sentBefore = sent;
-    t.is(tapCounters(namespace, tap).rxPackets - tapRxBefore, sent, `round ${round}: the TAP counted every frame testpmd sent`);
+    t.is(interfaceCounters(tap, namespace).rxPackets - tapRxBefore, sent, `round ${round}: the TAP counted every frame testpmd sent`);
     await pmd.command('set fwd icmpecho');
     await pmd.command('start');
     t.is(await daemon.stop(), 0, show(`round ${round}: daemon exit`));

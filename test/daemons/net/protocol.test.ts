@@ -222,12 +222,6 @@ test('hostile tx headers are dropped and counted; the queue keeps serving', asyn
   t.is(device.queueStats(TX).frames, 2);
 });
 
-/** The TAP's rx packet counter (frames the kernel took from the daemon), in the host namespace. */
-function tapRxPackets(tap: string): number {
-  const [link] = JSON.parse(execFileSync('ip', ['-s', '-j', 'link', 'show', 'dev', tap], { encoding: 'utf8' })) as { stats64: { rx: { packets: number } } }[];
-  return link!.stats64.rx.packets;
-}
-
 /**
  * A seeded random tx chain: a frame of a boundary length whose bytes are random, or a real UDP
  * datagram; a third of them with a zero header, the rest with header fields from the values the
@@ -253,7 +247,7 @@ function randomTxChain(rng: Rng) {
 test('random tx headers and frames (seeded): every chain comes back, each counted once as sent, dropped or refused by the TAP, and the queue serves on', async (t) => {
   const features = [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO];
   const { fe, device, tap } = await start(t, features.reduce((f, n) => f | bit(n), 0n));
-  const tapBefore = tapRxPackets(tap);
+  const tapBefore = tapCounter(tap, 'rx_packets');
   let chains = 0;
   for (const seed of [1, 2, 3]) {
     const rng = new Rng(seed);
@@ -271,7 +265,7 @@ test('random tx headers and frames (seeded): every chain comes back, each counte
   t.log(`${chains} chains: ${stats.frames} sent, ${dropped} dropped by the checks, ${stats.tapErrors} refused by the TAP`);
   t.is(stats.frames + dropped + stats.tapErrors, chains, 'each chain counted once');
   t.true(stats.frames > 0 && dropped > 0, 'the seeds reach both outcomes');
-  t.is(tapRxPackets(tap) - tapBefore, stats.frames, 'the TAP counted exactly the frames counted as sent');
+  t.is(tapCounter(tap, 'rx_packets') - tapBefore, stats.frames, 'the TAP counted exactly the frames counted as sent');
   await ping(fe, 0x77);
 });
 
